@@ -1,0 +1,459 @@
+"""How lightning-chips reaches the features and end-point parameters of a CLIP.
+
+Every scorer in this package works in CLIP's *end-point subspace*: the two linear projection heads and the
+logit scale (METHODS.md section 1.1). With pre-projection features ``h_v`` (image tower output after its final
+norm) and ``h_t`` (text tower output at the pooled token after its final norm), the model's embeddings are
+
+.. math::
+
+    x = \\mathrm{normalize}(W_v^\\top h_v + b_v), \\qquad y = \\mathrm{normalize}(W_t^\\top h_t + b_t),
+    \\qquad S_{ij} = e^{\\texttt{logit\\_scale}} \\, x_i \\cdot y_j .
+
+An *adapter* gives uniform access to ``h_v``, ``h_t`` and the live parameters ``(W_v, W_t, logit_scale, b_v)``.
+:func:`resolve_adapter` finds one for
+
+1. an object that already is a :class:`CLIPAdapter`;
+2. any module implementing the :class:`SupportsEndPoint` protocol (``image_features``, ``text_features``,
+   ``endpoint``) -- the way to plug in a custom LightningModule;
+3. an open_clip ``CLIP`` (ViT or ModifiedResNet image tower) or ``CustomTextCLIP`` (with open_clip's own text
+   transformer), given directly or held by a module under ``model`` or ``clip``.
+
+Anything else raises :class:`UnsupportedModelError`, which names the protocol to implement.
+
+Example::
+
+    >>> import open_clip, torch
+    >>> from lightning_chips.adapters import resolve_adapter
+    >>> model = open_clip.create_model("RN50")  # doctest: +SKIP
+    >>> adapter = resolve_adapter(model)  # doctest: +SKIP
+    >>> h_v = adapter.image_features(torch.randn(2, 3, 224, 224))  # doctest: +SKIP
+    >>> ep = adapter.endpoint()  # doctest: +SKIP
+    >>> torch.allclose(ep.embed_image(h_v), model.encode_image(images, normalize=True), atol=1e-5)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "CLIPAdapter",
+    "EndPoint",
+    "OpenCLIPAdapter",
+    "ProtocolAdapter",
+    "SupportsEndPoint",
+    "UnsupportedModelError",
+    "resolve_adapter",
+]
+
+
+@dataclass
+class EndPoint:
+    """The end-point parameters of a CLIP: two projection heads and the logit scale.
+
+    The tensors are the model's *live* parameters (or views of them, e.g. the transpose of an ``nn.Linear``
+    weight), so autograd through them reaches the model, and an optimiser step is visible on the next read.
+
+    Attributes:
+        image_proj: ``W_v`` of shape ``[d_v, e]``.
+        text_proj: ``W_t`` of shape ``[d_t, e]``.
+        logit_scale: 0-d tensor, ``log(1 / tau)``; the similarity scale is ``logit_scale.exp()``.
+        image_bias: optional ``b_v`` of shape ``[e]`` (ModifiedResNet's attention-pool output projection has one).
+        text_bias: optional ``b_t`` of shape ``[e]`` (open_clip text towers built with ``proj_bias=True``).
+
+    Example::
+
+        >>> ep = EndPoint(torch.eye(3, 2), torch.eye(4, 2), torch.tensor(2.0))
+        >>> ep.embed_dim, ep.image_dim, ep.text_dim, ep.num_parameters
+        (2, 3, 4, 15)
+        >>> ep.embed_image(torch.tensor([[3.0, 4.0, 1.0]]))
+        tensor([[0.6000, 0.8000]])
+    """
+
+    image_proj: Tensor
+    text_proj: Tensor
+    logit_scale: Tensor
+    image_bias: Tensor | None = None
+    text_bias: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.image_proj.dim() != 2 or self.text_proj.dim() != 2:
+            raise ValueError(
+                "EndPoint.image_proj and text_proj must be 2-d [d_in, e] matrices, got shapes "
+                f"{tuple(self.image_proj.shape)} and {tuple(self.text_proj.shape)}."
+            )
+        if self.image_proj.shape[1] != self.text_proj.shape[1]:
+            raise ValueError(
+                "EndPoint.image_proj and text_proj must map to the same embedding dimension, got "
+                f"{self.image_proj.shape[1]} and {self.text_proj.shape[1]}."
+            )
+        if self.logit_scale.numel() != 1:
+            raise ValueError(f"EndPoint.logit_scale must hold one value, got shape {tuple(self.logit_scale.shape)}.")
+        if self.logit_scale.dim() != 0:
+            self.logit_scale = self.logit_scale.reshape(())
+        for name, bias in (("image_bias", self.image_bias), ("text_bias", self.text_bias)):
+            if bias is not None and tuple(bias.shape) != (self.embed_dim,):
+                raise ValueError(f"EndPoint.{name} must have shape [{self.embed_dim}], got {tuple(bias.shape)}.")
+
+    @property
+    def embed_dim(self) -> int:
+        """Joint embedding dimension ``e``."""
+        return int(self.image_proj.shape[1])
+
+    @property
+    def image_dim(self) -> int:
+        """Pre-projection image feature dimension ``d_v``."""
+        return int(self.image_proj.shape[0])
+
+    @property
+    def text_dim(self) -> int:
+        """Pre-projection text feature dimension ``d_t``."""
+        return int(self.text_proj.shape[0])
+
+    @property
+    def num_parameters(self) -> int:
+        """``dim(theta)``: the number of scalars in the end-point subspace."""
+        return sum(t.numel() for t in self.tensors())
+
+    def tensors(self) -> Iterator[Tensor]:
+        """The tensors in canonical order: image_proj, text_proj, logit_scale, image_bias, text_bias (if any)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                yield value
+
+    def scale(self) -> Tensor:
+        """The similarity scale ``s = exp(logit_scale) = 1 / tau``."""
+        return self.logit_scale.exp()
+
+    def project_image(self, h_v: Tensor) -> Tensor:
+        """Unnormalised image embedding ``W_v^T h_v + b_v`` of pre-projection features ``[B, d_v]``."""
+        e = h_v @ self.image_proj
+        return e if self.image_bias is None else e + self.image_bias
+
+    def project_text(self, h_t: Tensor) -> Tensor:
+        """Unnormalised text embedding ``W_t^T h_t + b_t`` of pre-projection features ``[B, d_t]``."""
+        e = h_t @ self.text_proj
+        return e if self.text_bias is None else e + self.text_bias
+
+    def embed_image(self, h_v: Tensor) -> Tensor:
+        """L2-normalised image embedding ``x``."""
+        return F.normalize(self.project_image(h_v), dim=-1)
+
+    def embed_text(self, h_t: Tensor) -> Tensor:
+        """L2-normalised text embedding ``y``."""
+        return F.normalize(self.project_text(h_t), dim=-1)
+
+    def detach(self) -> EndPoint:
+        """A copy holding detached clones: a snapshot that later optimiser steps do not change."""
+        return EndPoint(**{f.name: _detach(getattr(self, f.name)) for f in fields(self)})
+
+    def to(self, *args, **kwargs) -> EndPoint:
+        """``Tensor.to`` applied to every tensor (device and/or dtype)."""
+        return EndPoint(**{f.name: _to(getattr(self, f.name), *args, **kwargs) for f in fields(self)})
+
+
+def _detach(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().clone()
+
+
+def _to(t: Tensor | None, *args, **kwargs) -> Tensor | None:
+    return None if t is None else t.to(*args, **kwargs)
+
+
+@runtime_checkable
+class SupportsEndPoint(Protocol):
+    """Implement these three methods on any module (e.g. your LightningModule) to use lightning-chips with it.
+
+    ``image_features(images) -> [B, d_v]`` and ``text_features(tokens) -> [B, d_t]`` return the features just
+    before the linear projection heads, and ``endpoint()`` returns the live :class:`EndPoint` such that
+    ``endpoint().embed_image(image_features(images))`` is the model's normalised image embedding (and likewise
+    for text).
+    """
+
+    def image_features(self, images: Tensor) -> Tensor: ...
+
+    def text_features(self, tokens: Tensor) -> Tensor: ...
+
+    def endpoint(self) -> EndPoint: ...
+
+
+class UnsupportedModelError(TypeError):
+    """Raised when no adapter can reach a model's pre-projection features and end-point parameters."""
+
+
+class CLIPAdapter(ABC):
+    """Uniform access to a CLIP's pre-projection features and end-point parameters.
+
+    Subclass it (three methods) to support a model family that :func:`resolve_adapter` does not know, or
+    implement :class:`SupportsEndPoint` on the model itself.
+    """
+
+    @property
+    @abstractmethod
+    def module(self) -> nn.Module:
+        """The module whose parameters the adapter reads (used for device, dtype and train/eval mode)."""
+
+    @abstractmethod
+    def image_features(self, images: Tensor) -> Tensor:
+        """Pre-projection image features ``h_v`` of shape ``[B, d_v]``."""
+
+    @abstractmethod
+    def text_features(self, tokens: Tensor) -> Tensor:
+        """Pre-projection text features ``h_t`` of shape ``[B, d_t]``."""
+
+    @abstractmethod
+    def endpoint(self) -> EndPoint:
+        """The live end-point parameters."""
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """Normalised image embeddings ``[B, e]`` through the end point."""
+        return self.endpoint().embed_image(self.image_features(images))
+
+    def encode_text(self, tokens: Tensor) -> Tensor:
+        """Normalised text embeddings ``[B, e]`` through the end point."""
+        return self.endpoint().embed_text(self.text_features(tokens))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({type(self.module).__name__})"
+
+
+class ProtocolAdapter(CLIPAdapter):
+    """Adapter for a module that implements :class:`SupportsEndPoint` itself."""
+
+    def __init__(self, model: SupportsEndPoint) -> None:
+        if not isinstance(model, SupportsEndPoint):
+            raise UnsupportedModelError(_unsupported_message(model))
+        self._model = model
+
+    @property
+    def module(self) -> nn.Module:
+        return self._model  # type: ignore[return-value]
+
+    def image_features(self, images: Tensor) -> Tensor:
+        return self._model.image_features(images)
+
+    def text_features(self, tokens: Tensor) -> Tensor:
+        return self._model.text_features(tokens)
+
+    def endpoint(self) -> EndPoint:
+        return self._model.endpoint()
+
+
+class OpenCLIPAdapter(CLIPAdapter):
+    """Adapter for open_clip's ``CLIP`` and ``CustomTextCLIP``.
+
+    Image towers: ``VisionTransformer`` (features after ``ln_post`` and pooling; ``W_v = visual.proj``) and
+    ``ModifiedResNet`` (the attention-pool output before its ``c_proj``; ``W_v = c_proj.weight^T``,
+    ``b_v = c_proj.bias``). Text towers: the built-in ``CLIP`` text transformer and ``CustomTextCLIP`` with an
+    open_clip ``TextTransformer`` (features after ``ln_final`` at the pooled token; ``W_t = text_projection``,
+    or its weight transposed when it is an ``nn.Linear``). The feature functions follow open_clip 3.x's own
+    ``forward`` step by step, stopping before the projection.
+
+    Raises:
+        UnsupportedModelError: for other towers (timm, Hugging Face text models, CoCa, models without a linear
+            projection head).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        import open_clip
+        from open_clip.modified_resnet import ModifiedResNet
+        from open_clip.transformer import TextTransformer, VisionTransformer
+
+        if not isinstance(model, open_clip.CLIP | open_clip.CustomTextCLIP):
+            raise UnsupportedModelError(_unsupported_message(model))
+        self._model = model
+        visual = model.visual
+        if isinstance(visual, VisionTransformer):
+            if visual.proj is None:
+                raise UnsupportedModelError(
+                    "This open_clip VisionTransformer has no projection head (visual.proj is None); there is no "
+                    "image end point to score in. " + _PROTOCOL_HINT
+                )
+            self._image_kind = "vit"
+        elif isinstance(visual, ModifiedResNet):
+            self._image_kind = "resnet"
+        else:
+            raise UnsupportedModelError(
+                f"open_clip image tower {type(visual).__name__} is not supported (ViT and ModifiedResNet are). "
+                + _PROTOCOL_HINT
+            )
+        if isinstance(model, open_clip.CLIP):
+            self._text_kind = "clip"
+            projection = model.text_projection
+        else:
+            text = model.text
+            if not isinstance(text, TextTransformer):
+                raise UnsupportedModelError(
+                    f"CustomTextCLIP text tower {type(text).__name__} is not supported (open_clip's TextTransformer "
+                    "is). " + _PROTOCOL_HINT
+                )
+            self._text_kind = "custom"
+            projection = text.text_projection
+        if projection is None:
+            raise UnsupportedModelError("This open_clip text tower has no projection head. " + _PROTOCOL_HINT)
+
+    @property
+    def module(self) -> nn.Module:
+        return self._model
+
+    # -- image ---------------------------------------------------------------------------------------------------
+    def image_features(self, images: Tensor) -> Tensor:
+        visual = self._model.visual
+        if self._image_kind == "vit":
+            x = visual._embeds(images)
+            x = visual.transformer(x)
+            pooled, _ = visual._pool(x)
+            return pooled
+        x = visual.stem(images)
+        x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
+        return _attnpool_features(visual.attnpool, x)
+
+    # -- text ----------------------------------------------------------------------------------------------------
+    def text_features(self, tokens: Tensor) -> Tensor:
+        from open_clip.transformer import text_global_pool
+
+        model = self._model
+        if self._text_kind == "clip":
+            cast_dtype = model.transformer.get_cast_dtype()
+            x = model.token_embedding(tokens).to(cast_dtype)
+            x = x + model.positional_embedding.to(cast_dtype)
+            x = model.transformer(x, attn_mask=model.attn_mask)
+            x = model.ln_final(x)
+            return text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+        text = model.text
+        x, attn_mask = text._embeds(tokens)
+        x = text.transformer(x, attn_mask=attn_mask)
+        if text.cls_emb is not None:
+            return text.ln_final(text_global_pool(x, pool_type="last"))
+        x = text.ln_final(x)
+        return text_global_pool(x, tokens, pool_type=text.pool_type, eos_token_id=getattr(text, "eos_id", None))
+
+    # -- end point -----------------------------------------------------------------------------------------------
+    def endpoint(self) -> EndPoint:
+        model = self._model
+        if self._image_kind == "vit":
+            image_proj, image_bias = model.visual.proj, None
+        else:
+            c_proj = model.visual.attnpool.c_proj
+            image_proj, image_bias = c_proj.weight.T, c_proj.bias
+        projection = model.text_projection if self._text_kind == "clip" else model.text.text_projection
+        if isinstance(projection, nn.Linear):
+            text_proj, text_bias = projection.weight.T, projection.bias
+        else:
+            text_proj, text_bias = projection, None
+        return EndPoint(
+            image_proj=image_proj,
+            text_proj=text_proj,
+            logit_scale=model.logit_scale,
+            image_bias=image_bias,
+            text_bias=text_bias,
+        )
+
+
+def _attnpool_features(attnpool: nn.Module, x: Tensor) -> Tensor:
+    """open_clip's ``AttentionPool2d.forward`` up to (excluding) its output projection ``c_proj``.
+
+    ``c_proj`` is applied inside ``multi_head_attention_forward`` as the attention's output projection; it is
+    linear, so running the same attention with an identity output projection yields its input.
+    """
+    x = x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3]).permute(2, 0, 1)  # NCHW -> (HW)NC
+    x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)
+    x = x + attnpool.positional_embedding[:, None, :].to(x.dtype)
+    width = x.shape[-1]
+    identity = torch.eye(width, dtype=x.dtype, device=x.device)
+    out, _ = F.multi_head_attention_forward(
+        query=x,
+        key=x,
+        value=x,
+        embed_dim_to_check=width,
+        num_heads=attnpool.num_heads,
+        q_proj_weight=attnpool.q_proj.weight,
+        k_proj_weight=attnpool.k_proj.weight,
+        v_proj_weight=attnpool.v_proj.weight,
+        in_proj_weight=None,
+        in_proj_bias=torch.cat([attnpool.q_proj.bias, attnpool.k_proj.bias, attnpool.v_proj.bias]),
+        bias_k=None,
+        bias_v=None,
+        add_zero_attn=False,
+        dropout_p=0.0,
+        out_proj_weight=identity,
+        out_proj_bias=None,
+        use_separate_proj_weight=True,
+        training=attnpool.training,
+        need_weights=False,
+    )
+    return out[0]
+
+
+_PROTOCOL_HINT = (
+    "Implement lightning_chips.adapters.SupportsEndPoint on your module (image_features(images) -> [B, d_v], "
+    "text_features(tokens) -> [B, d_t], endpoint() -> EndPoint) or pass a CLIPAdapter subclass."
+)
+
+
+def _unsupported_message(model: object) -> str:
+    return (
+        f"lightning-chips cannot find a CLIP in {type(model).__name__}: it is not an open_clip CLIP/CustomTextCLIP, "
+        "does not hold one under `model` or `clip`, and does not implement the SupportsEndPoint protocol. "
+        + _PROTOCOL_HINT
+    )
+
+
+def _unwrap(model: object) -> object:
+    """Strip wrappers that hide the user's module: DDP/FSDP-style ``.module`` and ``torch.compile``'s ``_orig_mod``."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+    return model
+
+
+def resolve_adapter(model: object, adapter: CLIPAdapter | None = None) -> CLIPAdapter:
+    """Return the :class:`CLIPAdapter` for ``model``.
+
+    Resolution order: ``adapter`` if given; ``model`` itself if it is a ``CLIPAdapter``; a module implementing
+    :class:`SupportsEndPoint`; an open_clip ``CLIP``/``CustomTextCLIP`` given directly or held under ``model``
+    or ``clip`` (e.g. :class:`lightning_chips.models.OpenCLIPModule`).
+
+    Args:
+        model: a LightningModule, an ``nn.Module``, or an adapter.
+        adapter: an explicit adapter, returned as is.
+
+    Raises:
+        UnsupportedModelError: when nothing matches; the message names the protocol to implement.
+
+    Example::
+
+        >>> import open_clip
+        >>> cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32,
+        ...        "patch_size": 8}, "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64,
+        ...        "heads": 2, "layers": 2}}
+        >>> resolve_adapter(open_clip.CLIP(**cfg))
+        OpenCLIPAdapter(CLIP)
+    """
+    if adapter is not None:
+        if not isinstance(adapter, CLIPAdapter):
+            raise TypeError(f"`adapter` must be a lightning_chips.adapters.CLIPAdapter, got {type(adapter).__name__}.")
+        return adapter
+    model = _unwrap(model)
+    if isinstance(model, CLIPAdapter):
+        return model
+    if isinstance(model, SupportsEndPoint):
+        return ProtocolAdapter(model)
+    import open_clip
+
+    for candidate in (model, getattr(model, "model", None), getattr(model, "clip", None)):
+        candidate = _unwrap(candidate)
+        if isinstance(candidate, open_clip.CLIP | open_clip.CustomTextCLIP):
+            return OpenCLIPAdapter(candidate)
+    raise UnsupportedModelError(_unsupported_message(model))

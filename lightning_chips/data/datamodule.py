@@ -1,0 +1,186 @@
+"""``TwoDomainDataModule``: the built-in default data as a LightningDataModule."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from lightning_chips.data.builtin import TwoDomainPairs
+
+__all__ = ["TwoDomainDataModule", "clip_normalize", "resolve_tokenizer"]
+
+# open_clip's OPENAI_DATASET_MEAN / STD, the normalisation every open_clip model expects by default.
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class _Normalize:
+    """Picklable per-channel normalisation of a [3, H, W] tensor (works in spawned dataloader workers)."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.mean, self.std = mean, std
+
+    def __call__(self, image: Tensor) -> Tensor:
+        mean = image.new_tensor(self.mean)[:, None, None]
+        std = image.new_tensor(self.std)[:, None, None]
+        return (image - mean) / std
+
+
+def clip_normalize() -> Callable[[Tensor], Tensor]:
+    """The CLIP image normalisation (open_clip's OpenAI mean / std) as a picklable transform."""
+    return _Normalize(_CLIP_MEAN, _CLIP_STD)
+
+
+def resolve_tokenizer(
+    tokenizer: str | None, context_length: int | None, module: Any = None
+) -> Callable[[list[str]], Tensor]:
+    """Pick the tokenizer for a data module.
+
+    Order: an open_clip model name given as ``tokenizer``; the attached LightningModule's ``get_tokenizer()``
+    (e.g. :class:`~lightning_chips.models.OpenCLIPModule`, so data and model agree on the context length);
+    open_clip's default BPE tokenizer with ``context_length`` (77 when None).
+    """
+    import open_clip
+
+    if tokenizer is not None:
+        return open_clip.get_tokenizer(tokenizer, context_length=context_length)
+    if module is not None and callable(getattr(module, "get_tokenizer", None)):
+        found = module.get_tokenizer()
+        if context_length is not None and getattr(found, "context_length", context_length) != context_length:
+            raise ValueError(
+                f"`context_length={context_length}` disagrees with the model's tokenizer "
+                f"({found.context_length}); leave it unset to use the model's."
+            )
+        return found
+    return open_clip.tokenizer.SimpleTokenizer(context_length=context_length or 77)
+
+
+class TwoDomainDataModule(LightningDataModule):
+    """The built-in two-domain image-caption data (:class:`~lightning_chips.data.builtin.TwoDomainPairs`).
+
+    ``train``: a pool of ``num_train`` pairs, a ``target_fraction`` of them from the shifted target domain and a
+    ``noise_fraction`` with mismatched captions. ``val`` / ``test``: ``num_val`` / ``num_test`` clean pairs of
+    the target domain (``eval_target_fraction=1.0``) from disjoint splits. Batches are dicts
+    ``{"image", "text" (token ids), "id", "label", "domain", "noisy"}``.
+
+    The tokenizer and the image size follow the attached model when it has ``get_tokenizer()`` and
+    ``image_size`` (as :class:`~lightning_chips.models.OpenCLIPModule` does), unless given here.
+
+    Args:
+        num_train: pool size.
+        num_val: validation pairs.
+        num_test: test pairs.
+        target_fraction: share of target-domain pairs in the pool.
+        eval_target_fraction: share of target-domain pairs in the validation and test sets.
+        noise_fraction: share of pool pairs whose caption belongs to another sample.
+        image_size: image side; ``None`` takes the model's ``image_size`` (32 without a model).
+        batch_size: per-device batch size.
+        num_workers: dataloader workers.
+        seed: seed of the data (the same seed gives the same pairs).
+        tokenizer: an open_clip model name whose tokenizer to use; ``None`` takes the model's.
+        context_length: tokenizer context length; ``None`` takes the model's.
+
+    Example::
+
+        >>> dm = TwoDomainDataModule(num_train=64, num_val=16, batch_size=8, context_length=16)
+        >>> dm.setup("fit")
+        >>> batch = next(iter(dm.train_dataloader()))
+        >>> batch["image"].shape, batch["text"].shape
+        (torch.Size([8, 3, 32, 32]), torch.Size([8, 16]))
+    """
+
+    def __init__(
+        self,
+        num_train: int = 20000,
+        num_val: int = 1000,
+        num_test: int = 2000,
+        *,
+        target_fraction: float = 0.2,
+        eval_target_fraction: float = 1.0,
+        noise_fraction: float = 0.0,
+        image_size: int | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        tokenizer: str | None = None,
+        context_length: int | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
+            if value < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {value}.")
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+        if num_workers < 0:
+            raise ValueError(f"`num_workers` must be >= 0, got {num_workers}.")
+        if context_length is not None and context_length < 2:
+            raise ValueError(f"`context_length` must be >= 2 (start and end tokens), got {context_length}.")
+        for name, value in (
+            ("target_fraction", target_fraction),
+            ("eval_target_fraction", eval_target_fraction),
+            ("noise_fraction", noise_fraction),
+        ):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1], got {value}.")
+        self.save_hyperparameters()
+        self.train_set: TwoDomainPairs | None = None
+        self.val_set: TwoDomainPairs | None = None
+        self.test_set: TwoDomainPairs | None = None
+
+    def _dataset(self, num_samples: int, split: str, target_fraction: float, noise: float) -> TwoDomainPairs:
+        hp = self.hparams
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        image_size = hp.image_size or getattr(module, "image_size", None) or 32
+        return TwoDomainPairs(
+            num_samples,
+            target_fraction=target_fraction,
+            noise_fraction=noise,
+            image_size=int(image_size),
+            split=split,
+            seed=hp.seed,
+            tokenizer=resolve_tokenizer(hp.tokenizer, hp.context_length, module),
+            transform=clip_normalize(),
+        )
+
+    @override
+    def setup(self, stage: str) -> None:
+        hp = self.hparams
+        if stage == "fit" and self.train_set is None:
+            self.train_set = self._dataset(hp.num_train, "train", hp.target_fraction, hp.noise_fraction)
+        if stage in ("fit", "validate") and self.val_set is None:
+            self.val_set = self._dataset(hp.num_val, "val", hp.eval_target_fraction, 0.0)
+        if stage in ("test", "predict") and self.test_set is None:
+            self.test_set = self._dataset(hp.num_test, "test", hp.eval_target_fraction, 0.0)
+
+    def _loader(self, dataset: TwoDomainPairs | None, *, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("Call `setup()` (the Trainer does) before asking for a dataloader.")
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    @override
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    @override
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+    @override
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)

@@ -1,0 +1,340 @@
+"""``OpenCLIPModule``: continual pre-training of an open_clip model with Lightning."""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from collections.abc import Callable
+from copy import deepcopy
+from typing import Any
+
+import open_clip
+import torch
+from lightning.pytorch import LightningModule
+from open_clip.loss import ClipLoss
+from torch import Tensor, nn
+from typing_extensions import override
+
+__all__ = ["OpenCLIPModule", "cosine_with_warmup"]
+
+
+def cosine_with_warmup(step: int, *, warmup_steps: int, total_steps: float, min_lr_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier: linear warmup to 1 over ``warmup_steps``, then cosine decay to ``min_lr_ratio``.
+
+    .. math::
+
+        f(t) = \\frac{t + 1}{T_w} \\ (t < T_w), \\qquad
+        f(t) = r + (1 - r) \\tfrac{1}{2} \\big(1 + \\cos(\\pi \\min(1, \\tfrac{t - T_w}{T - T_w}))\\big)
+
+    With an unknown (infinite) ``total_steps`` the rate stays at 1 after warmup.
+
+    Example::
+
+        >>> [round(cosine_with_warmup(t, warmup_steps=2, total_steps=6), 3) for t in range(7)]
+        [0.5, 1.0, 1.0, 0.854, 0.5, 0.146, 0.0]
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if not math.isfinite(total_steps):
+        return 1.0
+    decay_steps = max(1.0, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class OpenCLIPModule(LightningModule):
+    """Continual pre-training (CPT) of an open_clip CLIP with the symmetric InfoNCE loss.
+
+    The model is an open_clip ``CLIP`` or ``CustomTextCLIP``, built from a registered open_clip name
+    (``model_name="ViT-B-16"``) or from an inline config dict in open_clip's JSON format (``model_config``).
+    Weights come from ``pretrained``: ``None`` (random init, no network), an open_clip tag such as
+    ``"laion2b_s34b_b88k"`` (downloaded by open_clip; needs a network), or a local checkpoint path (an open_clip
+    state dict, or a Lightning checkpoint of this module).
+
+    The loss is open_clip's ``ClipLoss``
+
+    .. math::
+
+        \\mathcal{L} = \\tfrac{1}{2}\\big[\\mathrm{CE}(s X Y^\\top, I) + \\mathrm{CE}(s Y X^\\top, I)\\big],
+        \\qquad s = e^{\\texttt{logit\\_scale}},
+
+    with features gathered across ranks under DDP (every rank sees the global batch as negatives). The optimiser
+    is AdamW without weight decay on gains, biases and the logit scale (as open_clip's training script), with a
+    per-step linear warmup and cosine schedule over ``trainer.estimated_stepping_batches``. After each step the
+    logit scale is clamped to ``[0, log(max_logit_scale)]``.
+
+    Batches are dicts ``{"image": Tensor[B, 3, H, W], "text": LongTensor[B, L], "id": LongTensor[B]}``.
+    Logged: ``train/loss``, ``train/lr``, ``train/logit_scale`` (the scale ``s = 1/tau``), ``val/loss``.
+
+    :func:`lightning_chips.adapters.resolve_adapter` finds the CLIP under ``self.model``, so data-selection
+    callbacks work with this module out of the box.
+
+    Args:
+        model_name: a registered open_clip model name (see ``open_clip.list_models()``), or ``hf-hub:`` /
+            ``local-dir:`` identifiers as open_clip accepts them.
+        model_config: an inline open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``, optional
+            ``custom_text``, ...). Exactly one of ``model_name`` and ``model_config`` must be given.
+        pretrained: ``None``, an open_clip pretrained tag (with ``model_name`` only), or a local checkpoint path.
+        lr: peak learning rate.
+        weight_decay: AdamW weight decay on matrices and embeddings.
+        betas: AdamW betas (CHIPS / open_clip: ``(0.9, 0.98)``).
+        eps: AdamW epsilon (CHIPS / open_clip: ``1e-6``).
+        warmup_steps: linear warmup steps.
+        min_lr_ratio: final learning rate of the cosine schedule as a fraction of ``lr``.
+        local_loss: compute the loss only against the local rank's rows of the gathered logits (open_clip option).
+        gather_with_grad: back-propagate through the cross-rank gather (open_clip option).
+        lock_image: freeze the image tower except its projection (LiT-style).
+        lock_text: freeze the text tower except its projection.
+        max_logit_scale: clamp of ``exp(logit_scale)`` after each step (open_clip: 100).
+        cache_dir: open_clip download cache for pretrained tags.
+
+    Raises:
+        ValueError: on an unknown model name, a missing/duplicate model source, a tag with an inline config, a
+            missing checkpoint file or an invalid hyper-parameter.
+
+    Example::
+
+        >>> from lightning_chips.models import OpenCLIPModule
+        >>> module = OpenCLIPModule(model_config={
+        ...     "embed_dim": 32,
+        ...     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+        ...     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+        ... }, lr=1e-3, warmup_steps=10)
+        >>> module.get_tokenizer()(["a red circle"]).shape
+        torch.Size([1, 16])
+    """
+
+    def __init__(
+        self,
+        model_name: str | None = None,
+        model_config: dict[str, Any] | None = None,
+        pretrained: str | None = None,
+        *,
+        lr: float = 5e-4,
+        weight_decay: float = 0.2,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        lock_image: bool = False,
+        lock_text: bool = False,
+        max_logit_scale: float = 100.0,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if (model_name is None) == (model_config is None):
+            raise ValueError(
+                "OpenCLIPModule needs exactly one model source: `model_name` (a registered open_clip name such as "
+                "'ViT-B-16') or `model_config` (an inline open_clip config dict)."
+            )
+        if lr <= 0:
+            raise ValueError(f"`lr` must be > 0, got {lr}.")
+        if weight_decay < 0:
+            raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay}.")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"`betas` must be two numbers in [0, 1), got {betas}.")
+        if eps <= 0:
+            raise ValueError(f"`eps` must be > 0, got {eps}.")
+        if warmup_steps < 0:
+            raise ValueError(f"`warmup_steps` must be >= 0, got {warmup_steps}.")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"`min_lr_ratio` must be in [0, 1], got {min_lr_ratio}.")
+        if max_logit_scale <= 1.0:
+            raise ValueError(f"`max_logit_scale` must be > 1 (it bounds exp(logit_scale)), got {max_logit_scale}.")
+        self.save_hyperparameters()
+
+        self.model: nn.Module = _build_model(model_name, model_config, pretrained, cache_dir)
+        if lock_image:
+            _freeze_tower_except_projection(self.model, "image")
+        if lock_text:
+            _freeze_tower_except_projection(self.model, "text")
+        self.loss = ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=True)
+        self._tokenizer: Callable[[list[str]], Tensor] | None = None
+
+    # -- model access ----------------------------------------------------------------------------------------------
+    @property
+    def context_length(self) -> int:
+        """Number of text tokens the model expects."""
+        return int(self.model.context_length)
+
+    @property
+    def image_size(self) -> int:
+        """Input image side length of the model's image tower."""
+        size = self.model.visual.image_size
+        return int(size[0] if isinstance(size, tuple | list) else size)
+
+    def get_tokenizer(self) -> Callable[[list[str]], Tensor]:
+        """The tokenizer that matches the model (open_clip's, with the model's context length)."""
+        if self._tokenizer is None:
+            if self.hparams.model_name is not None:
+                self._tokenizer = open_clip.get_tokenizer(self.hparams.model_name, cache_dir=self.hparams.cache_dir)
+            else:
+                text_cfg = self.hparams.model_config.get("text_cfg", {})
+                if "hf_tokenizer_name" in text_cfg:
+                    self._tokenizer = open_clip.tokenizer.HFTokenizer(
+                        text_cfg["hf_tokenizer_name"], context_length=self.context_length
+                    )
+                else:
+                    self._tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=self.context_length)
+        return self._tokenizer
+
+    @override
+    def forward(self, images: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Normalised image and text embeddings and the logit scale ``exp(logit_scale)``."""
+        out = self.model(images, tokens)
+        if isinstance(out, dict):
+            return out["image_features"], out["text_features"], out["logit_scale"]
+        return out[0], out[1], out[2]
+
+    # -- Lightning hooks -------------------------------------------------------------------------------------------
+    @override
+    def setup(self, stage: str) -> None:
+        self.loss.rank = self.global_rank
+        self.loss.world_size = self.trainer.world_size if self._trainer is not None else 1
+
+    def _shared_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        if not isinstance(batch, dict) or "image" not in batch or "text" not in batch:
+            raise TypeError(
+                "OpenCLIPModule expects batches that are dicts with 'image' (float tensor) and 'text' (token ids), "
+                f"got {type(batch).__name__}" + (f" with keys {sorted(batch)}" if isinstance(batch, dict) else "")
+            )
+        image_features, text_features, logit_scale = self(batch["image"], batch["text"])
+        return self.loss(image_features, text_features, logit_scale), logit_scale
+
+    @override
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss, logit_scale = self._shared_step(batch)
+        batch_size = batch["image"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/logit_scale", logit_scale.detach(), batch_size=batch_size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=batch_size)
+        return loss
+
+    @override
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        loss, _ = self._shared_step(batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    @override
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        loss, _ = self._shared_step(batch)
+        self.log("test/loss", loss, sync_dist=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    @override
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0.0, math.log(self.hparams.max_logit_scale))
+
+    @override
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            excluded = param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+            (no_decay if excluded else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": no_decay, "weight_decay": 0.0},
+                {"params": decay, "weight_decay": self.hparams.weight_decay},
+            ],
+            lr=self.hparams.lr,
+            betas=tuple(self.hparams.betas),
+            eps=self.hparams.eps,
+        )
+        total = float(self.trainer.estimated_stepping_batches) if self._trainer is not None else math.inf
+        warmup, min_ratio = self.hparams.warmup_steps, self.hparams.min_lr_ratio
+
+        def schedule(step: int) -> float:
+            return cosine_with_warmup(step, warmup_steps=warmup, total_steps=total, min_lr_ratio=min_ratio)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _build_model(
+    model_name: str | None, model_config: dict[str, Any] | None, pretrained: str | None, cache_dir: str | None
+) -> nn.Module:
+    if model_name is not None:
+        schema, _ = open_clip.factory.parse_model_name(model_name)
+        if schema is None and model_name.replace("/", "-") not in open_clip.list_models():
+            close = difflib.get_close_matches(model_name, open_clip.list_models(), n=5)
+            raise ValueError(
+                f"Unknown open_clip model_name {model_name!r}. "
+                + (f"Did you mean one of {close}? " if close else "")
+                + "See open_clip.list_models(), or pass an inline `model_config`."
+            )
+        if pretrained is not None and _looks_like_path(pretrained) and not os.path.isfile(pretrained):
+            raise ValueError(f"`pretrained` checkpoint file not found: {pretrained!r}.")
+        weights = _lightning_weights(pretrained) if pretrained is not None and os.path.isfile(pretrained) else None
+        if weights is not None:
+            model = open_clip.create_model(model_name, pretrained=None, cache_dir=cache_dir)
+            model.load_state_dict(weights, strict=True)
+            return model
+        return open_clip.create_model(model_name, pretrained=pretrained, cache_dir=cache_dir)
+
+    config = deepcopy(dict(model_config))
+    missing = [key for key in ("embed_dim", "vision_cfg", "text_cfg") if key not in config]
+    if missing:
+        raise ValueError(f"`model_config` lacks {missing}; an open_clip config has embed_dim, vision_cfg, text_cfg.")
+    custom_text = bool(config.pop("custom_text", False)) or "hf_model_name" in config["text_cfg"]
+    if "multimodal_cfg" in config:
+        raise ValueError("CoCa configs (with `multimodal_cfg`) are not supported by OpenCLIPModule.")
+    model = (open_clip.CustomTextCLIP if custom_text else open_clip.CLIP)(**config)
+    if pretrained is not None:
+        if not os.path.isfile(pretrained):
+            raise ValueError(
+                f"With an inline `model_config`, `pretrained` must be a local checkpoint file; {pretrained!r} is not "
+                "one. Pretrained tags need a registered `model_name`."
+            )
+        weights = _lightning_weights(pretrained)
+        if weights is not None:
+            model.load_state_dict(weights, strict=True)
+        else:
+            open_clip.load_checkpoint(model, pretrained)
+    return model
+
+
+def _looks_like_path(value: str) -> bool:
+    return os.sep in value or value.endswith((".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".npz"))
+
+
+def _lightning_weights(path: str) -> dict[str, Tensor] | None:
+    """The CLIP weights of a Lightning checkpoint of this module (``model.*`` keys), or None for other files."""
+    if not path.endswith(".ckpt"):
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not (isinstance(state, dict) and "state_dict" in state and "pytorch-lightning_version" in state):
+        return None
+    prefix = "model."
+    weights = {key[len(prefix) :]: value for key, value in state["state_dict"].items() if key.startswith(prefix)}
+    if not weights:
+        raise ValueError(f"Lightning checkpoint {path!r} holds no `model.*` weights; is it an OpenCLIPModule checkpoint?")
+    return weights
+
+
+def _freeze_tower_except_projection(model: nn.Module, tower: str) -> None:
+    from lightning_chips.adapters import OpenCLIPAdapter
+
+    endpoint = OpenCLIPAdapter(model).endpoint()
+    keep = {id(t) for t in endpoint.tensors()}
+    # `image_proj` may be a transposed view of an nn.Linear weight: keep its base parameter too.
+    keep |= {id(t._base) for t in endpoint.tensors() if t._base is not None}
+    towers = {"image": [model.visual]}
+    towers["text"] = (
+        [model.text]
+        if isinstance(model, open_clip.CustomTextCLIP)
+        else [model.transformer, model.token_embedding, model.ln_final]
+    )
+    for module in towers[tower]:
+        for param in module.parameters():
+            if id(param) not in keep:
+                param.requires_grad_(False)
+    if tower == "text" and isinstance(model, open_clip.CLIP):
+        model.positional_embedding.requires_grad_(False)
