@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import sys
+
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info

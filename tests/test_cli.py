@@ -40,16 +40,40 @@ def test_fit_from_the_command_line_prints_the_final_validation_loss(tmp_path):
     """The console entry point as a user runs it (`python -m lightning_chips` is the same program)."""
     result = subprocess.run(
         [
-            sys.executable, "-m", "lightning_chips", "fit", "--config", str(QUICKSTART),
-            "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "2",
-            "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
-            "--trainer.default_root_dir", str(tmp_path),
-            "--data.init_args.num_train", "256", "--data.init_args.num_val", "128", "--data.init_args.num_workers", "0",
+            sys.executable,
+            "-m",
+            "lightning_chips",
+            "fit",
+            "--config",
+            str(QUICKSTART),
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "4",
+            "--trainer.limit_val_batches",
+            "2",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--data.init_args.num_train",
+            "256",
+            "--data.init_args.num_val",
+            "128",
+            "--data.init_args.num_workers",
+            "0",
         ],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = [line for line in (result.stdout + result.stderr).splitlines() if "[lightning-chips] fit finished" in line]
+    summary = [
+        line for line in (result.stdout + result.stderr).splitlines() if "[lightning-chips] fit finished" in line
+    ]
     assert len(summary) == 1 and "val/loss=" in summary[0], result.stderr[-3000:]
     assert (tmp_path / "config.yaml").exists()  # the run's config is saved next to it
 
@@ -57,7 +81,13 @@ def test_fit_from_the_command_line_prints_the_final_validation_loss(tmp_path):
 def test_unknown_model_name_fails_before_training(capsys):
     with pytest.raises(ValueError, match="Did you mean"):
         build_cli(
-            ["--config", str(QUICKSTART), "--model.init_args.model_config", "null",
-             "--model.init_args.model_name", "ViT-B-61"],
+            [
+                "--config",
+                str(QUICKSTART),
+                "--model.init_args.model_config",
+                "null",
+                "--model.init_args.model_name",
+                "ViT-B-61",
+            ],
             run=False,
         )

@@ -61,7 +61,9 @@ def test_loss_is_open_clips_symmetric_infonce(tiny_vit_config):
     y = module.model.encode_text(tokens, normalize=True)
     logits = scale * x @ y.T
     target = torch.arange(6)
-    expected = 0.5 * (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target))
+    expected = 0.5 * (
+        torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)
+    )
     torch.testing.assert_close(loss, expected)
 
 

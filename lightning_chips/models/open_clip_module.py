@@ -315,7 +315,9 @@ def _lightning_weights(path: str) -> dict[str, Tensor] | None:
     prefix = "model."
     weights = {key[len(prefix) :]: value for key, value in state["state_dict"].items() if key.startswith(prefix)}
     if not weights:
-        raise ValueError(f"Lightning checkpoint {path!r} holds no `model.*` weights; is it an OpenCLIPModule checkpoint?")
+        raise ValueError(
+            f"Lightning checkpoint {path!r} holds no `model.*` weights; is it an OpenCLIPModule checkpoint?"
+        )
     return weights
 
 
