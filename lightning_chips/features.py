@@ -1,0 +1,122 @@
+"""One pass of a CLIP over image-text pairs -> :class:`PairFeatures` (pre-projection features with ids)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_chips.adapters import CLIPAdapter
+
+__all__ = ["PairFeatures", "extract_features"]
+
+
+@dataclass
+class PairFeatures:
+    """Pre-projection features of image-text pairs with their stable int64 ids.
+
+    Attributes:
+        ids: ``[N]`` int64 sample ids (stable per sample: dataset index or a uid).
+        image: ``[N, d_v]`` image features ``h_v``.
+        text: ``[N, d_t]`` text features ``h_t``.
+        labels: optional ``[N]`` int64 class labels (for stratified selection and set-level baselines).
+    """
+
+    ids: Tensor
+    image: Tensor
+    text: Tensor
+    labels: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        n = self.ids.shape[0]
+        if self.ids.dim() != 1:
+            raise ValueError(f"PairFeatures.ids must be 1-d, got shape {tuple(self.ids.shape)}.")
+        for name in ("image", "text"):
+            value = getattr(self, name)
+            if value.dim() != 2 or value.shape[0] != n:
+                raise ValueError(f"PairFeatures.{name} must be [N={n}, d], got shape {tuple(value.shape)}.")
+        if self.labels is not None and tuple(self.labels.shape) != (n,):
+            raise ValueError(f"PairFeatures.labels must be [N={n}], got shape {tuple(self.labels.shape)}.")
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def index(self, idx: Tensor | slice) -> PairFeatures:
+        """Rows ``idx``."""
+        return PairFeatures(
+            self.ids[idx], self.image[idx], self.text[idx], None if self.labels is None else self.labels[idx]
+        )
+
+    def to(self, *args: Any, **kwargs: Any) -> PairFeatures:
+        """``Tensor.to`` on the feature tensors (ids and labels keep their dtype)."""
+        device = kwargs.get("device", next((a for a in args if isinstance(a, str | torch.device)), None))
+        return PairFeatures(
+            self.ids if device is None else self.ids.to(device),
+            self.image.to(*args, **kwargs),
+            self.text.to(*args, **kwargs),
+            None if self.labels is None or device is None else self.labels.to(device),
+        )
+
+    def batches(self, batch_size: int) -> Iterable[PairFeatures]:
+        """Consecutive chunks of at most ``batch_size`` rows."""
+        for start in range(0, len(self), batch_size):
+            yield self.index(slice(start, start + batch_size))
+
+    @staticmethod
+    def cat(parts: list[PairFeatures]) -> PairFeatures:
+        """Concatenate along the sample axis."""
+        labels = None if any(p.labels is None for p in parts) else torch.cat([p.labels for p in parts])
+        return PairFeatures(
+            torch.cat([p.ids for p in parts]),
+            torch.cat([p.image for p in parts]),
+            torch.cat([p.text for p in parts]),
+            labels,
+        )
+
+
+@torch.no_grad()
+def extract_features(
+    adapter: CLIPAdapter,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    description: str = "features",
+) -> PairFeatures:
+    """Run the adapter's towers over ``batches`` of ``{"image", "text", "id"[, "label"]}`` dicts (eval mode).
+
+    The module's train/eval mode is restored afterwards. Features are returned on the CPU.
+    """
+    module = adapter.module
+    was_training = module.training
+    module.eval()
+    if device is None:
+        device = next(module.parameters()).device
+    parts: list[PairFeatures] = []
+    iterator = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(batches, desc=description, leave=False)
+    try:
+        for batch in iterator:
+            images = batch["image"].to(device, non_blocking=True)
+            tokens = batch["text"].to(device, non_blocking=True)
+            ids = torch.as_tensor(batch["id"], dtype=torch.int64)
+            labels = batch.get("label")
+            parts.append(
+                PairFeatures(
+                    ids,
+                    adapter.image_features(images).float().cpu(),
+                    adapter.text_features(tokens).float().cpu(),
+                    None if labels is None else torch.as_tensor(labels, dtype=torch.int64),
+                )
+            )
+    finally:
+        module.train(was_training)
+    if not parts:
+        raise ValueError(f"No batches to extract {description} from: the dataloader is empty.")
+    return PairFeatures.cat(parts)

@@ -1,0 +1,39 @@
+"""Pure tensor math (no Lightning): end-point gradients, sketches, CHIPS, baselines."""
+
+from lightning_chips.functional.chips import (
+    ChipsScores,
+    ChipsState,
+    chips_prepare,
+    chips_score_batch,
+    chips_scores,
+    curvature_atoms,
+    solve_direction,
+)
+from lightning_chips.functional.endpoint import (
+    BankStats,
+    EndPointDirection,
+    EndPointGrads,
+    bank_loss,
+    bank_stats,
+    endpoint_per_sample_grads,
+)
+from lightning_chips.functional.sketch import EndPointSketch, IdentitySketch, make_sketch
+
+__all__ = [
+    "ChipsScores",
+    "ChipsState",
+    "EndPointSketch",
+    "IdentitySketch",
+    "chips_prepare",
+    "chips_score_batch",
+    "chips_scores",
+    "curvature_atoms",
+    "make_sketch",
+    "solve_direction",
+    "BankStats",
+    "EndPointDirection",
+    "EndPointGrads",
+    "bank_loss",
+    "bank_stats",
+    "endpoint_per_sample_grads",
+]

@@ -1,0 +1,449 @@
+"""CHIPS utility (Zhuang et al., CVPR 2026; METHODS.md section 1) as pure tensor math.
+
+.. math::
+
+    U(z) = A(z)\\, w_L(z)\\, w_R(z), \\qquad A(z) = g(z)^\\top M^{-1} u, \\qquad
+    M = (1 - \\alpha)\\,\\Phi_{pos} + \\alpha\\,\\Phi_{neg} + \\lambda I
+
+* ``g(z)``: the closed-form end-point gradient of the per-sample bank loss (:mod:`.endpoint`).
+* ``u``: the mean bank-loss gradient over the target pairs (the pool bank as negatives).
+* ``Phi_pos = (1/R) sum_r g_r g_r^T`` over ``R`` seeded curvature samples of the pool (empirical Fisher).
+* ``Phi_neg`` **[ours]**: the Gauss-Newton term of the InfoNCE softmax. For the image->text logits
+  ``a_j = s x . c_j`` (``c_0 = y``, ``c_j`` the bank texts) of sample ``r`` with ``p = softmax(a)`` the loss
+  Hessian w.r.t. the logits is ``diag(p) - p p^T``, so the GGN is
+  ``J^T (diag p - p p^T) J = sum_j p_j (J_j - Jbar)(J_j - Jbar)^T`` with ``J_j = d a_j / d theta`` and
+  ``Jbar = sum_j p_j J_j``: the covariance of logit gradients under the softmax, dominated by the hard
+  negatives. ``Phi_neg`` is the average over samples of half the image->text plus half the text->image GGN. It
+  is estimated without bias by drawing ``K = negatives_per_sample`` indices ``j ~ p`` per sample and direction:
+  each draw is an *atom* ``J_j - Jbar`` with weight ``1 / (2 K R)``. Every atom keeps the rank-one structure of
+  a gradient (``J_j`` for the image head is ``h_v (x) s (I - x x^T) c_j / ||e_v||``; only ``c_0`` touches the text
+  head), so atoms are :class:`~lightning_chips.functional.endpoint.EndPointGrads` like the gradients. ``M`` is a
+  positive combination of PSD terms plus ``lambda I``: positive definite.
+* ``lambda``: given as ``damping``, or ``1e-3 * trace(M_0) / k`` with ``M_0 = M - lambda I`` and ``k`` the
+  dimension the solve runs in.
+* ``w_L = (1 - p_corr)(1 + sigmoid(-m))`` (:meth:`BankStats.learnability`).
+* ``w_R = sigmoid((1 - beta) cos(x, mu_x) + beta cos(y, mu_y))`` with ``mu`` the mean target embeddings.
+
+Three solvers produce the same object, a dense direction ``v = M^{-1} u`` in theta-space, so that scoring a
+pool pair costs one factored inner product ``g . v = h_v^T V_v d_v + h_t^T V_t d_t + g_s v_s``:
+
+* ``"sketch"`` (the paper): ``v = P^T (P M P^T)^{-1} P u`` with a seeded Kronecker JL sketch ``P``
+  (:mod:`.sketch`); ``P g`` is never needed for the pool. With ``sketch_dim=None`` or
+  ``dim(theta) <= sketch_dim`` it is the exact dense solve.
+* ``"kernel"`` (exact, beyond the paper): with atoms ``a_r`` and weights ``w_r``, ``M = lambda I + A^T W A`` and
+  Woodbury gives ``v = (u - A^T W^{1/2} (lambda I + W^{1/2} A A^T W^{1/2})^{-1} W^{1/2} A u) / lambda`` from
+  the ``R x R`` Gram matrix of the atoms (factored inner products, no JL error).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_chips.adapters import EndPoint
+from lightning_chips.functional.endpoint import (
+    BankStats,
+    EndPointDirection,
+    EndPointGrads,
+    bank_stats,
+    grads_from_stats,
+)
+from lightning_chips.functional.sketch import IdentitySketch, SketchKind, make_sketch
+
+__all__ = [
+    "COMPONENTS",
+    "ChipsScores",
+    "ChipsState",
+    "chips_prepare",
+    "chips_score_batch",
+    "chips_scores",
+    "curvature_atoms",
+    "solve_direction",
+]
+
+COMPONENTS = ("alignment", "learnability", "relevance")
+Solver = Literal["sketch", "kernel"]
+_DENSE_LIMIT = 20_000  # largest dim(theta) the exact dense solve accepts (a D x D float64 matrix)
+
+
+@dataclass
+class ChipsScores:
+    """Per-sample CHIPS scores (each ``[N]``); ``utility`` is the product of the selected components."""
+
+    utility: Tensor
+    alignment: Tensor
+    learnability: Tensor
+    relevance: Tensor
+
+
+@dataclass
+class ChipsState:
+    """What a CHIPS round prepares once and every pool batch reads: memory independent of the pool size."""
+
+    endpoint: EndPoint
+    bank_image: Tensor
+    bank_text: Tensor
+    bank_ids: Tensor
+    direction: EndPointDirection
+    mu_image: Tensor
+    mu_text: Tensor
+    beta: float
+    components: tuple[str, ...]
+    damping: float
+    sketch_dim: int
+    num_atoms: int
+
+
+def _atoms_one_direction(
+    h_same: Tensor,
+    h_other: Tensor,
+    u_same: Tensor,
+    norm_same: Tensor,
+    u_other: Tensor,
+    norm_other: Tensor,
+    candidates: Tensor,
+    probs: Tensor,
+    logits: Tensor,
+    s: Tensor,
+    index: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Factors of GGN atoms ``J_j - Jbar`` of one softmax direction for drawn indices ``index`` ``[R, K]``.
+
+    For the image->text direction: ``same`` = image side (``x``), ``other`` = text side (``y``); logits
+    ``a_j = s u_same . c_j`` with ``c_0 = u_other`` and ``c_{j>0}`` the bank rows of the other modality.
+    Returns ``d_same [R, K, e]``, ``d_other [R, K, e]``, ``scale [R, K]``.
+    """
+
+    def tangent(v: Tensor, unit: Tensor, norm: Tensor) -> Tensor:  # (I - u u^T) v / ||e||, v: [R, K, e]
+        return (v - (v * unit[:, None, :]).sum(-1, keepdim=True) * unit[:, None, :]) / norm[:, None, None]
+
+    # c_j for the drawn j: the positive partner for j = 0, a bank row otherwise.
+    bank_rows = candidates[(index - 1).clamp(min=0)]  # [R, K, e]
+    c = torch.where((index == 0)[..., None], u_other[:, None, :], bank_rows)
+    c_bar = probs[:, :1] * u_other + probs[:, 1:] @ candidates  # [R, e]
+    d_same = s * tangent(c - c_bar[:, None, :], u_same, norm_same)
+    # Only the positive logit depends on the other head: coefficient (delta_j0 - p_0).
+    coef = (index == 0).to(probs.dtype) - probs[:, :1]  # [R, K]
+    d_other_dir = tangent(u_same[:, None, :].expand_as(c), u_other, norm_other)  # (I - yy^T) x / ||e_t||
+    d_other = s * coef[..., None] * d_other_dir
+    pa = torch.where(probs > 0, probs * logits, torch.zeros_like(logits)).sum(1, keepdim=True)
+    scale = logits.gather(1, index) - pa
+    return d_same, d_other, scale
+
+
+def curvature_atoms(
+    h_image: Tensor,
+    h_text: Tensor,
+    stats: BankStats,
+    bank_image: Tensor,
+    bank_text: Tensor,
+    endpoint: EndPoint,
+    *,
+    alpha: float,
+    negatives_per_sample: int,
+    generator: torch.Generator,
+) -> tuple[EndPointGrads, Tensor]:
+    """Atoms ``a_r`` and weights ``w_r`` with ``(1 - alpha) Phi_pos + alpha Phi_neg = sum_r w_r a_r a_r^T``.
+
+    Positive atoms are the gradients (weight ``(1 - alpha) / R``); negative atoms are ``K`` softmax-sampled
+    GGN atoms per sample and direction (weight ``alpha / (2 K R)``); see the module docstring.
+    """
+    grads = grads_from_stats(h_image, h_text, stats, bank_image, bank_text, endpoint)
+    n = len(grads)
+    weights = [torch.full((n,), (1.0 - alpha) / n, dtype=h_image.dtype, device=h_image.device)]
+    parts = [grads]
+    if alpha > 0 and negatives_per_sample > 0:
+        k = negatives_per_sample
+        draw = dict(num_samples=k, replacement=True, generator=generator)
+        idx_a = torch.multinomial(stats.p.cpu().float(), **draw).to(h_image.device)
+        idx_b = torch.multinomial(stats.q.cpu().float(), **draw).to(h_image.device)
+        # image -> text: same side = image.
+        dv_a, dt_a, s_a = _atoms_one_direction(
+            h_image, h_text, stats.x, stats.norm_image, stats.y, stats.norm_text, bank_text, stats.p,
+            stats.logits_i2t, stats.s, idx_a,
+        )  # fmt: skip
+        # text -> image: same side = text.
+        dt_b, dv_b, s_b = _atoms_one_direction(
+            h_text, h_image, stats.y, stats.norm_text, stats.x, stats.norm_image, bank_image, stats.q,
+            stats.logits_t2i, stats.s, idx_b,
+        )  # fmt: skip
+        e = stats.x.shape[1]
+        rep = lambda h: h.repeat_interleave(k, dim=0)  # noqa: E731  (rows r*K + j)
+        for d_v, d_t, sc in ((dv_a, dt_a, s_a), (dv_b, dt_b, s_b)):
+            parts.append(
+                EndPointGrads(
+                    rep(h_image), d_v.reshape(-1, e), rep(h_text), d_t.reshape(-1, e), sc.reshape(-1),
+                    grads.image_bias, grads.text_bias,
+                )  # fmt: skip
+            )
+            weights.append(torch.full((n * k,), alpha / (2 * k * n), dtype=h_image.dtype, device=h_image.device))
+    return EndPointGrads.cat(parts), torch.cat(weights)
+
+
+def _cholesky_solve(matrix: Tensor, rhs: Tensor, damping: float, what: str) -> tuple[Tensor, float]:
+    """Solve ``(matrix + damping I) x = rhs``; on a failed factorisation retry with 10x damping and warn."""
+    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    lam = damping
+    for _ in range(8):
+        chol, info = torch.linalg.cholesky_ex(matrix + lam * eye)
+        if int(info) == 0:
+            if lam != damping:
+                warnings.warn(
+                    f"CHIPS: the {what} matrix was not positive definite with damping {damping:.3g}; "
+                    f"solved with {lam:.3g} instead (raise `damping` to silence this).",
+                    stacklevel=3,
+                )
+            return torch.cholesky_solve(rhs[:, None], chol)[:, 0], lam
+        lam = max(lam * 10.0, 1e-12)
+    raise RuntimeError(f"CHIPS: the {what} matrix stays singular even with damping {lam:.3g}; check for NaN features.")
+
+
+def solve_direction(
+    atoms: EndPointGrads,
+    weights: Tensor,
+    u: EndPointDirection,
+    *,
+    solver: Solver = "sketch",
+    sketch_dim: int | None = 512,
+    sketch: SketchKind = "gaussian",
+    damping: float | None = None,
+    seed: int = 0,
+    exact_when_small: bool = True,
+    chunk_size: int = 8192,
+) -> tuple[EndPointDirection, float, int]:
+    """``v = M^{-1} u`` with ``M = sum_r w_r a_r a_r^T + lambda I`` (sketched, exact dense, or kernel).
+
+    Returns ``(v, lambda, k)`` where ``k`` is the dimension the solve ran in (sketch dim, ``dim(theta)`` or
+    the number of atoms for the kernel path, whose ``lambda`` rule still uses ``dim(theta)``).
+    """
+    dtype = u.image_proj.dtype
+    if solver == "kernel":
+        sw = weights.sqrt()
+        gram = atoms.gram() * sw[:, None] * sw[None, :]
+        dim = atoms.dim
+        lam = damping if damping is not None else 1e-3 * float(torch.diagonal(gram).sum()) / dim
+        rhs = sw * atoms.dot(u)
+        z, lam = _cholesky_solve(gram, rhs, lam, "kernel (Woodbury)")
+        v = (u - atoms.weighted_sum(sw * z)) * (1.0 / lam)
+        return v, lam, len(atoms)
+    if solver != "sketch":
+        raise ValueError(f"Unknown solver {solver!r}; use 'sketch' or 'kernel'.")
+    d_v, e = u.image_proj.shape
+    d_t = u.text_proj.shape[0]
+    projector = make_sketch(
+        d_v, d_t, e, sketch_dim=sketch_dim, image_bias=u.image_bias is not None, text_bias=u.text_bias is not None,
+        kind=sketch, seed=seed, dtype=dtype, device=u.image_proj.device, exact_when_small=exact_when_small,
+    )  # fmt: skip
+    k = projector.dim
+    if isinstance(projector, IdentitySketch) and k > _DENSE_LIMIT:
+        raise ValueError(
+            f"The exact dense solve needs a {k} x {k} matrix (dim(theta) = {k}); pass a `sketch_dim` or use "
+            "solver='kernel', which is exact at the cost of an atoms x atoms Gram matrix."
+        )
+    matrix = torch.zeros(k, k, dtype=dtype, device=u.image_proj.device)
+    for start in range(0, len(atoms), chunk_size):
+        idx = torch.arange(start, min(start + chunk_size, len(atoms)), device=weights.device)
+        sk = projector.sketch_grads(atoms.index(idx))
+        matrix += sk.T @ (sk * weights[idx, None])
+    lam = damping if damping is not None else 1e-3 * float(torch.diagonal(matrix).sum()) / k
+    v_sketched, lam = _cholesky_solve(matrix, projector.sketch_direction(u), lam, "curvature")
+    return projector.transpose(v_sketched), lam, k
+
+
+def _validate(alpha: float, beta: float, components: Sequence[str], bank_size: int, curvature_samples: int) -> None:
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"`alpha` (curvature mixing) must be in [0, 1], got {alpha}.")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"`beta` (text share of the relevance weight) must be in [0, 1], got {beta}.")
+    unknown = set(components) - set(COMPONENTS)
+    if unknown or not components:
+        raise ValueError(f"`components` must be a non-empty subset of {COMPONENTS}, got {tuple(components)}.")
+    if bank_size < 1 or curvature_samples < 1:
+        raise ValueError(f"`bank_size` and `curvature_samples` must be >= 1, got {bank_size}, {curvature_samples}.")
+
+
+def _subsample(n: int, size: int, seed: int, device: torch.device) -> Tensor:
+    if size >= n:
+        return torch.arange(n, device=device)
+    generator = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(n, generator=generator)[:size].sort().values.to(device)
+
+
+def chips_prepare(
+    endpoint: EndPoint,
+    target_image: Tensor,
+    target_text: Tensor,
+    pool_image: Tensor,
+    pool_text: Tensor,
+    pool_ids: Tensor | None = None,
+    *,
+    alpha: float = 0.7,
+    beta: float = 0.5,
+    sketch_dim: int | None = 512,
+    sketch: SketchKind = "gaussian",
+    solver: Solver = "sketch",
+    damping: float | None = None,
+    bank_size: int = 1024,
+    curvature_samples: int = 8192,
+    negatives_per_sample: int = 4,
+    seed: int = 0,
+    components: Sequence[str] = COMPONENTS,
+    dtype: torch.dtype = torch.float64,
+    exact_when_small: bool = True,
+) -> ChipsState:
+    """Prepare a CHIPS round from the target pairs and a sample of the pool (all pre-projection features).
+
+    The bank is ``bank_size`` pool pairs drawn with ``seed`` (all of them when ``bank_size >= N``); the
+    curvature is estimated on ``curvature_samples`` pool pairs drawn with ``seed + 1``. A pool pair that is in
+    the bank is never its own negative (matched by ``pool_ids``, default ``arange(N)``).
+    """
+    _validate(alpha, beta, components, bank_size, curvature_samples)
+    if len(target_image) == 0:
+        raise ValueError("The target set is empty: CHIPS needs at least one target pair to align with.")
+    if len(pool_image) < 2:
+        raise ValueError("CHIPS needs at least 2 pool pairs (one as a sample, one as its negative).")
+    device = pool_image.device
+    ep = endpoint.detach().to(dtype=dtype, device=device)
+    pool_image, pool_text = pool_image.to(dtype), pool_text.to(dtype)
+    target_image, target_text = target_image.to(device, dtype), target_text.to(device, dtype)
+    n = len(pool_image)
+    pool_ids = torch.arange(n, device=device) if pool_ids is None else pool_ids.to(device)
+
+    bank_idx = _subsample(n, bank_size, seed, device)
+    bank_image = ep.embed_image(pool_image[bank_idx])
+    bank_text = ep.embed_text(pool_text[bank_idx])
+    bank_ids = pool_ids[bank_idx]
+
+    # Target gradient u: mean bank-loss gradient of the target pairs (not pool members: nothing excluded).
+    t_stats = bank_stats(target_image, target_text, ep, bank_image, bank_text)
+    t_grads = grads_from_stats(target_image, target_text, t_stats, bank_image, bank_text, ep)
+    u = t_grads.weighted_sum(torch.full((len(t_grads),), 1.0 / len(t_grads), dtype=dtype, device=device))
+
+    curv_idx = _subsample(n, curvature_samples, seed + 1, device)
+    c_image, c_text = pool_image[curv_idx], pool_text[curv_idx]
+    exclude = pool_ids[curv_idx][:, None] == bank_ids[None, :]
+    c_stats = bank_stats(c_image, c_text, ep, bank_image, bank_text, exclude=exclude)
+    atoms, weights = curvature_atoms(
+        c_image, c_text, c_stats, bank_image, bank_text, ep, alpha=alpha,
+        negatives_per_sample=negatives_per_sample, generator=torch.Generator().manual_seed(int(seed) + 2),
+    )  # fmt: skip
+    direction, lam, k = solve_direction(
+        atoms, weights, u, solver=solver, sketch_dim=sketch_dim, sketch=sketch, damping=damping, seed=seed + 3,
+        exact_when_small=exact_when_small,
+    )  # fmt: skip
+    return ChipsState(
+        endpoint=ep,
+        bank_image=bank_image,
+        bank_text=bank_text,
+        bank_ids=bank_ids,
+        direction=direction,
+        mu_image=F.normalize(ep.embed_image(target_image).mean(0), dim=0),
+        mu_text=F.normalize(ep.embed_text(target_text).mean(0), dim=0),
+        beta=beta,
+        components=tuple(components),
+        damping=lam,
+        sketch_dim=k,
+        num_atoms=len(atoms),
+    )
+
+
+def chips_score_batch(state: ChipsState, image: Tensor, text: Tensor, ids: Tensor | None = None) -> ChipsScores:
+    """Score one batch of pool pairs (pre-projection features) against a prepared :class:`ChipsState`.
+
+    Pure given the state: a pair's scores do not depend on the rest of its batch. ``ids`` identify pairs that
+    are also in the bank (excluded from their own negatives).
+    """
+    dtype, device = state.bank_image.dtype, state.bank_image.device
+    image, text = image.to(device, dtype), text.to(device, dtype)
+    exclude = None if ids is None else ids.to(device)[:, None] == state.bank_ids[None, :]
+    stats = bank_stats(image, text, state.endpoint, state.bank_image, state.bank_text, exclude=exclude)
+    grads = grads_from_stats(image, text, stats, state.bank_image, state.bank_text, state.endpoint)
+    alignment = grads.dot(state.direction)
+    learnability = stats.learnability()
+    relevance = torch.sigmoid((1.0 - state.beta) * (stats.x @ state.mu_image) + state.beta * (stats.y @ state.mu_text))
+    utility = torch.ones_like(alignment)
+    for name, value in (("alignment", alignment), ("learnability", learnability), ("relevance", relevance)):
+        if name in state.components:
+            utility = utility * value
+    return ChipsScores(utility, alignment, learnability, relevance)
+
+
+def chips_scores(
+    pool_image: Tensor,
+    pool_text: Tensor,
+    target_image: Tensor,
+    target_text: Tensor,
+    endpoint: EndPoint,
+    *,
+    alpha: float = 0.7,
+    beta: float = 0.5,
+    sketch_dim: int | None = 512,
+    sketch: SketchKind = "gaussian",
+    solver: Solver = "sketch",
+    damping: float | None = None,
+    bank_size: int = 1024,
+    curvature_samples: int = 8192,
+    negatives_per_sample: int = 4,
+    seed: int = 0,
+    components: Sequence[str] = COMPONENTS,
+    batch_size: int = 4096,
+    dtype: torch.dtype = torch.float64,
+    exact_when_small: bool = True,
+) -> ChipsScores:
+    """CHIPS scores of every pool pair (METHODS.md section 1), from pre-projection features.
+
+    Args:
+        pool_image: ``[N, d_v]`` pool image features ``h_v``.
+        pool_text: ``[N, d_t]`` pool text features ``h_t``.
+        target_image: ``[T, d_v]`` target image features.
+        target_text: ``[T, d_t]`` target text features.
+        endpoint: the CLIP's end point (:func:`lightning_chips.adapters.resolve_adapter`).
+        alpha: curvature mixing ``M = (1 - alpha) Phi_pos + alpha Phi_neg + lambda I`` (paper: 0.7).
+        beta: text share of the relevance weight.
+        sketch_dim: JL sketch dimension ``k``; ``None`` = exact (dense solve; small models).
+        sketch: ``"gaussian"`` or ``"rademacher"`` sketch entries.
+        solver: ``"sketch"`` (paper) or ``"kernel"`` (exact Woodbury solve over the curvature atoms).
+        damping: absolute ``lambda``; ``None`` = ``1e-3 * trace(M_0) / k``.
+        bank_size: negatives in the bank (``>= N``: the whole pool, each pair excluded from its own negatives).
+        curvature_samples: pool pairs for ``Phi_pos`` / ``Phi_neg`` (``>= N``: the whole pool).
+        negatives_per_sample: softmax-sampled GGN atoms per sample and direction for ``Phi_neg``.
+        seed: seed of the bank, the curvature sample, the negative draws and the sketch.
+        components: factors of the utility, a subset of ``("alignment", "learnability", "relevance")``.
+        batch_size: pool pairs scored at once (scores do not depend on it).
+        dtype: compute dtype.
+        exact_when_small: with ``dim(theta) <= sketch_dim`` solve exactly instead of sketching (``False``
+            forces the sketch, e.g. to study its error).
+
+    Returns:
+        :class:`ChipsScores` with ``utility``, ``alignment``, ``learnability``, ``relevance`` (each ``[N]``).
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_chips.adapters import EndPoint
+        >>> g = torch.Generator().manual_seed(0)
+        >>> ep = EndPoint(torch.randn(8, 4, generator=g), torch.randn(6, 4, generator=g), torch.tensor(2.0))
+        >>> out = chips_scores(torch.randn(50, 8, generator=g), torch.randn(50, 6, generator=g),
+        ...                    torch.randn(5, 8, generator=g), torch.randn(5, 6, generator=g), ep, sketch_dim=None)
+        >>> out.utility.shape
+        torch.Size([50])
+    """
+    state = chips_prepare(
+        endpoint, target_image, target_text, pool_image, pool_text, alpha=alpha, beta=beta, sketch_dim=sketch_dim,
+        sketch=sketch, solver=solver, damping=damping, bank_size=bank_size, curvature_samples=curvature_samples,
+        negatives_per_sample=negatives_per_sample, seed=seed, components=components, dtype=dtype,
+        exact_when_small=exact_when_small,
+    )  # fmt: skip
+    ids = torch.arange(len(pool_image), device=pool_image.device)
+    parts = [
+        chips_score_batch(state, pool_image[i : i + batch_size], pool_text[i : i + batch_size], ids[i : i + batch_size])
+        for i in range(0, len(pool_image), batch_size)
+    ]
+    return ChipsScores(*(torch.cat([getattr(p, name) for p in parts]) for name in ("utility", *COMPONENTS)))
+
