@@ -178,8 +178,13 @@ def curvature_atoms(
         for d_v, d_t, sc in ((dv_a, dt_a, s_a), (dv_b, dt_b, s_b)):
             parts.append(
                 EndPointGrads(
-                    rep(h_image), d_v.reshape(-1, e), rep(h_text), d_t.reshape(-1, e), sc.reshape(-1),
-                    grads.image_bias, grads.text_bias,
+                    rep(h_image),
+                    d_v.reshape(-1, e),
+                    rep(h_text),
+                    d_t.reshape(-1, e),
+                    sc.reshape(-1),
+                    grads.image_bias,
+                    grads.text_bias,
                 )  # fmt: skip
             )
             weights.append(torch.full((n * k,), alpha / (2 * k * n), dtype=h_image.dtype, device=h_image.device))
@@ -446,4 +451,3 @@ def chips_scores(
         for i in range(0, len(pool_image), batch_size)
     ]
     return ChipsScores(*(torch.cat([getattr(p, name) for p in parts]) for name in ("utility", *COMPONENTS)))
-

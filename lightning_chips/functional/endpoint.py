@@ -233,7 +233,8 @@ class BankStats:
         """``w_L = (1 - p_corr)(1 + sigmoid(-m))`` (METHODS.md 1.6).
 
         ``p_corr = (p_0 + q_0) / 2``; ``m`` is the positive logit minus the hardest bank logit, averaged over the
-        two directions (logit units, i.e. scaled by ``s``). Range ``[0, 2)``.
+        two directions (logit units, i.e. scaled by ``s``). Range ``[0, 2)`` (2 itself can appear in floating
+        point for extremely violated pairs at a large logit scale).
         """
         p_corr = 0.5 * (self.p[:, 0] + self.q[:, 0])
         margin = 0.5 * (

@@ -1,0 +1,8 @@
+"""Scorers (stateful, streaming) wrapping :mod:`lightning_chips.functional`, and the registry by name."""
+
+from lightning_chips.scoring.base import Scorer
+from lightning_chips.scoring.chips import CHIPS
+from lightning_chips.scoring.random import Random
+from lightning_chips.scoring.registry import SCORERS, build_scorer, register_scorer
+
+__all__ = ["CHIPS", "SCORERS", "Random", "Scorer", "build_scorer", "register_scorer"]

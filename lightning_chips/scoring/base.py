@@ -1,0 +1,45 @@
+"""The Scorer contract: ``prepare`` once per selection round, then stream ``score`` over the pool."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+from torch import Tensor
+
+from lightning_chips.adapters import EndPoint
+from lightning_chips.features import PairFeatures
+
+__all__ = ["Scorer"]
+
+
+class Scorer(ABC):
+    """A data-selection score: higher means "train on this pair".
+
+    Lifecycle per selection round: :meth:`prepare` with the current end point, the target pairs' features and a
+    sample of the pool's features computes the round's statistics (target gradient, curvature solve, bank, ...);
+    :meth:`score` is then called on consecutive pool batches and must be pure given the prepared state (a
+    pair's score does not depend on its batch), with memory independent of the pool size.
+
+    Class attributes:
+        name: the registry name (``build_scorer(name)``).
+        requires_target: whether :meth:`prepare` needs target pairs.
+    """
+
+    name: ClassVar[str] = ""
+    requires_target: ClassVar[bool] = True
+
+    @abstractmethod
+    def prepare(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
+        """Compute the round's statistics."""
+
+    @abstractmethod
+    def score(self, batch: PairFeatures) -> Tensor:
+        """``[B]`` float scores of a batch of pool pairs."""
+
+    def summary(self) -> str:
+        """One line describing the prepared state (logged once per round)."""
+        return type(self).__name__
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"

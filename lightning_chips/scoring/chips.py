@@ -1,0 +1,149 @@
+"""The streaming CHIPS scorer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from lightning_chips.adapters import EndPoint
+from lightning_chips.features import PairFeatures
+from lightning_chips.functional.chips import (
+    COMPONENTS,
+    ChipsScores,
+    ChipsState,
+    _validate,
+    chips_prepare,
+    chips_score_batch,
+)
+from lightning_chips.scoring.base import Scorer
+
+__all__ = ["CHIPS"]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class CHIPS(Scorer):
+    """CHIPS utility ``U = A * w_L * w_R`` (Zhuang et al., CVPR 2026; METHODS.md section 1).
+
+    ``A(z) = g(z)^T M^{-1} u`` is the curvature-aware Newton alignment of a pool pair's end-point gradient with
+    the mean target gradient, ``M = (1 - alpha) Phi_pos + alpha Phi_neg + lambda I`` estimated on a pool sample
+    and solved once per round (JL-sketched by default, or exactly with the kernel solver); ``w_L`` damps pairs
+    the model already solves and boosts violated ones; ``w_R`` weighs closeness to the target's mean
+    embeddings. See :mod:`lightning_chips.functional.chips` for the formulas and the ``Phi_neg`` estimator.
+
+    :meth:`prepare` keeps only the bank (``bank_size x e``), a theta-space direction and two mean embeddings,
+    so streaming :meth:`score` over millions of pairs needs memory independent of the pool size, and each
+    pair costs ``O((d_v + d_t) e + bank_size * e)`` on top of its forward pass.
+
+    Args:
+        alpha: curvature mixing (paper: 0.7, best in [0.6, 0.8]); 0 = positive-only curvature.
+        beta: text share of the relevance weight.
+        sketch_dim: JL sketch dimension (paper: 512); ``None`` = exact.
+        sketch: ``"gaussian"`` or ``"rademacher"``.
+        solver: ``"sketch"`` (paper) or ``"kernel"`` (exact Woodbury solve over the curvature atoms).
+        damping: absolute ``lambda``; ``None`` = ``1e-3 * trace(M_0) / k``.
+        bank_size: negatives per sample (pool pairs drawn with ``seed``).
+        curvature_samples: pool pairs used to estimate the curvature.
+        negatives_per_sample: sampled softmax atoms per sample and direction for ``Phi_neg``.
+        components: utility factors (ablations: ``("alignment",)``, ``("alignment", "learnability")``, ...).
+        seed: seed of the bank, curvature sample, negative draws and sketch.
+        dtype: ``"float64"`` (default) or ``"float32"`` compute precision.
+
+    Example::
+
+        >>> scorer = CHIPS(sketch_dim=256, bank_size=128)
+        >>> scorer.prepare(endpoint, target_features, pool_features)  # doctest: +SKIP
+        >>> scores = scorer.score(pool_features.index(slice(0, 512)))  # doctest: +SKIP
+    """
+
+    name: ClassVar[str] = "chips"
+
+    def __init__(
+        self,
+        *,
+        alpha: float = 0.7,
+        beta: float = 0.5,
+        sketch_dim: int | None = 512,
+        sketch: Literal["gaussian", "rademacher"] = "gaussian",
+        solver: Literal["sketch", "kernel"] = "sketch",
+        damping: float | None = None,
+        bank_size: int = 1024,
+        curvature_samples: int = 8192,
+        negatives_per_sample: int = 4,
+        components: Sequence[str] = COMPONENTS,
+        seed: int = 0,
+        dtype: Literal["float32", "float64"] = "float64",
+    ) -> None:
+        _validate(alpha, beta, components, bank_size, curvature_samples)
+        if sketch_dim is not None and sketch_dim < 3:
+            raise ValueError(f"`sketch_dim` must be >= 3 or None (exact), got {sketch_dim}.")
+        if sketch not in ("gaussian", "rademacher"):
+            raise ValueError(f"`sketch` must be 'gaussian' or 'rademacher', got {sketch!r}.")
+        if solver not in ("sketch", "kernel"):
+            raise ValueError(f"`solver` must be 'sketch' or 'kernel', got {solver!r}.")
+        if damping is not None and damping <= 0:
+            raise ValueError(f"`damping` must be > 0 or None (relative rule), got {damping}.")
+        if negatives_per_sample < 0:
+            raise ValueError(f"`negatives_per_sample` must be >= 0, got {negatives_per_sample}.")
+        if dtype not in _DTYPES:
+            raise ValueError(f"`dtype` must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+        self.alpha, self.beta = alpha, beta
+        self.sketch_dim, self.sketch, self.solver, self.damping = sketch_dim, sketch, solver, damping
+        self.bank_size, self.curvature_samples = bank_size, curvature_samples
+        self.negatives_per_sample = negatives_per_sample
+        self.components = tuple(components)
+        self.seed = seed
+        self.dtype = dtype
+        self.state: ChipsState | None = None
+
+    def prepare(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
+        if target is None or len(target) == 0:
+            raise ValueError("CHIPS needs target pairs (a small set from the domain you adapt to); got none.")
+        device = endpoint.image_proj.device
+        self.state = chips_prepare(
+            endpoint,
+            target.image.to(device),
+            target.text.to(device),
+            pool_sample.image.to(device),
+            pool_sample.text.to(device),
+            pool_sample.ids.to(device),
+            alpha=self.alpha,
+            beta=self.beta,
+            sketch_dim=self.sketch_dim,
+            sketch=self.sketch,
+            solver=self.solver,
+            damping=self.damping,
+            bank_size=self.bank_size,
+            curvature_samples=self.curvature_samples,
+            negatives_per_sample=self.negatives_per_sample,
+            seed=self.seed,
+            components=self.components,
+            dtype=_DTYPES[self.dtype],
+        )
+
+    def score_components(self, batch: PairFeatures) -> ChipsScores:
+        """All four per-pair quantities (utility, alignment, learnability, relevance) of a batch."""
+        if self.state is None:
+            raise RuntimeError("CHIPS.score called before prepare(); a selection round prepares the scorer first.")
+        return chips_score_batch(self.state, batch.image, batch.text, batch.ids)
+
+    def score(self, batch: PairFeatures) -> Tensor:
+        return self.score_components(batch).utility
+
+    def summary(self) -> str:
+        if self.state is None:
+            return "CHIPS (not prepared)"
+        st = self.state
+        return (
+            f"CHIPS alpha={self.alpha} solver={self.solver} k={st.sketch_dim} atoms={st.num_atoms} "
+            f"bank={len(st.bank_ids)} lambda={st.damping:.3g} components={'*'.join(self.components)}"
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"CHIPS(alpha={self.alpha}, beta={self.beta}, sketch_dim={self.sketch_dim}, solver={self.solver!r}, "
+            f"components={self.components})"
+        )

@@ -1,0 +1,63 @@
+"""The Random baseline: seeded uniform scores."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from lightning_chips.adapters import EndPoint
+from lightning_chips.features import PairFeatures
+from lightning_chips.scoring.base import Scorer
+
+__all__ = ["Random"]
+
+_MIX = 0x9E3779B97F4A7C15
+
+
+class Random(Scorer):
+    """Uniform random scores in ``[0, 1)``: top-k of them is a seeded uniform subset (METHODS.md section 6).
+
+    A pair's score is a hash of ``(seed, round, id)``, so it is the same whatever the batch, the rank or the
+    order it is scored in; every round draws a new subset unless ``fixed=True``.
+
+    Args:
+        seed: the seed.
+        fixed: keep the same scores in every round (one fixed random subset).
+    """
+
+    name: ClassVar[str] = "random"
+    requires_target: ClassVar[bool] = False
+
+    def __init__(self, *, seed: int = 0, fixed: bool = False) -> None:
+        self.seed, self.fixed = int(seed), fixed
+        self.round = -1
+
+    def prepare(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
+        self.round += 1
+
+    def score(self, batch: PairFeatures) -> Tensor:
+        salt = self.seed * 1_000_003 + (0 if self.fixed else max(self.round, 0))
+        return _uniform_hash(batch.ids, salt)
+
+    def __repr__(self) -> str:
+        return f"Random(seed={self.seed}, fixed={self.fixed})"
+
+
+def _uniform_hash(ids: Tensor, salt: int) -> Tensor:
+    """SplitMix64-style hash of int64 ids to uniform floats in [0, 1) (wrapping int64 arithmetic)."""
+    x = ids.to(torch.int64) + _signed(salt * _MIX)
+    x = (x ^ (x >> 30)) * _M1
+    x = (x ^ (x >> 27)) * _M2
+    x = x ^ (x >> 31)
+    return (x & ((1 << 53) - 1)).to(torch.float64) / float(1 << 53)
+
+
+def _signed(value: int) -> int:
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_M1 = _signed(0xBF58476D1CE4E5B9)
+_M2 = _signed(0x94D049BB133111EB)
