@@ -4,13 +4,23 @@ Public API only; see the README and docs/ for the tour.
 """
 
 from lightning_chips.adapters import CLIPAdapter, EndPoint, SupportsEndPoint, UnsupportedModelError, resolve_adapter
-from lightning_chips.data import TwoDomainDataModule, TwoDomainPairs
+from lightning_chips.callback import DataSelectionCallback
+from lightning_chips.data import ScoredSubsetDataModule, TwoDomainDataModule, TwoDomainPairs
 from lightning_chips.models import OpenCLIPModule
+from lightning_chips.scoring import CHIPS, Random, Scorer, build_scorer
+from lightning_chips.selection import Selection
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "CHIPS",
     "CLIPAdapter",
+    "DataSelectionCallback",
+    "Random",
+    "ScoredSubsetDataModule",
+    "Scorer",
+    "Selection",
+    "build_scorer",
     "EndPoint",
     "OpenCLIPModule",
     "SupportsEndPoint",

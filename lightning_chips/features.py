@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +11,7 @@ from torch import Tensor
 
 from lightning_chips.adapters import CLIPAdapter
 
-__all__ = ["PairFeatures", "extract_features"]
+__all__ = ["PairFeatures", "extract_features", "iter_features"]
 
 
 @dataclass
@@ -77,7 +77,47 @@ class PairFeatures:
         )
 
 
-@torch.no_grad()
+def iter_features(
+    adapter: CLIPAdapter,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    description: str = "features",
+) -> Iterator[PairFeatures]:
+    """Yield the :class:`PairFeatures` of each batch of ``{"image", "text", "id"[, "label"]}`` dicts.
+
+    Runs the adapter's towers in eval mode under ``torch.no_grad`` (the module's mode is restored afterwards);
+    features stay on the model's device. A streaming consumer (a scorer) keeps memory bounded by one batch.
+    """
+    module = adapter.module
+    was_training = module.training
+    if device is None:
+        device = next(module.parameters()).device
+    iterator = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(batches, desc=description, leave=False, dynamic_ncols=True)
+    module.eval()
+    try:
+        for batch in iterator:
+            with torch.no_grad():
+                images = batch["image"].to(device, non_blocking=True)
+                tokens = batch["text"].to(device, non_blocking=True)
+                image = adapter.image_features(images).float()
+                text = adapter.text_features(tokens).float()
+            labels = batch.get("label")
+            yield PairFeatures(
+                torch.as_tensor(batch["id"], dtype=torch.int64, device=image.device),
+                image,
+                text,
+                None if labels is None else torch.as_tensor(labels, dtype=torch.int64, device=image.device),
+            )
+    finally:
+        module.train(was_training)
+
+
 def extract_features(
     adapter: CLIPAdapter,
     batches: Iterable[Mapping[str, Any]],
@@ -86,37 +126,9 @@ def extract_features(
     progress: bool = False,
     description: str = "features",
 ) -> PairFeatures:
-    """Run the adapter's towers over ``batches`` of ``{"image", "text", "id"[, "label"]}`` dicts (eval mode).
-
-    The module's train/eval mode is restored afterwards. Features are returned on the CPU.
-    """
-    module = adapter.module
-    was_training = module.training
-    module.eval()
-    if device is None:
-        device = next(module.parameters()).device
-    parts: list[PairFeatures] = []
-    iterator = batches
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(batches, desc=description, leave=False)
-    try:
-        for batch in iterator:
-            images = batch["image"].to(device, non_blocking=True)
-            tokens = batch["text"].to(device, non_blocking=True)
-            ids = torch.as_tensor(batch["id"], dtype=torch.int64)
-            labels = batch.get("label")
-            parts.append(
-                PairFeatures(
-                    ids,
-                    adapter.image_features(images).float().cpu(),
-                    adapter.text_features(tokens).float().cpu(),
-                    None if labels is None else torch.as_tensor(labels, dtype=torch.int64),
-                )
-            )
-    finally:
-        module.train(was_training)
+    """All the :class:`PairFeatures` of ``batches`` concatenated, on the CPU (see :func:`iter_features`)."""
+    parts = [f.to("cpu") for f in iter_features(adapter, batches, device=device, progress=progress,
+                                                 description=description)]  # fmt: skip
     if not parts:
         raise ValueError(f"No batches to extract {description} from: the dataloader is empty.")
     return PairFeatures.cat(parts)

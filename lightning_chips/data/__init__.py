@@ -2,11 +2,16 @@
 
 from lightning_chips.data.builtin import CLASSNAMES, DOMAINS, TEMPLATES, TwoDomainPairs
 from lightning_chips.data.datamodule import TwoDomainDataModule, clip_normalize, resolve_tokenizer
+from lightning_chips.data.sampler import ScoredSubsetSampler
+from lightning_chips.data.subset import PairCollate, ScoredSubsetDataModule
 
 __all__ = [
     "CLASSNAMES",
     "DOMAINS",
     "TEMPLATES",
+    "PairCollate",
+    "ScoredSubsetDataModule",
+    "ScoredSubsetSampler",
     "TwoDomainDataModule",
     "TwoDomainPairs",
     "clip_normalize",

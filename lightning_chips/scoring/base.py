@@ -28,6 +28,8 @@ class Scorer(ABC):
 
     name: ClassVar[str] = ""
     requires_target: ClassVar[bool] = True
+    round: int = 0
+    """The selection round being scored; set by the caller before :meth:`prepare`."""
 
     @abstractmethod
     def prepare(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:

@@ -20,7 +20,8 @@ class Random(Scorer):
     """Uniform random scores in ``[0, 1)``: top-k of them is a seeded uniform subset (METHODS.md section 6).
 
     A pair's score is a hash of ``(seed, round, id)``, so it is the same whatever the batch, the rank or the
-    order it is scored in; every round draws a new subset unless ``fixed=True``.
+    order it is scored in; every round (the ``round`` attribute the caller sets) draws a new subset unless
+    ``fixed=True``.
 
     Args:
         seed: the seed.
@@ -32,13 +33,12 @@ class Random(Scorer):
 
     def __init__(self, *, seed: int = 0, fixed: bool = False) -> None:
         self.seed, self.fixed = int(seed), fixed
-        self.round = -1
 
     def prepare(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
-        self.round += 1
+        """Nothing to prepare: scores depend only on (seed, round, id)."""
 
     def score(self, batch: PairFeatures) -> Tensor:
-        salt = self.seed * 1_000_003 + (0 if self.fixed else max(self.round, 0))
+        salt = self.seed * 1_000_003 + (0 if self.fixed else self.round)
         return _uniform_hash(batch.ids, salt)
 
     def __repr__(self) -> str:

@@ -1,0 +1,375 @@
+"""``DataSelectionCallback``: score the pool, select, and re-select during CLIP continual pre-training."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torch.utils.data import Dataset
+from typing_extensions import override
+
+from lightning_chips.adapters import CLIPAdapter, resolve_adapter
+from lightning_chips.features import PairFeatures, extract_features, iter_features
+from lightning_chips.scoring import Scorer, build_scorer
+from lightning_chips.selection import MODES, Mode, Selection, budget_for, select, write_round_file
+
+__all__ = ["DataSelectionCallback"]
+
+
+class DataSelectionCallback(Callback):
+    """Select the pool pairs a CLIP trains on, and re-select them as the model moves.
+
+    One selection round: resolve the CLIP (:func:`~lightning_chips.adapters.resolve_adapter`); extract the
+    target's and a pool sample's pre-projection features and ``scorer.prepare`` on them; stream the whole pool
+    through the towers and ``scorer.score`` (each rank scores its shard; scores are all-gathered); build the
+    :class:`~lightning_chips.selection.Selection` of ``round(fraction * N)`` pairs, identical on every rank
+    (ties broken by id); hand it to the :class:`~lightning_chips.data.ScoredSubsetDataModule`, whose sampler
+    draws the next epoch's batches from it; write ``save_dir/round_{r:04d}.npz`` atomically; log the selected
+    fraction, the overlap with the previous round and score quantiles, and print a one-line summary.
+
+    Round 0 is scored with the starting model before the first training step (the CHIPS paper's one-shot
+    selection) unless ``warmup_steps > 0``, in which case the whole pool is sampled until the first epoch end at
+    or after ``warmup_steps``. Later rounds happen at epoch ends (one epoch = ``steps_per_round`` steps of the
+    data module) when :meth:`should_select` says so: every ``every_n_epochs`` epochs, or at the first epoch end
+    at least ``every_n_steps`` steps after the previous round. With neither, selection is one-shot.
+
+    Args:
+        scorer: a :class:`~lightning_chips.scoring.Scorer` or a registered name (``"chips"``, ``"random"``).
+        fraction: share of the pool to keep, in (0, 1].
+        every_n_steps: re-select at the first epoch end at least this many steps after the previous round.
+        every_n_epochs: re-select every this many epochs (rounds).
+        warmup_steps: train on the whole pool for this many steps before the first selection.
+        target: target-domain pairs (default: the data module's ``target``).
+        pool_sample: pool pairs given to ``scorer.prepare`` (bank, curvature); ``None`` = the whole pool, whose
+            features are then extracted once and reused for scoring.
+        mode: ``"topk"``, ``"weighted"`` or ``"stratified"`` (see :func:`~lightning_chips.selection.select`).
+        temperature: sampling temperature of ``mode="weighted"``.
+        seed: seed of the pool sample (with the round).
+        save_dir: where round files go (default: ``<trainer.log_dir>/selection``); ``""`` disables them.
+        log: log selection metrics to the trainer's loggers.
+        progress: show progress bars for the scoring passes (rank 0).
+        adapter: an explicit :class:`~lightning_chips.adapters.CLIPAdapter` for a model
+            :func:`~lightning_chips.adapters.resolve_adapter` does not know.
+
+    Raises:
+        ValueError: on a fraction outside (0, 1], both or negative schedules, an unknown scorer or mode, or an
+            empty target when the scorer needs one.
+
+    Example::
+
+        >>> from lightning_chips import DataSelectionCallback
+        >>> from lightning_chips.scoring import CHIPS
+        >>> callback = DataSelectionCallback(CHIPS(sketch_dim=512), fraction=0.3, every_n_epochs=1)
+        >>> # trainer = Trainer(callbacks=[callback]); trainer.fit(model, datamodule=ScoredSubsetDataModule(...))
+    """
+
+    def __init__(
+        self,
+        scorer: Scorer | str = "chips",
+        fraction: float = 0.3,
+        *,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        warmup_steps: int = 0,
+        target: Dataset | None = None,
+        pool_sample: int | None = None,
+        mode: Mode = "topk",
+        temperature: float = 1.0,
+        seed: int = 0,
+        save_dir: str | None = None,
+        log: bool = True,
+        progress: bool = True,
+        adapter: CLIPAdapter | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(scorer, str):
+            scorer = build_scorer(scorer)
+        if not isinstance(scorer, Scorer):
+            raise ValueError(f"`scorer` must be a lightning_chips Scorer or a registered name, got {type(scorer)}.")
+        budget_for(1, fraction)  # validates fraction in (0, 1]
+        if every_n_steps is not None and every_n_epochs is not None:
+            raise ValueError("Pass at most one of `every_n_steps` and `every_n_epochs` (neither = one-shot selection).")
+        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
+            if value is not None and value < 1:
+                raise ValueError(f"`{name}` must be >= 1 or None, got {value}.")
+        if warmup_steps < 0:
+            raise ValueError(f"`warmup_steps` must be >= 0, got {warmup_steps}.")
+        if pool_sample is not None and pool_sample < 2:
+            raise ValueError(f"`pool_sample` must be >= 2 or None (the whole pool), got {pool_sample}.")
+        if mode not in MODES:
+            raise ValueError(f"Unknown `mode` {mode!r}; use one of {MODES}.")
+        if temperature <= 0:
+            raise ValueError(f"`temperature` must be > 0, got {temperature}.")
+        if target is not None and len(target) == 0 and scorer.requires_target:
+            raise ValueError(
+                f"`target` is empty but the {type(scorer).__name__} scorer needs target pairs; pass a non-empty "
+                "target dataset (or None to use the data module's)."
+            )
+        self.scorer = scorer
+        self.fraction = fraction
+        self.every_n_steps, self.every_n_epochs = every_n_steps, every_n_epochs
+        self.warmup_steps = warmup_steps
+        self.target = target
+        self.pool_sample = pool_sample
+        self.mode: Mode = mode
+        self.temperature = temperature
+        self.seed = seed
+        self.save_dir = save_dir
+        self.log = log
+        self.progress = progress
+        self.adapter = adapter
+
+        self.round = 0  # the index the next selection round gets
+        self.selection: Selection | None = None
+        self.last_step = 0
+        self.last_epoch = 0  # completed epochs at the last selection
+        self.history: list[dict[str, float]] = []
+        self._restored = False
+
+    @property
+    def state_key(self) -> str:
+        return f"DataSelectionCallback[scorer={type(self.scorer).__name__}, fraction={self.fraction}]"
+
+    # -- schedule ------------------------------------------------------------------------------------------------
+    def should_select(self, step: int, epoch: int) -> bool:
+        """Whether to run a selection round at the end of epoch ``epoch`` (0-based) at global step ``step``.
+
+        Override it for custom schedules (like Lightning's ``WeightAveraging.should_update``).
+        """
+        if self.selection is None:
+            return step >= self.warmup_steps
+        if self.every_n_epochs is not None:
+            return epoch + 1 - self.last_epoch >= self.every_n_epochs
+        if self.every_n_steps is not None:
+            return step - self.last_step >= self.every_n_steps
+        return False
+
+    # -- hooks ---------------------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "pool_dataloader") or not hasattr(datamodule, "selection"):
+            raise ValueError(
+                "DataSelectionCallback needs a lightning_chips.data.ScoredSubsetDataModule (or a data module with "
+                "`pool`, `selection`, `pool_dataloader()` and `target_dataloader()`); pass it as "
+                "`trainer.fit(model, datamodule=...)`."
+            )
+        resolve_adapter(pl_module, self.adapter)  # fail before training if the CLIP cannot be reached
+        target = self.target if self.target is not None else getattr(datamodule, "target", None)
+        if self.scorer.requires_target and (target is None or len(target) == 0):
+            raise ValueError(
+                f"The {type(self.scorer).__name__} scorer needs target pairs: pass `target` to the callback or to "
+                "ScoredSubsetDataModule."
+            )
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._restored and self.selection is not None:
+            trainer.datamodule.selection = self.selection
+        elif self.selection is None and self.warmup_steps == 0:
+            self.run_round(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if _is_last_epoch(trainer):
+            return
+        if self.should_select(trainer.global_step, trainer.current_epoch):
+            self.run_round(trainer, pl_module, at_epoch_end=True)
+
+    # -- one round -----------------------------------------------------------------------------------------------
+    def run_round(self, trainer: Trainer, pl_module: LightningModule, *, at_epoch_end: bool = False) -> Selection:
+        """Score the pool with the current model and install the new selection (all ranks)."""
+        start = time.perf_counter()
+        datamodule = trainer.datamodule
+        adapter = resolve_adapter(pl_module, self.adapter)
+        rank, world = trainer.global_rank, trainer.world_size
+        show = self.progress and trainer.is_global_zero
+        device = pl_module.device
+        r = self.round
+        self.scorer.round = r
+
+        target = None
+        if self.scorer.requires_target or self.target is not None or getattr(datamodule, "target", None) is not None:
+            target_set = self.target if self.target is not None else datamodule.target
+            own = _shard(np.arange(len(target_set)), rank, world)
+            target = _gather_features(
+                pl_module,
+                extract_features(
+                    adapter,
+                    datamodule.target_dataloader(target_set, own),
+                    device=device,
+                    progress=show,
+                    description=f"round {r}: target",
+                ),  # fmt: skip
+            )
+        n = len(datamodule.pool)
+        all_indices = np.arange(n, dtype=np.int64)
+        own_indices = _shard(all_indices, rank, world)
+        whole = self.pool_sample is None or self.pool_sample >= n
+        if whole:
+            own_features = extract_features(adapter, datamodule.pool_dataloader(own_indices), device=device,
+                                            progress=show, description=f"round {r}: pool")  # fmt: skip
+            sample = _gather_features(pl_module, own_features)
+        else:
+            generator = np.random.default_rng([self.seed, r])
+            sample_idx = np.sort(generator.choice(n, size=self.pool_sample, replace=False))
+            sample = _gather_features(
+                pl_module,
+                extract_features(
+                    adapter,
+                    datamodule.pool_dataloader(_shard(sample_idx, rank, world)),
+                    device=device,
+                    progress=show,
+                    description=f"round {r}: pool sample",
+                ),  # fmt: skip
+            )
+        endpoint = adapter.endpoint()
+        self.scorer.prepare(endpoint, None if target is None else target.to(device), sample.to(device))
+
+        if whole:
+            own_scores = torch.cat([self.scorer.score(b.to(device)).float().cpu() for b in own_features.batches(4096)])
+            own_ids, own_labels = own_features.ids, own_features.labels
+        else:
+            parts, ids, labels = [], [], []
+            stream = iter_features(adapter, datamodule.pool_dataloader(own_indices), device=device, progress=show,
+                                   description=f"round {r}: scoring")  # fmt: skip
+            for batch in stream:
+                parts.append(self.scorer.score(batch).float().cpu())
+                ids.append(batch.ids.cpu())
+                labels.append(None if batch.labels is None else batch.labels.cpu())
+            own_scores, own_ids = torch.cat(parts), torch.cat(ids)
+            own_labels = None if any(x is None for x in labels) else torch.cat(labels)
+
+        scores = _gather_rows(pl_module, own_scores).numpy()
+        ids = _gather_rows(pl_module, own_ids).numpy()
+        indices = _gather_rows(pl_module, torch.as_tensor(own_indices)).numpy()
+        labels = None if own_labels is None else _gather_rows(pl_module, own_labels).numpy()
+        unique, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            dup = unique[counts > 1][:5].tolist()
+            raise ValueError(f"Pool ids must be unique; duplicated ids in round {r}: {dup}.")
+        selection = select(
+            ids, scores, fraction=self.fraction, mode=self.mode, labels=labels, indices=indices,
+            temperature=self.temperature, round=r, method=type(self.scorer).__name__,
+        )  # fmt: skip
+        previous = self.selection
+        self.selection = selection
+        datamodule.selection = selection
+        self.last_step, self.last_epoch = trainer.global_step, trainer.current_epoch + int(at_epoch_end)
+        self.round = r + 1
+        metrics = self._metrics(selection, previous, scores, n)
+        self.history.append(metrics)
+        if trainer.is_global_zero:
+            self._write(trainer, selection, ids, scores)
+            if self.log:
+                for logger in trainer.loggers:
+                    logger.log_metrics({f"selection/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
+            overlap = "n/a" if previous is None else f"{metrics['overlap']:.1%}"
+            rank_zero_info(
+                f"[lightning-chips] round {r} at step {trainer.global_step}: selected {len(selection)}/{n} "
+                f"({metrics['fraction']:.1%}) by {selection.method}, overlap with previous round {overlap}, "
+                f"score q10/q50/q90 = {metrics['score_q10']:.4g}/{metrics['score_q50']:.4g}/"
+                f"{metrics['score_q90']:.4g}; {self.scorer.summary()}; {time.perf_counter() - start:.1f}s"
+            )
+        return selection
+
+    def _metrics(self, selection: Selection, previous: Selection | None, scores: np.ndarray, n: int) -> dict:
+        q10, q50, q90 = np.quantile(scores, [0.1, 0.5, 0.9])
+        return {
+            "round": float(selection.round),
+            "fraction": len(selection) / n,
+            "overlap": selection.overlap(previous),
+            "score_q10": float(q10),
+            "score_q50": float(q50),
+            "score_q90": float(q90),
+        }
+
+    def _write(self, trainer: Trainer, selection: Selection, ids: np.ndarray, scores: np.ndarray) -> None:
+        if self.save_dir == "":
+            return
+        directory = Path(self.save_dir) if self.save_dir is not None else Path(trainer.log_dir or ".") / "selection"
+        write_round_file(
+            directory / f"round_{selection.round:04d}.npz", ids, scores, selection.contains(ids),
+            round=selection.round, method=selection.method, fraction=self.fraction,
+        )  # fmt: skip
+
+    # -- state -------------------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        selection = None
+        if self.selection is not None:
+            sel = self.selection
+            selection = {
+                "ids": torch.as_tensor(sel.ids),
+                "indices": torch.as_tensor(sel.indices),
+                "weights": None if sel.weights is None else torch.as_tensor(sel.weights),
+                "round": sel.round,
+                "method": sel.method,
+                "num_candidates": sel.num_candidates,
+            }
+        return {
+            "round": self.round,
+            "seed": self.seed,
+            "selection": selection,
+            "last_step": self.last_step,
+            "last_epoch": self.last_epoch,
+            "history": list(self.history),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.round = int(state_dict["round"])
+        self.seed = int(state_dict["seed"])
+        self.last_step = int(state_dict["last_step"])
+        self.last_epoch = int(state_dict["last_epoch"])
+        self.history = list(state_dict.get("history", []))
+        sel = state_dict.get("selection")
+        if sel is not None:
+            self.selection = Selection.from_state_dict(
+                {k: (v.numpy() if isinstance(v, Tensor) else v) for k, v in sel.items()}
+            )
+        self._restored = True
+
+
+def _is_last_epoch(trainer: Trainer) -> bool:
+    """True when training stops after this epoch (a selection now would never be trained on)."""
+    max_epochs = trainer.max_epochs
+    if max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs:
+        return True
+    return trainer.max_steps is not None and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
+
+
+def _shard(indices: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """Contiguous shard ``rank`` of ``world`` (sizes differ by at most one)."""
+    return np.array_split(indices, world)[rank]
+
+
+def _gather_rows(pl_module: LightningModule, values: Tensor) -> Tensor:
+    """Concatenate per-rank tensors of different lengths along dim 0 (rank order), on the CPU."""
+    trainer = pl_module.trainer
+    if trainer.world_size == 1:
+        return values.cpu()
+    device = pl_module.device
+    lengths = trainer.strategy.all_gather(torch.tensor([values.shape[0]], device=device)).reshape(-1).tolist()
+    padded = torch.zeros(max(lengths), *values.shape[1:], dtype=values.dtype, device=device)
+    padded[: values.shape[0]] = values.to(device)
+    gathered = trainer.strategy.all_gather(padded).reshape(len(lengths), max(lengths), *values.shape[1:])
+    return torch.cat([gathered[i, :n] for i, n in enumerate(lengths)]).cpu()
+
+
+def _gather_features(pl_module: LightningModule, features: PairFeatures) -> PairFeatures:
+    """All ranks' features, concatenated in rank order (shards are contiguous, so in index order)."""
+    return PairFeatures(
+        _gather_rows(pl_module, features.ids),
+        _gather_rows(pl_module, features.image),
+        _gather_rows(pl_module, features.text),
+        None if features.labels is None else _gather_rows(pl_module, features.labels),
+    )

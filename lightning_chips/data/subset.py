@@ -1,0 +1,197 @@
+"""``ScoredSubsetDataModule``: train on the current selection of a pool; serve the pool and target for scoring."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
+from typing_extensions import override
+
+from lightning_chips.data.datamodule import clip_normalize, resolve_tokenizer
+from lightning_chips.data.sampler import ScoredSubsetSampler
+from lightning_chips.selection import Selection
+
+__all__ = ["PairCollate", "ScoredSubsetDataModule"]
+
+
+class PairCollate:
+    """Collate ``{"image", "text", "id", ...}`` items; string captions are tokenized as a batch.
+
+    Picklable, so it works in dataloader worker processes.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Callable[[list[str]], Tensor] | None = None,
+        normalize: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.normalize = normalize
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if not items:
+            raise ValueError("Cannot collate an empty batch.")
+        texts = [item["text"] for item in items]
+        rest = default_collate([{k: v for k, v in item.items() if k != "text"} for item in items])
+        if isinstance(texts[0], str):
+            if self.tokenizer is None:
+                raise ValueError("The pool yields caption strings but no tokenizer is set; pass one to the datamodule.")
+            rest["text"] = self.tokenizer(texts)
+        else:
+            rest["text"] = torch.stack([torch.as_tensor(t) for t in texts])
+        if self.normalize is not None:
+            rest["image"] = torch.stack([self.normalize(img) for img in rest["image"]])
+        return rest
+
+
+class ScoredSubsetDataModule(LightningDataModule):
+    """A pool to select from, a target set to select for, and training batches drawn from the live selection.
+
+    Pair it with :class:`~lightning_chips.DataSelectionCallback`: the callback scores the pool (through
+    :meth:`pool_dataloader` / :meth:`target_dataloader`) and hands each new :class:`Selection` to
+    :attr:`selection`; the training sampler (:class:`ScoredSubsetSampler`) draws ``steps_per_round`` batches per
+    epoch from it, so one Lightning epoch is one selection round. Before any selection the whole pool is
+    sampled.
+
+    Items are dicts ``{"image": Tensor[3, H, W], "text": str | LongTensor, "id": int[, "label": int]}``; string
+    captions are tokenized per batch with the model's tokenizer (``get_tokenizer()``, e.g.
+    :class:`~lightning_chips.models.OpenCLIPModule`), an open_clip ``tokenizer`` name, or open_clip's default.
+
+    Args:
+        pool: map-style dataset of candidate pairs.
+        target: map-style dataset of target-domain pairs (the callback may also be given its own).
+        batch_size: training batch size per device.
+        steps_per_round: optimizer steps per selection round (= Lightning epoch).
+        num_workers: dataloader workers.
+        val: optional validation dataset.
+        test: optional test dataset.
+        eval_batch_size: batch size of the scoring and evaluation passes (default: ``batch_size``).
+        seed: seed of the training draws (with the round and the epoch).
+        persistent_workers: keep training workers alive across rounds (they still see each new selection).
+        normalize: ``"clip"`` applies open_clip's mean/std to images in [0, 1]; ``"none"`` leaves them.
+        tokenizer: an open_clip model name whose tokenizer to use (default: the model's).
+        context_length: tokenizer context length (default: the model's).
+
+    Example::
+
+        >>> from lightning_chips.data import TwoDomainPairs
+        >>> dm = ScoredSubsetDataModule(TwoDomainPairs(1000), TwoDomainPairs(50, target_fraction=1.0, split="val"),
+        ...                             batch_size=32, steps_per_round=20, context_length=16)
+    """
+
+    def __init__(
+        self,
+        pool: Dataset,
+        target: Dataset | None = None,
+        batch_size: int = 64,
+        steps_per_round: int = 100,
+        *,
+        num_workers: int = 0,
+        val: Dataset | None = None,
+        test: Dataset | None = None,
+        eval_batch_size: int | None = None,
+        seed: int = 0,
+        persistent_workers: bool = True,
+        normalize: Literal["clip", "none"] = "clip",
+        tokenizer: str | None = None,
+        context_length: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not hasattr(pool, "__getitem__") or not hasattr(pool, "__len__"):
+            raise ValueError(f"`pool` must be a map-style dataset (with __getitem__ and __len__), got {type(pool)}.")
+        if len(pool) == 0:
+            raise ValueError("`pool` is empty: there is nothing to select from.")
+        if target is not None and len(target) == 0:
+            raise ValueError("`target` is empty; pass at least one target-domain pair, or None.")
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+        if steps_per_round < 1:
+            raise ValueError(f"`steps_per_round` must be >= 1, got {steps_per_round}.")
+        if num_workers < 0:
+            raise ValueError(f"`num_workers` must be >= 0, got {num_workers}.")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ValueError(f"`eval_batch_size` must be >= 1, got {eval_batch_size}.")
+        if normalize not in ("clip", "none"):
+            raise ValueError(f"`normalize` must be 'clip' or 'none', got {normalize!r}.")
+        self.pool, self.target, self.val, self.test = pool, target, val, test
+        self.batch_size, self.steps_per_round = batch_size, steps_per_round
+        self.num_workers, self.persistent_workers = num_workers, persistent_workers
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.seed = seed
+        self.normalize = normalize
+        self.tokenizer_name, self.context_length = tokenizer, context_length
+        self.selection: Selection | None = None
+        self.collate: PairCollate | None = None
+        self.sampler: ScoredSubsetSampler | None = None
+        self._train_loader: DataLoader | None = None
+
+    # -- setup ------------------------------------------------------------------------------------------------
+    @override
+    def setup(self, stage: str) -> None:
+        trainer = self.trainer
+        module = trainer.lightning_module if trainer is not None else None
+        if self.collate is None:
+            tokenizer = resolve_tokenizer(self.tokenizer_name, self.context_length, module)
+            self.collate = PairCollate(tokenizer, clip_normalize() if self.normalize == "clip" else None)
+        accumulate = getattr(trainer, "accumulate_grad_batches", 1) if trainer is not None else 1
+        if self.sampler is None:
+            self.sampler = ScoredSubsetSampler(
+                len(self.pool),
+                self.steps_per_round * self.batch_size * accumulate,
+                seed=self.seed,
+                selection_fn=lambda: self.selection,
+                epoch_fn=(lambda: trainer.current_epoch) if trainer is not None else None,
+            )
+        if trainer is not None:
+            self.sampler.set_distributed(trainer.global_rank, trainer.world_size)
+
+    def _require_setup(self) -> PairCollate:
+        if self.collate is None:
+            self.setup("fit")
+        assert self.collate is not None
+        return self.collate
+
+    # -- loaders ----------------------------------------------------------------------------------------------
+    @override
+    def train_dataloader(self) -> DataLoader:
+        collate = self._require_setup()
+        if self._train_loader is None:
+            self._train_loader = DataLoader(
+                self.pool,
+                batch_size=self.batch_size,
+                sampler=self.sampler,
+                collate_fn=collate,
+                num_workers=self.num_workers,
+                persistent_workers=self.persistent_workers and self.num_workers > 0,
+                drop_last=False,
+            )
+        return self._train_loader
+
+    def _eval_loader(self, dataset: Dataset, indices: Sequence[int] | None = None) -> DataLoader:
+        collate = self._require_setup()
+        data = dataset if indices is None else Subset(dataset, list(indices))
+        return DataLoader(data, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate,
+                          num_workers=self.num_workers)  # fmt: skip
+
+    def pool_dataloader(self, indices: Sequence[int] | None = None) -> DataLoader:
+        """Unshuffled loader over the pool (or ``indices`` of it) for a scoring pass."""
+        return self._eval_loader(self.pool, indices)
+
+    def target_dataloader(self, target: Dataset | None = None, indices: Sequence[int] | None = None) -> DataLoader:
+        """Unshuffled loader over the target set (or the given one)."""
+        target = target if target is not None else self.target
+        if target is None:
+            raise ValueError("No target set: pass `target` to ScoredSubsetDataModule or to DataSelectionCallback.")
+        return self._eval_loader(target, indices)
+
+    @override
+    def val_dataloader(self) -> DataLoader | list:
+        return [] if self.val is None else self._eval_loader(self.val)
+
+    @override
+    def test_dataloader(self) -> DataLoader | list:
+        return [] if self.test is None else self._eval_loader(self.test)
