@@ -197,7 +197,7 @@ class DataSelectionCallback(Callback):
         self.scorer.round = r
 
         target = None
-        if self.scorer.requires_target or self.target is not None or getattr(datamodule, "target", None) is not None:
+        if self.scorer.requires_target:
             target_set = self.target if self.target is not None else datamodule.target
             own = _shard(np.arange(len(target_set)), rank, world)
             target = _gather_features(

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_validate.py"
+SELECT_SCRIPT = Path(__file__).parent / "scripts" / "ddp_select.py"
 
 
 def _run(tmp_path: Path, devices: int, batch_size: int) -> dict:
@@ -37,3 +38,44 @@ def test_contrastive_loss_gathers_negatives_across_ranks(tmp_path):
     assert ddp["val_loss"] == pytest.approx(single["val_loss"], abs=1e-5)
     local_only = _run(tmp_path, devices=1, batch_size=16)
     assert abs(local_only["val_loss"] - single["val_loss"]) > 0.05
+
+
+def _select(tmp_path: Path, devices: int, batch_size: int, scorer: str) -> list[dict]:
+    out = tmp_path / f"{scorer}{devices}"
+    out.mkdir()
+    result = subprocess.run(
+        [sys.executable, str(SELECT_SCRIPT), str(out), str(devices), str(batch_size), scorer],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=out,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads((out / f"rank{r}_of{devices}.json").read_text()) for r in range(devices)]
+
+
+@pytest.mark.ddp
+def test_ranks_agree_on_the_selection_and_split_the_single_process_sequence(tmp_path):
+    """2 ranks x batch 8 vs 1 process x batch 16, Random scorer (model-independent, so the runs select alike):
+    every round both ranks hold the same selection, and per step the two ranks' batches are exactly the two
+    halves (interleaved) of the single process's batch."""
+    rank0, rank1 = _select(tmp_path, 2, 8, "random")
+    (single,) = _select(tmp_path, 1, 16, "random")
+    assert set(rank0["selections"]) == {"0", "1", "2"}
+    for epoch in ("0", "1", "2"):
+        assert rank0["selections"][epoch] == rank1["selections"][epoch] == single["selections"][epoch]
+        a, b, s = rank0["batches"][epoch], rank1["batches"][epoch], single["batches"][epoch]
+        assert len(a) == len(b) == 24 and len(s) == 48
+        interleaved = [x for pair in zip(a, b, strict=True) for x in pair]
+        assert interleaved == s
+        assert set(s) <= set(single["selections"][epoch])
+    assert rank0["selections"]["0"] != rank0["selections"]["1"]  # a new random subset every round
+
+
+@pytest.mark.ddp
+def test_chips_selection_is_identical_on_both_ranks(tmp_path):
+    rank0, rank1 = _select(tmp_path, 2, 8, "chips")
+    for epoch in ("0", "1", "2"):
+        assert rank0["selections"][epoch] == rank1["selections"][epoch]
+        assert len(rank0["selections"][epoch]) == 75  # round(0.25 * 300)
+        assert set(rank0["batches"][epoch]) | set(rank1["batches"][epoch]) <= set(rank0["selections"][epoch])

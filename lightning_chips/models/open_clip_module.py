@@ -83,7 +83,9 @@ class OpenCLIPModule(LightningModule):
         warmup_steps: linear warmup steps.
         min_lr_ratio: final learning rate of the cosine schedule as a fraction of ``lr``.
         local_loss: compute the loss only against the local rank's rows of the gathered logits (open_clip option).
-        gather_with_grad: back-propagate through the cross-rank gather (open_clip option).
+        gather_with_grad: back-propagate through the cross-rank gather (open_clip option). On by default: it
+            makes the DDP gradient equal the single-process gradient of the global batch (without it, DDP's
+            gradient averaging scales the contrastive gradient by ``1 / world_size``).
         lock_image: freeze the image tower except its projection (LiT-style).
         lock_text: freeze the text tower except its projection.
         max_logit_scale: clamp of ``exp(logit_scale)`` after each step (open_clip: 100).
@@ -118,7 +120,7 @@ class OpenCLIPModule(LightningModule):
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.0,
         local_loss: bool = False,
-        gather_with_grad: bool = False,
+        gather_with_grad: bool = True,
         lock_image: bool = False,
         lock_text: bool = False,
         max_logit_scale: float = 100.0,
