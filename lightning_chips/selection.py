@@ -154,11 +154,16 @@ def select(
     if mode not in MODES:
         raise ValueError(f"Unknown selection mode {mode!r}; use one of {MODES}.")
     indices = np.arange(n, dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
+    if indices.shape != (n,):
+        raise ValueError(f"`indices` must have shape ({n},) like `ids`, got {indices.shape}.")
+    if labels is not None:
+        labels = np.asarray(labels, dtype=np.int64)
+        if labels.shape != (n,):
+            raise ValueError(f"`labels` must have shape ({n},) like `ids`, got {labels.shape}.")
 
     if mode == "stratified":
         if labels is None:
             raise ValueError("mode='stratified' needs labels: the pool must yield a 'label' per pair.")
-        labels = np.asarray(labels, dtype=np.int64)
         chosen_parts = []
         for label, quota in _stratified_quotas(labels, budget).items():
             members = np.flatnonzero(labels == label)
@@ -189,6 +194,11 @@ def write_round_file(
     Written to a temporary file in the same directory and renamed, so a crash never leaves a half-written file.
     """
     path = Path(path)
+    n = len(ids)
+    if len(scores) != n or len(selected) != n:
+        raise ValueError(
+            f"ids, scores and selected must have one entry per pair, got {n}, {len(scores)}, {len(selected)}."
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     order = np.argsort(ids, kind="stable")
     arrays = {
@@ -203,6 +213,7 @@ def write_round_file(
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; round files are ordinary results
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -9,20 +9,25 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lightning_chips import DataSelectionCallback, ScoredSubsetDataModule, TwoDomainPairs
 from lightning_chips.cli import build_cli, main
-from lightning_chips.data import TwoDomainDataModule
 from lightning_chips.models import OpenCLIPModule
+from lightning_chips.scoring import CHIPS
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 
 
-def test_quickstart_yaml_instantiates_model_data_and_trainer():
+def test_quickstart_yaml_instantiates_model_data_callback_and_trainer():
     cli = build_cli(["--config", str(QUICKSTART)], run=False)
-    assert isinstance(cli.model, OpenCLIPModule) and isinstance(cli.datamodule, TwoDomainDataModule)
+    assert isinstance(cli.model, OpenCLIPModule) and isinstance(cli.datamodule, ScoredSubsetDataModule)
     assert cli.model.context_length == 16 and cli.model.image_size == 32
-    assert cli.trainer.max_epochs == 3
-    assert cli.datamodule.hparams.noise_fraction == 0.1
+    pool, target = cli.datamodule.pool, cli.datamodule.target
+    assert isinstance(pool, TwoDomainPairs) and len(pool) == 6400 and pool.noise_fraction == 0.1
+    assert isinstance(target, TwoDomainPairs) and set(target.domains.tolist()) == {1}
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, DataSelectionCallback)]
+    assert isinstance(callback.scorer, CHIPS) and callback.scorer.alpha == 0.7 and callback.scorer.sketch_dim == 512
+    assert callback.fraction == 0.3 and callback.every_n_steps == 100
 
 
 def test_print_config_round_trips(capsys):
@@ -33,37 +38,28 @@ def test_print_config_round_trips(capsys):
     assert printed["model"]["class_path"] == "lightning_chips.models.OpenCLIPModule"
     assert printed["model"]["init_args"]["lr"] == 0.01
     assert printed["model"]["init_args"]["model_config"]["embed_dim"] == 32
-    assert printed["data"]["init_args"]["num_train"] == 6400
+    assert printed["data"]["init_args"]["pool"]["init_args"]["num_samples"] == 6400
+    callbacks = printed["trainer"]["callbacks"]
+    assert callbacks[0]["class_path"] == "lightning_chips.DataSelectionCallback"
+    assert callbacks[0]["init_args"]["scorer"]["class_path"] == "lightning_chips.scoring.CHIPS"
 
 
 def test_fit_from_the_command_line_prints_the_final_validation_loss(tmp_path):
     """The console entry point as a user runs it (`python -m lightning_chips` is the same program)."""
+    args = [
+        "fit", "--config", str(QUICKSTART),
+        "--trainer.max_epochs", "2", "--trainer.limit_val_batches", "2",
+        "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
+        "--trainer.default_root_dir", str(tmp_path),
+        "--data.init_args.pool.init_args.num_samples", "256", "--data.init_args.steps_per_round", "3",
+        "--data.init_args.num_workers", "0",
+    ]  # fmt: skip
     result = subprocess.run(
         [
             sys.executable,
             "-m",
             "lightning_chips",
-            "fit",
-            "--config",
-            str(QUICKSTART),
-            "--trainer.max_epochs",
-            "1",
-            "--trainer.limit_train_batches",
-            "4",
-            "--trainer.limit_val_batches",
-            "2",
-            "--trainer.enable_progress_bar",
-            "false",
-            "--trainer.logger",
-            "false",
-            "--trainer.default_root_dir",
-            str(tmp_path),
-            "--data.init_args.num_train",
-            "256",
-            "--data.init_args.num_val",
-            "128",
-            "--data.init_args.num_workers",
-            "0",
+            *args,
         ],
         cwd=tmp_path,
         capture_output=True,
@@ -75,6 +71,8 @@ def test_fit_from_the_command_line_prints_the_final_validation_loss(tmp_path):
         line for line in (result.stdout + result.stderr).splitlines() if "[lightning-chips] fit finished" in line
     ]
     assert len(summary) == 1 and "val/loss=" in summary[0], result.stderr[-3000:]
+    rounds = [line for line in (result.stdout + result.stderr).splitlines() if "[lightning-chips] round" in line]
+    assert len(rounds) == 1 and "selected 77/256" in rounds[0]  # one-shot at step 0; the next is due at step 100
     assert (tmp_path / "config.yaml").exists()  # the run's config is saved next to it
 
 

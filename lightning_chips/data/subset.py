@@ -15,7 +15,7 @@ from lightning_chips.data.datamodule import clip_normalize, resolve_tokenizer
 from lightning_chips.data.sampler import ScoredSubsetSampler
 from lightning_chips.selection import Selection
 
-__all__ = ["PairCollate", "ScoredSubsetDataModule"]
+__all__ = ["PairCollate", "ScoredSubsetDataModule", "SelectionDataLoader"]
 
 
 class PairCollate:
@@ -46,6 +46,37 @@ class PairCollate:
         if self.normalize is not None:
             rest["image"] = torch.stack([self.normalize(img) for img in rest["image"]])
         return rest
+
+
+class _LazyIterator:
+    """Creates the real dataloader iterator at the first ``next()``, not at ``iter()``."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self._loader, self._iterator = loader, None
+
+    def __iter__(self) -> _LazyIterator:
+        return self
+
+    def __next__(self) -> Any:
+        if self._iterator is None:
+            self._iterator = DataLoader.__iter__(self._loader)
+        return next(self._iterator)
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+
+class SelectionDataLoader(DataLoader):
+    """A DataLoader whose workers start (and whose sampler is read) at the first batch, not at ``iter()``.
+
+    Lightning calls ``iter()`` on the training loader early (e.g. when ``estimated_stepping_batches`` is read in
+    ``configure_optimizers``, before any hook a selection round can run in), and worker processes prefetch
+    indices as soon as their iterator exists. Deferring the iterator to the first ``next()`` makes every epoch,
+    the first one included, draw from the selection and epoch in force when it starts.
+    """
+
+    def __iter__(self) -> _LazyIterator:  # type: ignore[override]
+        return _LazyIterator(self)
 
 
 class ScoredSubsetDataModule(LightningDataModule):
@@ -160,7 +191,7 @@ class ScoredSubsetDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         collate = self._require_setup()
         if self._train_loader is None:
-            self._train_loader = DataLoader(
+            self._train_loader = SelectionDataLoader(
                 self.pool,
                 batch_size=self.batch_size,
                 sampler=self.sampler,
