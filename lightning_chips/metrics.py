@@ -58,8 +58,8 @@ def build_zero_shot_classifier(
         >>> cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32,
         ...        "patch_size": 8}, "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64,
         ...        "heads": 2, "layers": 2}}
-        >>> w = build_zero_shot_classifier(open_clip.CLIP(**cfg), open_clip.tokenizer.SimpleTokenizer(context_length=16),
-        ...                                ["circle", "star"], ["a drawing of a {}."])
+        >>> tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=16)
+        >>> w = build_zero_shot_classifier(open_clip.CLIP(**cfg), tokenizer, ["circle", "star"], ["a drawing of a {}."])
         >>> w.shape
         torch.Size([32, 2])
     """
