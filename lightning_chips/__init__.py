@@ -6,6 +6,8 @@ Public API only; see the README and docs/ for the tour.
 from lightning_chips.adapters import CLIPAdapter, EndPoint, SupportsEndPoint, UnsupportedModelError, resolve_adapter
 from lightning_chips.callback import DataSelectionCallback
 from lightning_chips.data import ScoredSubsetDataModule, TwoDomainDataModule, TwoDomainPairs
+from lightning_chips.evaluation import BuiltinZeroShotTask, RetrievalTask, ZeroShotEvaluation, ZeroShotTask
+from lightning_chips.metrics import RetrievalRecallAtK, ZeroShotAccuracy, build_zero_shot_classifier
 from lightning_chips.models import OpenCLIPModule
 from lightning_chips.scoring import CHIPS, Random, Scorer, build_scorer
 from lightning_chips.selection import Selection
@@ -21,6 +23,13 @@ __all__ = [
     "Scorer",
     "Selection",
     "build_scorer",
+    "build_zero_shot_classifier",
+    "BuiltinZeroShotTask",
+    "RetrievalRecallAtK",
+    "RetrievalTask",
+    "ZeroShotAccuracy",
+    "ZeroShotEvaluation",
+    "ZeroShotTask",
     "EndPoint",
     "OpenCLIPModule",
     "SupportsEndPoint",
