@@ -123,16 +123,20 @@ class ZeroShotAccuracy(Metric):
             raise ValueError(f"`top_k` must be a non-empty sequence of integers >= 1, got {top_k}.")
         self.top_k = tuple(int(k) for k in top_k)
         self.num_classes = int(classifier.shape[1])
-        self.register_buffer("classifier", F.normalize(classifier.detach().float(), dim=0), persistent=False)
-        self.add_state("correct", torch.zeros(len(self.top_k)), dist_reduce_fx="sum")
-        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("class_correct", torch.zeros(self.num_classes), dist_reduce_fx="sum")
-        self.add_state("class_total", torch.zeros(self.num_classes), dist_reduce_fx="sum")
+        # A plain float32 attribute, not a buffer: module dtype casts (precision="bf16-true") must not round it.
+        self.classifier = F.normalize(classifier.detach().float(), dim=0)
+        # Integer counts: exact, and untouched by floating-point dtype casts of a parent module.
+        self.add_state("correct", torch.zeros(len(self.top_k), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("class_correct", torch.zeros(self.num_classes, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("class_total", torch.zeros(self.num_classes, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("sample_ids", [], dist_reduce_fx="cat")
         self.add_state("sample_hits", [], dist_reduce_fx="cat")
         self.add_state("sample_targets", [], dist_reduce_fx="cat")
 
     def _hits(self, image_embeddings: Tensor, target: Tensor) -> Tensor:
+        if self.classifier.device != image_embeddings.device:
+            self.classifier = self.classifier.to(image_embeddings.device)
         logits = F.normalize(image_embeddings.float(), dim=-1) @ self.classifier
         k_max = min(max(self.top_k), self.num_classes)
         top = logits.topk(k_max, dim=1).indices
@@ -150,10 +154,10 @@ class ZeroShotAccuracy(Metric):
             self.sample_hits.append(hits)
             self.sample_targets.append(target)
             return
-        self.correct += hits.float().sum(0)
+        self.correct += hits.long().sum(0)
         self.total += target.numel()
-        self.class_total += torch.bincount(target, minlength=self.num_classes).float()
-        self.class_correct += torch.bincount(target[hits[:, 0]], minlength=self.num_classes).float()
+        self.class_total += torch.bincount(target, minlength=self.num_classes)
+        self.class_correct += torch.bincount(target[hits[:, 0]], minlength=self.num_classes)
 
     def compute(self) -> dict[str, Tensor]:
         correct, total = self.correct.clone(), self.total.clone()
@@ -162,15 +166,16 @@ class ZeroShotAccuracy(Metric):
             ids = dim_zero_cat(self.sample_ids)
             keep = _first_occurrence(ids)
             hits, targets = dim_zero_cat(self.sample_hits)[keep], dim_zero_cat(self.sample_targets)[keep]
-            correct += hits.float().sum(0)
+            correct += hits.long().sum(0)
             total += targets.numel()
-            class_total += torch.bincount(targets, minlength=self.num_classes).float()
-            class_correct += torch.bincount(targets[hits[:, 0]], minlength=self.num_classes).float()
+            class_total += torch.bincount(targets, minlength=self.num_classes)
+            class_correct += torch.bincount(targets[hits[:, 0]], minlength=self.num_classes)
         out = {}
         for i, k in enumerate(self.top_k):
             out[f"acc{k}"] = correct[i] / total if k <= self.num_classes else torch.tensor(float("nan"))
         seen = class_total > 0
-        out["mean_per_class_recall"] = (class_correct[seen] / class_total[seen]).mean()
+        out["mean_per_class_recall"] = (class_correct[seen].double() / class_total[seen]).mean().float()
+        out = {key: value.float() for key, value in out.items()}
         return out
 
 
@@ -182,7 +187,7 @@ class RetrievalRecallAtK(Metric):
     k). Several captions per image are allowed. This is a hit rate, not torchmetrics' ``RetrievalRecall``
     (the share of *all* relevant items retrieved, which is lower with several captions per image).
 
-    Images are de-duplicated by id and captions by ``text_ids`` (or, without them, by identical
+    Images are de-duplicated by id and captions by non-negative ``text_ids`` (or, without them, by identical
     (image id, embedding)) after the sync. ``compute`` ranks in chunks of ``chunk_size`` queries, so 50k x 50k
     never needs the full similarity matrix at once.
     """
@@ -216,6 +221,8 @@ class RetrievalRecallAtK(Metric):
         self.image_ids.append(image_ids.long())
         self.text_embeddings.append(F.normalize(text_embeddings.float(), dim=-1))
         self.text_image_ids.append(text_image_ids.long())
+        if text_ids is not None and text_ids.numel() and int(text_ids.min()) < 0:
+            raise ValueError("`text_ids` must be non-negative (-1 is reserved for 'no caption id').")
         self.text_ids.append(torch.full_like(text_image_ids.long(), -1) if text_ids is None else text_ids.long())
 
     def _deduplicated(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -232,27 +239,23 @@ class RetrievalRecallAtK(Metric):
             keep_t = _first_occurrence(inverse)
         return images, image_ids, texts[keep_t], text_image_ids[keep_t]
 
+    def _hits(self, queries: Tensor, query_ids: Tensor, keys: Tensor, key_ids: Tensor) -> Tensor:
+        """``[Q, min(max k, K)]``: whether the j-th ranked key shares the query's image id (chunked over queries)."""
+        k = min(max(self.k), keys.shape[0])
+        hits = []
+        for start in range(0, queries.shape[0], self.chunk_size):
+            top = (queries[start : start + self.chunk_size] @ keys.T).topk(k, dim=1).indices
+            hits.append(key_ids[top] == query_ids[start : start + self.chunk_size, None])
+        return torch.cat(hits)
+
     def compute(self) -> dict[str, Tensor]:
         images, image_ids, texts, text_image_ids = self._deduplicated()
         if images.shape[0] == 0 or texts.shape[0] == 0:
             raise ValueError("RetrievalRecallAtK.compute() needs at least one image and one caption.")
         out: dict[str, Tensor] = {}
-        # text -> image
-        k_img = min(max(self.k), images.shape[0])
-        hits_t2i = []
-        for start in range(0, texts.shape[0], self.chunk_size):
-            sims = texts[start : start + self.chunk_size] @ images.T
-            top = image_ids[sims.topk(k_img, dim=1).indices]
-            hits_t2i.append(top == text_image_ids[start : start + self.chunk_size, None])
-        t2i = torch.cat(hits_t2i)
-        # image -> text
-        k_txt = min(max(self.k), texts.shape[0])
-        hits_i2t = []
-        for start in range(0, images.shape[0], self.chunk_size):
-            sims = images[start : start + self.chunk_size] @ texts.T
-            top = text_image_ids[sims.topk(k_txt, dim=1).indices]
-            hits_i2t.append(top == image_ids[start : start + self.chunk_size, None])
-        i2t = torch.cat(hits_i2t)
+        t2i = self._hits(texts, text_image_ids, images, image_ids)
+        i2t = self._hits(images, image_ids, texts, text_image_ids)
+        k_img, k_txt = t2i.shape[1], i2t.shape[1]
         for k in self.k:
             out[f"image_retrieval_recall@{k}"] = t2i[:, : min(k, k_img)].any(1).float().mean()
             out[f"text_retrieval_recall@{k}"] = i2t[:, : min(k, k_txt)].any(1).float().mean()

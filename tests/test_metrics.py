@@ -181,13 +181,6 @@ def test_accuracy_forward_returns_the_batch_value_and_accumulates():
     _assert_same(metric.compute(), reference.compute())
 
 
-@pytest.mark.xfail(
-    reason="BUG lightning_chips/metrics.py:136 (ZeroShotAccuracy._hits): the `classifier` buffer follows a parent "
-    "module's dtype conversion (Lightning precision='64-true' calls module.double(), '16-true'/'bf16-true' call "
-    "module.to(dtype)), while the embeddings are cast to float32, so update() raises 'expected m1 and m2 to have "
-    "the same dtype'",
-    strict=True,
-)
 @pytest.mark.parametrize("convert", ["double", "bfloat16"])
 def test_accuracy_survives_the_parent_module_dtype_conversion_of_true_precision(convert):
     classifier, x, target = _classification_data(7, num_classes=10)
