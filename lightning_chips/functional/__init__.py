@@ -17,6 +17,7 @@ from lightning_chips.functional.endpoint import (
     bank_stats,
     endpoint_per_sample_grads,
 )
+from lightning_chips.functional.quality import clip_score, negclip_loss, normsim
 from lightning_chips.functional.sketch import EndPointSketch, IdentitySketch, make_sketch
 
 __all__ = [
@@ -25,6 +26,9 @@ __all__ = [
     "EndPointSketch",
     "IdentitySketch",
     "chips_prepare",
+    "clip_score",
+    "negclip_loss",
+    "normsim",
     "chips_score_batch",
     "chips_scores",
     "curvature_atoms",

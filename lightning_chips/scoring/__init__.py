@@ -2,7 +2,18 @@
 
 from lightning_chips.scoring.base import Scorer
 from lightning_chips.scoring.chips import CHIPS
+from lightning_chips.scoring.quality import CLIPScore, NegCLIPLoss, NormSim
 from lightning_chips.scoring.random import Random
 from lightning_chips.scoring.registry import SCORERS, build_scorer, register_scorer
 
-__all__ = ["CHIPS", "SCORERS", "Random", "Scorer", "build_scorer", "register_scorer"]
+__all__ = [
+    "CHIPS",
+    "CLIPScore",
+    "NegCLIPLoss",
+    "NormSim",
+    "SCORERS",
+    "Random",
+    "Scorer",
+    "build_scorer",
+    "register_scorer",
+]

@@ -1,0 +1,105 @@
+"""Embedding-quality baselines (METHODS.md section 3): CLIPScore, negCLIPLoss, NormSim.
+
+All take L2-normalised embeddings ``[N, e]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["clip_score", "negclip_loss", "normsim"]
+
+
+def clip_score(image_emb: Tensor, text_emb: Tensor) -> Tensor:
+    """CLIPScore ``cos(x_i, y_i)`` of each pair (Hessel et al. 2021, as a data filter in DataComp).
+
+    Example::
+
+        >>> clip_score(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.6, 0.8]]))
+        tensor([0.6000])
+    """
+    if image_emb.shape != text_emb.shape:
+        raise ValueError(
+            f"image and text embeddings must have the same shape, got {image_emb.shape}, {text_emb.shape}."
+        )
+    return (image_emb * text_emb).sum(-1)
+
+
+def negclip_loss(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    *,
+    temperature: float = 0.01,
+    batch_size: int = 32768,
+    repeats: int = 10,
+    seed: int = 0,
+) -> Tensor:
+    """negCLIPLoss (Wang et al., NeurIPS 2024; "s-CLIPLoss" in v2): CLIPScore minus a batch normaliser.
+
+    .. math::
+
+        negCLIPLoss(i) = 1/K sum_k [ s_ii - tau/2 log sum_{j in B_k(i)} exp(s_ij / tau)
+                                           - tau/2 log sum_{j in B_k(i)} exp(s_ji / tau) ]
+
+    where ``B_k(i)`` is the batch of ``i`` in the ``k``-th seeded random partition of the pool into batches of
+    ``batch_size`` and ``s`` the cosine similarity. It equals ``-tau`` times the per-sample symmetric CLIP loss,
+    averaged over the ``K = repeats`` batchings; with ``batch_size >= N`` the batch is the whole pool (one
+    partition suffices). The last batch of a partition holds the remainder.
+
+    Args:
+        image_emb: ``[N, e]`` normalised image embeddings.
+        text_emb: ``[N, e]`` normalised text embeddings.
+        temperature: ``tau`` (paper: 0.01, the teacher CLIP's).
+        batch_size: batch size of the random partitions (paper: 32768).
+        repeats: number of random partitions ``K`` (paper: 10).
+        seed: seed of the partitions.
+    """
+    n = image_emb.shape[0]
+    if image_emb.shape != text_emb.shape:
+        raise ValueError(
+            f"image and text embeddings must have the same shape, got {image_emb.shape}, {text_emb.shape}."
+        )
+    if temperature <= 0 or batch_size < 1 or repeats < 1:
+        raise ValueError(
+            f"need temperature > 0, batch_size >= 1, repeats >= 1; got {temperature}, {batch_size}, {repeats}."
+        )
+    total = torch.zeros(n, dtype=torch.float64, device=image_emb.device)
+    x, y = image_emb.double(), text_emb.double()
+    generator = torch.Generator().manual_seed(int(seed))
+    for _ in range(repeats):
+        order = torch.randperm(n, generator=generator) if batch_size < n else torch.arange(n)
+        order = order.to(image_emb.device)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            sims = x[idx] @ y[idx].T
+            rows = torch.logsumexp(sims / temperature, dim=1)
+            cols = torch.logsumexp(sims / temperature, dim=0)
+            total[idx] += sims.diagonal() - 0.5 * temperature * (rows + cols)
+    return (total / repeats).to(image_emb.dtype)
+
+
+def normsim(image_emb: Tensor, target_image_emb: Tensor, *, p: float = 2.0, chunk_size: int = 8192) -> Tensor:
+    """NormSim_p (Wang et al., NeurIPS 2024): ``|| (x_i . x_t)_{t in target} ||_p`` over target image embeddings.
+
+    ``p = 2`` measures alignment with the target's second moment (``NormSim_2(f)^2 = |T| f^T Sigma_T f`` with
+    ``Sigma_T`` the mean of ``x_t x_t^T``); ``p = inf`` is the largest absolute similarity to any target image.
+
+    Args:
+        image_emb: ``[N, e]`` normalised pool image embeddings.
+        target_image_emb: ``[T, e]`` normalised target image embeddings.
+        p: ``2`` or ``float("inf")``.
+        chunk_size: target images per matrix product (bounds memory at ``N x chunk_size``).
+    """
+    if p not in (2, 2.0) and not math.isinf(p):
+        raise ValueError(f"NormSim supports p = 2 or p = float('inf'), got {p}.")
+    if target_image_emb.shape[0] == 0:
+        raise ValueError("NormSim needs at least one target image.")
+    acc = None
+    for start in range(0, target_image_emb.shape[0], chunk_size):
+        sims = image_emb @ target_image_emb[start : start + chunk_size].T
+        part = sims.abs().amax(dim=1) if math.isinf(p) else sims.square().sum(dim=1)
+        acc = part if acc is None else (torch.maximum(acc, part) if math.isinf(p) else acc + part)
+    return acc if math.isinf(p) else acc.sqrt()

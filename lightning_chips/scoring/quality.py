@@ -1,0 +1,139 @@
+"""Embedding-quality scorers: CLIPScore, negCLIPLoss, NormSim (METHODS.md section 3)."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from lightning_chips.adapters import EndPoint
+from lightning_chips.features import PairFeatures
+from lightning_chips.functional.quality import clip_score, negclip_loss, normsim
+from lightning_chips.scoring.base import Scorer
+
+__all__ = ["CLIPScore", "NegCLIPLoss", "NormSim"]
+
+
+class _EmbeddingScorer(Scorer):
+    """Keeps a detached snapshot of the end point to embed pre-projection features."""
+
+    endpoint: EndPoint | None = None
+
+    def prepare(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
+        self.endpoint = endpoint.detach()
+
+    def _embed(self, batch: PairFeatures) -> tuple[Tensor, Tensor]:
+        if self.endpoint is None:
+            raise RuntimeError(f"{type(self).__name__}.score called before prepare().")
+        ep = self.endpoint
+        dtype, device = ep.image_proj.dtype, ep.image_proj.device
+        return ep.embed_image(batch.image.to(device, dtype)), ep.embed_text(batch.text.to(device, dtype))
+
+
+class CLIPScore(_EmbeddingScorer):
+    """CLIPScore ``cos(x, y)`` of each pair with the current model (needs no target)."""
+
+    name: ClassVar[str] = "clipscore"
+    requires_target: ClassVar[bool] = False
+
+    def score(self, batch: PairFeatures) -> Tensor:
+        x, y = self._embed(batch)
+        return clip_score(x, y)
+
+
+class NormSim(_EmbeddingScorer):
+    """NormSim_p of each pool image against the target images (p = 2 or inf; image embeddings only).
+
+    Args:
+        p: ``2.0`` or ``float("inf")`` (the paper's headline filter uses ``inf``).
+    """
+
+    name: ClassVar[str] = "normsim"
+
+    def __init__(self, *, p: float = float("inf")) -> None:
+        if p != 2 and not math.isinf(p):
+            raise ValueError(f"NormSim supports p = 2 or p = inf, got {p}.")
+        self.p = float(p)
+        self.target_image: Tensor | None = None
+
+    def prepare(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
+        super().prepare(endpoint, target, pool_sample)
+        if target is None or len(target) == 0:
+            raise ValueError("NormSim needs target images (a small set from the domain you adapt to); got none.")
+        self.target_image = self._embed(target)[0]
+
+    def score(self, batch: PairFeatures) -> Tensor:
+        return normsim(self._embed(batch)[0], self.target_image, p=self.p)
+
+    def __repr__(self) -> str:
+        return f"NormSim(p={self.p})"
+
+
+class NegCLIPLoss(_EmbeddingScorer):
+    """negCLIPLoss: CLIPScore minus the symmetric batch normaliser, over ``repeats`` random pool batchings.
+
+    The batchings partition the pool sample given to :meth:`prepare` (the whole pool under
+    :class:`~lightning_chips.DataSelectionCallback` with ``pool_sample=None``), so the scores of those pairs are
+    exact and :meth:`score` looks them up by id. A pair outside that sample is scored against ``repeats`` seeded
+    random batches of ``batch_size - 1`` sample pairs (a stand-in for its batch in a partition).
+
+    Args:
+        temperature: ``tau`` (paper: 0.01).
+        batch_size: batch size of the partitions (paper: 32768).
+        repeats: number of random partitions (paper: 10).
+        seed: seed of the partitions.
+    """
+
+    name: ClassVar[str] = "negclip"
+    requires_target: ClassVar[bool] = False
+
+    def __init__(self, *, temperature: float = 0.01, batch_size: int = 32768, repeats: int = 10, seed: int = 0) -> None:
+        if temperature <= 0 or batch_size < 2 or repeats < 1:
+            raise ValueError(
+                f"NegCLIPLoss needs temperature > 0, batch_size >= 2, repeats >= 1; got {temperature}, {batch_size}, "
+                f"{repeats}."
+            )
+        self.temperature, self.batch_size, self.repeats, self.seed = temperature, batch_size, repeats, seed
+        self._ids: Tensor | None = None
+        self._scores: Tensor | None = None
+        self._sample: tuple[Tensor, Tensor] | None = None
+
+    def prepare(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
+        super().prepare(endpoint, target, pool_sample)
+        x, y = self._embed(pool_sample)
+        scores = negclip_loss(x, y, temperature=self.temperature, batch_size=self.batch_size, repeats=self.repeats,
+                              seed=self.seed + self.round)  # fmt: skip
+        order = torch.argsort(pool_sample.ids.to(x.device))
+        self._ids, self._scores = pool_sample.ids.to(x.device)[order], scores[order]
+        self._sample = (x, y)
+
+    def score(self, batch: PairFeatures) -> Tensor:
+        x, y = self._embed(batch)
+        ids = batch.ids.to(x.device)
+        pos = torch.searchsorted(self._ids, ids).clamp(max=len(self._ids) - 1)
+        known = self._ids[pos] == ids
+        out = self._scores[pos].clone()
+        if (~known).any():
+            out[~known] = self._against_sample(x[~known], y[~known])
+        return out
+
+    def _against_sample(self, x: Tensor, y: Tensor) -> Tensor:
+        """Pairs outside the prepared sample: each repeat uses one seeded batch of ``batch_size - 1`` sample
+        pairs (the same for every such pair, so a score does not depend on its scoring batch)."""
+        sx, sy = self._sample
+        m = min(self.batch_size - 1, sx.shape[0])
+        tau = self.temperature
+        pos = (x * y).sum(1, keepdim=True).double()
+        total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        for r in range(self.repeats):
+            g = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + self.round * 1009 + r)
+            idx = torch.randperm(sx.shape[0], generator=g)[:m].to(x.device)
+            rows = torch.cat([pos, (x @ sy[idx].T).double()], dim=1)
+            cols = torch.cat([pos, (y @ sx[idx].T).double()], dim=1)
+            total += pos[:, 0] - 0.5 * tau * (torch.logsumexp(rows / tau, 1) + torch.logsumexp(cols / tau, 1))
+        return (total / self.repeats).to(x.dtype)
+
+    def __repr__(self) -> str:
+        return f"NegCLIPLoss(temperature={self.temperature}, batch_size={self.batch_size}, repeats={self.repeats})"
