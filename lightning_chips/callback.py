@@ -195,6 +195,8 @@ class DataSelectionCallback(Callback):
         device = pl_module.device
         r = self.round
         self.scorer.round = r
+        if trainer.optimizers:
+            self.scorer.learning_rate = float(trainer.optimizers[0].param_groups[0]["lr"])
 
         target = None
         if self.scorer.requires_target:
@@ -322,6 +324,7 @@ class DataSelectionCallback(Callback):
             "last_step": self.last_step,
             "last_epoch": self.last_epoch,
             "history": list(self.history),
+            "scorer": self.scorer.state_dict(),
         }
 
     @override
@@ -331,6 +334,7 @@ class DataSelectionCallback(Callback):
         self.last_step = int(state_dict["last_step"])
         self.last_epoch = int(state_dict["last_epoch"])
         self.history = list(state_dict.get("history", []))
+        self.scorer.load_state_dict(state_dict.get("scorer", {}))
         sel = state_dict.get("selection")
         if sel is not None:
             self.selection = Selection.from_state_dict(

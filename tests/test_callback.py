@@ -176,3 +176,16 @@ def test_missing_target_and_wrong_datamodule_fail_before_training(tmp_path):
 
     with pytest.raises(ValueError, match="ScoredSubsetDataModule"):
         _trainer(tmp_path, [DataSelectionCallback("random")]).fit(_module(), datamodule=TwoDomainDataModule(64, 16))
+
+
+def test_tracin_accumulates_over_the_rounds_of_a_fit(tmp_path):
+    from lightning_chips.scoring import TracIn
+
+    callback = DataSelectionCallback(TracIn(bank_size=48), fraction=0.3, every_n_epochs=1, save_dir=str(tmp_path))
+    _trainer(tmp_path, [callback]).fit(_module(), datamodule=_data())
+    files = [np.load(tmp_path / f"round_{r:04d}.npz") for r in range(3)]
+    state = callback.state_dict()["scorer"]
+    assert len(state["ids"]) == POOL  # every pair has a running total
+    # round 2's totals are round 1's plus a new (lr-weighted) term: they differ, and so does the selection
+    assert not np.allclose(files[1]["scores"], files[2]["scores"])
+    assert callback.scorer.learning_rate > 0

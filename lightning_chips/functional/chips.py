@@ -53,6 +53,8 @@ from lightning_chips.functional.endpoint import (
     EndPointGrads,
     bank_stats,
     grads_from_stats,
+    make_bank,
+    subsample,
 )
 from lightning_chips.functional.sketch import IdentitySketch, SketchKind, make_sketch
 
@@ -273,13 +275,6 @@ def _validate(alpha: float, beta: float, components: Sequence[str], bank_size: i
         raise ValueError(f"`bank_size` and `curvature_samples` must be >= 1, got {bank_size}, {curvature_samples}.")
 
 
-def _subsample(n: int, size: int, seed: int, device: torch.device) -> Tensor:
-    if size >= n:
-        return torch.arange(n, device=device)
-    generator = torch.Generator().manual_seed(int(seed))
-    return torch.randperm(n, generator=generator)[:size].sort().values.to(device)
-
-
 def chips_prepare(
     endpoint: EndPoint,
     target_image: Tensor,
@@ -320,17 +315,12 @@ def chips_prepare(
     n = len(pool_image)
     pool_ids = torch.arange(n, device=device) if pool_ids is None else pool_ids.to(device)
 
-    bank_idx = _subsample(n, bank_size, seed, device)
-    bank_image = ep.embed_image(pool_image[bank_idx])
-    bank_text = ep.embed_text(pool_text[bank_idx])
-    bank_ids = pool_ids[bank_idx]
-
+    bank = make_bank(ep, pool_image, pool_text, pool_ids, bank_size=bank_size, seed=seed)
+    bank_image, bank_text, bank_ids = bank.image, bank.text, bank.ids
     # Target gradient u: mean bank-loss gradient of the target pairs (not pool members: nothing excluded).
-    t_stats = bank_stats(target_image, target_text, ep, bank_image, bank_text)
-    t_grads = grads_from_stats(target_image, target_text, t_stats, bank_image, bank_text, ep)
-    u = t_grads.weighted_sum(torch.full((len(t_grads),), 1.0 / len(t_grads), dtype=dtype, device=device))
+    u = bank.mean_gradient(target_image, target_text, ep)
 
-    curv_idx = _subsample(n, curvature_samples, seed + 1, device)
+    curv_idx = subsample(n, curvature_samples, seed + 1, device)
     c_image, c_text = pool_image[curv_idx], pool_text[curv_idx]
     exclude = pool_ids[curv_idx][:, None] == bank_ids[None, :]
     c_stats = bank_stats(c_image, c_text, ep, bank_image, bank_text, exclude=exclude)

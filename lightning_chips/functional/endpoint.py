@@ -36,11 +36,14 @@ from lightning_chips.adapters import EndPoint
 
 __all__ = [
     "BankStats",
+    "NegativeBank",
     "EndPointDirection",
     "EndPointGrads",
     "bank_loss",
     "bank_stats",
     "endpoint_per_sample_grads",
+    "make_bank",
+    "subsample",
 ]
 
 
@@ -364,3 +367,48 @@ def endpoint_per_sample_grads(
     """
     stats = bank_stats(h_image, h_text, endpoint, bank_image, bank_text, exclude=exclude)
     return grads_from_stats(h_image, h_text, stats, bank_image, bank_text, endpoint)
+
+
+def subsample(n: int, size: int, seed: int, device: torch.device | str = "cpu") -> Tensor:
+    """Sorted indices of a seeded subset of ``size`` out of ``n`` (all of them when ``size >= n``)."""
+    if size >= n:
+        return torch.arange(n, device=device)
+    generator = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(n, generator=generator)[:size].sort().values.to(device)
+
+
+@dataclass
+class NegativeBank:
+    """The constant negatives of the bank loss: normalised embeddings of ``bank_size`` pool pairs and their ids.
+
+    A pool pair whose id is in the bank is never its own negative (:meth:`exclusion`).
+    """
+
+    image: Tensor
+    text: Tensor
+    ids: Tensor
+
+    def exclusion(self, ids: Tensor | None) -> Tensor | None:
+        """``[N, M]`` mask of bank entries that are the samples themselves (None without ids)."""
+        return None if ids is None else ids.to(self.ids.device)[:, None] == self.ids[None, :]
+
+    def stats(self, image: Tensor, text: Tensor, endpoint: EndPoint, ids: Tensor | None = None) -> BankStats:
+        """:func:`bank_stats` of a batch against this bank (``ids`` = pool ids, None for non-pool pairs)."""
+        return bank_stats(image, text, endpoint, self.image, self.text, exclude=self.exclusion(ids))
+
+    def grads(self, image: Tensor, text: Tensor, endpoint: EndPoint, ids: Tensor | None = None) -> EndPointGrads:
+        """Per-sample end-point gradients of a batch against this bank."""
+        return grads_from_stats(image, text, self.stats(image, text, endpoint, ids), self.image, self.text, endpoint)
+
+    def mean_gradient(self, image: Tensor, text: Tensor, endpoint: EndPoint) -> EndPointDirection:
+        """The mean bank-loss gradient of (non-pool) pairs, e.g. the target gradient ``u``."""
+        grads = self.grads(image, text, endpoint)
+        return grads.weighted_sum(torch.full((len(grads),), 1.0 / len(grads), dtype=image.dtype, device=image.device))
+
+
+def make_bank(
+    endpoint: EndPoint, pool_image: Tensor, pool_text: Tensor, pool_ids: Tensor, *, bank_size: int, seed: int
+) -> NegativeBank:
+    """Embed ``bank_size`` pool pairs drawn with ``seed`` (all of them when ``bank_size >= N``) as the bank."""
+    idx = subsample(len(pool_image), bank_size, seed, pool_image.device)
+    return NegativeBank(endpoint.embed_image(pool_image[idx]), endpoint.embed_text(pool_text[idx]), pool_ids[idx])

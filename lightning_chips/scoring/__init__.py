@@ -2,6 +2,7 @@
 
 from lightning_chips.scoring.base import Scorer
 from lightning_chips.scoring.chips import CHIPS
+from lightning_chips.scoring.influence import TRAK, Dot, TracIn
 from lightning_chips.scoring.quality import CLIPScore, NegCLIPLoss, NormSim
 from lightning_chips.scoring.random import Random
 from lightning_chips.scoring.registry import SCORERS, build_scorer, register_scorer
@@ -9,11 +10,14 @@ from lightning_chips.scoring.registry import SCORERS, build_scorer, register_sco
 __all__ = [
     "CHIPS",
     "CLIPScore",
+    "Dot",
     "NegCLIPLoss",
     "NormSim",
     "SCORERS",
     "Random",
     "Scorer",
+    "TRAK",
+    "TracIn",
     "build_scorer",
     "register_scorer",
 ]

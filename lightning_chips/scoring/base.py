@@ -30,6 +30,15 @@ class Scorer(ABC):
     requires_target: ClassVar[bool] = True
     round: int = 0
     """The selection round being scored; set by the caller before :meth:`prepare`."""
+    learning_rate: float = 1.0
+    """The optimizer's learning rate at this round (TracIn weights rounds by it); set by the caller."""
+
+    def state_dict(self) -> dict:
+        """State that must survive a checkpoint (most scorers have none: they are prepared anew each round)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Restore :meth:`state_dict`."""
 
     @abstractmethod
     def prepare(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:

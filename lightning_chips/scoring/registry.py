@@ -6,6 +6,7 @@ from typing import Any
 
 from lightning_chips.scoring.base import Scorer
 from lightning_chips.scoring.chips import CHIPS
+from lightning_chips.scoring.influence import TRAK, Dot, TracIn
 from lightning_chips.scoring.quality import CLIPScore, NegCLIPLoss, NormSim
 from lightning_chips.scoring.random import Random
 
@@ -34,5 +35,5 @@ def build_scorer(name: str, **kwargs: Any) -> Scorer:
     return SCORERS[key](**kwargs)
 
 
-for _cls in (CHIPS, CLIPScore, NegCLIPLoss, NormSim, Random):
+for _cls in (CHIPS, CLIPScore, Dot, NegCLIPLoss, NormSim, Random, TRAK, TracIn):
     register_scorer(_cls)
