@@ -148,3 +148,22 @@ def test_scorers_stream_and_look_up_by_id(pretrained):
     assert isinstance(build_scorer("normsim", p=2.0), NormSim)
     with pytest.raises(ValueError):
         NormSim(p=3)
+
+
+def test_chain_keeps_the_negclip_top_then_ranks_by_normsim(pretrained):
+    from lightning_chips.scoring import Chain
+    from lightning_chips.selection import select
+
+    adapter, pool, pool_f, target_f = pretrained
+    ep = adapter.endpoint()
+    chain = Chain(NegCLIPLoss(batch_size=256), NormSim(), keep_fraction=0.3)
+    chain.prepare(ep, target_f, pool_f)
+    scores = torch.cat([chain.score(b) for b in pool_f.batches(128)])
+    chosen = set(select(pool_f.ids.numpy(), scores.numpy(), fraction=0.2).ids.tolist())
+    # the reference recipe, computed directly
+    x, y = ep.embed_image(pool_f.image), ep.embed_text(pool_f.text)
+    neg = negclip_loss(x, y, batch_size=256)
+    top30 = torch.argsort(neg, descending=True)[:300]
+    ns = normsim(x[top30], ep.embed_image(target_f.image), p=math.inf)
+    expected = set(pool_f.ids[top30[torch.argsort(ns, descending=True)[:200]]].tolist())
+    assert chosen == expected

@@ -2,6 +2,7 @@
 
 from lightning_chips.scoring.base import Scorer
 from lightning_chips.scoring.chips import CHIPS
+from lightning_chips.scoring.compose import Chain
 from lightning_chips.scoring.influence import TRAK, Dot, TracIn
 from lightning_chips.scoring.quality import CLIPScore, NegCLIPLoss, NormSim
 from lightning_chips.scoring.random import Random
@@ -10,6 +11,7 @@ from lightning_chips.scoring.registry import SCORERS, build_scorer, register_sco
 __all__ = [
     "CHIPS",
     "CLIPScore",
+    "Chain",
     "Dot",
     "NegCLIPLoss",
     "NormSim",
