@@ -11,7 +11,6 @@ work from YAML::
 from __future__ import annotations
 
 import math
-import sys
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
@@ -47,7 +46,7 @@ class LightningChipsCLI(LightningCLI):
 
 
 def build_cli(args: list[str] | None = None, *, run: bool = True) -> LightningChipsCLI:
-    """Parse ``args`` (default: ``sys.argv[1:]``) and, with ``run=True``, execute the subcommand.
+    """Parse ``args`` (default: the command line) and, with ``run=True``, execute the subcommand.
 
     With ``run=False`` no subcommand is expected and the trainer, model and data are only instantiated.
     """
@@ -57,7 +56,7 @@ def build_cli(args: list[str] | None = None, *, run: bool = True) -> LightningCh
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        args=args if args is not None else sys.argv[1:],
+        args=args,
         run=run,
     )
 

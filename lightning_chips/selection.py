@@ -10,7 +10,7 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["Mode", "Selection", "budget_for", "select", "write_round_file"]
+__all__ = ["Mode", "Selection", "budget_for", "select", "stratified_quotas", "write_round_file"]
 
 Mode = Literal["topk", "weighted", "stratified"]
 MODES: tuple[str, ...] = ("topk", "weighted", "stratified")
@@ -88,7 +88,7 @@ def _topk_order(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return np.lexsort((ids, -scores))
 
 
-def _stratified_quotas(labels: np.ndarray, budget: int) -> dict[int, int]:
+def stratified_quotas(labels: np.ndarray, budget: int) -> dict[int, int]:
     """Per-label quotas proportional to label frequency summing exactly to ``budget`` (largest remainders)."""
     values, counts = np.unique(labels, return_counts=True)
     exact = counts * budget / counts.sum()
@@ -165,7 +165,7 @@ def select(
         if labels is None:
             raise ValueError("mode='stratified' needs labels: the pool must yield a 'label' per pair.")
         chosen_parts = []
-        for label, quota in _stratified_quotas(labels, budget).items():
+        for label, quota in stratified_quotas(labels, budget).items():
             members = np.flatnonzero(labels == label)
             chosen_parts.append(members[_topk_order(ids[members], scores[members])[:quota]])
         chosen = np.concatenate(chosen_parts)

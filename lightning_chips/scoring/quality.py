@@ -13,7 +13,7 @@ from lightning_chips.features import PairFeatures
 from lightning_chips.functional.quality import clip_score, negclip_loss, normsim
 from lightning_chips.scoring.base import Scorer
 
-__all__ = ["CLIPScore", "NegCLIPLoss", "NormSim"]
+__all__ = ["CLIPScore", "ClipCov", "NegCLIPLoss", "NormSim"]
 
 
 class _EmbeddingScorer(Scorer):
@@ -137,3 +137,60 @@ class NegCLIPLoss(_EmbeddingScorer):
 
     def __repr__(self) -> str:
         return f"NegCLIPLoss(temperature={self.temperature}, batch_size={self.batch_size}, repeats={self.repeats})"
+
+
+class ClipCov(_EmbeddingScorer):
+    """ClipCov (Joshi et al., AISTATS 2024): per latent class, the greedy order that preserves the image-caption
+    cross-covariance (see :mod:`lightning_chips.functional.clipcov`), as a score.
+
+    A set-level method: :meth:`prepare` runs the greedy over the pool sample (the whole pool under the callback's
+    default ``pool_sample=None``) and a pair scores ``1 - (rank + 0.5) / n_class``, so the global top-k keeps the
+    first picks of every class in proportion to its size. Classes are the pool's ``labels`` (``classes="labels"``,
+    e.g. zero-shot pseudo-labels) or seeded cosine k-means clusters of the image embeddings **[ours]**.
+
+    Args:
+        classes: ``"kmeans"`` or ``"labels"``.
+        num_clusters: k of k-means.
+        seed: k-means seed.
+    """
+
+    name: ClassVar[str] = "clipcov"
+    requires_target: ClassVar[bool] = False
+
+    def __init__(self, *, classes: str = "kmeans", num_clusters: int = 10, seed: int = 0) -> None:
+        if classes not in ("kmeans", "labels"):
+            raise ValueError(f"`classes` must be 'kmeans' or 'labels', got {classes!r}.")
+        if num_clusters < 1:
+            raise ValueError(f"`num_clusters` must be >= 1, got {num_clusters}.")
+        self.classes, self.num_clusters, self.seed = classes, num_clusters, seed
+        self._ids: Tensor | None = None
+        self._scores: Tensor | None = None
+
+    def prepare(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
+        from lightning_chips.functional.clipcov import clipcov_order, kmeans
+
+        super().prepare(endpoint, target, pool_sample)
+        x, y = self._embed(pool_sample)
+        if self.classes == "labels":
+            if pool_sample.labels is None:
+                raise ValueError("ClipCov(classes='labels') needs a 'label' per pool pair; use classes='kmeans'.")
+            labels = pool_sample.labels.cpu()
+        else:
+            labels = kmeans(x.cpu(), min(self.num_clusters, len(x)), seed=self.seed)
+        order = clipcov_order(x.cpu(), y.cpu(), labels)
+        sizes = torch.bincount(labels)[labels].double()
+        scores = 1.0 - (order.double() + 0.5) / sizes
+        sort = torch.argsort(pool_sample.ids.cpu())
+        self._ids, self._scores = pool_sample.ids.cpu()[sort], scores[sort]
+
+    def score(self, batch: PairFeatures) -> Tensor:
+        if self._ids is None:
+            raise RuntimeError("ClipCov.score called before prepare().")
+        ids = batch.ids.cpu()
+        pos = torch.searchsorted(self._ids, ids).clamp(max=len(self._ids) - 1)
+        if not bool((self._ids[pos] == ids).all()):
+            raise ValueError(
+                "ClipCov is set-level: it can only score pairs it was prepared on; prepare it on the whole pool "
+                "(DataSelectionCallback(pool_sample=None))."
+            )
+        return self._scores[pos].to(batch.image.device)
