@@ -17,6 +17,9 @@ from lightning_chips.functional.endpoint import (
     bank_stats,
     endpoint_per_sample_grads,
 )
+from lightning_chips.functional.clip_powered import clip_powered_scores, clip_powered_select
+from lightning_chips.functional.clipcov import clipcov_order, clipcov_select
+from lightning_chips.functional.influence import grad_dot, tracin, trak
 from lightning_chips.functional.quality import clip_score, negclip_loss, normsim
 from lightning_chips.functional.sketch import EndPointSketch, IdentitySketch, make_sketch
 
@@ -26,7 +29,14 @@ __all__ = [
     "EndPointSketch",
     "IdentitySketch",
     "chips_prepare",
+    "clip_powered_scores",
+    "clip_powered_select",
     "clip_score",
+    "clipcov_order",
+    "clipcov_select",
+    "grad_dot",
+    "tracin",
+    "trak",
     "negclip_loss",
     "normsim",
     "chips_score_batch",

@@ -34,7 +34,16 @@ from lightning_chips.functional.endpoint import (
 )
 from lightning_chips.functional.sketch import SketchKind, make_sketch
 
-__all__ = ["InfluenceState", "influence_prepare", "influence_score_batch", "tracin_scores", "trak_scores"]
+__all__ = [
+    "InfluenceState",
+    "grad_dot",
+    "influence_prepare",
+    "influence_score_batch",
+    "tracin",
+    "tracin_scores",
+    "trak",
+    "trak_scores",
+]
 
 Method = Literal["dot", "trak"]
 
@@ -198,3 +207,26 @@ def trak_scores(
         q = q_c if q is None else q + q_c
     n = len(checkpoints)
     return (kernel / n) * (q / n)
+
+
+def grad_dot(
+    pool_image: Tensor,
+    pool_text: Tensor,
+    target_image: Tensor,
+    target_text: Tensor,
+    endpoint: EndPoint,
+    *,
+    sketch_dim: int | None = None,
+    bank_size: int = 1024,
+    seed: int = 0,
+    batch_size: int = 4096,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """Dot ``g(z)^T u`` of every pool pair (pre-projection features; JL-sketched with ``sketch_dim``)."""
+    state = influence_prepare(endpoint, target_image, target_text, pool_image, pool_text, method="dot",
+                              sketch_dim=sketch_dim, bank_size=bank_size, seed=seed, dtype=dtype)  # fmt: skip
+    return _all_scores(state, pool_image.to(dtype), pool_text.to(dtype), batch_size)[0]
+
+
+tracin = tracin_scores
+trak = trak_scores
