@@ -9,6 +9,8 @@ from lightning_chips.functional.chips import (
     curvature_atoms,
     solve_direction,
 )
+from lightning_chips.functional.clip_powered import clip_powered_scores, clip_powered_select
+from lightning_chips.functional.clipcov import clipcov_order, clipcov_select
 from lightning_chips.functional.endpoint import (
     BankStats,
     EndPointDirection,
@@ -17,8 +19,6 @@ from lightning_chips.functional.endpoint import (
     bank_stats,
     endpoint_per_sample_grads,
 )
-from lightning_chips.functional.clip_powered import clip_powered_scores, clip_powered_select
-from lightning_chips.functional.clipcov import clipcov_order, clipcov_select
 from lightning_chips.functional.influence import grad_dot, tracin, trak
 from lightning_chips.functional.quality import clip_score, negclip_loss, normsim
 from lightning_chips.functional.sketch import EndPointSketch, IdentitySketch, make_sketch
