@@ -70,10 +70,10 @@ def test_relevance_and_learnability_equal_their_formulas():
 
     # Learnability from first principles on the same bank (the seeded bank of 64 pool pairs).
     state = chips_prepare(ep, target_v, target_t, pool_v, pool_t, sketch_dim=None, bank_size=64, seed=3)
-    bank_idx = state.bank_ids
+    bank_idx = state.bank.ids
     s = ep.logit_scale.exp()
-    a = s * torch.cat([(x * y).sum(1, keepdim=True), x @ state.bank_text.T], 1)
-    b = s * torch.cat([(x * y).sum(1, keepdim=True), y @ state.bank_image.T], 1)
+    a = s * torch.cat([(x * y).sum(1, keepdim=True), x @ state.bank.text.T], 1)
+    b = s * torch.cat([(x * y).sum(1, keepdim=True), y @ state.bank.image.T], 1)
     own = torch.arange(len(x))[:, None] == bank_idx[None, :]
     a[:, 1:][own], b[:, 1:][own] = float("-inf"), float("-inf")
     p_corr = 0.5 * (a.softmax(1)[:, 0] + b.softmax(1)[:, 0])
@@ -206,7 +206,7 @@ def test_memory_state_is_independent_of_pool_size():
     ids = torch.arange(600)
     scorer.prepare(ep, PairFeatures(ids[:12], target_v, target_t), PairFeatures(ids, pool_v, pool_t))
     state = scorer.state
-    held = [state.bank_image, state.bank_text, state.bank_ids, state.mu_image, state.mu_text]
+    held = [state.bank.image, state.bank.text, state.bank.ids, state.mu_image, state.mu_text]
     held += [t for t in (state.direction.image_proj, state.direction.text_proj) if t is not None]
     assert sum(t.numel() for t in held) < 50 * 30 * 3 + 2 * 30 + 16 * 30 + 50
 

@@ -51,7 +51,7 @@ from lightning_chips.functional.endpoint import (
     BankStats,
     EndPointDirection,
     EndPointGrads,
-    bank_stats,
+    NegativeBank,
     grads_from_stats,
     make_bank,
     subsample,
@@ -89,9 +89,7 @@ class ChipsState:
     """What a CHIPS round prepares once and every pool batch reads: memory independent of the pool size."""
 
     endpoint: EndPoint
-    bank_image: Tensor
-    bank_text: Tensor
-    bank_ids: Tensor
+    bank: NegativeBank
     direction: EndPointDirection
     mu_image: Tensor
     mu_text: Tensor
@@ -316,16 +314,14 @@ def chips_prepare(
     pool_ids = torch.arange(n, device=device) if pool_ids is None else pool_ids.to(device)
 
     bank = make_bank(ep, pool_image, pool_text, pool_ids, bank_size=bank_size, seed=seed)
-    bank_image, bank_text, bank_ids = bank.image, bank.text, bank.ids
     # Target gradient u: mean bank-loss gradient of the target pairs (not pool members: nothing excluded).
     u = bank.mean_gradient(target_image, target_text, ep)
 
     curv_idx = subsample(n, curvature_samples, seed + 1, device)
     c_image, c_text = pool_image[curv_idx], pool_text[curv_idx]
-    exclude = pool_ids[curv_idx][:, None] == bank_ids[None, :]
-    c_stats = bank_stats(c_image, c_text, ep, bank_image, bank_text, exclude=exclude)
+    c_stats = bank.stats(c_image, c_text, ep, pool_ids[curv_idx])
     atoms, weights = curvature_atoms(
-        c_image, c_text, c_stats, bank_image, bank_text, ep, alpha=alpha,
+        c_image, c_text, c_stats, bank.image, bank.text, ep, alpha=alpha,
         negatives_per_sample=negatives_per_sample, generator=torch.Generator().manual_seed(int(seed) + 2),
     )  # fmt: skip
     direction, lam, k = solve_direction(
@@ -334,9 +330,7 @@ def chips_prepare(
     )  # fmt: skip
     return ChipsState(
         endpoint=ep,
-        bank_image=bank_image,
-        bank_text=bank_text,
-        bank_ids=bank_ids,
+        bank=bank,
         direction=direction,
         mu_image=F.normalize(ep.embed_image(target_image).mean(0), dim=0),
         mu_text=F.normalize(ep.embed_text(target_text).mean(0), dim=0),
@@ -354,11 +348,10 @@ def chips_score_batch(state: ChipsState, image: Tensor, text: Tensor, ids: Tenso
     Pure given the state: a pair's scores do not depend on the rest of its batch. ``ids`` identify pairs that
     are also in the bank (excluded from their own negatives).
     """
-    dtype, device = state.bank_image.dtype, state.bank_image.device
+    dtype, device = state.bank.image.dtype, state.bank.image.device
     image, text = image.to(device, dtype), text.to(device, dtype)
-    exclude = None if ids is None else ids.to(device)[:, None] == state.bank_ids[None, :]
-    stats = bank_stats(image, text, state.endpoint, state.bank_image, state.bank_text, exclude=exclude)
-    grads = grads_from_stats(image, text, stats, state.bank_image, state.bank_text, state.endpoint)
+    stats = state.bank.stats(image, text, state.endpoint, ids)
+    grads = grads_from_stats(image, text, stats, state.bank.image, state.bank.text, state.endpoint)
     alignment = grads.dot(state.direction)
     learnability = stats.learnability()
     relevance = torch.sigmoid((1.0 - state.beta) * (stats.x @ state.mu_image) + state.beta * (stats.y @ state.mu_text))

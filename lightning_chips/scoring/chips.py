@@ -139,7 +139,7 @@ class CHIPS(Scorer):
         st = self.state
         return (
             f"CHIPS alpha={self.alpha} solver={self.solver} k={st.sketch_dim} atoms={st.num_atoms} "
-            f"bank={len(st.bank_ids)} lambda={st.damping:.3g} components={'*'.join(self.components)}"
+            f"bank={len(st.bank.ids)} lambda={st.damping:.3g} components={'*'.join(self.components)}"
         )
 
     def __repr__(self) -> str:
