@@ -151,5 +151,13 @@ def main() -> None:
             json.dump(module.results, f)
 
 
+def teardown() -> None:
+    """Wait for every rank, then tear the gloo group down (a rank exiting while gloo threads live gets SIGABRT)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
     main()
+    teardown()

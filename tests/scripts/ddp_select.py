@@ -63,8 +63,15 @@ def main() -> None:
     torch.save(params, out / f"rank{trainer.global_rank}_of{devices}.pt")
     with open(out / f"rank{trainer.global_rank}_of{devices}.json", "w") as f:
         json.dump({"batches": record.batches, "selections": record.selections}, f)
-    torch.distributed.barrier() if devices > 1 else None
+
+
+def teardown() -> None:
+    """Wait for every rank, then tear the gloo group down (a rank exiting while gloo threads live gets SIGABRT)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    teardown()
