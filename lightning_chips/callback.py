@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,9 @@ from torch.utils.data import Dataset
 from typing_extensions import override
 
 from lightning_chips.adapters import CLIPAdapter, resolve_adapter
+from lightning_chips.data.datamodule import resolve_tokenizer
 from lightning_chips.features import PairFeatures, extract_features, iter_features
+from lightning_chips.metrics import build_zero_shot_classifier
 from lightning_chips.scoring import Scorer, build_scorer
 from lightning_chips.selection import MODES, Mode, Selection, budget_for, select, write_round_file
 
@@ -197,6 +200,9 @@ class DataSelectionCallback(Callback):
         self.scorer.round = r
         if trainer.optimizers:
             self.scorer.learning_rate = float(trainer.optimizers[0].param_groups[0]["lr"])
+        collate_tokenizer = getattr(getattr(datamodule, "collate", None), "tokenizer", None)
+        tokenizer = collate_tokenizer or resolve_tokenizer(None, None, pl_module)
+        self.scorer.text_encoder = _PromptEncoder(adapter, tokenizer)
 
         target = None
         if self.scorer.requires_target:
@@ -341,6 +347,16 @@ class DataSelectionCallback(Callback):
                 {k: (v.numpy() if isinstance(v, Tensor) else v) for k, v in sel.items()}
             )
         self._restored = True
+
+
+class _PromptEncoder:
+    """Prompts -> normalised text embeddings ``[P, e]`` with the current model (eval mode, no grad)."""
+
+    def __init__(self, adapter: CLIPAdapter, tokenizer: Callable[[list[str]], Tensor]) -> None:
+        self.adapter, self.tokenizer = adapter, tokenizer
+
+    def __call__(self, prompts: list[str]) -> Tensor:
+        return build_zero_shot_classifier(self.adapter, self.tokenizer, prompts, ["{}"]).T
 
 
 def _is_last_epoch(trainer: Trainer) -> bool:

@@ -59,3 +59,47 @@ def test_trained_adapters_drop_mislabelled_samples():
     assert kept_mislabelled < 0.2 * len(flip)
     with pytest.raises(ValueError, match="budget"):
         clip_powered_select(images, prompts, noisy, 0)
+
+
+def test_scorer_is_the_closed_form_and_runs_in_a_selection_fit(tmp_path):
+    import copy
+
+    import lightning.pytorch as pl
+    import numpy as np
+
+    from lightning_chips import DataSelectionCallback, OpenCLIPModule, ScoredSubsetDataModule, TwoDomainPairs
+    from lightning_chips.adapters import EndPoint
+    from lightning_chips.data import CLASSNAMES
+    from lightning_chips.features import PairFeatures
+    from lightning_chips.scoring import ClipCov, ClipPowered, build_scorer
+
+    from .conftest import TINY_VIT
+
+    # Scorer level: with identity end point and a fixed text encoder it equals the functional closed form.
+    images, prompts, labels = _data()
+    ep = EndPoint(torch.eye(8, dtype=torch.float64), torch.eye(8, dtype=torch.float64), torch.tensor(2.0))
+    scorer = build_scorer("clip_powered", classnames=["a", "b", "c", "d"], templates=["{}"], train_adapters=False)
+    assert isinstance(scorer, ClipPowered)
+    scorer.text_encoder = lambda names: prompts[["abcd".index(n) for n in names]]
+    ids = torch.arange(len(images)) + 100
+    scorer.prepare(ep, None, PairFeatures(ids, images, images, labels))
+    expected = clip_powered_scores(images, prompts, labels, train_adapters=False).combined
+    torch.testing.assert_close(torch.cat([scorer.score(b) for b in PairFeatures(ids, images, images).batches(33)]),
+                               expected)  # fmt: skip
+    with pytest.raises(ValueError, match="set-level"):
+        scorer.score(PairFeatures(ids[:2] + 10_000, images[:2], images[:2]))
+
+    # In a fit: zero-shot pseudo-labels over both domains' class names, through the callback's text encoder.
+    pl.seed_everything(0)
+    names = list(CLASSNAMES["general"]) + list(CLASSNAMES["target"])
+    for chosen in (
+        ClipPowered(names, labels="zeroshot", adapter_epochs=1),
+        ClipCov(classes="zeroshot", classnames=names),
+    ):
+        data = ScoredSubsetDataModule(TwoDomainPairs(120), batch_size=8, steps_per_round=2)
+        callback = DataSelectionCallback(chosen, fraction=0.25, every_n_epochs=1, save_dir=str(tmp_path))
+        pl.Trainer(accelerator="cpu", max_epochs=2, callbacks=[callback], logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False).fit(
+            OpenCLIPModule(model_config=copy.deepcopy(TINY_VIT)), datamodule=data)  # fmt: skip
+        rounds = np.load(tmp_path / "round_0001.npz")
+        assert rounds["selected"].sum() == 30

@@ -4,7 +4,7 @@ from lightning_chips.scoring.base import Scorer
 from lightning_chips.scoring.chips import CHIPS
 from lightning_chips.scoring.compose import Chain
 from lightning_chips.scoring.influence import TRAK, Dot, TracIn
-from lightning_chips.scoring.quality import ClipCov, CLIPScore, NegCLIPLoss, NormSim
+from lightning_chips.scoring.quality import ClipCov, ClipPowered, CLIPScore, NegCLIPLoss, NormSim
 from lightning_chips.scoring.random import Random
 from lightning_chips.scoring.registry import SCORERS, build_scorer, register_scorer
 
@@ -13,6 +13,7 @@ __all__ = [
     "CLIPScore",
     "Chain",
     "ClipCov",
+    "ClipPowered",
     "Dot",
     "NegCLIPLoss",
     "NormSim",

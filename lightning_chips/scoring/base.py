@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from lightning_chips.adapters import EndPoint
 from lightning_chips.features import PairFeatures
 
-__all__ = ["Scorer"]
+__all__ = ["IdLookup", "Scorer"]
 
 
 class Scorer(ABC):
@@ -32,6 +34,9 @@ class Scorer(ABC):
     """The selection round being scored; set by the caller before :meth:`prepare`."""
     learning_rate: float = 1.0
     """The optimizer's learning rate at this round (TracIn weights rounds by it); set by the caller."""
+    text_encoder: Callable[[list[str]], Tensor] | None = None
+    """Normalised text embeddings ``[P, e]`` of prompts under the current model (class prompts for zero-shot
+    pseudo-labels, CLIP-powered selection); set by the caller (the callback does)."""
 
     def state_dict(self) -> dict:
         """State that must survive a checkpoint (most scorers have none: they are prepared anew each round)."""
@@ -54,3 +59,30 @@ class Scorer(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+class IdLookup:
+    """Per-pair values computed at ``prepare`` time over a pool sample, looked up by id when scoring.
+
+    The pattern of set-level methods (negCLIPLoss partitions, ClipCov's greedy, CLIP-powered selection).
+    """
+
+    def __init__(self, ids: Tensor, values: Tensor) -> None:
+        order = torch.argsort(ids.cpu())
+        self.ids, self.values = ids.cpu()[order], values.cpu()[order]
+
+    def find(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """``(values, known)`` for ``ids``; ``known`` marks ids that were prepared (their value is valid)."""
+        ids = ids.cpu()
+        pos = torch.searchsorted(self.ids, ids).clamp(max=len(self.ids) - 1)
+        return self.values[pos].clone(), self.ids[pos] == ids
+
+    def require(self, ids: Tensor, method: str) -> Tensor:
+        """Values of ``ids``, all of which must have been prepared."""
+        values, known = self.find(ids)
+        if not bool(known.all()):
+            raise ValueError(
+                f"{method} is set-level: it can only score pairs it was prepared on; prepare it on the whole pool "
+                "(DataSelectionCallback(pool_sample=None))."
+            )
+        return values

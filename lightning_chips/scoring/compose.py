@@ -49,7 +49,7 @@ class Chain(Scorer):
 
     def prepare(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
         for scorer in (self.first, self.second):
-            scorer.round, scorer.learning_rate = self.round, self.learning_rate
+            scorer.round, scorer.learning_rate, scorer.text_encoder = self.round, self.learning_rate, self.text_encoder
             scorer.prepare(endpoint, target, pool_sample)
         scores = torch.cat([self.first.score(b).double().cpu() for b in pool_sample.batches(4096)])
         keep = max(1, round(self.keep_fraction * len(scores)))

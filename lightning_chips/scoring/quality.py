@@ -6,14 +6,16 @@ import math
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_chips.adapters import EndPoint
 from lightning_chips.features import PairFeatures
 from lightning_chips.functional.quality import clip_score, negclip_loss, normsim
-from lightning_chips.scoring.base import Scorer
+from lightning_chips.metrics import format_prompts
+from lightning_chips.scoring.base import IdLookup, Scorer
 
-__all__ = ["CLIPScore", "ClipCov", "NegCLIPLoss", "NormSim"]
+__all__ = ["CLIPScore", "ClipCov", "ClipPowered", "NegCLIPLoss", "NormSim"]
 
 
 class _EmbeddingScorer(Scorer):
@@ -96,8 +98,7 @@ class NegCLIPLoss(_EmbeddingScorer):
                 f"{repeats}."
             )
         self.temperature, self.batch_size, self.repeats, self.seed = temperature, batch_size, repeats, seed
-        self._ids: Tensor | None = None
-        self._scores: Tensor | None = None
+        self._lookup: IdLookup | None = None
         self._sample: tuple[Tensor, Tensor] | None = None
 
     def prepare(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
@@ -105,16 +106,13 @@ class NegCLIPLoss(_EmbeddingScorer):
         x, y = self._embed(pool_sample)
         scores = negclip_loss(x, y, temperature=self.temperature, batch_size=self.batch_size, repeats=self.repeats,
                               seed=self.seed + self.round)  # fmt: skip
-        order = torch.argsort(pool_sample.ids.to(x.device))
-        self._ids, self._scores = pool_sample.ids.to(x.device)[order], scores[order]
+        self._lookup = IdLookup(pool_sample.ids, scores)
         self._sample = (x, y)
 
     def score(self, batch: PairFeatures) -> Tensor:
         x, y = self._embed(batch)
-        ids = batch.ids.to(x.device)
-        pos = torch.searchsorted(self._ids, ids).clamp(max=len(self._ids) - 1)
-        known = self._ids[pos] == ids
-        out = self._scores[pos].clone()
+        out, known = self._lookup.find(batch.ids)
+        out, known = out.to(x.device), known.to(x.device)
         if (~known).any():
             out[~known] = self._against_sample(x[~known], y[~known])
         return out
@@ -145,26 +143,39 @@ class ClipCov(_EmbeddingScorer):
 
     A set-level method: :meth:`prepare` runs the greedy over the pool sample (the whole pool under the callback's
     default ``pool_sample=None``) and a pair scores ``1 - (rank + 0.5) / n_class``, so the global top-k keeps the
-    first picks of every class in proportion to its size. Classes are the pool's ``labels`` (``classes="labels"``,
-    e.g. zero-shot pseudo-labels) or seeded cosine k-means clusters of the image embeddings **[ours]**.
+    first picks of every class in proportion to its size. Classes are the pool's ``labels`` (``classes="labels"``),
+    zero-shot pseudo-labels over ``classnames`` (``classes="zeroshot"``, through the caller's ``text_encoder``), or
+    seeded cosine k-means clusters of the image embeddings **[ours]**.
 
     Args:
-        classes: ``"kmeans"`` or ``"labels"``.
+        classes: ``"kmeans"``, ``"labels"`` or ``"zeroshot"``.
         num_clusters: k of k-means.
+        classnames: class list for zero-shot pseudo-labels.
+        templates: prompt templates for zero-shot pseudo-labels.
         seed: k-means seed.
     """
 
     name: ClassVar[str] = "clipcov"
     requires_target: ClassVar[bool] = False
 
-    def __init__(self, *, classes: str = "kmeans", num_clusters: int = 10, seed: int = 0) -> None:
-        if classes not in ("kmeans", "labels"):
-            raise ValueError(f"`classes` must be 'kmeans' or 'labels', got {classes!r}.")
+    def __init__(
+        self,
+        *,
+        classes: str = "kmeans",
+        num_clusters: int = 10,
+        classnames: list[str] | None = None,
+        templates: list[str] = ("a photo of a {}.",),  # noqa: B006 - a tuple, immutable
+        seed: int = 0,
+    ) -> None:
+        if classes not in ("kmeans", "labels", "zeroshot"):
+            raise ValueError(f"`classes` must be 'kmeans', 'labels' or 'zeroshot', got {classes!r}.")
         if num_clusters < 1:
             raise ValueError(f"`num_clusters` must be >= 1, got {num_clusters}.")
+        if classes == "zeroshot" and not classnames:
+            raise ValueError("ClipCov(classes='zeroshot') needs `classnames` to pseudo-label the pool.")
         self.classes, self.num_clusters, self.seed = classes, num_clusters, seed
-        self._ids: Tensor | None = None
-        self._scores: Tensor | None = None
+        self.classnames, self.templates = list(classnames or []), list(templates)
+        self._lookup: IdLookup | None = None
 
     def prepare(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
         from lightning_chips.functional.clipcov import clipcov_order, kmeans
@@ -175,22 +186,97 @@ class ClipCov(_EmbeddingScorer):
             if pool_sample.labels is None:
                 raise ValueError("ClipCov(classes='labels') needs a 'label' per pool pair; use classes='kmeans'.")
             labels = pool_sample.labels.cpu()
+        elif self.classes == "zeroshot":
+            prompts = _class_embeddings(self, self.classnames, self.templates)
+            labels = (x.double().cpu() @ prompts.cpu().T).argmax(1)
         else:
             labels = kmeans(x.cpu(), min(self.num_clusters, len(x)), seed=self.seed)
         order = clipcov_order(x.cpu(), y.cpu(), labels)
         sizes = torch.bincount(labels)[labels].double()
         scores = 1.0 - (order.double() + 0.5) / sizes
-        sort = torch.argsort(pool_sample.ids.cpu())
-        self._ids, self._scores = pool_sample.ids.cpu()[sort], scores[sort]
+        self._lookup = IdLookup(pool_sample.ids, scores)
 
     def score(self, batch: PairFeatures) -> Tensor:
-        if self._ids is None:
+        if self._lookup is None:
             raise RuntimeError("ClipCov.score called before prepare().")
-        ids = batch.ids.cpu()
-        pos = torch.searchsorted(self._ids, ids).clamp(max=len(self._ids) - 1)
-        if not bool((self._ids[pos] == ids).all()):
-            raise ValueError(
-                "ClipCov is set-level: it can only score pairs it was prepared on; prepare it on the whole pool "
-                "(DataSelectionCallback(pool_sample=None))."
-            )
-        return self._scores[pos].to(batch.image.device)
+        return self._lookup.require(batch.ids, "ClipCov").to(batch.image.device)
+
+
+def _class_embeddings(scorer: Scorer, classnames: list[str], templates: list[str]) -> Tensor:
+    """``[C, e]`` template-averaged, renormalised prompt embeddings through the caller's ``text_encoder``."""
+    if scorer.text_encoder is None:
+        raise ValueError(
+            f"{type(scorer).__name__} needs class-prompt embeddings: set `scorer.text_encoder` (DataSelectionCallback "
+            "does) to a function mapping prompts to normalised text embeddings."
+        )
+    prompts = [p for name in classnames for p in format_prompts(name, templates)]
+    emb = F.normalize(scorer.text_encoder(prompts).double(), dim=-1).reshape(len(classnames), len(templates), -1)
+    return F.normalize(emb.mean(1), dim=-1)
+
+
+class ClipPowered(_EmbeddingScorer):
+    """CLIP-powered selection (Yang et al., ICLR 2025): semantic alignment + diversity, as a set-level score.
+
+    :meth:`prepare` embeds the class prompts (``templates`` over ``classnames``) with the caller's
+    ``text_encoder``, labels the pool sample (its ``labels``, or zero-shot pseudo-labels), trains the two adapters
+    and scores every pair with ``c = SAS/mean + 0.1 SDS/mean``
+    (:func:`~lightning_chips.functional.clip_powered.clip_powered_scores`); the callback's top-k of ``c`` is the
+    closed-form selection with an exact budget. Pairs it was not prepared on cannot be scored.
+
+    Args:
+        classnames: the class names (``labels`` index them).
+        templates: prompt templates (``"a photo of a {}."``).
+        labels: ``"labels"`` (the pool's) or ``"zeroshot"`` (argmax over the class prompts).
+        train_adapters: train the adapters (identity adapters otherwise).
+        adapter_epochs: adapter training epochs.
+        neighbours: ``K`` of the diversity score.
+        diversity_weight: SDS weight (paper: 0.1).
+        seed: adapter-training seed.
+    """
+
+    name: ClassVar[str] = "clip_powered"
+    requires_target: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        classnames: list[str],
+        templates: list[str] = ("a photo of a {}.",),  # noqa: B006 - a tuple, immutable
+        *,
+        labels: str = "labels",
+        train_adapters: bool = True,
+        adapter_epochs: int = 5,
+        neighbours: int = 50,
+        diversity_weight: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        if not classnames or not templates:
+            raise ValueError("ClipPowered needs class names and at least one prompt template.")
+        if labels not in ("labels", "zeroshot"):
+            raise ValueError(f"`labels` must be 'labels' or 'zeroshot', got {labels!r}.")
+        self.classnames, self.templates, self.labels = list(classnames), list(templates), labels
+        self.train_adapters, self.adapter_epochs = train_adapters, adapter_epochs
+        self.neighbours, self.diversity_weight, self.seed = neighbours, diversity_weight, seed
+        self._lookup: IdLookup | None = None
+
+    def prepare(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
+        from lightning_chips.functional.clip_powered import clip_powered_scores
+
+        super().prepare(endpoint, target, pool_sample)
+        x = self._embed(pool_sample)[0].double().cpu()
+        prompts = _class_embeddings(self, self.classnames, self.templates).cpu()
+        if self.labels == "labels":
+            if pool_sample.labels is None:
+                raise ValueError("ClipPowered(labels='labels') needs a 'label' per pool pair; use labels='zeroshot'.")
+            labels = pool_sample.labels.cpu()
+        else:
+            labels = (x @ prompts.T).argmax(1)
+        scores = clip_powered_scores(
+            x, prompts, labels, train_adapters=self.train_adapters, adapter_epochs=self.adapter_epochs,
+            neighbours=self.neighbours, diversity_weight=self.diversity_weight, seed=self.seed,
+        )  # fmt: skip
+        self._lookup = IdLookup(pool_sample.ids, scores.combined)
+
+    def score(self, batch: PairFeatures) -> Tensor:
+        if self._lookup is None:
+            raise RuntimeError("ClipPowered.score called before prepare().")
+        return self._lookup.require(batch.ids, "ClipPowered").to(batch.image.device)
