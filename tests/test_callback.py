@@ -189,3 +189,19 @@ def test_tracin_accumulates_over_the_rounds_of_a_fit(tmp_path):
     # round 2's totals are round 1's plus a new (lr-weighted) term: they differ, and so does the selection
     assert not np.allclose(files[1]["scores"], files[2]["scores"])
     assert callback.scorer.learning_rate > 0
+
+
+def test_pool_sample_prepares_on_a_sample_and_streams_the_whole_pool(tmp_path):
+    record = Record()
+    callback = DataSelectionCallback(_chips(), fraction=0.3, every_n_epochs=1, pool_sample=100, save_dir=str(tmp_path))
+    _trainer(tmp_path, [callback, record], max_epochs=2).fit(_module(), datamodule=_data())
+    _check_batches_follow_selection(record, 2)
+    data = np.load(tmp_path / "round_0001.npz")
+    assert len(data["ids"]) == POOL and data["selected"].sum() == round(0.3 * POOL)  # every pair was scored
+    assert callback.scorer.state.bank.ids.numel() == 48  # the bank came from the 100-pair sample
+
+    from lightning_chips.scoring import ClipCov
+
+    set_level = DataSelectionCallback(ClipCov(num_clusters=3), fraction=0.3, pool_sample=100, save_dir="")
+    with pytest.raises(ValueError, match="set-level"):
+        _trainer(tmp_path, [set_level], max_epochs=1).fit(_module(), datamodule=_data())
