@@ -54,6 +54,7 @@ from lightning_chips.functional.endpoint import (
     NegativeBank,
     grads_from_stats,
     make_bank,
+    round_inputs,
     subsample,
 )
 from lightning_chips.functional.sketch import IdentitySketch, SketchKind, make_sketch
@@ -307,11 +308,10 @@ def chips_prepare(
     if len(pool_image) < 2:
         raise ValueError("CHIPS needs at least 2 pool pairs (one as a sample, one as its negative).")
     device = pool_image.device
-    ep = endpoint.detach().to(dtype=dtype, device=device)
-    pool_image, pool_text = pool_image.to(dtype), pool_text.to(dtype)
-    target_image, target_text = target_image.to(device, dtype), target_text.to(device, dtype)
+    ep, target_image, target_text, pool_image, pool_text, pool_ids = round_inputs(
+        endpoint, target_image, target_text, pool_image, pool_text, pool_ids, dtype
+    )
     n = len(pool_image)
-    pool_ids = torch.arange(n, device=device) if pool_ids is None else pool_ids.to(device)
 
     bank = make_bank(ep, pool_image, pool_text, pool_ids, bank_size=bank_size, seed=seed)
     # Target gradient u: mean bank-loss gradient of the target pairs (not pool members: nothing excluded).

@@ -43,6 +43,7 @@ __all__ = [
     "bank_stats",
     "endpoint_per_sample_grads",
     "make_bank",
+    "round_inputs",
     "subsample",
 ]
 
@@ -412,3 +413,23 @@ def make_bank(
     """Embed ``bank_size`` pool pairs drawn with ``seed`` (all of them when ``bank_size >= N``) as the bank."""
     idx = subsample(len(pool_image), bank_size, seed, pool_image.device)
     return NegativeBank(endpoint.embed_image(pool_image[idx]), endpoint.embed_text(pool_text[idx]), pool_ids[idx])
+
+
+def round_inputs(
+    endpoint: EndPoint,
+    target_image: Tensor,
+    target_text: Tensor,
+    pool_image: Tensor,
+    pool_text: Tensor,
+    pool_ids: Tensor | None,
+    dtype: torch.dtype,
+) -> tuple[EndPoint, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The inputs of a scoring round in one dtype on the pool's device, with a detached end point and pool ids
+    (``arange(N)`` when None)."""
+    device = pool_image.device
+    ep = endpoint.detach().to(dtype=dtype, device=device)
+    ids = torch.arange(len(pool_image), device=device) if pool_ids is None else pool_ids.to(device)
+    return (
+        ep, target_image.to(device, dtype), target_text.to(device, dtype), pool_image.to(dtype), pool_text.to(dtype),
+        ids,
+    )  # fmt: skip

@@ -30,6 +30,7 @@ from lightning_chips.functional.endpoint import (
     NegativeBank,
     grads_from_stats,
     make_bank,
+    round_inputs,
     subsample,
 )
 from lightning_chips.functional.sketch import SketchKind, make_sketch
@@ -87,10 +88,9 @@ def influence_prepare(
     if len(target_image) == 0:
         raise ValueError(f"{method}: the target set is empty; pass at least one target pair.")
     device = pool_image.device
-    ep = endpoint.detach().to(dtype=dtype, device=device)
-    pool_image, pool_text = pool_image.to(dtype), pool_text.to(dtype)
-    target_image, target_text = target_image.to(device, dtype), target_text.to(device, dtype)
-    pool_ids = torch.arange(len(pool_image), device=device) if pool_ids is None else pool_ids.to(device)
+    ep, target_image, target_text, pool_image, pool_text, pool_ids = round_inputs(
+        endpoint, target_image, target_text, pool_image, pool_text, pool_ids, dtype
+    )
     bank = make_bank(ep, pool_image, pool_text, pool_ids, bank_size=bank_size, seed=seed)
     u = bank.mean_gradient(target_image, target_text, ep)
     d_v, e = u.image_proj.shape
@@ -137,6 +137,11 @@ def _all_scores(state: InfluenceState, image: Tensor, text: Tensor, batch_size: 
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
+def _at(values: Sequence[Tensor] | Tensor, c: int) -> Tensor:
+    """Checkpoint ``c``'s features: one tensor for all checkpoints (frozen towers) or one per checkpoint."""
+    return values if isinstance(values, Tensor) else values[c]
+
+
 def tracin_scores(
     checkpoints: Sequence[tuple[EndPoint, float]],
     pool_image: Sequence[Tensor] | Tensor,
@@ -157,14 +162,11 @@ def tracin_scores(
     if not checkpoints:
         raise ValueError("TracIn needs at least one (endpoint, learning rate) checkpoint.")
 
-    def at(values: Sequence[Tensor] | Tensor, c: int) -> Tensor:
-        return values if isinstance(values, Tensor) else values[c]
-
     total = None
     for c, (endpoint, lr) in enumerate(checkpoints):
-        image, text = at(pool_image, c).to(dtype), at(pool_text, c).to(dtype)
+        image, text = _at(pool_image, c).to(dtype), _at(pool_text, c).to(dtype)
         state = influence_prepare(
-            endpoint, at(target_image, c), at(target_text, c), image, text, method="dot", bank_size=bank_size,
+            endpoint, _at(target_image, c), _at(target_text, c), image, text, method="dot", bank_size=bank_size,
             seed=seed, dtype=dtype,
         )  # fmt: skip
         term = float(lr) * _all_scores(state, image, text, batch_size)[0]
@@ -192,17 +194,14 @@ def trak_scores(
     if not checkpoints:
         raise ValueError("TRAK needs at least one checkpoint end point.")
 
-    def at(values: Sequence[Tensor] | Tensor, c: int) -> Tensor:
-        return values if isinstance(values, Tensor) else values[c]
-
     kernel, q = None, None
     for c, endpoint in enumerate(checkpoints):
         state = influence_prepare(
-            endpoint, at(target_image, c), at(target_text, c), at(pool_image, c), at(pool_text, c), method="trak",
+            endpoint, _at(target_image, c), _at(target_text, c), _at(pool_image, c), _at(pool_text, c), method="trak",
             sketch_dim=sketch_dim, sketch=sketch, damping=damping, bank_size=bank_size, train_samples=train_samples,
             seed=seed, dtype=dtype,
         )  # fmt: skip
-        k_c, q_c = _all_scores(state, at(pool_image, c).to(dtype), at(pool_text, c).to(dtype), batch_size)
+        k_c, q_c = _all_scores(state, _at(pool_image, c).to(dtype), _at(pool_text, c).to(dtype), batch_size)
         kernel = k_c if kernel is None else kernel + k_c
         q = q_c if q is None else q + q_c
     n = len(checkpoints)
