@@ -2,7 +2,7 @@
 
 from lightning_chips.scoring.base import Scorer
 from lightning_chips.scoring.chips import CHIPS
-from lightning_chips.scoring.compose import Chain
+from lightning_chips.scoring.compose import Chain, Intersect
 from lightning_chips.scoring.influence import TRAK, Dot, TracIn
 from lightning_chips.scoring.quality import ClipCov, ClipPowered, CLIPScore, NegCLIPLoss, NormSim
 from lightning_chips.scoring.random import Random
@@ -15,6 +15,7 @@ __all__ = [
     "ClipCov",
     "ClipPowered",
     "Dot",
+    "Intersect",
     "NegCLIPLoss",
     "NormSim",
     "SCORERS",

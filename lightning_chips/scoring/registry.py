@@ -6,7 +6,7 @@ from typing import Any
 
 from lightning_chips.scoring.base import Scorer
 from lightning_chips.scoring.chips import CHIPS
-from lightning_chips.scoring.compose import Chain
+from lightning_chips.scoring.compose import Chain, Intersect
 from lightning_chips.scoring.influence import TRAK, Dot, TracIn
 from lightning_chips.scoring.quality import ClipCov, ClipPowered, CLIPScore, NegCLIPLoss, NormSim
 from lightning_chips.scoring.random import Random
@@ -36,5 +36,5 @@ def build_scorer(name: str, **kwargs: Any) -> Scorer:
     return SCORERS[key](**kwargs)
 
 
-for _cls in (CHIPS, Chain, ClipCov, ClipPowered, CLIPScore, Dot, NegCLIPLoss, NormSim, Random, TRAK, TracIn):
+for _cls in (CHIPS, Chain, ClipCov, ClipPowered, CLIPScore, Dot, Intersect, NegCLIPLoss, NormSim, Random, TRAK, TracIn):
     register_scorer(_cls)
