@@ -1,22 +1,33 @@
-"""The ``lightning-chips`` command line: LightningCLI for ``fit`` / ``validate`` / ``test`` / ``predict``.
+"""The ``lightning-chips`` command line.
 
-Model and data are given by ``class_path`` (subclass mode), so any LightningModule and LightningDataModule
-work from YAML::
+``fit`` / ``validate`` / ``test`` / ``predict`` are LightningCLI. Model and data are given by ``class_path``
+(subclass mode), so any LightningModule and LightningDataModule work from YAML::
 
     lightning-chips fit --config examples/quickstart.yaml
     lightning-chips fit --config examples/quickstart.yaml --trainer.max_epochs 2 --model.init_args.lr 1e-3
     lightning-chips fit --config examples/quickstart.yaml --print_config
+
+``score`` and ``select`` work offline over WebDataset shards (:mod:`lightning_chips.offline`)::
+
+    lightning-chips score --pool 'pool/{000000..000999}.tar' --target target/ --output scores/chips \
+        --model OpenCLIPModule --model.model_name ViT-B-16 --model.pretrained vit_b16.pt \
+        --scorer chips --scorer.sketch_dim 512 --trainer.devices 8 --trainer.strategy ddp
+    lightning-chips select --scores scores/chips --fraction 0.3 --output subset.npy --reshard 'subset/%06d.tar'
 """
 
 from __future__ import annotations
 
 import math
+import sys
+from typing import Any
 
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-__all__ = ["LightningChipsCLI", "build_cli", "main"]
+__all__ = ["LightningChipsCLI", "build_cli", "main", "offline_parser", "run_offline"]
+
+OFFLINE_COMMANDS = ("score", "select")
 
 
 class LightningChipsCLI(LightningCLI):
@@ -61,6 +72,86 @@ def build_cli(args: list[str] | None = None, *, run: bool = True) -> LightningCh
     )
 
 
+def _scorer_names_to_class_paths(args: list[str]) -> list[str]:
+    """``--scorer chips`` (a registry name) -> ``--scorer lightning_chips.scoring.chips.CHIPS``."""
+    from lightning_chips.scoring.registry import SCORERS
+
+    def resolve(value: str) -> str:
+        cls = SCORERS.get(value.lower())
+        return f"{cls.__module__}.{cls.__qualname__}" if cls is not None else value
+
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--scorer" and i + 1 < len(args):
+            out += [arg, resolve(args[i + 1])]
+            i += 2
+            continue
+        if arg.startswith("--scorer="):
+            arg = "--scorer=" + resolve(arg.split("=", 1)[1])
+        out.append(arg)
+        i += 1
+    return out
+
+
+def offline_parser(command: str) -> Any:
+    """The jsonargparse parser of ``lightning-chips score`` or ``lightning-chips select``."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from lightning_chips import offline
+    from lightning_chips.scoring import Scorer
+
+    if command == "score":
+        parser = ArgumentParser(
+            prog="lightning-chips score",
+            description="Score every pair of a WebDataset pool (DDP over devices and nodes through --trainer.*); "
+            "writes OUTPUT/scores.npz, scores-rank{r}.npz and manifest.json; re-running resumes.",
+        )
+        parser.add_argument("--config", action=ActionConfigFile, help="A YAML file with any of these options.")
+        parser.add_argument("--seed_everything", type=int | None, default=0,
+                            help="Seed set before the model is built (ranks must hold the same weights).")  # fmt: skip
+        parser.add_subclass_arguments(LightningModule, "model", required=True, help="The CLIP LightningModule.")
+        parser.add_subclass_arguments(Scorer, "scorer", required=True, help="A registry name or a class path.")
+        parser.add_function_arguments(offline.score_pool, skip={"model", "scorer", "trainer", "adapter", "after_shard"})
+        parser.add_class_arguments(Trainer, "trainer", help="Trainer options: devices, num_nodes, strategy, ...")
+        parser.set_defaults(
+            {"trainer.logger": False, "trainer.enable_checkpointing": False, "trainer.enable_model_summary": False}
+        )
+    elif command == "select":
+        parser = ArgumentParser(
+            prog="lightning-chips select",
+            description="The top --fraction / --count of a scores file as sorted uids (.npy); --reshard copies "
+            "the selected samples into new shards.",
+        )
+        parser.add_argument("--config", action=ActionConfigFile, help="A YAML file with any of these options.")
+        parser.add_function_arguments(offline.select_subset)
+    else:
+        raise ValueError(f"Unknown offline command {command!r}; use one of {OFFLINE_COMMANDS}.")
+    return parser
+
+
+def run_offline(command: str, args: list[str]) -> Any:
+    """Parse ``args`` for ``score`` / ``select`` and run it."""
+    from lightning_chips import offline
+
+    parser = offline_parser(command)
+    cfg = parser.parse_args(_scorer_names_to_class_paths(args) if command == "score" else args)
+    seed = cfg.pop("seed_everything", None) if command == "score" else None
+    if seed is not None:
+        from lightning.pytorch import seed_everything
+
+        seed_everything(seed, verbose=False)
+    init = parser.instantiate_classes(cfg)
+    kwargs = {k: v for k, v in vars(init).items() if k != "config" and not k.startswith("__")}
+    if command == "score":
+        return offline.score_pool(**kwargs)
+    return offline.select_subset(**kwargs)
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-chips`` console script and of ``python -m lightning_chips``."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in OFFLINE_COMMANDS:
+        run_offline(argv[0], argv[1:])
+        return
     build_cli(args)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+
+from lightning_chips.io import atomic_savez
 
 __all__ = ["Mode", "Selection", "budget_for", "select", "stratified_quotas", "write_round_file"]
 
@@ -199,7 +200,6 @@ def write_round_file(
         raise ValueError(
             f"ids, scores and selected must have one entry per pair, got {n}, {len(scores)}, {len(selected)}."
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
     order = np.argsort(ids, kind="stable")
     arrays = {
         "ids": np.asarray(ids, dtype=np.int64)[order],
@@ -207,16 +207,5 @@ def write_round_file(
         "selected": np.asarray(selected, dtype=bool)[order],
     }
     arrays.update({key: np.asarray(value) for key, value in meta.items()})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; round files are ordinary results
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_savez(path, **arrays)
     return path

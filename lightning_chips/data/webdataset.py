@@ -1,0 +1,406 @@
+"""WebDataset pools: image-caption tar shards read as ``{"image", "text", "id"}`` pairs, bad samples counted.
+
+A shard holds samples as consecutive tar members that share a key: ``KEY.jpg`` (or ``png`` / ``webp`` /
+``jpeg``), ``KEY.txt`` (the caption) and ``KEY.json`` with an int64 ``uid`` (the sample's id: never the tar
+member name, which WebDataset cuts at the first dot). img2dataset and ``webdataset.ShardWriter`` write this
+layout.
+
+:class:`WebDatasetPairs` is an ``IterableDataset`` over such shards. Rank and world size are bound in the main
+process with :meth:`WebDatasetPairs.bind` (WebDataset's default node splitter reads them inside the worker,
+where spawned workers see no process group and every rank would read every shard); each rank reads
+``shards[rank::world]`` and each of its dataloader workers ``shards_of_rank[worker::num_workers]``.
+
+Nothing is dropped silently: a sample whose image does not decode, whose caption is missing, empty or not UTF-8,
+or whose uid is missing is skipped and recorded with its key and reason in the shard's :class:`ShardReport`; a
+truncated or unreadable shard ends with an ``error`` in its report and the samples read before the damage are
+kept. With ``reports=True`` the dataset yields each :class:`ShardReport` right after the shard's last sample,
+so a consumer (the offline ``score`` pass) knows when a shard is complete.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import re
+import tarfile
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import IterableDataset, get_worker_info
+
+from lightning_chips.data.subset import PairCollate
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageCaptionFolder",
+    "ShardCollate",
+    "ShardReport",
+    "WebDatasetPairs",
+    "decode_pair",
+    "expand_shards",
+    "image_transform",
+    "iter_raw_samples",
+]
+
+IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+SHARD_SUFFIXES: tuple[str, ...] = (".tar", ".tar.gz", ".tgz")
+_INT64 = np.iinfo(np.int64)
+
+
+def expand_shards(urls: str | Sequence[str]) -> list[str]:
+    """Shard URLs from a WebDataset spec: a brace pattern (``pool-{000000..000127}.tar``), several specs joined
+    by ``::`` or given as a list, a directory (its ``*.tar`` / ``*.tar.gz`` / ``*.tgz`` files, sorted) or a glob.
+
+    Local paths are checked eagerly (a missing shard is an error before any work starts); ``pipe:`` and URLs
+    with a scheme are passed through.
+    """
+    import braceexpand
+
+    specs = [urls] if isinstance(urls, str | os.PathLike) else list(urls)
+    found: list[str] = []
+    for spec in specs:
+        for part in str(spec).split("::"):
+            part = part.strip()
+            if not part:
+                continue
+            if os.path.isdir(part):
+                inside = sorted(p for p in glob.glob(os.path.join(part, "*")) if p.endswith(SHARD_SUFFIXES))
+                if not inside:
+                    raise ValueError(f"Directory {part!r} holds no .tar / .tar.gz / .tgz shards.")
+                found.extend(inside)
+                continue
+            for url in braceexpand.braceexpand(part):
+                if _is_remote(url):
+                    found.append(url)
+                elif any(ch in url for ch in "*?["):
+                    matches = sorted(glob.glob(url))
+                    if not matches:
+                        raise ValueError(f"No shard matches {url!r}.")
+                    found.extend(matches)
+                elif not os.path.isfile(url):
+                    raise ValueError(f"Shard {url!r} does not exist (from the spec {str(spec)!r}).")
+                else:
+                    found.append(url)
+    if not found:
+        raise ValueError(f"No shards in {urls!r}.")
+    duplicated = sorted({u for u in found if found.count(u) > 1})
+    if duplicated:
+        raise ValueError(f"Shards listed twice: {duplicated[:5]}.")
+    return found
+
+
+def _is_remote(url: str) -> bool:
+    return url.startswith("pipe:") or "://" in url
+
+
+@dataclass
+class ShardReport:
+    """What reading one shard gave: valid pairs, skipped samples (key and reason) and a read error, if any."""
+
+    url: str
+    samples: int = 0
+    bad: list[tuple[str, str]] = field(default_factory=list)
+    error: str | None = None
+    filtered: int = 0
+    """Valid pairs left out because they are not in the selection (not an error)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "samples": self.samples,
+            "bad": [{"key": k, "reason": r} for k, r in self.bad],
+            "error": self.error,
+        }
+
+
+class _ResizeCenterCrop:
+    """PIL image -> ``[3, S, S]`` float tensor in [0, 1]: resize the short side to S (bicubic), centre crop."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image: Any) -> Tensor:
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as TF
+
+        image = TF.resize(image, self.size, interpolation=InterpolationMode.BICUBIC, antialias=True)
+        image = TF.center_crop(image, [self.size, self.size])
+        return TF.to_tensor(image)
+
+
+def image_transform(image_size: int) -> Callable[[Any], Tensor]:
+    """open_clip's evaluation preprocessing without the normalisation (the collate applies it): resize the short
+    side to ``image_size`` (bicubic), centre crop, to a float tensor in [0, 1]. Picklable."""
+    if image_size < 1:
+        raise ValueError(f"`image_size` must be >= 1, got {image_size}.")
+    return _ResizeCenterCrop(image_size)
+
+
+def decode_pair(
+    raw: dict[str, bytes],
+    transform: Callable[[Any], Tensor],
+    *,
+    uid_field: str = "uid",
+    image_extensions: Sequence[str] = IMAGE_EXTENSIONS,
+) -> dict[str, Any] | str:
+    """Decode one raw sample (``{extension: bytes}``) into ``{"image", "text", "id"}``, or return the reason it
+    is unusable (``"undecodable image: ..."``, ``"missing caption"``, ``"missing uid"``, ...)."""
+    from PIL import Image
+
+    uid = _parse_uid(raw.get("json"), uid_field)
+    if isinstance(uid, str):
+        return uid
+    text = raw.get("txt")
+    if text is None:
+        return "missing caption"
+    try:
+        caption = text.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return "caption is not UTF-8"
+    if not caption:
+        return "empty caption"
+    ext = next((e for e in image_extensions if e in raw), None)
+    if ext is None:
+        return f"missing image (no {'/'.join(image_extensions)} member)"
+    data = raw[ext]
+    if not data:
+        return "empty image file"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                image = img.convert("RGB")
+        tensor = transform(image)
+    except Exception as exc:  # any decoder failure: PIL raises many types (OSError, SyntaxError, ValueError...)
+        detail = re.sub(r" ?<[^>]*>", "", str(exc))[:120]  # drop object reprs with addresses
+        return f"undecodable image: {type(exc).__name__}: {detail}"
+    return {"image": tensor, "text": caption, "id": uid}
+
+
+def _parse_uid(data: bytes | None, uid_field: str) -> int | str:
+    if data is None:
+        return "missing uid (no json member)"
+    try:
+        meta = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "missing uid (json does not parse)"
+    value = meta.get(uid_field) if isinstance(meta, dict) else None
+    if value is None:
+        return f"missing uid (no {uid_field!r} in json)"
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not _INT64.min <= value <= _INT64.max:
+        return f"missing uid ({uid_field}={value!r} is not an int64)"
+    return int(value)
+
+
+def _split_member(name: str) -> tuple[str, str] | None:
+    """``dir/KEY.EXT.EXT2`` -> ``("dir/KEY", "ext.ext2")`` (WebDataset's rule: the key ends at the first dot of
+    the file name)."""
+    head, _, base = name.rpartition("/")
+    if "." not in base:
+        return None
+    key, ext = base.split(".", 1)
+    return (f"{head}/{key}" if head else key), ext.lower()
+
+
+def _open(url: str) -> Any:
+    if _is_remote(url):
+        import webdataset
+
+        return webdataset.gopen(url, "rb")
+    return open(url, "rb")
+
+
+def iter_raw_samples(url: str, report: ShardReport | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Stream ``(key, {extension: bytes})`` samples of one shard. A read error (truncated or corrupt tar) ends
+    the shard: it is recorded in ``report.error`` (raised when no report is given); the sample being read when
+    it happened is recorded as bad."""
+    key, members = None, {}
+    try:
+        with _open(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                split = _split_member(info.name)
+                if split is None or split[0].rsplit("/", 1)[-1].startswith("__"):
+                    continue
+                if split[0] != key:
+                    if key is not None:
+                        yield key, members
+                    key, members = split[0], {}
+                handle = tar.extractfile(info)
+                members[split[1]] = handle.read() if handle is not None else b""
+                if len(members[split[1]]) != info.size:
+                    raise tarfile.ReadError(f"member {info.name} is truncated")
+        if key is not None:
+            yield key, members
+    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+        message = f"{type(exc).__name__}: {exc}"
+        if report is None:
+            raise RuntimeError(f"Shard {url} is unreadable: {message}") from exc
+        report.error = f"truncated or unreadable after {report.samples + len(report.bad)} samples ({message})"
+        if key is not None:
+            report.bad.append((key, "cut off by the shard's read error"))
+
+
+class WebDatasetPairs(IterableDataset):
+    """Image-caption pairs from WebDataset shards, yielded as ``{"image": [3, S, S] in [0, 1], "text": str,
+    "id": int}`` (captions are tokenized per batch by the collate, images normalised there).
+
+    Args:
+        urls: shards (see :func:`expand_shards`): brace pattern, ``::``-joined specs, list, directory or glob.
+        image_size: side of the square images (resize + centre crop); ignored when ``transform`` is given.
+        transform: PIL image -> tensor, instead of the default :func:`image_transform`.
+        uid_field: the int64 id's field in each sample's ``.json``.
+        image_extensions: image members to look for, in order.
+        reports: also yield each shard's :class:`ShardReport` after its last sample, and give each pair a
+            ``"shard"`` field (the index of its shard in :attr:`urls`).
+        selection: sorted ids to keep (the current selection); ``None`` keeps every valid pair.
+        skip: shard URLs not to read (already scored, on resume).
+
+    Example::
+
+        >>> pool = WebDatasetPairs("pool/shard-{000000..000009}.tar", image_size=224).bind(rank, world_size)
+        >>> loader = DataLoader(pool, batch_size=256, num_workers=8, collate_fn=ShardCollate(tokenizer))
+    """
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        *,
+        image_size: int = 224,
+        transform: Callable[[Any], Tensor] | None = None,
+        uid_field: str = "uid",
+        image_extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        reports: bool = False,
+        selection: np.ndarray | None = None,
+        skip: Sequence[str] = (),
+    ) -> None:
+        super().__init__()
+        self.urls = expand_shards(urls)
+        self.transform = transform if transform is not None else image_transform(image_size)
+        self.uid_field = uid_field
+        self.image_extensions = tuple(e.lower() for e in image_extensions)
+        self.reports = reports
+        self.selection = None if selection is None else np.unique(np.asarray(selection, dtype=np.int64))
+        self.skip = frozenset(skip)
+        self.rank, self.world_size = 0, 1
+
+    def bind(self, rank: int, world_size: int) -> WebDatasetPairs:
+        """Bind this copy to ``rank`` of ``world_size`` (call it in the main process, before the DataLoader)."""
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"Need 0 <= rank < world_size, got rank={rank}, world_size={world_size}.")
+        self.rank, self.world_size = rank, world_size
+        return self
+
+    def shards_of_rank(self, rank: int | None = None) -> list[str]:
+        """The shards ``rank`` (default: the bound one) reads: ``urls[rank::world_size]`` minus ``skip``."""
+        rank = self.rank if rank is None else rank
+        return [u for u in self.urls[rank :: self.world_size] if u not in self.skip]
+
+    def __iter__(self) -> Iterator[dict[str, Any] | ShardReport]:
+        shards = self.shards_of_rank()
+        info = get_worker_info()
+        if info is not None:
+            shards = shards[info.id :: info.num_workers]
+        for url in shards:
+            yield from self.read_shard(url)
+
+    def read_shard(self, url: str) -> Iterator[dict[str, Any] | ShardReport]:
+        """The valid pairs of one shard (filtered by the selection), then its report when ``reports=True``."""
+        report = ShardReport(url)
+        shard = self.urls.index(url) if self.reports else None
+        for key, raw in iter_raw_samples(url, report):
+            pair = decode_pair(raw, self.transform, uid_field=self.uid_field, image_extensions=self.image_extensions)
+            if isinstance(pair, str):
+                report.bad.append((key, pair))
+                continue
+            if self.selection is not None and not _contains(self.selection, pair["id"]):
+                report.filtered += 1
+                continue
+            report.samples += 1
+            if shard is not None:
+                pair["shard"] = shard
+            yield pair
+        if self.reports:
+            yield report
+
+    def with_selection(self, ids: np.ndarray | None) -> WebDatasetPairs:
+        """A copy that keeps only ``ids`` (the dataset of one selection round)."""
+        import copy
+
+        clone = copy.copy(self)
+        clone.selection = None if ids is None else np.unique(np.asarray(ids, dtype=np.int64))
+        return clone
+
+    def __repr__(self) -> str:
+        return f"WebDatasetPairs({len(self.urls)} shards, rank {self.rank}/{self.world_size})"
+
+
+def _contains(sorted_ids: np.ndarray, uid: int) -> bool:
+    pos = int(np.searchsorted(sorted_ids, uid))
+    return pos < len(sorted_ids) and int(sorted_ids[pos]) == uid
+
+
+class ShardCollate(PairCollate):
+    """:class:`PairCollate` that passes :class:`ShardReport` items through as ``batch["reports"]``.
+
+    A batch may hold only reports (e.g. a shard with no valid pair); its ``"id"`` is then empty.
+    """
+
+    def __call__(self, items: Sequence[dict[str, Any] | ShardReport]) -> dict[str, Any]:  # type: ignore[override]
+        reports = [item for item in items if isinstance(item, ShardReport)]
+        pairs = [item for item in items if not isinstance(item, ShardReport)]
+        batch = super().__call__(pairs) if pairs else {"id": torch.empty(0, dtype=torch.int64)}
+        batch["reports"] = reports
+        return batch
+
+
+class ImageCaptionFolder(torch.utils.data.Dataset):
+    """A directory of ``NAME.{jpg,png,webp}`` images with ``NAME.txt`` captions (a small target set), as a
+    map-style dataset of ``{"image", "text", "id"}``; ids are positions in the sorted file list, unless a
+    ``NAME.json`` gives a ``uid``. Unusable pairs are listed in :attr:`bad` (name, reason) and left out."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        image_size: int = 224,
+        transform: Callable[[Any], Tensor] | None = None,
+        uid_field: str = "uid",
+    ) -> None:
+        root = os.fspath(root)
+        if not os.path.isdir(root):
+            raise ValueError(f"{root!r} is not a directory.")
+        transform = transform if transform is not None else image_transform(image_size)
+        groups: dict[str, dict[str, str]] = {}
+        for name in sorted(os.listdir(root)):
+            split = _split_member(name)
+            if split is not None:
+                groups.setdefault(split[0], {})[split[1]] = os.path.join(root, name)
+        self.root, self.pairs, self.bad = root, [], []
+        for position, (key, files) in enumerate(sorted(groups.items())):
+            raw = {ext: open(path, "rb").read() for ext, path in files.items()}
+            raw.setdefault("json", json.dumps({uid_field: position}).encode())
+            pair = decode_pair(raw, transform, uid_field=uid_field)
+            if isinstance(pair, str):
+                self.bad.append((key, pair))
+            else:
+                self.pairs.append(pair)
+        if not self.pairs:
+            raise ValueError(f"No usable image-caption pair in {root!r} (bad: {self.bad[:3]}).")
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.pairs[index]

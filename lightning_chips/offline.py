@@ -1,0 +1,599 @@
+"""Offline scoring and selection over WebDataset shards: ``lightning-chips score`` and ``lightning-chips select``.
+
+``score_pool`` is a ``Trainer.predict`` pass, so Lightning's strategies spread it over devices and nodes (DDP):
+
+1. every rank reads the target pairs and the same seeded pool sample, and calls ``scorer.prepare`` (identical
+   state on every rank, no communication);
+2. rank ``r`` streams its shards (``shards[r::world]``; a worker reads ``shards_of_rank[w::workers]``), scores
+   each batch and, when a shard ends, writes ``parts/<shard>.npz`` (ids, scores, skipped samples) atomically;
+3. each rank writes ``scores-rank{r}.npz`` from its parts; rank 0 merges every part into the id-sorted
+   ``scores.npz`` (ids, scores, method, scorer, model fingerprint) and ``manifest.json`` (per shard: pairs
+   scored, skipped samples with key and reason, read errors).
+
+Re-running with the same arguments skips the shards whose part exists (a killed run resumes where it stopped);
+a part written for another model, scorer, target or pool sample is an error, not silently mixed in. Memory per
+rank is one batch, the prepared scorer and the scores of the shards in flight; the merge holds the score arrays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_chips.adapters import CLIPAdapter, resolve_adapter
+from lightning_chips.data.datamodule import clip_normalize, resolve_tokenizer
+from lightning_chips.data.subset import PairCollate
+from lightning_chips.data.webdataset import (
+    ImageCaptionFolder,
+    ShardCollate,
+    ShardReport,
+    WebDatasetPairs,
+    expand_shards,
+    iter_raw_samples,
+)
+from lightning_chips.features import PairFeatures, extract_features, iter_features
+from lightning_chips.io import atomic_savez, atomic_write_json, atomic_writer
+from lightning_chips.scoring import Scorer
+from lightning_chips.selection import select
+
+__all__ = ["model_fingerprint", "read_scores", "reshard_samples", "score_pool", "select_subset"]
+
+PARTS = "parts"
+MANIFEST = "manifest.json"
+SCORES = "scores.npz"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# fingerprints and part files
+# --------------------------------------------------------------------------------------------------------------
+def model_fingerprint(module: torch.nn.Module) -> str:
+    """A 16-hex digest of a module's parameters and buffers (names, shapes, dtypes and values)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _part_name(url: str) -> str:
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", url.rsplit("/", 1)[-1])[:80]
+    return f"{base}-{hashlib.sha1(url.encode()).hexdigest()[:10]}.npz"
+
+
+def _write_part(path: Path, url: str, ids: np.ndarray, scores: np.ndarray, report: ShardReport, run: str) -> None:
+    atomic_savez(
+        path,
+        ids=ids.astype(np.int64),
+        scores=scores.astype(np.float32),
+        url=np.asarray(url),
+        run=np.asarray(run),
+        report=np.asarray(json.dumps(report.as_dict())),
+    )
+
+
+def _read_part(path: Path) -> dict[str, Any]:
+    with np.load(path, allow_pickle=False) as f:
+        return {
+            "ids": f["ids"],
+            "scores": f["scores"],
+            "url": str(f["url"]),
+            "run": str(f["run"]),
+            "report": json.loads(str(f["report"])),
+        }
+
+
+def _completed_shards(parts: Path, urls: Sequence[str], run: str) -> set[str]:
+    """Shards of ``urls`` with a complete part of this run; a part of another run is an error."""
+    done = set()
+    for url in urls:
+        path = parts / _part_name(url)
+        if not path.exists():
+            continue
+        try:
+            part = _read_part(path)
+        except Exception as exc:  # a damaged part (it cannot be half-written, but disks fail): re-score the shard
+            rank_zero_warn(f"Re-scoring {url}: its part {path} is unreadable ({exc}).")
+            continue
+        if part["run"] != run:
+            raise ValueError(
+                f"{path.parent.parent} holds scores of another run (different model, scorer, target or pool "
+                f"sample: run {part['run']} != {run}). Use a new `--output` directory or delete it."
+            )
+        done.add(url)
+    return done
+
+
+def read_scores(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a ``scores.npz`` (or a directory holding one): ``ids`` (sorted int64), ``scores`` (float32) and the
+    metadata strings."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / SCORES
+    if not path.exists():
+        raise FileNotFoundError(f"No scores file at {path}: run `lightning-chips score` first.")
+    with np.load(path, allow_pickle=False) as f:
+        return {key: (f[key] if f[key].dtype.kind in "if" else str(f[key])) for key in f.files}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# score
+# --------------------------------------------------------------------------------------------------------------
+def _is_image_folder(spec: str | Sequence[str]) -> bool:
+    if not isinstance(spec, str | os.PathLike) or not os.path.isdir(spec):
+        return False
+    return not any(name.endswith((".tar", ".tar.gz", ".tgz")) for name in os.listdir(spec))
+
+
+def _load_target(spec: str | Sequence[str], image_size: int, uid_field: str) -> tuple[list[dict], dict]:
+    """All target pairs in memory (the target set is small) and a report of what was skipped."""
+    if _is_image_folder(spec):
+        folder = ImageCaptionFolder(spec, image_size=image_size, uid_field=uid_field)
+        pairs, bad = list(folder.pairs), [{"key": k, "reason": r} for k, r in folder.bad]
+        errors: list[str] = []
+    else:
+        data = WebDatasetPairs(spec, image_size=image_size, uid_field=uid_field, reports=True)
+        pairs, bad, errors = [], [], []
+        for item in data:
+            if isinstance(item, ShardReport):
+                bad.extend({"key": k, "reason": r} for k, r in item.bad)
+                if item.error:
+                    errors.append(f"{item.url}: {item.error}")
+            else:
+                pairs.append(item)
+    if not pairs:
+        raise ValueError(f"The target {spec!r} holds no usable image-caption pair (skipped: {bad[:3]}).")
+    return pairs, {"pairs": len(pairs), "bad": bad, "errors": errors}
+
+
+class _ListDataset(Dataset):
+    def __init__(self, items: list[dict]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+class _PoolScoring(LightningModule):
+    """The predict task of :func:`score_pool` (internal): holds the user's CLIP module and the scorer."""
+
+    def __init__(self, model: LightningModule, scorer: Scorer, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.scorer = scorer
+        self.config = config
+        self.buffers: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
+        self.scored_now = 0
+        self.started = 0.0
+
+    # -- data ---------------------------------------------------------------------------------------------------
+    def _adapter(self) -> CLIPAdapter:
+        return resolve_adapter(self.model, self.config["adapter"])
+
+    def _collate(self) -> PairCollate:
+        return ShardCollate(resolve_tokenizer(None, None, self.model), clip_normalize())
+
+    def predict_dataloader(self) -> DataLoader:
+        c = self.config
+        self.pool = WebDatasetPairs(c["urls"], image_size=c["image_size"], uid_field=c["uid_field"], reports=True,
+                                    skip=c["done"]).bind(self.global_rank, self.trainer.world_size)  # fmt: skip
+        shards = self.pool.shards_of_rank()
+        workers = min(c["num_workers"], len(shards))
+        return DataLoader(
+            self.pool,
+            batch_size=c["batch_size"],
+            num_workers=workers,
+            collate_fn=self._collate(),
+            multiprocessing_context=c["worker_start_method"] if workers > 0 else None,
+            persistent_workers=False,
+        )
+
+    # -- prepare ------------------------------------------------------------------------------------------------
+    def on_predict_start(self) -> None:
+        c = self.config
+        self.started = time.perf_counter()
+        self._check_same_weights()
+        adapter = self._adapter()
+        self.scorer.text_encoder = _prompt_encoder(adapter, resolve_tokenizer(None, None, self.model))
+        collate = PairCollate(resolve_tokenizer(None, None, self.model), clip_normalize())
+        target = None
+        with self.trainer.precision_plugin.forward_context():  # the same precision as the scoring pass
+            if c["target_pairs"] is not None:
+                loader = DataLoader(_ListDataset(c["target_pairs"]), batch_size=c["batch_size"], collate_fn=collate)
+                target = extract_features(adapter, loader, device=self.device, description="target")
+            sample = self._pool_sample(adapter, collate)
+        self.scorer.prepare(adapter.endpoint(), None if target is None else target.to(self.device),
+                            sample.to(self.device))  # fmt: skip
+        rank_zero_info(f"[lightning-chips] score: prepared {self.scorer.summary()} on {len(sample)} pool pairs")
+
+    def _check_same_weights(self) -> None:
+        """Every rank must score with the same weights (predict does not broadcast them as DDP training does)."""
+        if self.trainer.world_size == 1:
+            return
+        mine = torch.tensor([int(self.config["model_fingerprint"][:15], 16)], device=self.device)
+        everyone = self.trainer.strategy.all_gather(mine).reshape(-1).tolist()
+        if len(set(everyone)) > 1:
+            raise RuntimeError(
+                "The ranks hold different model weights (randomly initialised without a common seed?); load "
+                "pretrained weights, or set `--seed_everything` so every rank builds the same model."
+            )
+
+    def _pool_sample(self, adapter: CLIPAdapter, collate: PairCollate) -> PairFeatures:
+        """The first ``pool_sample`` valid pairs of the pool's shards in a seeded order (the whole pool when
+        ``pool_sample`` is None); every rank reads the same ones."""
+        c = self.config
+        order = np.random.default_rng(c["seed"]).permutation(len(c["urls"]))
+        reader = WebDatasetPairs(c["urls"], image_size=c["image_size"], uid_field=c["uid_field"])
+        limit = c["pool_sample"]
+
+        def pairs():
+            taken = 0
+            for i in order:
+                for pair in reader.read_shard(c["urls"][i]):
+                    yield pair
+                    taken += 1
+                    if limit is not None and taken >= limit:
+                        return
+
+        def batches():
+            chunk = []
+            for pair in pairs():
+                chunk.append(pair)
+                if len(chunk) == c["batch_size"]:
+                    yield collate(chunk)
+                    chunk = []
+            if chunk:
+                yield collate(chunk)
+
+        return extract_features(adapter, batches(), device=self.device, description="pool sample")
+
+    # -- score --------------------------------------------------------------------------------------------------
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        reports: list[ShardReport] = batch.pop("reports")
+        scores = torch.zeros(0)
+        if len(batch["id"]):
+            shard = batch.pop("shard").cpu()
+            (features,) = iter_features(self._adapter(), [batch], device=self.device)
+            scores = self.scorer.score(features).float().cpu()
+            if not torch.isfinite(scores).all():
+                bad = features.ids.cpu()[~torch.isfinite(scores)][:5].tolist()
+                raise FloatingPointError(
+                    f"{type(self.scorer).__name__} gave non-finite scores (first ids: {bad}); the model or the "
+                    "features are diverged."
+                )
+            ids = features.ids.cpu()
+            for s in shard.unique().tolist():
+                mask = shard == s
+                got_ids, got_scores = self.buffers.setdefault(s, ([], []))
+                got_ids.append(ids[mask])
+                got_scores.append(scores[mask])
+            self.scored_now += len(ids)
+        for report in reports:
+            self._finish_shard(report)
+        return scores  # not kept: the trainer runs with return_predictions=False
+
+    def _finish_shard(self, report: ShardReport) -> None:
+        c = self.config
+        index = c["urls"].index(report.url)
+        got_ids, got_scores = self.buffers.pop(index, ([], []))
+        ids = torch.cat(got_ids).numpy() if got_ids else np.zeros(0, np.int64)
+        scores = torch.cat(got_scores).numpy() if got_scores else np.zeros(0, np.float32)
+        if len(ids) != report.samples:
+            raise RuntimeError(f"Shard {report.url}: {report.samples} pairs read but {len(ids)} scored.")
+        _write_part(Path(c["output"]) / PARTS / _part_name(report.url), report.url, ids, scores, report, c["run"])
+        if c["after_shard"] is not None:
+            c["after_shard"](report)
+
+    def on_predict_end(self) -> None:
+        c = self.config
+        if self.buffers:
+            raise RuntimeError(f"Shards {sorted(self.buffers)} were scored but never reported complete.")
+        output = Path(c["output"])
+        rank, world = self.global_rank, self.trainer.world_size
+        mine = c["urls"][rank::world]
+        ids, scores, _ = _merge_parts(output, mine)
+        atomic_savez(output / f"scores-rank{rank}.npz", ids=ids, scores=scores, rank=np.asarray(rank))
+        scored_now = int(self.trainer.strategy.reduce(torch.tensor(float(self.scored_now), device=self.device),
+                                                      reduce_op="sum"))  # fmt: skip
+        self.trainer.strategy.barrier("lightning_chips_score_merge")
+        if rank == 0:
+            _write_merged(output, c, time.perf_counter() - self.started, scored_now)
+        self.trainer.strategy.barrier("lightning_chips_score_done")
+
+
+def _merge_parts(output: Path, urls: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Id-sorted scores of the parts of ``urls`` (a uid in several shards keeps its first shard's score) and the
+    shard reports."""
+    all_ids, all_scores, reports = [], [], []
+    for url in urls:
+        path = output / PARTS / _part_name(url)
+        if not path.exists():
+            raise RuntimeError(f"Shard {url} has no scores in {output / PARTS}; re-run `score` to finish it.")
+        part = _read_part(path)
+        all_ids.append(part["ids"])
+        all_scores.append(part["scores"])
+        reports.append(part["report"])
+    ids = np.concatenate(all_ids) if all_ids else np.zeros(0, np.int64)
+    scores = np.concatenate(all_scores) if all_scores else np.zeros(0, np.float32)
+    unique, first = np.unique(ids, return_index=True)  # first occurrence in shard order
+    return unique, scores[first], reports
+
+
+def _write_merged(output: Path, config: dict[str, Any], seconds: float, scored_now: int) -> None:
+    urls = config["urls"]
+    all_ids = np.concatenate([_read_part(output / PARTS / _part_name(u))["ids"] for u in urls])
+    ids, scores, reports = _merge_parts(output, urls)
+    values, counts = np.unique(all_ids, return_counts=True)
+    duplicated = values[counts > 1]
+    bad = sum(len(r["bad"]) for r in reports)
+    errors = [r for r in reports if r["error"]]
+    atomic_savez(
+        output / SCORES,
+        ids=ids,
+        scores=scores,
+        method=np.asarray(config["method"]),
+        scorer=np.asarray(config["scorer"]),
+        model_fingerprint=np.asarray(config["model_fingerprint"]),
+        run=np.asarray(config["run"]),
+    )
+    manifest = {
+        "method": config["method"],
+        "scorer": config["scorer"],
+        "model_fingerprint": config["model_fingerprint"],
+        "run": config["run"],
+        "pool": urls,
+        "pool_sample": config["pool_sample"],
+        "seed": config["seed"],
+        "image_size": config["image_size"],
+        "uid_field": config["uid_field"],
+        "target": config["target_report"],
+        "scored": int(len(ids)),
+        "skipped": bad,
+        "duplicates": {"count": int(len(duplicated)), "ids": duplicated[:20].tolist()},
+        "unreadable_shards": [{"url": r["url"], "error": r["error"]} for r in errors],
+        "shards": {r["url"]: {k: v for k, v in r.items() if k != "url"} for r in reports},
+    }
+    atomic_write_json(output / MANIFEST, manifest)
+    if len(duplicated):
+        rank_zero_warn(
+            f"{len(duplicated)} uids occur in several shards (first: {duplicated[:5].tolist()}); each keeps the "
+            f"score from its first shard. See {output / MANIFEST}."
+        )
+    rank_zero_info(
+        f"[lightning-chips] score: {len(ids)} pairs from {len(urls)} shards by {config['method']} "
+        f"({scored_now} scored now, the rest resumed), {bad} samples skipped, {len(errors)} unreadable shards, "
+        f"{seconds:.1f}s -> {output / SCORES}"
+    )
+
+
+def _target_digest(pairs: list[dict] | None) -> str:
+    """A digest of the target pairs' ids, captions and images (part of the run's identity)."""
+    if pairs is None:
+        return "none"
+    digest = hashlib.blake2b(digest_size=8)
+    for pair in pairs:
+        digest.update(np.int64(pair["id"]).tobytes() + pair["text"].encode())
+        digest.update(pair["image"].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _prompt_encoder(adapter: CLIPAdapter, tokenizer):
+    from lightning_chips.callback import _PromptEncoder
+
+    return _PromptEncoder(adapter, tokenizer)
+
+
+def score_pool(
+    model: LightningModule,
+    scorer: Scorer,
+    pool: str | list[str],
+    output: str,
+    target: str | list[str] | None = None,
+    *,
+    batch_size: int = 256,
+    num_workers: int = 4,
+    worker_start_method: Literal["fork", "spawn", "forkserver"] | None = None,
+    pool_sample: int | None = 8192,
+    seed: int = 0,
+    image_size: int | None = None,
+    uid_field: str = "uid",
+    trainer: Trainer | None = None,
+    adapter: CLIPAdapter | None = None,
+    after_shard: Any = None,
+) -> Path:
+    """Score every pair of a WebDataset pool with ``scorer`` under ``model``; write ``output/scores.npz``.
+
+    Args:
+        model: the CLIP LightningModule (e.g. :class:`~lightning_chips.models.OpenCLIPModule` with its
+            ``pretrained`` weights); it also gives the tokenizer and, unless ``image_size`` is set, the image size.
+        scorer: a :class:`~lightning_chips.scoring.Scorer` (``build_scorer("chips")``, ...).
+        pool: the pool's shards (brace pattern, ``::``-joined, list, directory or glob).
+        output: output directory (created); re-running into it resumes.
+        target: target pairs: WebDataset shards or a directory of ``NAME.jpg`` + ``NAME.txt``; required by
+            scorers that need a target (CHIPS, NormSim, the influence baselines).
+        batch_size: pairs per forward pass.
+        num_workers: dataloader workers per rank (at most one per shard of the rank).
+        worker_start_method: ``"spawn"`` / ``"forkserver"`` / ``"fork"`` workers (default: the platform's).
+        pool_sample: pool pairs given to ``scorer.prepare`` (bank, curvature), read from the shards in a seeded
+            order; ``None`` = the whole pool (needed by set-level scorers such as ClipCov; holds O(N d) features).
+        seed: seed of the pool sample's shard order.
+        image_size: image side; default: the model's ``image_size``.
+        uid_field: the int64 id's field in each sample's ``.json``.
+        trainer: the Trainer that runs the pass (devices, nodes, strategy, precision); default: one device.
+        adapter: an explicit :class:`~lightning_chips.adapters.CLIPAdapter` for a model the resolver cannot read.
+        after_shard: called with each :class:`~lightning_chips.data.webdataset.ShardReport` once its part is
+            written (progress hooks, tests).
+
+    Returns:
+        The path of ``scores.npz`` (ids sorted, float32 scores, ``method``, ``scorer``, ``model_fingerprint``).
+
+    Example::
+
+        >>> score_pool(OpenCLIPModule("ViT-B-16", pretrained="ckpt/vit_b16.pt"), CHIPS(),
+        ...            "pool/{000000..000999}.tar", "scores/chips", target="target/",
+        ...            trainer=Trainer(accelerator="gpu", devices=8, strategy="ddp"))
+    """
+    if not isinstance(scorer, Scorer):
+        raise TypeError(f"`scorer` must be a lightning_chips Scorer, got {type(scorer).__name__}.")
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+    if num_workers < 0:
+        raise ValueError(f"`num_workers` must be >= 0, got {num_workers}.")
+    if pool_sample is not None and pool_sample < 2:
+        raise ValueError(f"`pool_sample` must be >= 2 or None (the whole pool), got {pool_sample}.")
+    if scorer.requires_target and target is None:
+        raise ValueError(f"The {type(scorer).__name__} scorer needs target pairs: pass `target`.")
+    resolved = resolve_adapter(model, adapter)  # fail before any work if the CLIP cannot be reached
+    image_size = int(image_size or getattr(model, "image_size", None) or 224)
+    urls = expand_shards(pool)
+    target_pairs, target_report = (None, None)
+    if target is not None:
+        target_pairs, target_report = _load_target(target, image_size, uid_field)
+    fingerprint = model_fingerprint(resolved.module)
+    target_digest = _target_digest(target_pairs)
+    run_spec = [fingerprint, repr(scorer), target_digest, pool_sample, seed, image_size, uid_field]
+    run = hashlib.sha1(json.dumps(run_spec).encode()).hexdigest()[:16]
+    out = Path(output)
+    (out / PARTS).mkdir(parents=True, exist_ok=True)
+    done = _completed_shards(out / PARTS, urls, run)
+    config = {
+        "urls": urls,
+        "done": sorted(done),
+        "output": str(out),
+        "run": run,
+        "model_fingerprint": fingerprint,
+        "method": type(scorer).__name__,
+        "scorer": repr(scorer),
+        "target_pairs": target_pairs,
+        "target_report": target_report,
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "worker_start_method": worker_start_method,
+        "pool_sample": pool_sample,
+        "seed": seed,
+        "image_size": image_size,
+        "uid_field": uid_field,
+        "adapter": adapter,
+        "after_shard": after_shard,
+    }
+    if done:
+        rank_zero_info(f"[lightning-chips] score: resuming, {len(done)}/{len(urls)} shards already scored")
+    trainer = trainer if trainer is not None else Trainer(
+        accelerator="auto", devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False
+    )  # fmt: skip
+    if trainer.world_size > len(urls):
+        rank_zero_warn(f"{trainer.world_size} ranks but only {len(urls)} shards: some ranks will idle.")
+    task = _PoolScoring(model, scorer, config)
+    trainer.predict(task, return_predictions=False)
+    return out / SCORES
+
+
+# --------------------------------------------------------------------------------------------------------------
+# select and reshard
+# --------------------------------------------------------------------------------------------------------------
+def select_subset(
+    scores: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    fraction: float | None = None,
+    count: int | None = None,
+    reshard: str | None = None,
+    pool: str | list[str] | None = None,
+    maxcount: int = 10000,
+) -> np.ndarray:
+    """The top ``fraction`` (or ``count``) of a scores file as sorted uids, saved to ``output`` (``.npy``).
+
+    Ties are broken by id, so the subset is deterministic. With ``reshard`` (a ``ShardWriter`` pattern such as
+    ``subset/shard-%06d.tar``) the selected samples are also copied, byte for byte, from the pool's shards
+    (``pool``, default: the pool recorded in the scores' manifest) into new shards of ``maxcount`` samples.
+
+    Example::
+
+        >>> select_subset("scores/chips/scores.npz", "subset.npy", fraction=0.3, reshard="subset/%06d.tar")
+    """
+    if (fraction is None) == (count is None):
+        raise ValueError("Give exactly one of `fraction` or `count`.")
+    loaded = read_scores(scores)
+    ids, values = np.asarray(loaded["ids"], np.int64), np.asarray(loaded["scores"])
+    if count is not None and not 1 <= count <= len(ids):
+        raise ValueError(f"`count` must be in [1, {len(ids)}] (the scored pairs), got {count}.")
+    if not np.isfinite(values).all():
+        raise ValueError(f"The scores file has non-finite scores (ids {ids[~np.isfinite(values)][:5].tolist()}).")
+    chosen = select(ids, values, fraction=fraction, count=count, method=str(loaded.get("method", ""))).ids
+    chosen = np.sort(np.asarray(chosen, dtype=np.int64))
+    output = Path(output)
+    with atomic_writer(output) as f:
+        np.save(f, chosen)
+    message = f"[lightning-chips] select: {len(chosen)}/{len(ids)} uids -> {output}"
+    if reshard is not None:
+        if pool is None:
+            manifest_path = Path(scores) / MANIFEST if Path(scores).is_dir() else Path(scores).parent / MANIFEST
+            if not manifest_path.exists():
+                raise ValueError("Pass `pool` (the shards to copy from): no manifest.json beside the scores.")
+            pool = json.loads(manifest_path.read_text())["pool"]
+        written = reshard_samples(pool, chosen, reshard, maxcount=maxcount)
+        message += f"; {len(written)} shards -> {reshard}"
+    rank_zero_info(message)
+    return chosen
+
+
+def reshard_samples(
+    pool: str | Sequence[str], uids: np.ndarray, pattern: str, *, maxcount: int = 10000, uid_field: str = "uid"
+) -> list[str]:
+    """Copy the samples of ``pool`` whose uid is in ``uids`` into new shards named by ``pattern`` (``%06d``).
+
+    Every member of a sample is copied unchanged. The shards are written in a temporary directory and moved into
+    place at the end, so a crash leaves no partial output. A uid found in several shards is copied once; a uid
+    that is not found is an error.
+    """
+    import webdataset as wds
+
+    if "%" not in pattern:
+        raise ValueError(f"`reshard` must be a pattern with a %d field, e.g. 'subset/shard-%06d.tar', got {pattern!r}.")
+    wanted = np.unique(np.asarray(uids, dtype=np.int64))
+    seen = np.zeros(len(wanted), dtype=bool)
+    target_dir = Path(pattern).parent
+    target_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".reshard-", dir=target_dir))
+    try:
+        with wds.ShardWriter(str(tmp / Path(pattern).name), maxcount=maxcount, verbose=0) as sink:
+            for url in expand_shards(pool):
+                report = ShardReport(url)
+                for key, raw in iter_raw_samples(url, report):
+                    try:
+                        uid = json.loads(raw["json"])[uid_field]
+                        uid = int(uid)
+                    except Exception:
+                        continue
+                    pos = int(np.searchsorted(wanted, uid))
+                    if pos < len(wanted) and wanted[pos] == uid and not seen[pos]:
+                        seen[pos] = True
+                        sink.write({"__key__": key.rsplit("/", 1)[-1], **raw})
+        if not seen.all():
+            raise ValueError(f"{int((~seen).sum())} selected uids are not in the pool (first: "
+                             f"{wanted[~seen][:5].tolist()}); is `pool` the pool that was scored?")  # fmt: skip
+        written = []
+        for name in sorted(os.listdir(tmp)):
+            os.replace(tmp / name, target_dir / name)
+            written.append(str(target_dir / name))
+        return written
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
