@@ -218,6 +218,53 @@ class DataSelectionCallback(Callback):
                     description=f"round {r}: target",
                 ),  # fmt: skip
             )
+        if getattr(datamodule, "streaming", False):
+            own_ids, own_scores, own_labels = self._score_stream(trainer, pl_module, adapter, target, show)
+            own_indices, n = own_ids.numpy(), None  # a stream has no positions: the ids stand in for them
+        else:
+            own_ids, own_scores, own_labels, own_indices, n = self._score_map_style(
+                trainer, pl_module, adapter, target, show
+            )
+
+        scores = _gather_rows(pl_module, own_scores).numpy()
+        ids = _gather_rows(pl_module, own_ids).numpy()
+        indices = _gather_rows(pl_module, torch.as_tensor(own_indices)).numpy()
+        labels = None if own_labels is None else _gather_rows(pl_module, own_labels).numpy()
+        n = len(ids) if n is None else n
+        unique, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            dup = unique[counts > 1][:5].tolist()
+            raise ValueError(f"Pool ids must be unique; duplicated ids in round {r}: {dup}.")
+        selection = select(
+            ids, scores, fraction=self.fraction, mode=self.mode, labels=labels, indices=indices,
+            temperature=self.temperature, round=r, method=type(self.scorer).__name__,
+        )  # fmt: skip
+        previous = self.selection
+        self.selection = selection
+        datamodule.selection = selection
+        self.last_step, self.last_epoch = trainer.global_step, trainer.current_epoch + int(at_epoch_end)
+        self.round = r + 1
+        metrics = self._metrics(selection, previous, scores, n)
+        self.history.append(metrics)
+        if trainer.is_global_zero:
+            self._write(trainer, selection, ids, scores)
+            if self.log:
+                for logger in trainer.loggers:
+                    logger.log_metrics({f"selection/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
+            overlap = "n/a" if previous is None else f"{metrics['overlap']:.1%}"
+            rank_zero_info(
+                f"[lightning-chips] round {r} at step {trainer.global_step}: selected {len(selection)}/{n} "
+                f"({metrics['fraction']:.1%}) by {selection.method}, overlap with previous round {overlap}, "
+                f"score q10/q50/q90 = {metrics['score_q10']:.4g}/{metrics['score_q50']:.4g}/"
+                f"{metrics['score_q90']:.4g}; {self.scorer.summary()}; {time.perf_counter() - start:.1f}s"
+            )
+        return selection
+
+    def _score_map_style(self, trainer: Trainer, pl_module: LightningModule, adapter: CLIPAdapter,
+                         target: PairFeatures | None, show: bool) -> tuple:  # fmt: skip
+        """Score this rank's contiguous share of a map-style pool."""
+        datamodule, device, r = trainer.datamodule, pl_module.device, self.round
+        rank, world = trainer.global_rank, trainer.world_size
         n = len(datamodule.pool)
         all_indices = np.arange(n, dtype=np.int64)
         own_indices = _shard(all_indices, rank, world)
@@ -255,39 +302,31 @@ class DataSelectionCallback(Callback):
                 labels.append(None if batch.labels is None else batch.labels.cpu())
             own_scores, own_ids = torch.cat(parts), torch.cat(ids)
             own_labels = None if any(x is None for x in labels) else torch.cat(labels)
+        return own_ids, own_scores, own_labels, own_indices, n
 
-        scores = _gather_rows(pl_module, own_scores).numpy()
-        ids = _gather_rows(pl_module, own_ids).numpy()
-        indices = _gather_rows(pl_module, torch.as_tensor(own_indices)).numpy()
-        labels = None if own_labels is None else _gather_rows(pl_module, own_labels).numpy()
-        unique, counts = np.unique(ids, return_counts=True)
-        if (counts > 1).any():
-            dup = unique[counts > 1][:5].tolist()
-            raise ValueError(f"Pool ids must be unique; duplicated ids in round {r}: {dup}.")
-        selection = select(
-            ids, scores, fraction=self.fraction, mode=self.mode, labels=labels, indices=indices,
-            temperature=self.temperature, round=r, method=type(self.scorer).__name__,
-        )  # fmt: skip
-        previous = self.selection
-        self.selection = selection
-        datamodule.selection = selection
-        self.last_step, self.last_epoch = trainer.global_step, trainer.current_epoch + int(at_epoch_end)
-        self.round = r + 1
-        metrics = self._metrics(selection, previous, scores, n)
-        self.history.append(metrics)
-        if trainer.is_global_zero:
-            self._write(trainer, selection, ids, scores)
-            if self.log:
-                for logger in trainer.loggers:
-                    logger.log_metrics({f"selection/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
-            overlap = "n/a" if previous is None else f"{metrics['overlap']:.1%}"
-            rank_zero_info(
-                f"[lightning-chips] round {r} at step {trainer.global_step}: selected {len(selection)}/{n} "
-                f"({metrics['fraction']:.1%}) by {selection.method}, overlap with previous round {overlap}, "
-                f"score q10/q50/q90 = {metrics['score_q10']:.4g}/{metrics['score_q50']:.4g}/"
-                f"{metrics['score_q90']:.4g}; {self.scorer.summary()}; {time.perf_counter() - start:.1f}s"
-            )
-        return selection
+    def _score_stream(self, trainer: Trainer, pl_module: LightningModule, adapter: CLIPAdapter,
+                      target: PairFeatures | None, show: bool) -> tuple:  # fmt: skip
+        """Score this rank's shards of a streaming (WebDataset) pool; the pool sample is read alike on every rank
+        (``pool_sample`` pairs from shards in a seeded order), or gathered from all ranks when it is None."""
+        datamodule, device, r = trainer.datamodule, pl_module.device, self.round
+        if self.pool_sample is None:
+            own_features = extract_features(adapter, datamodule.pool_dataloader(), device=device, progress=show,
+                                            description=f"round {r}: pool")  # fmt: skip
+            self.scorer.prepare(adapter.endpoint(), None if target is None else target.to(device),
+                                _gather_features(pl_module, own_features).to(device))  # fmt: skip
+            scores = torch.cat([self.scorer.score(b.to(device)).float().cpu() for b in own_features.batches(4096)])
+            return own_features.ids.cpu(), scores, own_features.labels
+        sample = extract_features(adapter, datamodule.pool_sample(self.pool_sample, r), device=device,
+                                  progress=show, description=f"round {r}: pool sample")  # fmt: skip
+        self.scorer.prepare(adapter.endpoint(), None if target is None else target.to(device), sample.to(device))
+        parts, ids = [], []
+        for batch in iter_features(adapter, datamodule.pool_dataloader(), device=device, progress=show,
+                                   description=f"round {r}: scoring"):  # fmt: skip
+            parts.append(self.scorer.score(batch).float().cpu())
+            ids.append(batch.ids.cpu())
+        if not parts:
+            return torch.zeros(0, dtype=torch.int64), torch.zeros(0), None
+        return torch.cat(ids), torch.cat(parts), None
 
     def _metrics(self, selection: Selection, previous: Selection | None, scores: np.ndarray, n: int) -> dict:
         q10, q50, q90 = np.quantile(scores, [0.1, 0.5, 0.9])

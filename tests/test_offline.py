@@ -70,8 +70,10 @@ def _in_memory_scores(module, root: Path, valid: dict, seed: int = 0) -> tuple[n
     uids = sorted(valid)
     features = extract_features(adapter, DataLoader([pair(u) for u in uids], batch_size=16, collate_fn=collate))
     target = extract_features(
-        adapter, DataLoader(list(WebDatasetPairs(str(root / "target"), image_size=32)), batch_size=16,
-                            collate_fn=collate)  # fmt: skip
+        adapter,
+        DataLoader(
+            list(WebDatasetPairs(str(root / "target"), image_size=32)), batch_size=16, collate_fn=collate
+        ),  # fmt: skip
     )
     urls = expand_shards(str(root / "pool"))
     order = np.random.default_rng(seed).permutation(len(urls))

@@ -334,6 +334,18 @@ class WebDatasetPairs(IterableDataset):
         if self.reports:
             yield report
 
+    def selected(self, raw: dict[str, bytes]) -> bool:
+        """Whether a raw sample's uid is in the selection (always True without one; False without a uid)."""
+        if self.selection is None:
+            return True
+        uid = _parse_uid(raw.get("json"), self.uid_field)
+        return not isinstance(uid, str) and _contains(self.selection, uid)
+
+    def decode(self, raw: dict[str, bytes]) -> dict[str, Any] | None:
+        """Decode one raw sample with this pool's transform; None when it is unusable."""
+        pair = decode_pair(raw, self.transform, uid_field=self.uid_field, image_extensions=self.image_extensions)
+        return None if isinstance(pair, str) else pair
+
     def with_selection(self, ids: np.ndarray | None) -> WebDatasetPairs:
         """A copy that keeps only ``ids`` (the dataset of one selection round)."""
         import copy
