@@ -5,7 +5,7 @@ Public API only; see the README and docs/ for the tour.
 
 from lightning_chips.adapters import CLIPAdapter, EndPoint, SupportsEndPoint, UnsupportedModelError, resolve_adapter
 from lightning_chips.callback import DataSelectionCallback
-from lightning_chips.data import ScoredSubsetDataModule, TwoDomainDataModule, TwoDomainPairs
+from lightning_chips.data import ScoredSubsetDataModule, TwoDomainDataModule, TwoDomainPairs, WebDatasetDataModule
 from lightning_chips.evaluation import BuiltinZeroShotTask, RetrievalTask, ZeroShotEvaluation, ZeroShotTask
 from lightning_chips.metrics import RetrievalRecallAtK, ZeroShotAccuracy, build_zero_shot_classifier
 from lightning_chips.models import OpenCLIPModule
@@ -35,6 +35,7 @@ __all__ = [
     "SupportsEndPoint",
     "TwoDomainDataModule",
     "TwoDomainPairs",
+    "WebDatasetDataModule",
     "UnsupportedModelError",
     "__version__",
     "resolve_adapter",

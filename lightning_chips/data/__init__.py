@@ -1,14 +1,22 @@
-"""Datasets and data modules: the built-in two-domain data (later: scored subsets, WebDataset pools)."""
+"""Datasets and data modules: the built-in two-domain data, scored subsets of map-style pools, WebDataset pools."""
 
 from lightning_chips.data.builtin import CLASSNAMES, DOMAINS, TEMPLATES, TwoDomainPairs
 from lightning_chips.data.datamodule import TwoDomainDataModule, clip_normalize, resolve_tokenizer
 from lightning_chips.data.sampler import ScoredSubsetSampler
+from lightning_chips.data.stream import SelectedStream, WebDatasetDataModule
 from lightning_chips.data.subset import PairCollate, ScoredSubsetDataModule
+from lightning_chips.data.webdataset import ImageCaptionFolder, ShardReport, WebDatasetPairs, expand_shards
 
 __all__ = [
     "CLASSNAMES",
     "DOMAINS",
     "TEMPLATES",
+    "ImageCaptionFolder",
+    "SelectedStream",
+    "ShardReport",
+    "WebDatasetDataModule",
+    "WebDatasetPairs",
+    "expand_shards",
     "PairCollate",
     "ScoredSubsetDataModule",
     "ScoredSubsetSampler",
