@@ -20,6 +20,14 @@ from lightning_chips.functional.endpoint import (
     endpoint_per_sample_grads,
 )
 from lightning_chips.functional.influence import grad_dot, tracin, trak
+from lightning_chips.functional.influence_full import (
+    GradientProjection,
+    endpoint_parameter_names,
+    full_parameter_bank,
+    full_parameter_grads,
+    full_parameter_influence,
+    select_parameters,
+)
 from lightning_chips.functional.quality import clip_score, negclip_loss, normsim
 from lightning_chips.functional.sketch import EndPointSketch, IdentitySketch, make_sketch
 
@@ -27,6 +35,7 @@ __all__ = [
     "ChipsScores",
     "ChipsState",
     "EndPointSketch",
+    "GradientProjection",
     "IdentitySketch",
     "chips_prepare",
     "clip_powered_scores",
@@ -50,4 +59,9 @@ __all__ = [
     "bank_loss",
     "bank_stats",
     "endpoint_per_sample_grads",
+    "endpoint_parameter_names",
+    "full_parameter_bank",
+    "full_parameter_grads",
+    "full_parameter_influence",
+    "select_parameters",
 ]
