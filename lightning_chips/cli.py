@@ -73,23 +73,42 @@ def build_cli(args: list[str] | None = None, *, run: bool = True) -> LightningCh
 
 
 def _scorer_names_to_class_paths(args: list[str]) -> list[str]:
-    """``--scorer chips`` (a registry name) -> ``--scorer lightning_chips.scoring.chips.CHIPS``."""
+    """Registry names (``--scorer chips`` on the command line, ``scorer: chips`` or ``class_path: chips`` in a
+    ``--config`` file) -> class paths (``lightning_chips.scoring.chips.CHIPS``), which jsonargparse resolves."""
+    import os
+
+    import yaml
+
     from lightning_chips.scoring.registry import SCORERS
 
-    def resolve(value: str) -> str:
-        cls = SCORERS.get(value.lower())
-        return f"{cls.__module__}.{cls.__qualname__}" if cls is not None else value
+    def resolve(value: Any) -> Any:
+        if isinstance(value, str) and value.lower() in SCORERS:
+            cls = SCORERS[value.lower()]
+            return f"{cls.__module__}.{cls.__qualname__}"
+        if isinstance(value, dict) and "class_path" in value:
+            return {**value, "class_path": resolve(value["class_path"])}
+        return value
+
+    def resolve_config(value: str) -> str:
+        text = open(value).read() if os.path.isfile(value) else value
+        config = yaml.safe_load(text)
+        if not isinstance(config, dict) or "scorer" not in config:
+            return value
+        return yaml.safe_dump({**config, "scorer": resolve(config["scorer"])})
 
     out, i = [], 0
     while i < len(args):
         arg = args[i]
-        if arg == "--scorer" and i + 1 < len(args):
-            out += [arg, resolve(args[i + 1])]
-            i += 2
-            continue
-        if arg.startswith("--scorer="):
-            arg = "--scorer=" + resolve(arg.split("=", 1)[1])
-        out.append(arg)
+        for flag, fix in (("--scorer", resolve), ("--config", resolve_config)):
+            if arg == flag and i + 1 < len(args):
+                out += [arg, fix(args[i + 1])]
+                i += 1
+                break
+            if arg.startswith(flag + "="):
+                out.append(flag + "=" + fix(arg.split("=", 1)[1]))
+                break
+        else:
+            out.append(arg)
         i += 1
     return out
 

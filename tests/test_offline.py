@@ -200,3 +200,20 @@ def test_ddp_score_gives_the_single_process_file(shards, tmp_path):
                          timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert len(np.load(tmp_path / "s.npy")) == 7
+
+
+def test_cli_runs_score_and_select_from_yaml(shards, tmp_path):
+    from lightning_chips.cli import main
+
+    root, valid = shards
+    config = tmp_path / "score.yaml"
+    config.write_text(
+        "model:\n  class_path: lightning_chips.OpenCLIPModule\n"
+        f"  init_args:\n    model_config: {json.dumps(TINY_VIT)}\n"
+        f"scorer: clipscore\npool: {root / 'pool'}\noutput: {tmp_path / 'out'}\nnum_workers: 0\n"
+        "pool_sample: null\ntrainer:\n  accelerator: cpu\n  enable_progress_bar: false\n"
+    )
+    main(["score", "--config", str(config), "--batch_size", "32"])
+    assert read_scores(tmp_path / "out")["ids"].tolist() == sorted(valid)
+    main(["select", "--scores", str(tmp_path / "out"), "--fraction", "0.5", "--output", str(tmp_path / "s.npy")])
+    assert len(np.load(tmp_path / "s.npy")) == 29
