@@ -220,8 +220,12 @@ class _PoolScoring(LightningModule):
                 loader = DataLoader(_ListDataset(c["target_pairs"]), batch_size=c["batch_size"], collate_fn=collate)
                 target = extract_features(adapter, loader, device=self.device, description="target")
             sample = self._pool_sample(adapter, collate)
-        self.scorer.prepare(adapter.endpoint(), None if target is None else target.to(self.device),
-                            sample.to(self.device))  # fmt: skip
+        # predict runs under inference mode; some scorers train in prepare (CLIP-powered's adapters), so prepare
+        # gets ordinary tensors and autograd
+        with torch.inference_mode(False), torch.enable_grad():
+            target = None if target is None else _ordinary(target.to(self.device))
+            sample = _ordinary(sample.to(self.device))
+            self.scorer.prepare(adapter.endpoint(), target, sample)
         rank_zero_info(f"[lightning-chips] score: prepared {self.scorer.summary()} on {len(sample)} pool pairs")
 
     def _check_same_weights(self) -> None:
@@ -317,6 +321,12 @@ class _PoolScoring(LightningModule):
         if rank == 0:
             _write_merged(output, c, time.perf_counter() - self.started, scored_now)
         self.trainer.strategy.barrier("lightning_chips_score_done")
+
+
+def _ordinary(features: PairFeatures) -> PairFeatures:
+    """A copy made outside inference mode (inference tensors cannot enter autograd)."""
+    labels = None if features.labels is None else features.labels.clone()
+    return PairFeatures(features.ids.clone(), features.image.clone(), features.text.clone(), labels)
 
 
 def _merge_parts(output: Path, urls: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[dict]]:

@@ -217,3 +217,30 @@ def test_cli_runs_score_and_select_from_yaml(shards, tmp_path):
     assert read_scores(tmp_path / "out")["ids"].tolist() == sorted(valid)
     main(["select", "--scores", str(tmp_path / "out"), "--fraction", "0.5", "--output", str(tmp_path / "s.npy")])
     assert len(np.load(tmp_path / "s.npy")) == 29
+
+
+def _registered(name: str):
+    from lightning_chips.scoring import build_scorer
+
+    if name == "clip_powered":
+        return build_scorer(name, classnames=["circle", "cell"], labels="zeroshot")
+    if name == "chain":
+        return build_scorer(name, first=CLIPScore(), second=_chips(), keep_fraction=0.5)
+    if name == "intersect":
+        return build_scorer(name, scorers=[CLIPScore(), _chips()], fractions=[0.5, 0.5])
+    if name == "chips":
+        return _chips()
+    return build_scorer(name)
+
+
+@pytest.mark.parametrize("name", sorted(__import__("lightning_chips.scoring", fromlist=["SCORERS"]).SCORERS))
+def test_every_registered_scorer_scores_shards(shards, tmp_path, name):
+    """Set-level scorers included (prepared on the whole pool), and CLIP-powered, which trains in prepare under
+    the predict loop's inference mode."""
+    root, valid = shards
+    path = score_pool(_module(), _registered(name), str(root / "pool"), str(tmp_path / name),
+                      target=str(root / "target"), batch_size=32, num_workers=0, pool_sample=None,
+                      trainer=_trainer())  # fmt: skip
+    result = read_scores(path)
+    assert result["ids"].tolist() == sorted(valid)
+    assert np.isfinite(result["scores"]).all()
