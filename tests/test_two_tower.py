@@ -97,3 +97,8 @@ def test_frozen_towers_do_not_move_and_trainable_blocks_do(towers):
     assert not any(n.startswith(("image_tower.net._blocks.0.", "text_tower.net.encoder.layer.0.")) for n in trainable)
     partly.train()
     assert not partly.image_tower.net._bn0.training and partly.image_tower.net._bn1.training
+
+
+def test_feature_mode_tokenizer_refuses_captions():
+    with pytest.raises(ValueError, match="precomputed text features"):
+        _feature_model().get_tokenizer()(["a cat"])

