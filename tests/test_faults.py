@@ -125,3 +125,26 @@ def test_non_finite_scores_are_an_error_naming_the_ids(faulty, tmp_path):
         score_pool(module, _Diverged(), str(faulty), str(tmp_path / "out"), num_workers=0, image_size=32,
                    trainer=trainer)  # fmt: skip
     assert not (tmp_path / "out" / "scores.npz").exists()
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_an_exception_on_one_rank_ends_the_ddp_scoring_job(tmp_path, failing_rank):
+    """2 gloo ranks; one scorer raises mid-pass: the job exits non-zero with that error, bounded in time (no hang
+    at the merge barrier), and no merged scores file is written."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from .shards import write_pool
+
+    write_pool(tmp_path / "pool", num_pairs=48, per_shard=6)
+    script = Path(__file__).parent / "scripts" / "score_fail_rank.py"
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "pool"), str(tmp_path / "out"),
+                           str(failing_rank)], capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert done.returncode != 0
+    assert f"injected failure on rank {failing_rank}" in done.stderr + done.stdout
+    assert time.monotonic() - start < 240
+    assert not (tmp_path / "out" / "scores.npz").exists()
