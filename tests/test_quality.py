@@ -83,11 +83,15 @@ def test_clip_score_is_the_pair_cosine():
 
 @pytest.fixture(scope="module")
 def pretrained():
-    """A tiny CLIP pretrained briefly on built-in data with 30 % mismatched captions, and a scored test pool."""
+    """A tiny CLIP pretrained briefly on built-in data with 30 % mismatched captions, and a scored test pool.
+
+    10 epochs (500 steps): with 6, CLIPScore's clean-vs-mismatched AUROC was 0.96 at this seed but 0.79-0.80 with
+    seeds 1 and 2 (model and data); with 10 it is 0.97 / 0.945 / 0.944 (negCLIPLoss 0.98 / 0.95 / 0.95).
+    """
     pl.seed_everything(0)
     module = OpenCLIPModule(model_config=copy.deepcopy(TINY_VIT), lr=2e-3, warmup_steps=10)
     data = TwoDomainDataModule(num_train=3200, num_val=64, target_fraction=0.3, noise_fraction=0.3, batch_size=64)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=6, logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=10, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
     trainer.fit(module, datamodule=data)
     common = dict(tokenizer=module.get_tokenizer(), transform=clip_normalize())
@@ -113,8 +117,13 @@ def test_alignment_scores_rank_clean_pairs_above_mismatched_ones(pretrained, nam
 
 def test_chips_prefers_clean_target_domain_pairs(pretrained):
     """CHIPS scores usefulness for the target, not pair quality: clean general-domain pairs rank low too, so its
-    clean-vs-mismatched AUROC over a mixed pool is low (0.60 measured). What it must do: rank clean target pairs
-    above clean general ones, and clean target pairs above mismatched target pairs."""
+    clean-vs-mismatched AUROC over a mixed pool is low (0.58-0.61 measured). What it must do: rank clean target pairs
+    above clean general ones, and clean target pairs above mismatched target pairs.
+
+    Measured over three fixture seeds (0, 1, 2; model and data) at 10 epochs: clean target vs clean general 0.985 /
+    0.999 / 0.998; clean vs mismatched within the target domain 0.907 / 0.864 / 0.874 (CLIPScore there: 0.975 /
+    0.942 / 0.962). No bank size, solver, alpha, sketch dimension or damping tried reached 0.9 on all three seeds
+    (best: the sketch with 100x damping, 0.923 / 0.872 / 0.875), so the within-target bound stays at 0.8."""
     adapter, pool, pool_f, target_f = pretrained
     scorer = CHIPS(bank_size=256, components=("alignment",))
     scorer.prepare(adapter.endpoint(), target_f, pool_f)
