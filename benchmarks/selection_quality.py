@@ -449,6 +449,38 @@ def table(results: Results, budgets: list[str]) -> str:
     return "\n".join(lines)
 
 
+def composition_table(results: Results, budgets: list[str]) -> str:
+    """What each one-shot selection holds: its share of target-domain pairs and of mismatched captions."""
+    comp = results.extra.get("composition", {})
+    pool = results.extra.get("pool_composition", {})
+    lines = ["| method | " + " | ".join(f"{b}: target / mismatched" for b in budgets) + " |",
+             "|---|" + "---|" * len(budgets)]  # fmt: skip
+    if pool:
+        share = f"{100 * pool['target_share']:.0f}% / {100 * pool['mismatched_share']:.0f}%"
+        lines.append("| (whole pool) | " + " | ".join(share for _ in budgets) + " |")
+    for method in results.rows:
+        cells = []
+        for b in budgets:
+            c = comp.get(f"{method} {b}")
+            cells.append("" if c is None else f"{100 * c['target_share']:.0f}% / {100 * c['mismatched_share']:.0f}%")
+        if any(cells):
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render(results: Results, budgets: list[str]) -> str:
+    """The markdown the run writes: the main table, then the composition of each selection."""
+    parts = [table(results, budgets), "", "Selected target-domain share / mismatched-caption share:", "",
+             composition_table(results, budgets)]  # fmt: skip
+    fid = results.extra.get("fidelity")
+    if fid:
+        parts += ["", f"End-point fidelity: Spearman {fid['spearman']:.3f} between end-point alignment "
+                  f"({fid['endpoint_params']:,} parameters) and alignment with the last tower blocks trainable "
+                  f"({fid['trainable_params']:,} parameters), {fid['pairs']} pool pairs x {fid['targets']} target "
+                  f"pairs."]  # fmt: skip
+    return "\n".join(parts)
+
+
 def plot(results: Results, budgets: list[str], path: Path) -> None:
     import matplotlib
 
@@ -533,12 +565,22 @@ def main(argv: list[str] | None = None) -> Results:
     parser.add_argument("--quick", action="store_true", help="one seed, one budget, small pool, no ablations")
     parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache", help="feature cache directory")
     parser.add_argument("--out", type=Path, default=None, help="directory for table.md, results.json, plot.png")
+    parser.add_argument("--render", type=Path, default=None, help="re-render table.md and plot.png from results.json")
     args = parser.parse_args(argv)
+    if args.render is not None:
+        payload = json.loads(args.render.read_text())
+        results = Results(payload["rows"], payload["extra"])
+        budgets = [f"{round(100 * b)}%" for b in payload["config"]["budgets"]]
+        (args.render.parent / "table.md").write_text(render(results, budgets) + "\n")
+        if len(budgets) > 1:
+            plot(results, budgets, args.render.parent / "plot.png")
+        print(render(results, budgets))
+        return results
     cfg = QUICK if args.quick else Config()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     results = run(cfg, args.cache)
     budgets = [f"{round(100 * b)}%" for b in cfg.budgets]
-    text = table(results, budgets)
+    text = render(results, budgets)
     print(text)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
