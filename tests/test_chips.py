@@ -236,3 +236,14 @@ def test_empty_target_is_an_error():
         CHIPS().prepare(ep, PairFeatures(ids[:0], pool_v[:0], pool_t[:0]), PairFeatures(ids, pool_v, pool_t))
     with pytest.raises(ValueError, match="unknown|Unknown"):
         build_scorer("chipz")
+
+
+def test_kernel_solver_refuses_a_gram_matrix_too_large_before_allocating(monkeypatch):
+    import lightning_chips.functional.chips as chips_math
+
+    g = torch.Generator().manual_seed(0)
+    ep = EndPoint(torch.randn(6, 4, generator=g), torch.randn(5, 4, generator=g), torch.tensor(2.0))
+    pool = PairFeatures(torch.arange(40), torch.randn(40, 6, generator=g), torch.randn(40, 5, generator=g))
+    monkeypatch.setattr(chips_math, "KERNEL_MAX_BYTES", 1000)
+    with pytest.raises(ValueError, match="kernel solver needs an R x R Gram"):
+        CHIPS(solver="kernel", bank_size=16, curvature_samples=40).prepare(ep, pool.index(slice(0, 8)), pool)

@@ -210,6 +210,10 @@ def _cholesky_solve(matrix: Tensor, rhs: Tensor, damping: float, what: str) -> t
     raise RuntimeError(f"CHIPS: the {what} matrix stays singular even with damping {lam:.3g}; check for NaN features.")
 
 
+KERNEL_MAX_BYTES = 4 * 2**30
+"""Largest Gram matrix (+ Cholesky factor) the kernel solver builds; beyond it, it refuses before allocating."""
+
+
 def solve_direction(
     atoms: EndPointGrads,
     weights: Tensor,
@@ -230,6 +234,14 @@ def solve_direction(
     """
     dtype = u.image_proj.dtype
     if solver == "kernel":
+        r = len(atoms)
+        need = 2 * r * r * torch.finfo(dtype).bits // 8  # the Gram matrix and its Cholesky factor
+        if need > KERNEL_MAX_BYTES:
+            raise ValueError(
+                f"The kernel solver needs an R x R Gram matrix over R = {r:,} curvature atoms ({need / 2**30:.1f} GiB, "
+                f"over the {KERNEL_MAX_BYTES / 2**30:.0f} GiB limit); use solver='sketch', or fewer "
+                "curvature_samples / negatives_per_sample."
+            )
         sw = weights.sqrt()
         gram = atoms.gram() * sw[:, None] * sw[None, :]
         dim = atoms.dim
