@@ -122,13 +122,19 @@ class MiniLMTower(nn.Module):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModel
 
-        self.net = AutoModel.from_pretrained(_minilm_path())
+        # eager attention: the SDPA path branches on the mask data, which torch.func.vmap (per-sample gradients) rejects
+        self.net = AutoModel.from_pretrained(_minilm_path(), attn_implementation="eager")
         trainable = list(self.net.encoder.layer[-trainable_blocks:]) if trainable_blocks > 0 else []
         _freeze_except(self, trainable)
 
     def forward(self, tokens: Tensor) -> Tensor:
         mask = (tokens != 0).to(self.net.dtype)
-        states = self.net(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
+        # a ready additive [B, 1, L, L] mask: transformers builds it from a 2-d mask with data-dependent branches,
+        # which torch.func.vmap (per-sample gradients) rejects
+        length = tokens.shape[-1]
+        bias = (1.0 - mask)[..., None, None, :] * torch.finfo(mask.dtype).min
+        bias = bias.expand(*tokens.shape[:-1], 1, length, length)
+        states = self.net(input_ids=tokens, attention_mask=bias).last_hidden_state
         return (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
 
 
