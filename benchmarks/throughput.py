@@ -474,8 +474,27 @@ def memory_probe(name: str, pool: int, sample: int, target: int, batch_size: int
     return out
 
 
-def measure_memory(name: str, pools: list[int], sample: int, target: int, batch_size: int, device: str) -> list[dict]:
-    """:func:`memory_probe` for each pool size, each in a fresh interpreter (a clean peak)."""
+# glibc's dynamic mmap threshold makes the peak RSS of the same job vary by +-20 % from run to run (measured: 86 to
+# 126 MiB for one configuration, not monotone in N). A static threshold returns every block >= 64 KiB to the OS
+# when freed, so the peak follows the live tensors: flat to 0.1 MiB from N = 256 to 4,096 where the default varied.
+STATIC_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def measure_memory(
+    name: str,
+    pools: list[int],
+    sample: int,
+    target: int,
+    batch_size: int,
+    device: str,
+    static_malloc: bool = True,
+) -> list[dict]:
+    """:func:`memory_probe` for each pool size, each in a fresh interpreter (a clean peak).
+
+    ``static_malloc`` runs the probes with a static glibc mmap threshold (:data:`STATIC_MALLOC`) so that the peak
+    RSS measures live memory rather than allocator fragmentation.
+    """
+    env = {**os.environ, **(STATIC_MALLOC if static_malloc else {})}
     rows = []
     for n in pools:
         cmd = [
@@ -496,7 +515,7 @@ def measure_memory(name: str, pools: list[int], sample: int, target: int, batch_
             "--threads",
             str(torch.get_num_threads()),
         ]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if done.returncode != 0:
             raise RuntimeError(f"memory probe at N={n} failed:\n{done.stderr[-4000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -586,15 +605,25 @@ def section(result: dict) -> str:
         "starts. "
         'TRAK and TracIn "projected" use dattri\'s dense Gaussian projection to 512 dims; TracIn exact uses the\n'
         "identity projection. Peak memory: CHIPS prepared on a fixed pool sample, then streaming the whole pool from\n"
-        "the data loader, in a fresh process per N; peak RSS (VmHWM, reset before the scoring) minus the RSS then.\n\n"
-        f"Measured {result['date']} on {result['machine']}, {result['device']}, torch {torch.__version__}, "
+        "the data loader, in a fresh process per N; peak RSS (VmHWM, reset before the scoring) minus the RSS then,\n"
+        + (
+            "with a static glibc mmap threshold (`MALLOC_MMAP_THRESHOLD_=65536`; the default dynamic threshold adds\n"
+            "+-20 % of allocator noise to the peak).\n\n"
+            if result.get("static_malloc", True)
+            else "with glibc's default allocator settings.\n\n"
+        )
+        + f"Measured {result['date']} on {result['machine']}, {result['device']}, torch {torch.__version__}, "
         f"open_clip {open_clip.__version__}, dattri {result['dattri']}; model {a['model']} (random weights); "
         f"{a['pool']} pool + {a['target']} target pairs, batch {a['batch_size']}, median of {a['repeats']}; load "
         f"average {result['load_before']} before and {result['load_after']} after; {result['wall_s'] / 60:.1f} min "
         f"in all.\n\n"
         f"    {result['command']}\n\n"
         f"{table(result)}\n"
-        f"{verdict(result)}\n" + (f"Score agreement (Spearman over the pool): {agree_txt}.\n" if agree_txt else "")
+        f"{verdict(result)}\n"
+        + (f"Score agreement (Spearman over the pool): {agree_txt}.\n" if agree_txt else "")
+        + "Wall times of each repetition (s): "
+        + "; ".join(f"{m} {', '.join(f'{x:.2f}' for x in v)}" for m, v in result["times"]["all"].items())
+        + ".\n"
     )
 
 
@@ -626,6 +655,7 @@ def run_benchmark(
     memory: bool = True,
     memory_pool: int | None = None,
     memory_sample: int | None = None,
+    static_malloc: bool = True,
 ) -> dict:
     """The whole benchmark; returns the times (medians), CHIPS stages, agreement and memory rows."""
     load_before = " / ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -645,7 +675,10 @@ def run_benchmark(
     gc.collect()
     if memory:
         n = memory_pool or pool
-        result["memory"] = measure_memory(model, [n, 4 * n], memory_sample or n, target, batch_size, device)
+        result["memory"] = measure_memory(
+            model, [n, 4 * n], memory_sample or n, target, batch_size, device, static_malloc=static_malloc
+        )
+    result["static_malloc"] = static_malloc
     result["wall_s"] = time.perf_counter() - wall
     result["load_before"] = load_before
     result["load_after"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -683,6 +716,9 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=None,
         help="CHIPS.prepare sample of the probes (default: N)",
+    )
+    parser.add_argument(
+        "--default-malloc", action="store_true", help="memory probes with glibc's dynamic mmap threshold (noisier)"
     )
     parser.add_argument("--quick", action="store_true", help="tiny ViT, 32 + 8 pairs, 1 repetition")
     parser.add_argument(
@@ -733,6 +769,7 @@ def main(argv: list[str] | None = None) -> None:
         memory=not args.no_memory,
         memory_pool=args.memory_pool,
         memory_sample=args.memory_sample,
+        static_malloc=not args.default_malloc,
     )
     device = torch.device(args.device)
     result.update(
