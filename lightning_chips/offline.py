@@ -244,30 +244,9 @@ class _PoolScoring(LightningModule):
         """The first ``pool_sample`` valid pairs of the pool's shards in a seeded order (the whole pool when
         ``pool_sample`` is None); every rank reads the same ones."""
         c = self.config
-        order = np.random.default_rng(c["seed"]).permutation(len(c["urls"]))
         reader = WebDatasetPairs(c["urls"], image_size=c["image_size"], uid_field=c["uid_field"])
-        limit = c["pool_sample"]
-
-        def pairs():
-            taken = 0
-            for i in order:
-                for pair in reader.read_shard(c["urls"][i]):
-                    yield pair
-                    taken += 1
-                    if limit is not None and taken >= limit:
-                        return
-
-        def batches():
-            chunk = []
-            for pair in pairs():
-                chunk.append(pair)
-                if len(chunk) == c["batch_size"]:
-                    yield collate(chunk)
-                    chunk = []
-            if chunk:
-                yield collate(chunk)
-
-        return extract_features(adapter, batches(), device=self.device, description="pool sample")
+        batches = reader.sample_batches(c["pool_sample"], c["seed"], c["batch_size"], collate)
+        return extract_features(adapter, batches, device=self.device, description="pool sample")
 
     # -- score --------------------------------------------------------------------------------------------------
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:

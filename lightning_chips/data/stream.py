@@ -248,21 +248,7 @@ class WebDatasetDataModule(LightningDataModule):
         """Batches of the first ``size`` valid pool pairs, shards in an order seeded by ``(seed, round)``; every
         rank reads the same ones."""
         pool, collate = self._require_setup()
-        order = np.random.default_rng([self.seed, round]).permutation(len(pool.urls))
-        chunk, taken = [], 0
-        for i in order:
-            for pair in pool.read_shard(pool.urls[i]):
-                chunk.append(pair)
-                taken += 1
-                if len(chunk) == self.eval_batch_size:
-                    yield collate(chunk)
-                    chunk = []
-                if size is not None and taken >= size:
-                    break
-            if size is not None and taken >= size:
-                break
-        if chunk:
-            yield collate(chunk)
+        return pool.sample_batches(size, [self.seed, round], self.eval_batch_size, collate)
 
     def target_dataloader(self, target: Dataset | None = None, indices: Sequence[int] | None = None) -> DataLoader:
         """Unshuffled loader over the target set (or the given one)."""

@@ -334,6 +334,30 @@ class WebDatasetPairs(IterableDataset):
         if self.reports:
             yield report
 
+    def sample_batches(
+        self, size: int | None, seed: int | Sequence[int], batch_size: int, collate: Callable[[list], Any]
+    ) -> Iterator[Any]:
+        """Collated batches of the first ``size`` valid pairs of *all* shards (not only this rank's) read in an
+        order seeded by ``seed``; ``None`` = every pair. Every rank reading it gets the same pairs: this is the
+        pool sample a scorer is prepared on."""
+        order = np.random.default_rng(seed).permutation(len(self.urls))
+        chunk, taken = [], 0
+        for i in order:
+            for pair in self.read_shard(self.urls[i]):
+                if isinstance(pair, ShardReport):
+                    continue
+                chunk.append(pair)
+                taken += 1
+                if len(chunk) == batch_size:
+                    yield collate(chunk)
+                    chunk = []
+                if size is not None and taken >= size:
+                    break
+            if size is not None and taken >= size:
+                break
+        if chunk:
+            yield collate(chunk)
+
     def selected(self, raw: dict[str, bytes]) -> bool:
         """Whether a raw sample's uid is in the selection (always True without one; False without a uid)."""
         if self.selection is None:
