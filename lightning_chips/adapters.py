@@ -212,6 +212,17 @@ class CLIPAdapter(ABC):
     def endpoint(self) -> EndPoint:
         """The live end-point parameters."""
 
+    def trim_tokens(self, tokens: Tensor) -> Tensor:
+        """``tokens`` cut to the positions the text tower reads: a prefix, so ``text_features`` is unchanged.
+
+        The default keeps every position. :class:`OpenCLIPAdapter` drops the trailing padding after the last
+        pooled token of the batch when the text tower is causal (or masks padding) and pools at the end-of-text,
+        first or eos token: those positions never reach the pooled feature, and short captions padded to a
+        context of 77 cost a fraction of the full sequence. Called once per batch (not under ``vmap``), before
+        :meth:`text_features`.
+        """
+        return tokens
+
     def encode_image(self, images: Tensor) -> Tensor:
         """Normalised image embeddings ``[B, e]`` through the end point."""
         return self.endpoint().embed_image(self.image_features(images))
@@ -298,6 +309,7 @@ class OpenCLIPAdapter(CLIPAdapter):
             projection = text.text_projection
         if projection is None:
             raise UnsupportedModelError("This open_clip text tower has no projection head. " + _PROTOCOL_HINT)
+        self._trim = self._trim_rule()
 
     @property
     def module(self) -> nn.Module:
@@ -316,19 +328,66 @@ class OpenCLIPAdapter(CLIPAdapter):
         return _attnpool_features(visual.attnpool, x)
 
     # -- text ----------------------------------------------------------------------------------------------------
+    def _trim_rule(self) -> tuple[str, bool, int] | None:
+        """``(pool_type, causal, pad_id)`` when trailing positions can be cut without changing the pooled feature.
+
+        Exact when the pooled position depends only on the tokens up to it (``argmax`` = end-of-text, ``eos``,
+        ``first``), no class token is appended after the sequence (its position would move), and either every
+        position attends only to earlier ones (a causal mask: cut after the batch's last pooled token) or padding
+        is masked out as keys (cut after the batch's last non-padding token). ``None`` otherwise (``last``
+        pooling, an unmasked bidirectional tower).
+        """
+        model = self._model
+        if self._text_kind == "clip":
+            pool, causal, pad_masked, pad_id = model.text_pool_type, model.attn_mask is not None, False, 0
+        else:
+            text = model.text
+            if text.cls_emb is not None:
+                return None
+            pool, causal = text.pool_type, text.attn_mask is not None
+            pad_masked, pad_id = bool(text.use_pad_mask), int(text.pad_id)
+        if pool not in ("argmax", "eos", "first") or not (causal or pad_masked):
+            return None
+        if pool == "eos" and self._eos_id() is None:
+            return None
+        return pool, causal, pad_id
+
+    def _eos_id(self) -> int | None:
+        model = self._model
+        return getattr(model, "text_eos_id", None) if self._text_kind == "clip" else getattr(model.text, "eos_id", None)
+
+    def trim_tokens(self, tokens: Tensor) -> Tensor:
+        if self._trim is None or tokens.dim() != 2 or tokens.shape[1] <= 1:
+            return tokens
+        pool, causal, pad_id = self._trim
+        if pool == "first":
+            needed = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+        elif pool == "argmax":
+            needed = tokens.argmax(dim=-1)
+        else:  # the first end-of-sequence token of each row (position 0 when a row has none, as open_clip pools)
+            needed = (tokens == self._eos_id()).int().argmax(dim=-1)
+        if not causal:  # bidirectional with masked padding: every non-padding token is read by the pooled one
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
+            needed = torch.maximum(needed, torch.where(tokens != pad_id, positions, 0).amax(dim=-1))
+        return tokens[:, : int(needed.max()) + 1]
+
     def text_features(self, tokens: Tensor) -> Tensor:
         from open_clip.transformer import text_global_pool
 
         model = self._model
+        length = tokens.shape[1]
         if self._text_kind == "clip":
             cast_dtype = model.transformer.get_cast_dtype()
             x = model.token_embedding(tokens).to(cast_dtype)
-            x = x + model.positional_embedding.to(cast_dtype)
-            x = model.transformer(x, attn_mask=model.attn_mask)
+            x = x + model.positional_embedding[:length].to(cast_dtype)
+            attn_mask = None if model.attn_mask is None else model.attn_mask[:length, :length]
+            x = model.transformer(x, attn_mask=attn_mask)
             x = model.ln_final(x)
             return text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
         text = model.text
         x, attn_mask = text._embeds(tokens)
+        if attn_mask is not None and attn_mask.shape[-1] != x.shape[1]:  # the plain causal mask is not sliced there
+            attn_mask = attn_mask[..., : x.shape[1], : x.shape[1]]
         x = text.transformer(x, attn_mask=attn_mask)
         if text.cls_emb is not None:
             return text.ln_final(text_global_pool(x, pool_type="last"))

@@ -88,7 +88,9 @@ def iter_features(
     """Yield the :class:`PairFeatures` of each batch of ``{"image", "text", "id"[, "label"]}`` dicts.
 
     Runs the adapter's towers in eval mode under ``torch.no_grad`` (the module's mode is restored afterwards);
-    features stay on the model's device. A streaming consumer (a scorer) keeps memory bounded by one batch.
+    features stay on the model's device. Tokens go through :meth:`CLIPAdapter.trim_tokens` first (open_clip's
+    causal text towers skip the padding after the batch's longest caption: same features, less compute). A
+    streaming consumer (a scorer) keeps memory bounded by one batch.
     """
     module = adapter.module
     was_training = module.training
@@ -104,7 +106,7 @@ def iter_features(
         for batch in iterator:
             with torch.no_grad():
                 images = batch["image"].to(device, non_blocking=True)
-                tokens = batch["text"].to(device, non_blocking=True)
+                tokens = adapter.trim_tokens(batch["text"].to(device, non_blocking=True))
                 image = adapter.image_features(images).float()
                 text = adapter.text_features(tokens).float()
             labels = batch.get("label")

@@ -159,3 +159,74 @@ def test_ddp_wrapper_is_unwrapped():
 def test_endpoint_validates_shapes(kwargs, match):
     with pytest.raises(ValueError, match=match):
         EndPoint(logit_scale=torch.tensor(1.0), **kwargs)
+
+
+def _text_variants() -> dict:
+    def custom(pad_mask: bool = False, **text_cfg) -> open_clip.CustomTextCLIP:
+        cfg = copy.deepcopy(TINY_VIT)
+        cfg["text_cfg"].update(text_cfg)
+        model = open_clip.CustomTextCLIP(**cfg)
+        model.text.use_pad_mask = pad_mask  # open_clip sets it from its constructor only (not CLIPTextCfg)
+        return model
+
+    def clip(**text_cfg) -> open_clip.CLIP:
+        cfg = copy.deepcopy(TINY_VIT)
+        cfg["text_cfg"].update(text_cfg)
+        return open_clip.CLIP(**cfg)
+
+    return {  # name: (model, whether padding after the pooled token may be cut)
+        "clip_argmax": (clip(), True),
+        "clip_bidirectional": (clip(no_causal_mask=True), False),
+        "custom_argmax": (custom(), True),
+        "custom_eos": (custom(pool_type="eos", eos_id=49407), True),
+        "custom_first": (custom(pool_type="first"), True),
+        "custom_bidirectional_pad_masked": (custom(no_causal_mask=True, pad_mask=True), True),
+        "custom_bidirectional_unmasked": (custom(no_causal_mask=True), False),
+        "custom_last_pool": (custom(pool_type="last"), False),
+        "custom_cls_token": (custom(embed_cls=True, pool_type="last", pad_mask=True), False),
+    }
+
+
+@pytest.mark.parametrize("name", list(_text_variants()))
+def test_trimmed_tokens_give_the_full_context_features(name):
+    model, trims = _text_variants()[name]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model.eval()
+    adapter = resolve_adapter(model)
+    captions = ["a red circle", "fluorescence micrograph of a dividing cell nucleus", "x", ""]
+    tokens = open_clip.tokenizer.SimpleTokenizer(context_length=16)(captions)
+    trimmed = adapter.trim_tokens(tokens)
+    torch.testing.assert_close(trimmed, tokens[:, : trimmed.shape[1]], rtol=0, atol=0)  # a prefix
+    if not trims:
+        assert trimmed.shape == tokens.shape
+    elif name == "custom_first":
+        assert trimmed.shape[1] == 1
+    else:  # cut right after the longest caption's end-of-text token
+        assert trimmed.shape[1] == int(tokens.argmax(-1).max()) + 1 < tokens.shape[1]
+    with torch.no_grad():
+        full = adapter.text_features(tokens)
+        torch.testing.assert_close(adapter.text_features(trimmed), full, atol=1e-5, rtol=1e-5)
+        own = model.encode_text(tokens, normalize=True)
+        torch.testing.assert_close(
+            adapter.endpoint().embed_text(adapter.text_features(trimmed)), own, atol=1e-5, rtol=0
+        )
+
+
+def test_feature_pass_trims_per_batch_and_keeps_full_length_captions():
+    from lightning_chips.features import extract_features
+
+    model = open_clip.CLIP(**copy.deepcopy(TINY_VIT)).eval()
+    adapter = resolve_adapter(model)
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=16)
+    long = " ".join(["word"] * 40)  # fills the context: nothing to cut in its batch
+    captions = ["a cat", "a dog on a mat", long, "x"]
+    tokens = tokenizer(captions)
+    assert adapter.trim_tokens(tokens[2:3]).shape[1] == 16
+    batches = [{"image": torch.randn(2, 3, 32, 32), "text": tokens[i : i + 2], "id": torch.arange(i, i + 2)}
+               for i in (0, 2)]  # fmt: skip
+    feats = extract_features(adapter, batches)
+    with torch.no_grad():
+        expected = torch.cat([model.encode_text(b["text"], normalize=True) for b in batches])
+    torch.testing.assert_close(adapter.endpoint().embed_text(feats.text), expected, atol=1e-5, rtol=0)
