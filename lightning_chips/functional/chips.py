@@ -37,6 +37,7 @@ pool pair costs one factored inner product ``g . v = h_v^T V_v d_v + h_t^T V_t d
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -192,22 +193,58 @@ def curvature_atoms(
     return EndPointGrads.cat(parts), torch.cat(weights)
 
 
-def _cholesky_solve(matrix: Tensor, rhs: Tensor, damping: float, what: str) -> tuple[Tensor, float]:
-    """Solve ``(matrix + damping I) x = rhs``; on a failed factorisation retry with 10x damping and warn."""
+_RETRIES = 8
+"""Damping increases tried after a failed factorisation (each at least 10x the last)."""
+
+
+def _cholesky_solve(
+    matrix: Tensor, rhs: Tensor, damping: float, what: str, method: str = "CHIPS"
+) -> tuple[Tensor, float]:
+    """Solve ``(matrix + damping I) x = rhs`` for a PSD ``matrix`` and ``rhs`` ``[k]`` or ``[k, T]``; returns
+    ``(x, damping used)``.
+
+    A singular or (in floating point) indefinite ``matrix + damping I`` -- degenerate curvature samples such as
+    identical or low-rank pool features with a tiny ``damping`` -- does not factorise. Then the damping is raised
+    to ``max(10 * damping, 10 * eps * trace(matrix))`` and by 10x after each further failure, and a warning names
+    the damping that was used. ``10 * eps * trace`` is the scale of the matrix's rounding error, so the first
+    retries already factorise an exactly singular PSD matrix in float32 as in float64; an all-zero matrix gets
+    damping 1 (``M = I``: the Newton step is the gradient itself).
+
+    Raises:
+        FloatingPointError: when ``matrix`` or ``rhs`` holds NaN or inf (non-finite features or end point), which
+            no damping can repair.
+    """
+    if not bool(torch.isfinite(matrix).all()) or not bool(torch.isfinite(rhs).all()):
+        raise FloatingPointError(
+            f"{method}: the {what} matrix or its right-hand side holds NaN or inf, so no damping can make it "
+            "solvable: the features or the end point are not finite (a diverged model?). Check the features of the "
+            "target and the pool sample."
+        )
+    if not math.isfinite(damping) or damping < 0:
+        raise ValueError(f"{method}: the damping must be a finite number >= 0, got {damping}.")
     eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    trace = float(torch.diagonal(matrix).sum())
+    floor = 10.0 * torch.finfo(matrix.dtype).eps * trace if trace > 0 else 1.0
     lam = damping
-    for _ in range(8):
+    for attempt in range(1 + _RETRIES):
+        if attempt:
+            lam = max(10.0 * lam, floor)
         chol, info = torch.linalg.cholesky_ex(matrix + lam * eye)
         if int(info) == 0:
-            if lam != damping:
+            if attempt:
                 warnings.warn(
-                    f"CHIPS: the {what} matrix was not positive definite with damping {damping:.3g}; "
-                    f"solved with {lam:.3g} instead (raise `damping` to silence this).",
+                    f"{method}: the {what} matrix is singular or indefinite with damping {damping:.3g} (degenerate "
+                    f"curvature samples, e.g. identical or low-rank pool features); solved with damping {lam:.6g} "
+                    "instead. Pass a `damping` at least that large, or None (the relative rule), to silence this.",
                     stacklevel=3,
                 )
-            return torch.cholesky_solve(rhs[:, None], chol)[:, 0], lam
-        lam = max(lam * 10.0, 1e-12)
-    raise RuntimeError(f"CHIPS: the {what} matrix stays singular even with damping {lam:.3g}; check for NaN features.")
+            if rhs.dim() == 1:
+                return torch.cholesky_solve(rhs[:, None], chol)[:, 0], lam
+            return torch.cholesky_solve(rhs, chol), lam
+    raise RuntimeError(
+        f"{method}: the {what} matrix does not factorise even with damping {lam:.3g} (its trace is {trace:.3g}); "
+        "pass a larger `damping`."
+    )
 
 
 KERNEL_MAX_BYTES = 4 * 2**30
@@ -226,11 +263,14 @@ def solve_direction(
     seed: int = 0,
     exact_when_small: bool = True,
     chunk_size: int = 8192,
+    method: str = "CHIPS",
 ) -> tuple[EndPointDirection, float, int]:
     """``v = M^{-1} u`` with ``M = sum_r w_r a_r a_r^T + lambda I`` (sketched, exact dense, or kernel).
 
     Returns ``(v, lambda, k)`` where ``k`` is the dimension the solve ran in (sketch dim, ``dim(theta)`` or
-    the number of atoms for the kernel path, whose ``lambda`` rule still uses ``dim(theta)``).
+    the number of atoms for the kernel path, whose ``lambda`` rule still uses ``dim(theta)``) and ``lambda`` the
+    damping actually used: a matrix that does not factorise with the given one is solved with more damping and a
+    warning (:func:`_cholesky_solve`). ``method`` names the caller in messages (``"CHIPS"``, ``"TRAK"``).
     """
     dtype = u.image_proj.dtype
     if solver == "kernel":
@@ -242,12 +282,14 @@ def solve_direction(
                 f"over the {KERNEL_MAX_BYTES / 2**30:.0f} GiB limit); use solver='sketch', or fewer "
                 "curvature_samples / negatives_per_sample."
             )
+        if damping is not None and damping <= 0:
+            raise ValueError(f"The kernel solver divides by the damping: pass damping > 0 or None, got {damping}.")
         sw = weights.sqrt()
         gram = atoms.gram() * sw[:, None] * sw[None, :]
         dim = atoms.dim
         lam = damping if damping is not None else 1e-3 * float(torch.diagonal(gram).sum()) / dim
         rhs = sw * atoms.dot(u)
-        z, lam = _cholesky_solve(gram, rhs, lam, "kernel (Woodbury)")
+        z, lam = _cholesky_solve(gram, rhs, lam, "kernel (Woodbury)", method)
         v = (u - atoms.weighted_sum(sw * z)) * (1.0 / lam)
         return v, lam, len(atoms)
     if solver != "sketch":
@@ -270,7 +312,7 @@ def solve_direction(
         sk = projector.sketch_grads(atoms.index(idx))
         matrix += sk.T @ (sk * weights[idx, None])
     lam = damping if damping is not None else 1e-3 * float(torch.diagonal(matrix).sum()) / k
-    v_sketched, lam = _cholesky_solve(matrix, projector.sketch_direction(u), lam, "curvature")
+    v_sketched, lam = _cholesky_solve(matrix, projector.sketch_direction(u), lam, "curvature", method)
     return projector.transpose(v_sketched), lam, k
 
 

@@ -106,7 +106,7 @@ def influence_prepare(
     weights = torch.ones(len(atoms), dtype=dtype, device=device)
     direction, lam, k = solve_direction(
         atoms, weights, u, solver="sketch", sketch_dim=sketch_dim, sketch=sketch, damping=damping, seed=seed + 3,
-        exact_when_small=True,
+        exact_when_small=True, method="TRAK",
     )  # fmt: skip
     return InfluenceState(ep, bank, direction, out_to_loss=True, damping=lam, sketch_dim=k)
 

@@ -56,6 +56,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from lightning_chips.adapters import CLIPAdapter, resolve_adapter
+from lightning_chips.functional.chips import _cholesky_solve
 from lightning_chips.functional.endpoint import NegativeBank, bank_stats, subsample
 from lightning_chips.functional.sketch import SketchKind
 
@@ -372,20 +373,9 @@ def _projection(selected: dict[str, Tensor], sketch_dim: int | None, kind: Sketc
 
 
 def _solve(matrix: Tensor, rhs: Tensor, lam: float) -> tuple[Tensor, float]:
-    """``(matrix + lam I)^{-1} rhs`` for a PSD ``matrix`` and ``[k, T]`` ``rhs``; retries with 10x damping."""
-    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-    damping = lam
-    for _ in range(8):
-        chol, info = torch.linalg.cholesky_ex(matrix + damping * eye)
-        if int(info) == 0:
-            if damping != lam:
-                warnings.warn(
-                    f"TRAK: the kernel was not positive definite with damping {lam:.3g}; solved with {damping:.3g}.",
-                    stacklevel=3,
-                )
-            return torch.cholesky_solve(rhs, chol), damping
-        damping = max(damping * 10.0, 1e-12)
-    raise RuntimeError(f"TRAK: the kernel stays singular even with damping {damping:.3g}; check for NaN gradients.")
+    """``(matrix + lam I)^{-1} rhs`` for a PSD ``matrix`` and ``[k, T]`` ``rhs``; a matrix that does not factorise
+    is solved with more damping and a warning (:func:`lightning_chips.functional.chips._cholesky_solve`)."""
+    return _cholesky_solve(matrix, rhs, lam, "kernel", "TRAK")
 
 
 def _trak_direction(phi: Tensor, phi_u: Tensor, damping: float | None) -> Tensor:
@@ -394,6 +384,8 @@ def _trak_direction(phi: Tensor, phi_u: Tensor, damping: float | None) -> Tensor
     ``lambda = damping`` or ``1e-3 * trace(Phi^T Phi) / k`` (the end-point rule).
     """
     n, k = phi.shape
+    if damping is not None and damping <= 0:
+        raise ValueError(f"TRAK's `damping` must be > 0 or None (the relative rule), got {damping}.")
     lam = damping if damping is not None else 1e-3 * float(phi.square().sum()) / k
     if k <= n:
         return _solve(phi.T @ phi, phi_u, lam)[0]
