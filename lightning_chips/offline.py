@@ -140,24 +140,40 @@ def _is_image_folder(spec: str | Sequence[str]) -> bool:
     return not any(name.endswith((".tar", ".tar.gz", ".tgz")) for name in os.listdir(spec))
 
 
+_TARGET_HINT = (
+    "Pass `target` (`--target`): WebDataset shards or a folder of NAME.jpg + NAME.txt files holding at least one "
+    "valid image-caption pair."
+)
+
+
 def _load_target(spec: str | Sequence[str], image_size: int, uid_field: str) -> tuple[list[dict], dict]:
-    """All target pairs in memory (the target set is small) and a report of what was skipped."""
-    if _is_image_folder(spec):
-        folder = ImageCaptionFolder(spec, image_size=image_size, uid_field=uid_field)
-        pairs, bad = list(folder.pairs), [{"key": k, "reason": r} for k, r in folder.bad]
-        errors: list[str] = []
-    else:
-        data = WebDatasetPairs(spec, image_size=image_size, uid_field=uid_field, reports=True)
-        pairs, bad, errors = [], [], []
-        for item in data:
-            if isinstance(item, ShardReport):
-                bad.extend({"key": k, "reason": r} for k, r in item.bad)
-                if item.error:
-                    errors.append(f"{item.url}: {item.error}")
-            else:
-                pairs.append(item)
+    """All target pairs in memory (the target set is small) and a report of what was skipped.
+
+    Raises:
+        ValueError: when the target cannot be read or holds no usable pair (before any file is written).
+    """
+    try:
+        if _is_image_folder(spec):
+            folder = ImageCaptionFolder(spec, image_size=image_size, uid_field=uid_field)
+            pairs, bad = list(folder.pairs), [{"key": k, "reason": r} for k, r in folder.bad]
+            errors: list[str] = []
+        else:
+            data = WebDatasetPairs(spec, image_size=image_size, uid_field=uid_field, reports=True)
+            pairs, bad, errors = [], [], []
+            for item in data:
+                if isinstance(item, ShardReport):
+                    bad.extend({"key": k, "reason": r} for k, r in item.bad)
+                    if item.error:
+                        errors.append(f"{item.url}: {item.error}")
+                else:
+                    pairs.append(item)
+    except ValueError as exc:
+        raise ValueError(f"The target {spec!r} cannot be read: {exc} {_TARGET_HINT}") from exc
     if not pairs:
-        raise ValueError(f"The target {spec!r} holds no usable image-caption pair (skipped: {bad[:3]}).")
+        raise ValueError(
+            f"The target {spec!r} holds no usable image-caption pair (skipped: {bad[:3]}, read errors: "
+            f"{errors[:3]}). {_TARGET_HINT}"
+        )
     return pairs, {"pairs": len(pairs), "bad": bad, "errors": errors}
 
 

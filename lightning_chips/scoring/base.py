@@ -12,7 +12,7 @@ from torch import Tensor
 from lightning_chips.adapters import EndPoint
 from lightning_chips.features import PairFeatures
 
-__all__ = ["IdLookup", "Scorer"]
+__all__ = ["IdLookup", "Scorer", "check_prepare_inputs"]
 
 
 class Scorer(ABC):
@@ -86,3 +86,63 @@ class IdLookup:
                 "(DataSelectionCallback(pool_sample=None))."
             )
         return values
+
+
+def check_prepare_inputs(
+    scorer: Scorer,
+    endpoint: EndPoint | None,
+    target: PairFeatures | None,
+    pool_sample: PairFeatures | None,
+    *,
+    uses_target: bool,
+    uses_pool_sample: bool = True,
+) -> None:
+    """Validate what :meth:`Scorer.prepare` receives, before any work, with messages that say what to change.
+
+    * ``uses_target``: the target must be given and hold at least one pair.
+    * ``uses_pool_sample``: the pool sample must hold at least one pair.
+    * The end point and the features the scorer reads (the target when ``uses_target``, the pool sample when
+      ``uses_pool_sample``) must be finite: NaN or inf there (a diverged model, corrupt cached features) would
+      otherwise spread silently into every score, or surface deep inside as a solver or sampling failure. The
+      error names the round and the first offending ids.
+
+    Raises:
+        ValueError: a missing or empty target (when ``uses_target``), or an empty pool sample.
+        FloatingPointError: NaN or inf in the end point or the features.
+    """
+    name = type(scorer).__name__
+    if uses_target and (target is None or len(target) == 0):
+        got = "none" if target is None else "an empty set"
+        raise ValueError(
+            f"{name} needs target pairs (a small set from the domain you adapt to), got {got}: pass `target` "
+            "(DataSelectionCallback(target=...), or `--target` / `target=` of `lightning-chips score`) with at "
+            "least one image-caption pair."
+        )
+    if uses_pool_sample and pool_sample is not None and len(pool_sample) == 0:
+        raise ValueError(f"{name}: the pool sample is empty; the pool must hold at least one usable pair.")
+    if endpoint is not None:
+        fields = [
+            field
+            for field in ("image_proj", "text_proj", "logit_scale", "image_bias", "text_bias")
+            if getattr(endpoint, field) is not None and not bool(torch.isfinite(getattr(endpoint, field)).all())
+        ]
+        if fields:
+            raise FloatingPointError(
+                f"{name}: the model's end point holds NaN or inf in {', '.join(fields)} (round {scorer.round}): the "
+                "model has diverged. Resume from an earlier checkpoint, or lower the learning rate."
+            )
+    used = (("target", target if uses_target else None), ("pool-sample", pool_sample if uses_pool_sample else None))
+    for what, features in used:
+        if features is None:
+            continue
+        bad_image = ~torch.isfinite(features.image).all(1)
+        bad_text = ~torch.isfinite(features.text).all(1)
+        bad = (bad_image | bad_text).cpu()
+        if bool(bad.any()):
+            sides = " and ".join(side for side, b in (("image", bad_image), ("text", bad_text)) if bool(b.any()))
+            first = features.ids.cpu()[bad][:5].tolist()
+            raise FloatingPointError(
+                f"{name}: {int(bad.sum())} of the {len(features)} {what} pairs have NaN or inf {sides} features "
+                f"(round {scorer.round}, first ids {first}): the model may have diverged (check the training loss, "
+                "learning rate and precision) or the features are corrupt."
+            )

@@ -18,7 +18,7 @@ from lightning_chips.functional.chips import (
     chips_prepare,
     chips_score_batch,
 )
-from lightning_chips.scoring.base import Scorer
+from lightning_chips.scoring.base import Scorer, check_prepare_inputs
 
 __all__ = ["CHIPS"]
 
@@ -100,8 +100,7 @@ class CHIPS(Scorer):
         self.state: ChipsState | None = None
 
     def prepare(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
-        if target is None or len(target) == 0:
-            raise ValueError("CHIPS needs target pairs (a small set from the domain you adapt to); got none.")
+        check_prepare_inputs(self, endpoint, target, pool_sample, uses_target=True)
         device = endpoint.image_proj.device
         self.state = chips_prepare(
             endpoint,

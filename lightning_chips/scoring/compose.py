@@ -9,7 +9,7 @@ from torch import Tensor
 
 from lightning_chips.adapters import EndPoint
 from lightning_chips.features import PairFeatures
-from lightning_chips.scoring.base import Scorer
+from lightning_chips.scoring.base import Scorer, check_prepare_inputs
 
 __all__ = ["Chain", "Intersect"]
 
@@ -48,6 +48,8 @@ class Chain(Scorer):
         return self.first.requires_target or self.second.requires_target
 
     def prepare(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
+        # a missing target fails before the first scorer does any work
+        check_prepare_inputs(self, None, target, None, uses_target=self.requires_target, uses_pool_sample=False)
         for scorer in (self.first, self.second):
             scorer.round, scorer.learning_rate, scorer.text_encoder = self.round, self.learning_rate, self.text_encoder
             scorer.prepare(endpoint, target, pool_sample)
@@ -140,6 +142,8 @@ class Intersect(Scorer):
         return any(scorer.requires_target for scorer in self.scorers)
 
     def prepare(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
+        # a missing target fails before the first scorer does any work
+        check_prepare_inputs(self, None, target, None, uses_target=self.requires_target, uses_pool_sample=False)
         for scorer in self.scorers:
             scorer.round, scorer.learning_rate, scorer.text_encoder = self.round, self.learning_rate, self.text_encoder
             scorer.prepare(endpoint, target, pool_sample)

@@ -10,7 +10,7 @@ from torch import Tensor
 from lightning_chips.adapters import EndPoint
 from lightning_chips.features import PairFeatures
 from lightning_chips.functional.influence import InfluenceState, influence_prepare, influence_score_batch
-from lightning_chips.scoring.base import Scorer
+from lightning_chips.scoring.base import Scorer, check_prepare_inputs
 
 __all__ = ["TRAK", "Dot", "TracIn"]
 
@@ -46,8 +46,7 @@ class _InfluenceScorer(Scorer):
         self.state: InfluenceState | None = None
 
     def prepare(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
-        if target is None or len(target) == 0:
-            raise ValueError(f"{type(self).__name__} needs target pairs; got none.")
+        check_prepare_inputs(self, endpoint, target, pool_sample, uses_target=True)
         device = endpoint.image_proj.device
         self.state = influence_prepare(
             endpoint, target.image.to(device), target.text.to(device), pool_sample.image.to(device),

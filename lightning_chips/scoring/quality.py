@@ -13,7 +13,7 @@ from lightning_chips.adapters import EndPoint
 from lightning_chips.features import PairFeatures
 from lightning_chips.functional.quality import clip_score, negclip_loss, normsim
 from lightning_chips.metrics import format_prompts
-from lightning_chips.scoring.base import IdLookup, Scorer
+from lightning_chips.scoring.base import IdLookup, Scorer, check_prepare_inputs
 
 __all__ = ["CLIPScore", "ClipCov", "ClipPowered", "NegCLIPLoss", "NormSim"]
 
@@ -22,8 +22,12 @@ class _EmbeddingScorer(Scorer):
     """Keeps a detached snapshot of the end point to embed pre-projection features."""
 
     endpoint: EndPoint | None = None
+    reads_pool_sample: ClassVar[bool] = True
+    """Whether :meth:`prepare` computes from the pool sample (set-level scorers) or only keeps the end point."""
 
     def prepare(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
+        check_prepare_inputs(self, endpoint, target, pool_sample, uses_target=self.requires_target,
+                             uses_pool_sample=self.reads_pool_sample)  # fmt: skip
         self.endpoint = endpoint.detach()
 
     def _embed(self, batch: PairFeatures) -> tuple[Tensor, Tensor]:
@@ -39,6 +43,7 @@ class CLIPScore(_EmbeddingScorer):
 
     name: ClassVar[str] = "clipscore"
     requires_target: ClassVar[bool] = False
+    reads_pool_sample: ClassVar[bool] = False
 
     def score(self, batch: PairFeatures) -> Tensor:
         x, y = self._embed(batch)
@@ -53,6 +58,7 @@ class NormSim(_EmbeddingScorer):
     """
 
     name: ClassVar[str] = "normsim"
+    reads_pool_sample: ClassVar[bool] = False
 
     def __init__(self, *, p: float = float("inf")) -> None:
         if p != 2 and not math.isinf(p):
@@ -62,8 +68,6 @@ class NormSim(_EmbeddingScorer):
 
     def prepare(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
         super().prepare(endpoint, target, pool_sample)
-        if target is None or len(target) == 0:
-            raise ValueError("NormSim needs target images (a small set from the domain you adapt to); got none.")
         self.target_image = self._embed(target)[0]
 
     def score(self, batch: PairFeatures) -> Tensor:
@@ -211,6 +215,13 @@ def _class_embeddings(scorer: Scorer, classnames: list[str], templates: list[str
         )
     prompts = [p for name in classnames for p in format_prompts(name, templates)]
     emb = F.normalize(scorer.text_encoder(prompts).double(), dim=-1).reshape(len(classnames), len(templates), -1)
+    bad = ~torch.isfinite(emb).all(-1).all(-1)
+    if bool(bad.any()):
+        names = [name for name, b in zip(classnames, bad.tolist(), strict=True) if b]
+        raise FloatingPointError(
+            f"{type(scorer).__name__}: the class-prompt embeddings of {names[:5]} hold NaN or inf (round "
+            f"{scorer.round}): the model's text tower has diverged."
+        )
     return F.normalize(emb.mean(1), dim=-1)
 
 
