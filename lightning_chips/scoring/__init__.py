@@ -1,6 +1,6 @@
 """Scorers (stateful, streaming) wrapping :mod:`lightning_chips.functional`, and the registry by name."""
 
-from lightning_chips.scoring.base import Scorer
+from lightning_chips.scoring.base import Scorer, check_prepare_inputs
 from lightning_chips.scoring.chips import CHIPS
 from lightning_chips.scoring.compose import Chain, Intersect
 from lightning_chips.scoring.influence import TRAK, Dot, TracIn
@@ -24,5 +24,6 @@ __all__ = [
     "TRAK",
     "TracIn",
     "build_scorer",
+    "check_prepare_inputs",
     "register_scorer",
 ]
