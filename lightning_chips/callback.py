@@ -3,26 +3,32 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import Dataset
 from typing_extensions import override
 
 from lightning_chips.adapters import CLIPAdapter, resolve_adapter
+from lightning_chips.data.checks import BadPair, describe_error
 from lightning_chips.data.datamodule import resolve_tokenizer
 from lightning_chips.features import PairFeatures, extract_features, iter_features
 from lightning_chips.metrics import build_zero_shot_classifier
 from lightning_chips.scoring import Scorer, build_scorer
 from lightning_chips.selection import MODES, Mode, Selection, budget_for, select, write_round_file
 
-__all__ = ["DataSelectionCallback"]
+__all__ = ["NO_ID", "DataSelectionCallback"]
+
+_T = TypeVar("_T")
+
+NO_ID: int = int(np.iinfo(np.int64).min)
+"""``bad_ids`` entry of a round file for a bad pair that has no usable id (its ``bad_indices`` entry names it)."""
 
 
 class DataSelectionCallback(Callback):
@@ -133,6 +139,7 @@ class DataSelectionCallback(Callback):
         self.last_step = 0
         self.last_epoch = 0  # completed epochs at the last selection
         self.history: list[dict[str, float]] = []
+        self.skipped: list[BadPair] = []  # the last round's pool pairs that could not be used (all ranks)
         self._restored = False
 
     @property
@@ -166,6 +173,10 @@ class DataSelectionCallback(Callback):
                 "`trainer.fit(model, datamodule=...)`."
             )
         resolve_adapter(pl_module, self.adapter)  # fail before training if the CLIP cannot be reached
+        pool = getattr(datamodule, "pool", None)
+        pool_ids = getattr(pool, "ids", None)  # the built-in and real datasets list their ids without decoding
+        if pool_ids is not None and not getattr(datamodule, "streaming", False) and len(pool_ids) == len(pool):
+            _check_unique(np.asarray(pool_ids, dtype=np.int64), "the pool (checked before training)")
         target = self.target if self.target is not None else getattr(datamodule, "target", None)
         if self.scorer.requires_target and (target is None or len(target) == 0):
             raise ValueError(
@@ -189,7 +200,14 @@ class DataSelectionCallback(Callback):
 
     # -- one round -----------------------------------------------------------------------------------------------
     def run_round(self, trainer: Trainer, pl_module: LightningModule, *, at_epoch_end: bool = False) -> Selection:
-        """Score the pool with the current model and install the new selection (all ranks)."""
+        """Score the pool with the current model and install the new selection (all ranks).
+
+        Pool pairs that fail to load or to pass the checks (``batch["bad"]`` of the data module's scoring
+        loaders) are skipped: never selected, counted in the summary line and :attr:`history` (``"skipped"``),
+        and named in the round file. Under DDP the ranks agree that each local step succeeded before every
+        all-gather: an exception on one rank is raised there, and the others raise a ``RuntimeError`` naming that
+        rank and its error instead of waiting at the gather.
+        """
         start = time.perf_counter()
         datamodule = trainer.datamodule
         adapter = resolve_adapter(pl_module, self.adapter)
@@ -204,65 +222,79 @@ class DataSelectionCallback(Callback):
         tokenizer = collate_tokenizer or resolve_tokenizer(None, None, pl_module)
         self.scorer.text_encoder = _PromptEncoder(adapter, tokenizer)
 
+        bad: dict[int, BadPair] = {}  # this rank's pool pairs that could not be used, by dataset index
+        target_bad: dict[int, BadPair] = {}
         target = None
         if self.scorer.requires_target:
             target_set = self.target if self.target is not None else datamodule.target
             own = _shard(np.arange(len(target_set)), rank, world)
-            target = _gather_features(
-                pl_module,
-                extract_features(
-                    adapter,
-                    datamodule.target_dataloader(target_set, own),
-                    device=device,
-                    progress=show,
-                    description=f"round {r}: target",
-                ),  # fmt: skip
-            )
+            local = _agree(
+                trainer, r, "the target features",
+                lambda: _extract(adapter, datamodule.target_dataloader(target_set, own), target_bad, device=device,
+                                 progress=show, description=f"round {r}: target"),
+            )  # fmt: skip
+            target = _gather_features(pl_module, local)
         if getattr(datamodule, "streaming", False):
             own_ids, own_scores, own_labels = self._score_stream(trainer, pl_module, adapter, target, show)
             own_indices, n = own_ids.numpy(), None  # a stream has no positions: the ids stand in for them
         else:
-            own_ids, own_scores, own_labels, own_indices, n = self._score_map_style(
-                trainer, pl_module, adapter, target, show
+            own_ids, own_scores, own_labels, own_indices = self._score_map_style(
+                trainer, pl_module, adapter, target, show, bad
             )
+            n = None
 
         scores = _gather_rows(pl_module, own_scores).numpy()
         ids = _gather_rows(pl_module, own_ids).numpy()
         indices = _gather_rows(pl_module, torch.as_tensor(own_indices)).numpy()
         labels = None if own_labels is None else _gather_rows(pl_module, own_labels).numpy()
+        skipped = _gather_bad(trainer, bad)
+        target_skipped = _gather_bad(trainer, target_bad)
         n = len(ids) if n is None else n
-        unique, counts = np.unique(ids, return_counts=True)
-        if (counts > 1).any():
-            dup = unique[counts > 1][:5].tolist()
-            raise ValueError(f"Pool ids must be unique; duplicated ids in round {r}: {dup}.")
+        _check_unique(ids, f"round {r}")
         selection = select(
             ids, scores, fraction=self.fraction, mode=self.mode, labels=labels, indices=indices,
             temperature=self.temperature, round=r, method=type(self.scorer).__name__,
         )  # fmt: skip
         previous = self.selection
         self.selection = selection
+        self.skipped = skipped
         datamodule.selection = selection
         self.last_step, self.last_epoch = trainer.global_step, trainer.current_epoch + int(at_epoch_end)
         self.round = r + 1
         metrics = self._metrics(selection, previous, scores, n)
+        metrics["skipped"] = float(len(skipped))
+        metrics["target_skipped"] = float(len(target_skipped))
         self.history.append(metrics)
+
+        def write() -> None:  # rank 0 writes; the others learn whether it could
+            if trainer.is_global_zero:
+                self._write(trainer, selection, ids, scores, skipped)
+
+        _agree(trainer, r, "the round file", write)
         if trainer.is_global_zero:
-            self._write(trainer, selection, ids, scores)
             if self.log:
                 for logger in trainer.loggers:
                     logger.log_metrics({f"selection/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
             overlap = "n/a" if previous is None else f"{metrics['overlap']:.1%}"
+            for what, found in (("pool", skipped), ("target", target_skipped)):
+                if found:
+                    rank_zero_warn(
+                        f"[lightning-chips] round {r}: skipped {len(found)} {what} pairs that could not be used "
+                        f"(never selected; the round file lists them all): {_name_bad(found)}"
+                    )
+            skipped_text = f", skipped {len(skipped)} bad pairs" if skipped else ""
             rank_zero_info(
                 f"[lightning-chips] round {r} at step {trainer.global_step}: selected {len(selection)}/{n} "
-                f"({metrics['fraction']:.1%}) by {selection.method}, overlap with previous round {overlap}, "
-                f"score q10/q50/q90 = {metrics['score_q10']:.4g}/{metrics['score_q50']:.4g}/"
+                f"({metrics['fraction']:.1%}) by {selection.method}{skipped_text}, overlap with previous round "
+                f"{overlap}, score q10/q50/q90 = {metrics['score_q10']:.4g}/{metrics['score_q50']:.4g}/"
                 f"{metrics['score_q90']:.4g}; {self.scorer.summary()}; {time.perf_counter() - start:.1f}s"
             )
         return selection
 
     def _score_map_style(self, trainer: Trainer, pl_module: LightningModule, adapter: CLIPAdapter,
-                         target: PairFeatures | None, show: bool) -> tuple:  # fmt: skip
-        """Score this rank's contiguous share of a map-style pool."""
+                         target: PairFeatures | None, show: bool, bad: dict[int, BadPair]) -> tuple:  # fmt: skip
+        """Score this rank's contiguous share of a map-style pool; its bad pairs go to ``bad``. Returns the ids,
+        scores, labels and dataset indices of the pairs that were scored."""
         datamodule, device, r = trainer.datamodule, pl_module.device, self.round
         rank, world = trainer.global_rank, trainer.world_size
         n = len(datamodule.pool)
@@ -270,39 +302,50 @@ class DataSelectionCallback(Callback):
         own_indices = _shard(all_indices, rank, world)
         whole = self.pool_sample is None or self.pool_sample >= n
         if whole:
-            own_features = extract_features(adapter, datamodule.pool_dataloader(own_indices), device=device,
-                                            progress=show, description=f"round {r}: pool")  # fmt: skip
+            own_features = _agree(
+                trainer, r, "the pool features",
+                lambda: _extract(adapter, datamodule.pool_dataloader(own_indices), bad, device=device, progress=show,
+                                 description=f"round {r}: pool"),
+            )  # fmt: skip
             sample = _gather_features(pl_module, own_features)
+            _check_unique(sample.ids.numpy(), f"round {r}")  # before any scoring work
         else:
             generator = np.random.default_rng([self.seed, r])
             sample_idx = np.sort(generator.choice(n, size=self.pool_sample, replace=False))
-            sample = _gather_features(
-                pl_module,
-                extract_features(
-                    adapter,
-                    datamodule.pool_dataloader(_shard(sample_idx, rank, world)),
-                    device=device,
-                    progress=show,
-                    description=f"round {r}: pool sample",
-                ),  # fmt: skip
-            )
-        endpoint = adapter.endpoint()
-        self.scorer.prepare(endpoint, None if target is None else target.to(device), sample.to(device))
+            local = _agree(
+                trainer, r, "the pool sample features",
+                lambda: _extract(adapter, datamodule.pool_dataloader(_shard(sample_idx, rank, world)), {},
+                                 device=device, progress=show, description=f"round {r}: pool sample"),
+            )  # fmt: skip
+            sample = _gather_features(pl_module, local)
 
-        if whole:
-            own_scores = torch.cat([self.scorer.score(b.to(device)).float().cpu() for b in own_features.batches(4096)])
-            own_ids, own_labels = own_features.ids, own_features.labels
-        else:
+        def score_own() -> tuple:
+            self.scorer.prepare(adapter.endpoint(), None if target is None else target.to(device), sample.to(device))
+            if whole:
+                own_scores = torch.cat(
+                    [self.scorer.score(b.to(device)).float().cpu() for b in own_features.batches(4096)]
+                )
+                return own_features.ids, own_scores, own_features.labels
             parts, ids, labels = [], [], []
-            stream = iter_features(adapter, datamodule.pool_dataloader(own_indices), device=device, progress=show,
-                                   description=f"round {r}: scoring")  # fmt: skip
+            stream = iter_features(adapter, _skip_bad(datamodule.pool_dataloader(own_indices), bad), device=device,
+                                   progress=show, description=f"round {r}: scoring")  # fmt: skip
             for batch in stream:
                 parts.append(self.scorer.score(batch).float().cpu())
                 ids.append(batch.ids.cpu())
                 labels.append(None if batch.labels is None else batch.labels.cpu())
-            own_scores, own_ids = torch.cat(parts), torch.cat(ids)
+            if not parts:
+                raise ValueError(_all_bad_message(f"rank {rank}'s share of the pool", bad))
             own_labels = None if any(x is None for x in labels) else torch.cat(labels)
-        return own_ids, own_scores, own_labels, own_indices, n
+            return torch.cat(ids), torch.cat(parts), own_labels
+
+        own_ids, own_scores, own_labels = _agree(trainer, r, "the pool scores", score_own)
+        scored = own_indices[~np.isin(own_indices, np.fromiter(bad, dtype=np.int64, count=len(bad)))]
+        if len(scored) != len(own_ids):
+            raise RuntimeError(
+                f"Round {r}: {len(own_ids)} pool pairs were scored on rank {rank} but {len(scored)} were expected "
+                f"({len(own_indices)} in its share, {len(bad)} bad); does the pool dataloader drop items?"
+            )
+        return own_ids, own_scores, own_labels, scored
 
     def _score_stream(self, trainer: Trainer, pl_module: LightningModule, adapter: CLIPAdapter,
                       target: PairFeatures | None, show: bool) -> tuple:  # fmt: skip
@@ -310,23 +353,36 @@ class DataSelectionCallback(Callback):
         (``pool_sample`` pairs from shards in a seeded order), or gathered from all ranks when it is None."""
         datamodule, device, r = trainer.datamodule, pl_module.device, self.round
         if self.pool_sample is None:
-            own_features = extract_features(adapter, datamodule.pool_dataloader(), device=device, progress=show,
-                                            description=f"round {r}: pool")  # fmt: skip
+            own_features = _agree(
+                trainer, r, "the pool features",
+                lambda: extract_features(adapter, datamodule.pool_dataloader(), device=device, progress=show,
+                                         description=f"round {r}: pool"),
+            )  # fmt: skip
+            sample = _gather_features(pl_module, own_features)
+
+            def score_all() -> tuple:
+                self.scorer.prepare(adapter.endpoint(), None if target is None else target.to(device),
+                                    sample.to(device))  # fmt: skip
+                scores = torch.cat([self.scorer.score(b.to(device)).float().cpu() for b in own_features.batches(4096)])
+                return own_features.ids.cpu(), scores, own_features.labels
+
+            return _agree(trainer, r, "the pool scores", score_all)
+
+        def score_sampled() -> tuple:
+            sample = extract_features(adapter, datamodule.pool_sample(self.pool_sample, r), device=device,
+                                      progress=show, description=f"round {r}: pool sample")  # fmt: skip
             self.scorer.prepare(adapter.endpoint(), None if target is None else target.to(device),
-                                _gather_features(pl_module, own_features).to(device))  # fmt: skip
-            scores = torch.cat([self.scorer.score(b.to(device)).float().cpu() for b in own_features.batches(4096)])
-            return own_features.ids.cpu(), scores, own_features.labels
-        sample = extract_features(adapter, datamodule.pool_sample(self.pool_sample, r), device=device,
-                                  progress=show, description=f"round {r}: pool sample")  # fmt: skip
-        self.scorer.prepare(adapter.endpoint(), None if target is None else target.to(device), sample.to(device))
-        parts, ids = [], []
-        for batch in iter_features(adapter, datamodule.pool_dataloader(), device=device, progress=show,
-                                   description=f"round {r}: scoring"):  # fmt: skip
-            parts.append(self.scorer.score(batch).float().cpu())
-            ids.append(batch.ids.cpu())
-        if not parts:
-            return torch.zeros(0, dtype=torch.int64), torch.zeros(0), None
-        return torch.cat(ids), torch.cat(parts), None
+                                sample.to(device))  # fmt: skip
+            parts, ids = [], []
+            for batch in iter_features(adapter, datamodule.pool_dataloader(), device=device, progress=show,
+                                       description=f"round {r}: scoring"):  # fmt: skip
+                parts.append(self.scorer.score(batch).float().cpu())
+                ids.append(batch.ids.cpu())
+            if not parts:
+                return torch.zeros(0, dtype=torch.int64), torch.zeros(0), None
+            return torch.cat(ids), torch.cat(parts), None
+
+        return _agree(trainer, r, "the pool scores", score_sampled)
 
     def _metrics(self, selection: Selection, previous: Selection | None, scores: np.ndarray, n: int) -> dict:
         q10, q50, q90 = np.quantile(scores, [0.1, 0.5, 0.9])
@@ -339,13 +395,17 @@ class DataSelectionCallback(Callback):
             "score_q90": float(q90),
         }
 
-    def _write(self, trainer: Trainer, selection: Selection, ids: np.ndarray, scores: np.ndarray) -> None:
+    def _write(self, trainer: Trainer, selection: Selection, ids: np.ndarray, scores: np.ndarray,
+               skipped: list[BadPair]) -> None:  # fmt: skip
         if self.save_dir == "":
             return
         directory = Path(self.save_dir) if self.save_dir is not None else Path(trainer.log_dir or ".") / "selection"
         write_round_file(
             directory / f"round_{selection.round:04d}.npz", ids, scores, selection.contains(ids),
             round=selection.round, method=selection.method, fraction=self.fraction,
+            bad_indices=np.array([b.index for b in skipped], dtype=np.int64),
+            bad_ids=np.array([NO_ID if b.id is None else b.id for b in skipped], dtype=np.int64),
+            bad_reasons=np.array([b.reason for b in skipped], dtype=str),
         )  # fmt: skip
 
     # -- state -------------------------------------------------------------------------------------------------
@@ -432,3 +492,86 @@ def _gather_features(pl_module: LightningModule, features: PairFeatures) -> Pair
         _gather_rows(pl_module, features.text),
         None if features.labels is None else _gather_rows(pl_module, features.labels),
     )
+
+
+def _skip_bad(batches: Iterable[Any], sink: dict[int, BadPair]) -> Iterator[Any]:
+    """The batches of a scoring loader without their bad pairs, which go to ``sink`` (by dataset index); a batch
+    of bad pairs only is left out."""
+    for batch in batches:
+        found = batch.pop("bad", None) if isinstance(batch, dict) else None
+        if found:
+            sink.update({b.index: b for b in found})
+            if len(batch["id"]) == 0:
+                continue
+        yield batch
+
+
+def _extract(adapter: CLIPAdapter, loader: Iterable[Any], sink: dict[int, BadPair], **kwargs: Any) -> PairFeatures:
+    """:func:`~lightning_chips.features.extract_features` of a scoring loader, its bad pairs into ``sink``."""
+    parts = [f.to("cpu") for f in iter_features(adapter, _skip_bad(loader, sink), **kwargs)]
+    if not parts:
+        if sink:
+            raise ValueError(_all_bad_message(kwargs.get("description", "the pairs"), sink))
+        raise ValueError(f"No batches to extract {kwargs.get('description', 'features')} from: the loader is empty.")
+    return PairFeatures.cat(parts)
+
+
+def _name_bad(bad: Sequence[BadPair], limit: int = 5) -> str:
+    named = "; ".join(f"id {b.id} (index {b.index}): {b.reason}" for b in bad[:limit])
+    return named + ("; ..." if len(bad) > limit else "")
+
+
+def _all_bad_message(what: str, bad: dict[int, BadPair]) -> str:
+    pairs = [bad[i] for i in sorted(bad)]
+    return f"Every pair of {what} failed to load or to pass the checks ({len(pairs)} pairs: {_name_bad(pairs)})."
+
+
+def _check_unique(ids: np.ndarray, where: str) -> None:
+    unique, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        dup = unique[counts > 1][:5].tolist()
+        raise ValueError(
+            f"Pool ids must be unique; duplicated ids in {where}: {dup} ({int((counts > 1).sum())} ids in all). "
+            "Give every pool item its own int64 'id'."
+        )
+
+
+def _agree(trainer: Trainer, round_: int, what: str, fn: Callable[[], _T]) -> _T:
+    """Run this rank's part of a round, then agree with every rank that all parts succeeded (before the next
+    collective, so no rank waits at a gather for one that has failed).
+
+    The failing rank re-raises its own error; the others raise a ``RuntimeError`` naming the failed ranks and
+    their errors.
+    """
+    error: Exception | None = None
+    result: Any = None
+    try:
+        result = fn()
+    except Exception as exc:  # re-raised below, after the other ranks know
+        error = exc
+    if trainer.world_size > 1:
+        flag = torch.tensor([int(error is not None)], device=trainer.strategy.root_device)
+        failed = torch.nonzero(trainer.strategy.all_gather(flag).reshape(-1)).reshape(-1).tolist()
+        if failed:
+            messages: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(messages, None if error is None else describe_error(error))
+            if error is None:
+                detail = "; ".join(f"rank {i}: {messages[i]}" for i in failed)
+                raise RuntimeError(
+                    f"Selection round {round_} stopped on rank {trainer.global_rank}: rank(s) {failed} failed while "
+                    f"computing {what} ({detail}); see that rank's traceback."
+                )
+    if error is not None:
+        raise error
+    return result
+
+
+def _gather_bad(trainer: Trainer, bad: dict[int, BadPair]) -> list[BadPair]:
+    """Every rank's bad pairs, sorted by dataset index (the same list on every rank)."""
+    mine = [bad[i] for i in sorted(bad)]
+    if trainer.world_size == 1:
+        return mine
+    everyone: list[Any] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(everyone, mine)
+    merged = {b.index: b for part in everyone for b in part}
+    return [merged[i] for i in sorted(merged)]

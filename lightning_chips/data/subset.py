@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -11,6 +12,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from typing_extensions import override
 
+from lightning_chips.data.checks import BadPair, CheckedPairs
 from lightning_chips.data.datamodule import clip_normalize, resolve_tokenizer
 from lightning_chips.data.sampler import ScoredSubsetSampler
 from lightning_chips.selection import Selection
@@ -21,7 +23,9 @@ __all__ = ["PairCollate", "ScoredSubsetDataModule", "SelectionDataLoader"]
 class PairCollate:
     """Collate ``{"image", "text", "id", ...}`` items; string captions are tokenized as a batch.
 
-    Picklable, so it works in dataloader worker processes.
+    :class:`~lightning_chips.data.checks.BadPair` items (pairs of a :class:`~lightning_chips.data.checks.
+    CheckedPairs` pool that failed to load) are left out of the tensors and listed in ``batch["bad"]``; a batch of
+    bad pairs only is ``{"id": <empty>, "bad": [...]}``. Picklable, so it works in dataloader worker processes.
     """
 
     def __init__(
@@ -35,6 +39,12 @@ class PairCollate:
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if not items:
             raise ValueError("Cannot collate an empty batch.")
+        bad = [item for item in items if isinstance(item, BadPair)]
+        if bad:
+            items = [item for item in items if not isinstance(item, BadPair)]
+            batch = self(items) if items else {"id": torch.empty(0, dtype=torch.int64)}
+            batch["bad"] = bad
+            return batch
         texts = [item["text"] for item in items]
         rest = default_collate([{k: v for k, v in item.items() if k != "text"} for item in items])
         if isinstance(texts[0], str):
@@ -60,7 +70,10 @@ class _LazyIterator:
     def __next__(self) -> Any:
         if self._iterator is None:
             self._iterator = DataLoader.__iter__(self._loader)
-        return next(self._iterator)
+        batch = next(self._iterator)
+        if isinstance(batch, dict) and "bad" in batch:
+            batch = _fill_bad_slots(batch, self._loader.dataset)
+        return batch
 
     def __len__(self) -> int:
         return len(self._loader)
@@ -73,10 +86,43 @@ class SelectionDataLoader(DataLoader):
     ``configure_optimizers``, before any hook a selection round can run in), and worker processes prefetch
     indices as soon as their iterator exists. Deferring the iterator to the first ``next()`` makes every epoch,
     the first one included, draw from the selection and epoch in force when it starts.
+
+    A batch holding pairs that failed to load (``batch["bad"]``, see :class:`PairCollate`) keeps its size: each
+    bad pair's slot is filled with a copy of a valid pair of the same batch (so every DDP rank's batch has the
+    same size), the bad pairs are recorded in the pool's :attr:`~lightning_chips.data.checks.CheckedPairs.skipped`
+    and a warning names them. A batch without any valid pair is an error naming its pairs.
     """
 
     def __iter__(self) -> _LazyIterator:  # type: ignore[override]
         return _LazyIterator(self)
+
+
+def _fill_bad_slots(batch: dict[str, Any], dataset: Any) -> dict[str, Any]:
+    """Record ``batch["bad"]`` and fill its slots with copies of the batch's valid pairs (see
+    :class:`SelectionDataLoader`)."""
+    bad: list[BadPair] = batch.pop("bad")
+    named = ", ".join(f"index {b.index} (id {b.id}): {b.reason}" for b in bad[:5])
+    checked = dataset.dataset if isinstance(dataset, Subset) else dataset
+    if isinstance(checked, CheckedPairs):
+        checked.skipped.update({b.index: b for b in bad})
+    n = len(batch["id"])
+    if n == 0:
+        raise RuntimeError(
+            f"Every pair of a batch failed to load ({len(bad)} pairs: {named}); fix or remove these samples."
+        )
+    fill = torch.arange(n + len(bad)) % n
+    for key, value in batch.items():
+        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n:
+            batch[key] = value[fill]
+        elif isinstance(value, list | tuple) and len(value) == n:
+            batch[key] = [value[i] for i in fill.tolist()]
+    warnings.warn(
+        f"{len(bad)} pair(s) of a batch could not be used and their slots were filled with copies of other pairs "
+        f"of the batch: {named}.",
+        UserWarning,
+        stacklevel=2,
+    )
+    return batch
 
 
 class ScoredSubsetDataModule(LightningDataModule):
@@ -91,6 +137,17 @@ class ScoredSubsetDataModule(LightningDataModule):
     Items are dicts ``{"image": Tensor[3, H, W], "text": str | LongTensor, "id": int[, "label": int]}``; string
     captions are tokenized per batch with the model's tokenizer (``get_tokenizer()``, e.g.
     :class:`~lightning_chips.models.OpenCLIPModule`), an open_clip ``tokenizer`` name, or open_clip's default.
+    A directory of images and captions is :class:`~lightning_chips.data.ImageCaptionFolder` (``lazy=True``).
+
+    **Bad samples.** Every dataset is read through :class:`~lightning_chips.data.checks.CheckedPairs`: an item
+    whose loading raises (an undecodable, empty or over-limit image, ...) or that fails the checks of
+    :func:`~lightning_chips.data.checks.check_pair` (missing id, empty or non-UTF-8 caption) is a
+    :class:`~lightning_chips.data.checks.BadPair`. The scoring passes (:meth:`pool_dataloader`,
+    :meth:`target_dataloader`) hand them over in ``batch["bad"]``; the callback skips them, never selects them
+    and names them in the round file. In training and evaluation batches (before the first selection, or in
+    ``val`` / ``test``) a bad pair's slot is filled with a copy of a valid pair of the batch and recorded in
+    :attr:`skipped` with a warning. An item that is not a dict with ``image`` and ``text`` is a ``TypeError``
+    naming its index.
 
     Args:
         pool: map-style dataset of candidate pairs.
@@ -156,6 +213,7 @@ class ScoredSubsetDataModule(LightningDataModule):
         self.normalize = normalize
         self.tokenizer_name, self.context_length = tokenizer, context_length
         self.selection: Selection | None = None
+        self._checked: dict[int, CheckedPairs] = {}
         self.collate: PairCollate | None = None
         self.sampler: ScoredSubsetSampler | None = None
         self._train_loader: DataLoader | None = None
@@ -180,6 +238,24 @@ class ScoredSubsetDataModule(LightningDataModule):
         if trainer is not None:
             self.sampler.set_distributed(trainer.global_rank, trainer.world_size)
 
+    def checked(self, dataset: Dataset) -> CheckedPairs:
+        """The :class:`~lightning_chips.data.checks.CheckedPairs` view of ``dataset`` (one per dataset)."""
+        if id(dataset) not in self._checked:
+            self._checked[id(dataset)] = CheckedPairs(dataset)
+        return self._checked[id(dataset)]
+
+    @property
+    def skipped(self) -> dict[str, list[BadPair]]:
+        """The bad pairs met in training and evaluation batches so far, per dataset (``"pool"``, ``"target"``,
+        ``"val"``, ``"test"``); the scoring rounds' bad pairs are in the callback's round files and history."""
+        names = {"pool": self.pool, "target": self.target, "val": self.val, "test": self.test}
+        found = {}
+        for name, dataset in names.items():
+            checked = self._checked.get(id(dataset)) if dataset is not None else None
+            if checked is not None and checked.skipped:
+                found[name] = [checked.skipped[i] for i in sorted(checked.skipped)]
+        return found
+
     def _require_setup(self) -> PairCollate:
         if self.collate is None:
             self.setup("fit")
@@ -192,7 +268,7 @@ class ScoredSubsetDataModule(LightningDataModule):
         collate = self._require_setup()
         if self._train_loader is None:
             self._train_loader = SelectionDataLoader(
-                self.pool,
+                self.checked(self.pool),
                 batch_size=self.batch_size,
                 sampler=self.sampler,
                 collate_fn=collate,
@@ -202,18 +278,22 @@ class ScoredSubsetDataModule(LightningDataModule):
             )
         return self._train_loader
 
-    def _eval_loader(self, dataset: Dataset, indices: Sequence[int] | None = None) -> DataLoader:
+    def _eval_loader(self, dataset: Dataset, indices: Sequence[int] | None = None, *, fill: bool = False) -> DataLoader:
         collate = self._require_setup()
-        data = dataset if indices is None else Subset(dataset, list(indices))
-        return DataLoader(data, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate,
-                          num_workers=self.num_workers)  # fmt: skip
+        data = self.checked(dataset)
+        data = data if indices is None else Subset(data, list(indices))
+        cls = SelectionDataLoader if fill else DataLoader
+        return cls(data, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate,
+                   num_workers=self.num_workers)  # fmt: skip
 
     def pool_dataloader(self, indices: Sequence[int] | None = None) -> DataLoader:
-        """Unshuffled loader over the pool (or ``indices`` of it) for a scoring pass."""
+        """Unshuffled loader over the pool (or ``indices`` of it) for a scoring pass; the pairs of a batch that
+        failed to load are in ``batch["bad"]`` (:class:`~lightning_chips.data.checks.BadPair`), not in its
+        tensors."""
         return self._eval_loader(self.pool, indices)
 
     def target_dataloader(self, target: Dataset | None = None, indices: Sequence[int] | None = None) -> DataLoader:
-        """Unshuffled loader over the target set (or the given one)."""
+        """Unshuffled loader over the target set (or the given one); bad pairs as in :meth:`pool_dataloader`."""
         target = target if target is not None else self.target
         if target is None:
             raise ValueError("No target set: pass `target` to ScoredSubsetDataModule or to DataSelectionCallback.")
@@ -221,8 +301,8 @@ class ScoredSubsetDataModule(LightningDataModule):
 
     @override
     def val_dataloader(self) -> DataLoader | list:
-        return [] if self.val is None else self._eval_loader(self.val)
+        return [] if self.val is None else self._eval_loader(self.val, fill=True)
 
     @override
     def test_dataloader(self) -> DataLoader | list:
-        return [] if self.test is None else self._eval_loader(self.test)
+        return [] if self.test is None else self._eval_loader(self.test, fill=True)

@@ -20,12 +20,9 @@ so a consumer (the offline ``score`` pass) knows when a shard is complete.
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
-import re
 import tarfile
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +32,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
+from lightning_chips.data.checks import BadSample, decode_caption, decode_image, describe_error, parse_id
 from lightning_chips.data.subset import PairCollate
 
 __all__ = [
@@ -51,7 +49,6 @@ __all__ = [
 
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 SHARD_SUFFIXES: tuple[str, ...] = (".tar", ".tar.gz", ".tgz")
-_INT64 = np.iinfo(np.int64)
 
 
 def expand_shards(urls: str | Sequence[str]) -> list[str]:
@@ -151,38 +148,20 @@ def decode_pair(
     image_extensions: Sequence[str] = IMAGE_EXTENSIONS,
 ) -> dict[str, Any] | str:
     """Decode one raw sample (``{extension: bytes}``) into ``{"image", "text", "id"}``, or return the reason it
-    is unusable (``"undecodable image: ..."``, ``"missing caption"``, ``"missing uid"``, ...)."""
-    from PIL import Image
-
+    is unusable (``"undecodable image: ..."``, ``"missing caption"``, ``"missing uid"``, ...; see
+    :mod:`lightning_chips.data.checks`)."""
     uid = _parse_uid(raw.get("json"), uid_field)
     if isinstance(uid, str):
         return uid
-    text = raw.get("txt")
-    if text is None:
-        return "missing caption"
     try:
-        caption = text.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return "caption is not UTF-8"
-    if not caption:
-        return "empty caption"
-    ext = next((e for e in image_extensions if e in raw), None)
-    if ext is None:
-        return f"missing image (no {'/'.join(image_extensions)} member)"
-    data = raw[ext]
-    if not data:
-        return "empty image file"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()
-                image = img.convert("RGB")
-        tensor = transform(image)
-    except Exception as exc:  # any decoder failure: PIL raises many types (OSError, SyntaxError, ValueError...)
-        detail = re.sub(r" ?<[^>]*>", "", str(exc))[:120]  # drop object reprs with addresses
-        return f"undecodable image: {type(exc).__name__}: {detail}"
-    return {"image": tensor, "text": caption, "id": uid}
+        caption = decode_caption(raw.get("txt"))
+        ext = next((e for e in image_extensions if e in raw), None)
+        if ext is None:
+            return f"missing image (no {'/'.join(image_extensions)} member)"
+        image = decode_image(raw[ext], transform)
+    except BadSample as bad:
+        return bad.reason
+    return {"image": image, "text": caption, "id": uid}
 
 
 def _parse_uid(data: bytes | None, uid_field: str) -> int | str:
@@ -195,11 +174,10 @@ def _parse_uid(data: bytes | None, uid_field: str) -> int | str:
     value = meta.get(uid_field) if isinstance(meta, dict) else None
     if value is None:
         return f"missing uid (no {uid_field!r} in json)"
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not _INT64.min <= value <= _INT64.max:
+    try:
+        return parse_id(value, name="uid")
+    except BadSample:
         return f"missing uid ({uid_field}={value!r} is not an int64)"
-    return int(value)
 
 
 def _split_member(name: str) -> tuple[str, str] | None:
@@ -402,9 +380,28 @@ class ShardCollate(PairCollate):
 
 
 class ImageCaptionFolder(torch.utils.data.Dataset):
-    """A directory of ``NAME.{jpg,png,webp}`` images with ``NAME.txt`` captions (a small target set), as a
-    map-style dataset of ``{"image", "text", "id"}``; ids are positions in the sorted file list, unless a
-    ``NAME.json`` gives a ``uid``. Unusable pairs are listed in :attr:`bad` (name, reason) and left out."""
+    """A directory of ``NAME.{jpg,png,webp}`` images with ``NAME.txt`` captions as a map-style dataset of
+    ``{"image", "text", "id"}``; ids are positions in the sorted list of names, unless a ``NAME.json`` gives a
+    ``uid``.
+
+    By default every pair is decoded once, here, and kept in memory (a small target set); unusable pairs are
+    listed in :attr:`bad` (name, reason) and left out. With ``lazy=True`` (a pool of any size) only the names
+    and ids are read here: every name is an item, its files are read and decoded in ``__getitem__``, and an
+    unusable one raises :class:`~lightning_chips.data.checks.BadSample` with its id and reason, which
+    :class:`~lightning_chips.data.ScoredSubsetDataModule` skips and reports (the round file names it).
+
+    Args:
+        root: the directory.
+        image_size: side of the square images (resize + centre crop); ignored when ``transform`` is given.
+        transform: PIL image -> tensor, instead of the default :func:`image_transform`.
+        uid_field: the int64 id's field in each ``NAME.json``.
+        lazy: read and decode each pair when it is asked for, instead of all of them now.
+
+    Example::
+
+        >>> pool = ImageCaptionFolder("images/", image_size=224, lazy=True)
+        >>> data = ScoredSubsetDataModule(pool, ImageCaptionFolder("target/", image_size=224))
+    """
 
     def __init__(
         self,
@@ -413,30 +410,64 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         image_size: int = 224,
         transform: Callable[[Any], Tensor] | None = None,
         uid_field: str = "uid",
+        lazy: bool = False,
     ) -> None:
         root = os.fspath(root)
         if not os.path.isdir(root):
             raise ValueError(f"{root!r} is not a directory.")
-        transform = transform if transform is not None else image_transform(image_size)
+        self.transform = transform if transform is not None else image_transform(image_size)
+        self.uid_field, self.lazy = uid_field, lazy
         groups: dict[str, dict[str, str]] = {}
         for name in sorted(os.listdir(root)):
             split = _split_member(name)
             if split is not None:
                 groups.setdefault(split[0], {})[split[1]] = os.path.join(root, name)
         self.root, self.pairs, self.bad = root, [], []
+        self.names: list[str] = []
+        self.files: list[dict[str, str]] = []
+        self._ids: list[int | str] = []
         for position, (key, files) in enumerate(sorted(groups.items())):
-            raw = {ext: open(path, "rb").read() for ext, path in files.items()}
-            raw.setdefault("json", json.dumps({uid_field: position}).encode())
-            pair = decode_pair(raw, transform, uid_field=uid_field)
+            if lazy:
+                self.names.append(key)
+                self.files.append(files)
+                self._ids.append(self._read_id(files, position))
+                continue
+            pair = decode_pair(self._read(files, position), self.transform, uid_field=uid_field)
             if isinstance(pair, str):
                 self.bad.append((key, pair))
             else:
                 self.pairs.append(pair)
-        if not self.pairs:
+        if not (self.files if lazy else self.pairs):
             raise ValueError(f"No usable image-caption pair in {root!r} (bad: {self.bad[:3]}).")
 
+    def _read(self, files: dict[str, str], position: int) -> dict[str, bytes]:
+        raw = {}
+        for ext, path in files.items():
+            with open(path, "rb") as f:
+                raw[ext] = f.read()
+        raw.setdefault("json", json.dumps({self.uid_field: position}).encode())
+        return raw
+
+    def _read_id(self, files: dict[str, str], position: int) -> int | str:
+        if "json" not in files:
+            return position
+        with open(files["json"], "rb") as f:
+            return _parse_uid(f.read(), self.uid_field)
+
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.files) if self.lazy else len(self.pairs)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.pairs[index]
+        if not self.lazy:
+            return self.pairs[index]
+        uid = self._ids[index]
+        if isinstance(uid, str):
+            raise BadSample(uid)
+        try:
+            raw = self._read(self.files[index], uid)
+        except OSError as exc:
+            raise BadSample(f"unreadable file: {describe_error(exc)}", uid) from None
+        pair = decode_pair(raw, self.transform, uid_field=self.uid_field)
+        if isinstance(pair, str):
+            raise BadSample(pair, uid)
+        return pair
