@@ -207,7 +207,7 @@ def full_parameter_bank(
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]
             parts_x.append(ep.embed_image(adapter.image_features(images[chunk].to(_dtype(module)))))
-            parts_y.append(ep.embed_text(adapter.text_features(tokens[chunk])))
+            parts_y.append(ep.embed_text(adapter.text_features(adapter.trim_tokens(tokens[chunk]))))
     return NegativeBank(torch.cat(parts_x), torch.cat(parts_y), ids[idx])
 
 
@@ -302,7 +302,7 @@ def _iter_grads(
             with warnings.catch_warnings():
                 # vmap loops over fused attention kernels and says so on every call; the result is exact.
                 warnings.filterwarnings("ignore", message="There is a performance drop")
-                grads, q = per_sample(primals, images[sl].to(dtype), tokens[sl], exclude)
+                grads, q = per_sample(primals, images[sl].to(dtype), adapter.trim_tokens(tokens[sl]), exclude)
             flat = torch.cat([grads["clip." + name].reshape(q.shape[0], -1) for name in names], dim=1)
             yield (flat if projection is None else projection(flat)), q
 
