@@ -42,6 +42,13 @@ class DataSelectionCallback(Callback):
     draws the next epoch's batches from it; write ``save_dir/round_{r:04d}.npz`` atomically; log the selected
     fraction, the overlap with the previous round and score quantiles, and print a one-line summary.
 
+    Pool pairs that fail to load or to pass the checks (:class:`~lightning_chips.data.checks.CheckedPairs`) are
+    skipped: never selected, counted in the summary line and in :attr:`history` (``"skipped"``,
+    ``"target_skipped"``), listed in :attr:`skipped`, and named in the round file (``bad_indices``, ``bad_ids``
+    with :data:`NO_ID` for a pair without an id, ``bad_reasons``). Under DDP every rank agrees that its part of a
+    round succeeded before each all-gather, so an exception on one rank ends the fit on every rank instead of
+    leaving the others waiting.
+
     Round 0 is scored with the starting model before the first training step (the CHIPS paper's one-shot
     selection) unless ``warmup_steps > 0``, in which case the whole pool is sampled until the first epoch end at
     or after ``warmup_steps``. Later rounds happen at epoch ends (one epoch = ``steps_per_round`` steps of the

@@ -8,6 +8,7 @@ import copy
 import io
 import itertools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -183,10 +184,18 @@ def _module() -> OpenCLIPModule:
     return OpenCLIPModule(model_config=copy.deepcopy(TINY_VIT), lr=2e-3)
 
 
-def _folder_fit(root: Path, pool_dir: Path, max_epochs: int, record: Record, ckpt_path: str | None = None):
+class TargetCLIPScore(CLIPScore):
+    """CLIPScore that asks for the target set, so that the round extracts the target's features too."""
+
+    requires_target = True
+
+
+def _folder_fit(root: Path, pool_dir: Path, max_epochs: int, record: Record, ckpt_path: str | None = None,
+                target: Dataset | None = None):  # fmt: skip
     pool = ImageCaptionFolder(pool_dir, image_size=32, lazy=True)
-    data = ScoredSubsetDataModule(pool, batch_size=8, steps_per_round=6, eval_batch_size=16)
-    callback = DataSelectionCallback(CLIPScore(), fraction=0.3, every_n_epochs=1, warmup_steps=6,
+    data = ScoredSubsetDataModule(pool, target, batch_size=8, steps_per_round=6, eval_batch_size=16)
+    scorer = CLIPScore() if target is None else TargetCLIPScore()
+    callback = DataSelectionCallback(scorer, fraction=0.3, every_n_epochs=1, warmup_steps=6,
                                      save_dir=str(root / "rounds"), progress=False)  # fmt: skip
     checkpoint = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     trainer = _trainer(root, [callback, record, checkpoint], max_epochs)
@@ -195,15 +204,20 @@ def _folder_fit(root: Path, pool_dir: Path, max_epochs: int, record: Record, ckp
 
 
 @pytest.mark.slow
-def test_bad_pairs_of_a_folder_pool_are_skipped_counted_named_and_never_trained_on(tmp_path):
+def test_bad_pairs_of_a_folder_pool_are_skipped_counted_named_and_never_trained_on(tmp_path, caplog):
     """A lazy ImageCaptionFolder pool with every kind of bad pair, a warm-up epoch on the whole pool, then two
     selection rounds: no crash; training batches keep their size and never hold a bad pair (warm-up slots are
     filled with copies, recorded and warned about); each round skips the bad pairs (never selected), the round
-    file names them with their reasons, and the history counts them."""
+    file names them with their reasons, the summary line and the history count them, and a bad target pair is
+    skipped and counted too."""
     expected = _write_folder(tmp_path / "pool", FOLDER_SIZE, FOLDER_FAULTS)
+    _write_folder(tmp_path / "target", 6, {4: "blank"})
+    target = ImageCaptionFolder(tmp_path / "target", image_size=32, lazy=True)
     record = Record()
+    caplog.set_level(logging.INFO)
     with pytest.warns(UserWarning, match="could not be used"):
-        callback, data = _folder_fit(tmp_path / "run", tmp_path / "pool", 3, record)
+        callback, data = _folder_fit(tmp_path / "run", tmp_path / "pool", 3, record, target=target)
+    assert f"skipped {len(expected)} bad pairs" in caplog.text
     bad_uids = {uid for uid in expected if uid != NO_ID}
     assert len(record.steps) == 18
     for _, ids, _ in record.steps:
@@ -223,6 +237,7 @@ def test_bad_pairs_of_a_folder_pool_are_skipped_counted_named_and_never_trained_
         assert round_file["selected"].sum() == round(0.3 * valid)
         assert 1000 + 33 in round_file["ids"].tolist()  # the long caption is scored
     assert [h["skipped"] for h in callback.history] == [len(expected)] * 2
+    assert [h["target_skipped"] for h in callback.history] == [1, 1]
     assert {b.id for b in callback.skipped} == set(expected) - {NO_ID} | {None}
     for epoch in (1, 2):  # after the rounds, batches come from the selection only
         assert all(np.isin(ids, sel).all() for e, ids, sel in record.steps if e == epoch)

@@ -1,6 +1,7 @@
 """Datasets and data modules: the built-in two-domain data, scored subsets of map-style pools, WebDataset pools."""
 
 from lightning_chips.data.builtin import CLASSNAMES, DOMAINS, TEMPLATES, TwoDomainPairs
+from lightning_chips.data.checks import BadPair, BadSample, CheckedPairs
 from lightning_chips.data.datamodule import TwoDomainDataModule, clip_normalize, resolve_tokenizer
 from lightning_chips.data.real import (
     ANIMAL_CLASSES,
@@ -25,6 +26,8 @@ __all__ = [
     "ANIMAL_CLASSES",
     "ANIMAL_TEMPLATES",
     "AnimalMNISTPairs",
+    "BadPair",
+    "BadSample",
     "CATEGORIES",
     "DATASET_ID_OFFSETS",
     "DataNotInstalledError",
@@ -35,6 +38,7 @@ __all__ = [
     "OpenClipartPairs",
     "REAL_DOMAINS",
     "CLASSNAMES",
+    "CheckedPairs",
     "DOMAINS",
     "TEMPLATES",
     "ImageCaptionFolder",

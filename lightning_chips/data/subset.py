@@ -42,7 +42,7 @@ class PairCollate:
         bad = [item for item in items if isinstance(item, BadPair)]
         if bad:
             items = [item for item in items if not isinstance(item, BadPair)]
-            batch = self(items) if items else {"id": torch.empty(0, dtype=torch.int64)}
+            batch = PairCollate.__call__(self, items) if items else {"id": torch.empty(0, dtype=torch.int64)}
             batch["bad"] = bad
             return batch
         texts = [item["text"] for item in items]
