@@ -228,8 +228,8 @@ class CLIPAdapter(ABC):
         return self.endpoint().embed_image(self.image_features(images))
 
     def encode_text(self, tokens: Tensor) -> Tensor:
-        """Normalised text embeddings ``[B, e]`` through the end point."""
-        return self.endpoint().embed_text(self.text_features(tokens))
+        """Normalised text embeddings ``[B, e]`` through the end point (tokens cut by :meth:`trim_tokens` first)."""
+        return self.endpoint().embed_text(self.text_features(self.trim_tokens(tokens)))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.module).__name__})"
