@@ -648,9 +648,12 @@ def section(result: dict) -> str:
         "compute their own per-sample gradients (`vmap(grad)`) on the raw images and tokens through the towers, with\n"
         "the same per-sample bank loss (METHODS.md 1.2); the bank's embeddings are computed before their clock\n"
         "starts; dattri gets the full-context tokens a user passes, and (second TRAK row) the tokens pre-cut to\n"
-        "the longest caption of the pool and target. "
+        "the longest caption of the pool and target, the saving of our feature pass given to it by hand.\n"
         'TRAK and TracIn "projected" use dattri\'s dense Gaussian projection to 512 dims; TracIn exact uses the\n'
-        "identity projection. Peak memory: CHIPS prepared on a fixed pool sample, then streaming the whole pool from\n"
+        "identity projection. What dattri spends beyond a forward pass: its per-sample `vmap` runs the attention\n"
+        "kernels one sample at a time (PyTorch has no batching rule for them, and warns so), TRAK runs a second\n"
+        "per-sample pass for its out-to-loss term, and the projections multiply every gradient by a dense\n"
+        "Gaussian matrix. Peak memory: CHIPS prepared on a fixed pool sample, then streaming the whole pool from\n"
         "the data loader, in a fresh process per N; peak RSS (VmHWM, reset before the scoring) minus the RSS then,\n"
         + (
             "with a static glibc mmap threshold (`MALLOC_MMAP_THRESHOLD_=65536`; the default dynamic threshold adds\n"
