@@ -18,6 +18,7 @@ from typing_extensions import override
 from lightning_chips.adapters import CLIPAdapter, resolve_adapter
 from lightning_chips.data.checks import BadPair, describe_error
 from lightning_chips.data.datamodule import resolve_tokenizer
+from lightning_chips.data.webdataset import BadShardSample, ShardReport
 from lightning_chips.features import PairFeatures, extract_features, iter_features
 from lightning_chips.metrics import build_zero_shot_classifier
 from lightning_chips.scoring import Scorer, build_scorer
@@ -45,9 +46,14 @@ class DataSelectionCallback(Callback):
     Pool pairs that fail to load or to pass the checks (:class:`~lightning_chips.data.checks.CheckedPairs`) are
     skipped: never selected, counted in the summary line and in :attr:`history` (``"skipped"``,
     ``"target_skipped"``), listed in :attr:`skipped`, and named in the round file (``bad_indices``, ``bad_ids``
-    with :data:`NO_ID` for a pair without an id, ``bad_reasons``). Under DDP every rank agrees that its part of a
-    round succeeded before each all-gather, so an exception on one rank ends the fit on every rank instead of
-    leaving the others waiting.
+    with :data:`NO_ID` for a pair without an id, ``bad_reasons``). A streaming pool
+    (:class:`~lightning_chips.data.WebDatasetDataModule`) has no indices: its skipped samples are
+    :class:`~lightning_chips.data.webdataset.BadShardSample` s, named in the round file by ``bad_ids`` (the uid,
+    or :data:`NO_ID` when the json gives none), ``bad_keys``, ``bad_shards`` and ``bad_reasons``, and a shard
+    that could not be read to the end is listed in :attr:`shard_errors`, in the round file
+    (``unreadable_shards``, ``shard_errors``) and in :attr:`history` (``"unreadable_shards"``). Under DDP every
+    rank agrees that its part of a round succeeded before each all-gather, so an exception on one rank ends the
+    fit on every rank instead of leaving the others waiting.
 
     Round 0 is scored with the starting model before the first training step (the CHIPS paper's one-shot
     selection) unless ``warmup_steps > 0``, in which case the whole pool is sampled until the first epoch end at
@@ -146,7 +152,8 @@ class DataSelectionCallback(Callback):
         self.last_step = 0
         self.last_epoch = 0  # completed epochs at the last selection
         self.history: list[dict[str, float]] = []
-        self.skipped: list[BadPair] = []  # the last round's pool pairs that could not be used (all ranks)
+        self.skipped: list[BadPair | BadShardSample] = []  # the last round's pool pairs that could not be used
+        self.shard_errors: dict[str, str] = {}  # streaming pools: the last round's unreadable shards -> error
         self._restored = False
 
     @property
@@ -210,10 +217,13 @@ class DataSelectionCallback(Callback):
         """Score the pool with the current model and install the new selection (all ranks).
 
         Pool pairs that fail to load or to pass the checks (``batch["bad"]`` of the data module's scoring
-        loaders) are skipped: never selected, counted in the summary line and :attr:`history` (``"skipped"``),
-        and named in the round file. Under DDP the ranks agree that each local step succeeded before every
-        all-gather: an exception on one rank is raised there, and the others raise a ``RuntimeError`` naming that
-        rank and its error instead of waiting at the gather.
+        loaders; for a streaming pool, the skipped samples of the shard reports in ``batch["reports"]``) are
+        skipped: never selected, counted in the summary line and :attr:`history` (``"skipped"``), and named in the
+        round file. Each is counted once per round: a streaming pool's bad samples are counted from the scoring
+        pass over each rank's shards, not again from the pool sample pass that reads some of the same shards.
+        Under DDP the ranks agree that each local step succeeded before every all-gather: an exception on one
+        rank is raised there, and the others raise a ``RuntimeError`` naming that rank and its error instead of
+        waiting at the gather.
         """
         start = time.perf_counter()
         datamodule = trainer.datamodule
@@ -231,6 +241,8 @@ class DataSelectionCallback(Callback):
 
         bad: dict[int, BadPair] = {}  # this rank's pool pairs that could not be used, by dataset index
         target_bad: dict[int, BadPair] = {}
+        stream_bad: list[BadShardSample] = []  # streaming pools: this rank's skipped samples and unreadable shards
+        shard_errors: dict[str, str] = {}
         target = None
         if self.scorer.requires_target:
             target_set = self.target if self.target is not None else datamodule.target
@@ -241,8 +253,10 @@ class DataSelectionCallback(Callback):
                                  progress=show, description=f"round {r}: target"),
             )  # fmt: skip
             target = _gather_features(pl_module, local)
-        if getattr(datamodule, "streaming", False):
-            own_ids, own_scores, own_labels = self._score_stream(trainer, pl_module, adapter, target, show)
+        streaming = bool(getattr(datamodule, "streaming", False))
+        if streaming:
+            own_ids, own_scores, own_labels = self._score_stream(trainer, pl_module, adapter, target, show,
+                                                                 stream_bad, shard_errors)  # fmt: skip
             own_indices, n = own_ids.numpy(), None  # a stream has no positions: the ids stand in for them
         else:
             own_ids, own_scores, own_labels, own_indices = self._score_map_style(
@@ -254,7 +268,11 @@ class DataSelectionCallback(Callback):
         ids = _gather_rows(pl_module, own_ids).numpy()
         indices = _gather_rows(pl_module, torch.as_tensor(own_indices)).numpy()
         labels = None if own_labels is None else _gather_rows(pl_module, own_labels).numpy()
-        skipped = _gather_bad(trainer, bad)
+        skipped: list[BadPair] | list[BadShardSample]
+        if streaming:
+            skipped, shard_errors = _gather_stream_bad(trainer, stream_bad, shard_errors)
+        else:
+            skipped = _gather_bad(trainer, bad)
         target_skipped = _gather_bad(trainer, target_bad)
         n = len(ids) if n is None else n
         _check_unique(ids, f"round {r}")
@@ -264,18 +282,21 @@ class DataSelectionCallback(Callback):
         )  # fmt: skip
         previous = self.selection
         self.selection = selection
-        self.skipped = skipped
+        self.skipped, self.shard_errors = list(skipped), shard_errors
         datamodule.selection = selection
         self.last_step, self.last_epoch = trainer.global_step, trainer.current_epoch + int(at_epoch_end)
         self.round = r + 1
         metrics = self._metrics(selection, previous, scores, n)
         metrics["skipped"] = float(len(skipped))
         metrics["target_skipped"] = float(len(target_skipped))
+        if streaming:
+            metrics["unreadable_shards"] = float(len(shard_errors))
         self.history.append(metrics)
 
         def write() -> None:  # rank 0 writes; the others learn whether it could
             if trainer.is_global_zero:
-                self._write(trainer, selection, ids, scores, skipped)
+                bad_arrays = _stream_bad_arrays(skipped, shard_errors) if streaming else _bad_arrays(skipped)
+                self._write(trainer, selection, ids, scores, bad_arrays)
 
         _agree(trainer, r, "the round file", write)
         if trainer.is_global_zero:
@@ -289,7 +310,15 @@ class DataSelectionCallback(Callback):
                         f"[lightning-chips] round {r}: skipped {len(found)} {what} pairs that could not be used "
                         f"(never selected; the round file lists them all): {_name_bad(found)}"
                     )
+            if shard_errors:
+                named = "; ".join(f"{url}: {error}" for url, error in list(shard_errors.items())[:5])
+                rank_zero_warn(
+                    f"[lightning-chips] round {r}: {len(shard_errors)} pool shards could not be read to the end (the "
+                    f"pairs before the damage were scored; the round file lists them): {named}"
+                )
             skipped_text = f", skipped {len(skipped)} bad pairs" if skipped else ""
+            if shard_errors:
+                skipped_text += f", {len(shard_errors)} unreadable shards"
             rank_zero_info(
                 f"[lightning-chips] round {r} at step {trainer.global_step}: selected {len(selection)}/{n} "
                 f"({metrics['fraction']:.1%}) by {selection.method}{skipped_text}, overlap with previous round "
@@ -355,16 +384,48 @@ class DataSelectionCallback(Callback):
         return own_ids, own_scores, own_labels, scored
 
     def _score_stream(self, trainer: Trainer, pl_module: LightningModule, adapter: CLIPAdapter,
-                      target: PairFeatures | None, show: bool) -> tuple:  # fmt: skip
+                      target: PairFeatures | None, show: bool, bad: list[BadShardSample],
+                      errors: dict[str, str]) -> tuple:  # fmt: skip
         """Score this rank's shards of a streaming (WebDataset) pool; the pool sample is read alike on every rank
-        (``pool_sample`` pairs from shards in a seeded order), or gathered from all ranks when it is None."""
-        datamodule, device, r = trainer.datamodule, pl_module.device, self.round
+        (``pool_sample`` pairs from shards in a seeded order), or gathered from all ranks when it is None.
+
+        The skipped samples of this rank's shards (from the scoring loader's shard reports) go to ``bad`` and the
+        shards' read errors to ``errors``; the pool sample pass is not counted (its shards are scored too).
+        """
+        datamodule, device, r, rank = trainer.datamodule, pl_module.device, self.round, trainer.global_rank
+        reports: list[ShardReport] = []
+
+        def account(scored: int) -> None:
+            """This rank's shard reports into ``bad`` and ``errors``; their pairs must be the ones scored."""
+            for report in reports:
+                bad.extend(report.bad_samples())
+                if report.error:
+                    errors[report.url] = report.error
+            read = sum(report.samples for report in reports)
+            if reports and read != scored:
+                raise RuntimeError(
+                    f"Round {r}: {scored} pool pairs were scored on rank {rank} but its shard reports count {read}; "
+                    "does the pool dataloader drop items?"
+                )
+
+        def scoring_pass(description: str) -> Iterator[PairFeatures]:
+            loader = _skip_reports(datamodule.pool_dataloader(), reports)
+            return iter_features(adapter, loader, device=device, progress=show, description=description)
+
         if self.pool_sample is None:
-            own_features = _agree(
-                trainer, r, "the pool features",
-                lambda: extract_features(adapter, datamodule.pool_dataloader(), device=device, progress=show,
-                                         description=f"round {r}: pool"),
-            )  # fmt: skip
+
+            def extract_own() -> PairFeatures:
+                parts = [f.to("cpu") for f in scoring_pass(f"round {r}: pool")]
+                account(sum(len(p) for p in parts))
+                if not parts:
+                    what = f"rank {rank}'s shards of the pool"
+                    if bad:
+                        raise ValueError(f"Every sample of {what} was skipped ({len(bad)}: {_name_bad(bad)}).")
+                    raise ValueError(f"No pool pairs to extract features from in {what}: are there fewer shards "
+                                     "than ranks?")  # fmt: skip
+                return PairFeatures.cat(parts)
+
+            own_features = _agree(trainer, r, "the pool features", extract_own)
             sample = _gather_features(pl_module, own_features)
 
             def score_all() -> tuple:
@@ -381,10 +442,10 @@ class DataSelectionCallback(Callback):
             self.scorer.prepare(adapter.endpoint(), None if target is None else target.to(device),
                                 sample.to(device))  # fmt: skip
             parts, ids = [], []
-            for batch in iter_features(adapter, datamodule.pool_dataloader(), device=device, progress=show,
-                                       description=f"round {r}: scoring"):  # fmt: skip
+            for batch in scoring_pass(f"round {r}: scoring"):
                 parts.append(self.scorer.score(batch).float().cpu())
                 ids.append(batch.ids.cpu())
+            account(sum(len(i) for i in ids))
             if not parts:
                 return torch.zeros(0, dtype=torch.int64), torch.zeros(0), None
             return torch.cat(ids), torch.cat(parts), None
@@ -403,16 +464,13 @@ class DataSelectionCallback(Callback):
         }
 
     def _write(self, trainer: Trainer, selection: Selection, ids: np.ndarray, scores: np.ndarray,
-               skipped: list[BadPair]) -> None:  # fmt: skip
+               bad_arrays: dict[str, np.ndarray]) -> None:  # fmt: skip
         if self.save_dir == "":
             return
         directory = Path(self.save_dir) if self.save_dir is not None else Path(trainer.log_dir or ".") / "selection"
         write_round_file(
             directory / f"round_{selection.round:04d}.npz", ids, scores, selection.contains(ids),
-            round=selection.round, method=selection.method, fraction=self.fraction,
-            bad_indices=np.array([b.index for b in skipped], dtype=np.int64),
-            bad_ids=np.array([NO_ID if b.id is None else b.id for b in skipped], dtype=np.int64),
-            bad_reasons=np.array([b.reason for b in skipped], dtype=str),
+            round=selection.round, method=selection.method, fraction=self.fraction, **bad_arrays,
         )  # fmt: skip
 
     # -- state -------------------------------------------------------------------------------------------------
@@ -501,6 +559,42 @@ def _gather_features(pl_module: LightningModule, features: PairFeatures) -> Pair
     )
 
 
+def _bad_arrays(skipped: Sequence[BadPair]) -> dict[str, np.ndarray]:
+    """A map-style round file's bad pairs: ``bad_indices``, ``bad_ids`` (:data:`NO_ID` for a pair without an id)
+    and ``bad_reasons``."""
+    return {
+        "bad_indices": np.array([b.index for b in skipped], dtype=np.int64),
+        "bad_ids": np.array([NO_ID if b.id is None else b.id for b in skipped], dtype=np.int64),
+        "bad_reasons": np.array([b.reason for b in skipped], dtype=str),
+    }
+
+
+def _stream_bad_arrays(skipped: Sequence[BadShardSample], shard_errors: dict[str, str]) -> dict[str, np.ndarray]:
+    """A streaming round file's skipped samples, one entry each: ``bad_ids`` (the uid, :data:`NO_ID` when the json
+    gives none), ``bad_keys`` (the tar key), ``bad_shards`` (the shard URL), ``bad_reasons``; and its shards that
+    could not be read to the end: ``unreadable_shards`` (URLs) with their ``shard_errors``."""
+    return {
+        "bad_ids": np.array([NO_ID if b.id is None else b.id for b in skipped], dtype=np.int64),
+        "bad_keys": np.array([b.key for b in skipped], dtype=str),
+        "bad_shards": np.array([b.shard for b in skipped], dtype=str),
+        "bad_reasons": np.array([b.reason for b in skipped], dtype=str),
+        "unreadable_shards": np.array(list(shard_errors), dtype=str),
+        "shard_errors": np.array(list(shard_errors.values()), dtype=str),
+    }
+
+
+def _skip_reports(batches: Iterable[Any], sink: list[ShardReport]) -> Iterator[Any]:
+    """The batches of a streaming scoring loader without their shard reports (``batch["reports"]`` of a
+    :class:`~lightning_chips.data.webdataset.ShardCollate`), which go to ``sink``; a batch of reports only is left
+    out."""
+    for batch in batches:
+        if isinstance(batch, dict) and "reports" in batch:
+            sink.extend(batch.pop("reports"))
+            if len(batch["id"]) == 0:
+                continue
+        yield batch
+
+
 def _skip_bad(batches: Iterable[Any], sink: dict[int, BadPair]) -> Iterator[Any]:
     """The batches of a scoring loader without their bad pairs, which go to ``sink`` (by dataset index); a batch
     of bad pairs only is left out."""
@@ -523,9 +617,15 @@ def _extract(adapter: CLIPAdapter, loader: Iterable[Any], sink: dict[int, BadPai
     return PairFeatures.cat(parts)
 
 
-def _name_bad(bad: Sequence[BadPair], limit: int = 5) -> str:
-    named = "; ".join(f"id {b.id} (index {b.index}): {b.reason}" for b in bad[:limit])
+def _name_bad(bad: Sequence[BadPair | BadShardSample], limit: int = 5) -> str:
+    named = "; ".join(_describe_bad(b) for b in bad[:limit])
     return named + ("; ..." if len(bad) > limit else "")
+
+
+def _describe_bad(bad: BadPair | BadShardSample) -> str:
+    if isinstance(bad, BadShardSample):
+        return f"uid {bad.id} (key {bad.key} of {bad.shard}): {bad.reason}"
+    return f"id {bad.id} (index {bad.index}): {bad.reason}"
 
 
 def _all_bad_message(what: str, bad: dict[int, BadPair]) -> str:
@@ -573,12 +673,26 @@ def _agree(trainer: Trainer, round_: int, what: str, fn: Callable[[], _T]) -> _T
     return result
 
 
-def _gather_bad(trainer: Trainer, bad: dict[int, BadPair]) -> list[BadPair]:
-    """Every rank's bad pairs, sorted by dataset index (the same list on every rank)."""
-    mine = [bad[i] for i in sorted(bad)]
+def _gather_objects(trainer: Trainer, mine: _T) -> list[_T]:
+    """Every rank's ``mine`` (picklable), in rank order."""
     if trainer.world_size == 1:
-        return mine
+        return [mine]
     everyone: list[Any] = [None] * trainer.world_size
     torch.distributed.all_gather_object(everyone, mine)
-    merged = {b.index: b for part in everyone for b in part}
+    return everyone
+
+
+def _gather_bad(trainer: Trainer, bad: dict[int, BadPair]) -> list[BadPair]:
+    """Every rank's bad pairs, sorted by dataset index (the same list on every rank)."""
+    merged = {b.index: b for part in _gather_objects(trainer, [bad[i] for i in sorted(bad)]) for b in part}
     return [merged[i] for i in sorted(merged)]
+
+
+def _gather_stream_bad(trainer: Trainer, bad: list[BadShardSample],
+                       errors: dict[str, str]) -> tuple[list[BadShardSample], dict[str, str]]:  # fmt: skip
+    """Every rank's skipped stream samples, sorted by shard URL and key, and its unreadable shards (URL -> error),
+    sorted by URL: the same on every rank, whatever the number of dataloader workers."""
+    everyone = _gather_objects(trainer, (bad, errors))
+    merged = sorted((b for part, _ in everyone for b in part), key=lambda b: (b.shard, b.key))
+    unreadable = {url: error for _, part in everyone for url, error in part.items()}
+    return merged, dict(sorted(unreadable.items()))

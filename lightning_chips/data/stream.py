@@ -9,6 +9,7 @@ with a seeded shuffle buffer.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -19,7 +20,7 @@ from typing_extensions import override
 
 from lightning_chips.data.datamodule import clip_normalize, resolve_tokenizer
 from lightning_chips.data.subset import PairCollate, SelectionDataLoader
-from lightning_chips.data.webdataset import ShardReport, WebDatasetPairs, iter_raw_samples
+from lightning_chips.data.webdataset import ShardCollate, ShardReport, WebDatasetPairs, iter_raw_samples
 from lightning_chips.selection import Selection
 
 __all__ = ["SelectedStream", "WebDatasetDataModule"]
@@ -238,11 +239,19 @@ class WebDatasetDataModule(LightningDataModule):
         return self._train_loader
 
     def pool_dataloader(self, indices: Sequence[int] | None = None) -> DataLoader:
-        """This rank's shards, unshuffled, for a scoring pass (``indices`` are not supported: shards stream)."""
+        """This rank's shards, unshuffled, for a scoring pass (``indices`` are not supported: shards stream).
+
+        Each shard's :class:`~lightning_chips.data.webdataset.ShardReport` (its skipped samples and read error)
+        comes in ``batch["reports"]`` of the batch that holds the shard's last pair (a batch may hold reports
+        only: its ``"id"`` is then empty), and each pair's shard index in ``batch["shard"]``; the selection
+        round counts and names the skipped samples from them.
+        """
         if indices is not None:
             raise ValueError("A WebDataset pool streams its shards; it cannot be indexed.")
         pool, collate = self._require_setup()
-        return self._loader(pool, self.eval_batch_size, collate)
+        reporting = copy.copy(pool)
+        reporting.reports = True
+        return self._loader(reporting, self.eval_batch_size, ShardCollate(collate.tokenizer, collate.normalize))
 
     def pool_sample(self, size: int | None, round: int) -> Iterator[dict[str, Any]]:
         """Batches of the first ``size`` valid pool pairs, shards in an order seeded by ``(seed, round)``; every

@@ -14,7 +14,8 @@ Nothing is dropped silently: a sample whose image does not decode, whose caption
 or whose uid is missing is skipped and recorded with its key and reason in the shard's :class:`ShardReport`; a
 truncated or unreadable shard ends with an ``error`` in its report and the samples read before the damage are
 kept. With ``reports=True`` the dataset yields each :class:`ShardReport` right after the shard's last sample,
-so a consumer (the offline ``score`` pass) knows when a shard is complete.
+so a consumer (the offline ``score`` pass, a streaming selection round) knows when a shard is complete;
+:meth:`ShardReport.bad_samples` names each skipped sample as a :class:`BadShardSample` (shard, key, uid, reason).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from lightning_chips.data.subset import PairCollate
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "BadShardSample",
     "ImageCaptionFolder",
     "ShardCollate",
     "ShardReport",
@@ -97,6 +99,17 @@ def _is_remote(url: str) -> bool:
     return url.startswith("pipe:") or "://" in url
 
 
+@dataclass(frozen=True)
+class BadShardSample:
+    """A sample of a shard that was skipped: the shard's URL, the sample's tar key, its uid (None when its json
+    gives none) and the reason (see :mod:`lightning_chips.data.checks`)."""
+
+    shard: str
+    key: str
+    id: int | None
+    reason: str
+
+
 @dataclass
 class ShardReport:
     """What reading one shard gave: valid pairs, skipped samples (key and reason) and a read error, if any."""
@@ -107,6 +120,19 @@ class ShardReport:
     error: str | None = None
     filtered: int = 0
     """Valid pairs left out because they are not in the selection (not an error)."""
+    bad_ids: list[int | None] = field(default_factory=list)
+    """The uid of each entry of :attr:`bad` (None when the sample's json gives none); see :meth:`skip`."""
+
+    def skip(self, key: str, reason: str, uid: int | None = None) -> None:
+        """Record a skipped sample: its key, the reason and its uid (when its json has one)."""
+        self.bad.append((key, reason))
+        self.bad_ids.append(uid)
+
+    def bad_samples(self) -> list[BadShardSample]:
+        """The skipped samples of this shard, in reading order (an entry of :attr:`bad` added without
+        :meth:`skip` has no uid)."""
+        ids = self.bad_ids + [None] * (len(self.bad) - len(self.bad_ids))
+        return [BadShardSample(self.url, key, uid, reason) for (key, reason), uid in zip(self.bad, ids, strict=False)]
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -198,10 +224,12 @@ def _open(url: str) -> Any:
     return open(url, "rb")
 
 
-def iter_raw_samples(url: str, report: ShardReport | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_raw_samples(
+    url: str, report: ShardReport | None = None, uid_field: str = "uid"
+) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Stream ``(key, {extension: bytes})`` samples of one shard. A read error (truncated or corrupt tar) ends
     the shard: it is recorded in ``report.error`` (raised when no report is given); the sample being read when
-    it happened is recorded as bad."""
+    it happened is recorded as bad (with its uid, ``uid_field`` of its json, when that member was read)."""
     key, members = None, {}
     try:
         with _open(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
@@ -227,7 +255,8 @@ def iter_raw_samples(url: str, report: ShardReport | None = None) -> Iterator[tu
             raise RuntimeError(f"Shard {url} is unreadable: {message}") from exc
         report.error = f"truncated or unreadable after {report.samples + len(report.bad)} samples ({message})"
         if key is not None:
-            report.bad.append((key, "cut off by the shard's read error"))
+            uid = _parse_uid(members.get("json"), uid_field)
+            report.skip(key, "cut off by the shard's read error", None if isinstance(uid, str) else uid)
 
 
 class WebDatasetPairs(IterableDataset):
@@ -297,10 +326,11 @@ class WebDatasetPairs(IterableDataset):
         """The valid pairs of one shard (filtered by the selection), then its report when ``reports=True``."""
         report = ShardReport(url)
         shard = self.urls.index(url) if self.reports else None
-        for key, raw in iter_raw_samples(url, report):
+        for key, raw in iter_raw_samples(url, report, self.uid_field):
             pair = decode_pair(raw, self.transform, uid_field=self.uid_field, image_extensions=self.image_extensions)
             if isinstance(pair, str):
-                report.bad.append((key, pair))
+                uid = _parse_uid(raw.get("json"), self.uid_field)
+                report.skip(key, pair, None if isinstance(uid, str) else uid)
                 continue
             if self.selection is not None and not _contains(self.selection, pair["id"]):
                 report.filtered += 1
