@@ -148,3 +148,23 @@ def test_an_exception_on_one_rank_ends_the_ddp_scoring_job(tmp_path, failing_ran
     assert f"injected failure on rank {failing_rank}" in done.stderr + done.stdout
     assert time.monotonic() - start < 240
     assert not (tmp_path / "out" / "scores.npz").exists()
+
+
+@pytest.mark.ddp
+def test_ddp_ranks_with_different_weights_are_refused_before_scoring(tmp_path):
+    """2 gloo ranks whose random models were seeded differently: `score` stops with the fix named (a common seed
+    or pretrained weights), and writes no merged scores file."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .shards import write_pool
+
+    write_pool(tmp_path / "pool", num_pairs=24, per_shard=6)
+    script = Path(__file__).parent / "scripts" / "score_fail_rank.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "pool"), str(tmp_path / "out"), "-1"],
+                          capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert done.returncode != 0
+    assert "hold different model weights" in done.stderr + done.stdout
+    assert "--seed_everything" in done.stderr + done.stdout
+    assert not (tmp_path / "out" / "scores.npz").exists()

@@ -1,6 +1,8 @@
 """Offline score with 2 CPU ranks where one rank's scorer raises mid-pass; the job must end, not hang.
 
 Usage: python score_fail_rank.py POOL OUTPUT FAILING_RANK
+
+FAILING_RANK = -1: no scorer fails; each rank seeds its random model with its own rank instead (different weights).
 """
 
 import os
@@ -34,7 +36,7 @@ class FailingScorer(CLIPScore):
 
 def main() -> None:
     pool, output, failing = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    pl.seed_everything(0)
+    pl.seed_everything(0 if failing >= 0 else int(os.environ.get("LOCAL_RANK", "0")))
     module = OpenCLIPModule(model_config=TINY)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
                          enable_model_summary=False)  # fmt: skip
