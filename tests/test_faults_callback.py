@@ -33,6 +33,7 @@ from lightning_chips.selection import write_round_file
 
 from .conftest import TINY_VIT
 from .shards import png_bytes
+from .test_callback import Record
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
@@ -155,20 +156,6 @@ def _write_folder(root: Path, n: int, faults: dict[int, str]) -> dict[int, str]:
 
 FOLDER_FAULTS = {3: "zero-byte", 9: "bomb", 15: "garbage", 21: "blank", 27: "latin1", 33: "long", 39: "no-id"}
 FOLDER_SIZE = 48  # batch 8 x 6 steps: the warm-up epoch draws every pair once
-
-
-class Record(pl.Callback):
-    """Every training batch's ids with the selection the sampler was drawing from."""
-
-    def __init__(self, fail_at: tuple[int, int] | None = None) -> None:
-        self.steps: list[tuple[int, list[int], np.ndarray | None]] = []
-        self.fail_at = fail_at
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.fail_at == (trainer.current_epoch, batch_idx):
-            raise RuntimeError("simulated crash")
-        selection = trainer.datamodule.selection
-        self.steps.append((trainer.current_epoch, batch["id"].tolist(), None if selection is None else selection.ids))
 
 
 def _trainer(root: Path, callbacks: list, max_epochs: int) -> pl.Trainer:
