@@ -1,0 +1,92 @@
+"""Crash-then-resume of streaming CPT (WebDatasetDataModule + DataSelectionCallback): a fit resumed from a round-end
+checkpoint draws exactly the uninterrupted fit's batches and ends with its selection and weights."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_chips import DataSelectionCallback, OpenCLIPModule
+from lightning_chips.data.stream import WebDatasetDataModule
+from lightning_chips.scoring import CHIPS
+
+from .conftest import TINY_VIT
+from .shards import write_pool
+
+EPOCHS, STEPS, BATCH = 4, 3, 4
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("stream_resume")
+    write_pool(root / "pool", num_pairs=48, per_shard=8, corrupt_image=5)
+    write_pool(root / "target", num_pairs=8, per_shard=8, uid_offset=0, target_fraction=1.0, split="val",
+               prefix="target")  # fmt: skip
+    return root
+
+
+class Record(pl.Callback):
+    """Every training batch's ids per epoch, and the selection in force; raises at ``fail_at`` (epoch, batch)."""
+
+    def __init__(self, fail_at: tuple[int, int] | None = None) -> None:
+        self.steps: list[tuple[int, list[int]]] = []
+        self.selections: dict[int, list[int]] = {}
+        self.fail_at = fail_at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.fail_at == (trainer.current_epoch, batch_idx):
+            raise RuntimeError("simulated crash")
+        self.steps.append((trainer.current_epoch, batch["id"].tolist()))
+        self.selections[trainer.current_epoch] = trainer.datamodule.selection.ids.tolist()
+
+
+def _fit(root: Path, directory: Path, workers: int, *, record: Record, ckpt_path: str | None = None) -> pl.Trainer:
+    pl.seed_everything(0)
+    module = OpenCLIPModule(model_config=copy.deepcopy(TINY_VIT), lr=2e-3)
+    data = WebDatasetDataModule(str(root / "pool"), str(root / "target"), batch_size=BATCH, steps_per_round=STEPS,
+                                num_workers=workers, eval_batch_size=16, shuffle_buffer=6,
+                                worker_start_method="fork" if workers else None)  # fmt: skip
+    chips = CHIPS(sketch_dim=32, bank_size=16, curvature_samples=32)
+    callback = DataSelectionCallback(chips, fraction=0.25, every_n_epochs=1, pool_sample=16,
+                                     save_dir=str(directory / "rounds"), progress=False)  # fmt: skip
+    checkpoint = ModelCheckpoint(dirpath=directory, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=EPOCHS, callbacks=[callback, record, checkpoint],
+                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=directory)  # fmt: skip
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return trainer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_of_a_streaming_fit_reproduces_the_uninterrupted_batches(pool, tmp_path, workers):
+    """A streaming fit re-selecting every epoch, crashed in epoch 2 and resumed from the epoch-1 checkpoint (saved
+    after round 2 chose epoch 2's selection), draws exactly the uninterrupted fit's batches from epoch 2 on, in
+    the main process or 2 workers, and ends with the same selection, round count and weights."""
+    full = Record()
+    full_trainer = _fit(pool, tmp_path / "full", workers, record=full)
+    crashed = Record(fail_at=(2, 1))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _fit(pool, tmp_path / "crash", workers, record=crashed)
+    assert {e for e, _ in crashed.steps} == {0, 1, 2}  # it crashed after training on round 2's selection
+    resumed = Record()
+    resumed_trainer = _fit(pool, tmp_path / "resume", workers, record=resumed,
+                           ckpt_path=str(tmp_path / "crash" / "epoch=1.ckpt"))  # fmt: skip
+
+    assert len(resumed.steps) == (EPOCHS - 2) * STEPS
+    assert resumed.steps == [(e, ids) for e, ids in full.steps if e >= 2]
+    assert all(len(ids) == BATCH for _, ids in resumed.steps)
+    assert {e: s for e, s in full.selections.items() if e >= 2} == resumed.selections
+    assert len({tuple(s) for s in full.selections.values()}) > 1  # the selection did move between rounds
+    callbacks = [t.callbacks[0] for t in (full_trainer, resumed_trainer)]
+    assert callbacks[0].round == callbacks[1].round == EPOCHS  # rounds 0-3: at the start, then after each epoch but the last
+    np.testing.assert_array_equal(callbacks[0].selection.ids, callbacks[1].selection.ids)
+    for a, b in zip(resumed_trainer.lightning_module.parameters(), full_trainer.lightning_module.parameters(),
+                    strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b)
