@@ -159,3 +159,18 @@ def test_intersect_builds_from_yaml_like_other_scorers(tmp_path):
     assert isinstance(scorer, Intersect) and scorer.fractions == [0.5, 0.4, 1.0] and scorer.rank_by == 0
     assert [type(s) for s in scorer.scorers] == [CLIPScore, NegCLIPLoss, NormSim]
     assert scorer.scorers[1].batch_size == 256 and scorer.scorers[2].p == 2.0
+
+
+def test_chain_checkpoints_its_inner_scorers_state():
+    """A Chain ranking by TracIn keeps TracIn's totals of earlier rounds through state_dict (a resumed fit scores
+    like the uninterrupted one)."""
+    pool, target, ep = _features(n=80)
+    scorer = Chain(CLIPScore(), TracIn(bank_size=32), keep_fraction=1.0)
+    scorer.learning_rate = 0.25
+    scorer.prepare(ep, target, pool)
+    first = scorer.score(pool)
+    restored = Chain(CLIPScore(), TracIn(bank_size=32), keep_fraction=1.0)
+    restored.load_state_dict(scorer.state_dict())
+    restored.learning_rate = 0.25
+    restored.prepare(ep, target, pool)
+    torch.testing.assert_close(restored.score(pool), 2 * first)  # the restored round plus the same round again

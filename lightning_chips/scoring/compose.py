@@ -64,6 +64,14 @@ class Chain(Scorer):
         second = self.second.score(batch).double()
         return torch.where(kept.to(second.device), second, second - GATE_OFFSET)
 
+    def state_dict(self) -> dict:
+        """The inner scorers' checkpoint state (e.g. TracIn's totals over the rounds so far)."""
+        return {"first": self.first.state_dict(), "second": self.second.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.first.load_state_dict(state["first"])
+        self.second.load_state_dict(state["second"])
+
     def summary(self) -> str:
         return f"Chain(top {self.keep_fraction:.0%} by {type(self.first).__name__}, then {type(self.second).__name__})"
 
