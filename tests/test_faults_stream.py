@@ -167,3 +167,54 @@ def test_ddp_ranks_hold_the_same_gathered_bad_samples_of_their_own_shards(faulty
         _assert_names_every_bad_sample(_named(f["bad_keys"], f["bad_ids"].tolist(), f["bad_reasons"],
                                               f["bad_shards"]))  # fmt: skip
         assert f["ids"].tolist() == GOOD
+
+
+class RecordBatches(pl.Callback):
+    """Every training batch's ids and keys, per epoch, as the LightningModule receives it."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, list[int], set[str]]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.steps.append((trainer.current_epoch, batch["id"].tolist(), set(batch)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_samples_met_by_the_training_stream_before_the_first_selection_are_counted_and_named(faulty_pool,
+                                                                                                 workers):  # fmt: skip
+    """With ``warmup_steps > 0`` the first epoch streams the whole faulty pool, bad samples and the truncated shard
+    included, in the main process or 2 workers: every bad sample is recorded once in ``datamodule.skipped["pool"]``
+    with its uid (or None), key, shard and reason, the truncated shard in ``datamodule.shard_errors``, one warning
+    names them (the epoch on the selection meets nothing new), and every batch stays full, holds only valid uids
+    and reaches the LightningModule without the shard reports."""
+    pl.seed_everything(0)
+    module = OpenCLIPModule(model_config=copy.deepcopy(TINY_VIT), lr=1e-3)
+    steps = 8
+    data = WebDatasetDataModule(str(faulty_pool), batch_size=4, steps_per_round=steps, num_workers=workers,
+                                eval_batch_size=8, shuffle_buffer=4,
+                                worker_start_method="fork" if workers else None)  # fmt: skip
+    callback = DataSelectionCallback(CLIPScore(), fraction=0.75, every_n_epochs=1, warmup_steps=steps, save_dir="",
+                                     progress=False)  # fmt: skip
+    record = RecordBatches()
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, callbacks=[callback, record], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    with pytest.warns(UserWarning) as warned:
+        trainer.fit(module, datamodule=data)
+
+    assert list(data.skipped) == ["pool"] and all(isinstance(b, BadShardSample) for b in data.skipped["pool"])
+    assert len(data.skipped["pool"]) == len(EXPECTED)  # each once, though the stream cycled over the shards
+    _assert_names_every_bad_sample({b.key: (b.id, b.reason, os.path.basename(b.shard)) for b in data.skipped["pool"]})
+    assert {os.path.basename(url): error.split(" (")[0] for url, error in data.shard_errors.items()} == {
+        "c.tar": "truncated or unreadable after 4 samples"
+    }
+    stream_warnings = [str(w.message) for w in warned if "training stream" in str(w.message)]
+    assert len(stream_warnings) == 1 and "epoch 0" in stream_warnings[0]
+    assert f"skipped {len(EXPECTED)} pool samples" in stream_warnings[0]
+    assert "1 pool shards could not be read to the end" in stream_warnings[0] and "c.tar" in stream_warnings[0]
+    bad_uids = {uid for uid, _, _ in EXPECTED.values() if uid is not None}
+    assert [e for e, _, _ in record.steps] == [0] * steps + [1] * steps
+    for _, ids, keys in record.steps:
+        assert len(ids) == 4 and set(ids) <= set(GOOD) and not bad_uids & set(ids)
+        assert "reports" not in keys
+    assert set().union(*(ids for e, ids, _ in record.steps if e == 0)) == set(GOOD)  # the whole pool was streamed

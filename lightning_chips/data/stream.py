@@ -10,7 +10,8 @@ with a seeded shuffle buffer.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -19,8 +20,14 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, get_w
 from typing_extensions import override
 
 from lightning_chips.data.datamodule import clip_normalize, resolve_tokenizer
-from lightning_chips.data.subset import PairCollate, SelectionDataLoader
-from lightning_chips.data.webdataset import ShardCollate, ShardReport, WebDatasetPairs, iter_raw_samples
+from lightning_chips.data.subset import PairCollate, SelectionDataLoader, _LazyIterator
+from lightning_chips.data.webdataset import (
+    BadShardSample,
+    ShardCollate,
+    ShardReport,
+    WebDatasetPairs,
+    iter_raw_samples,
+)
 from lightning_chips.selection import Selection
 
 __all__ = ["SelectedStream", "WebDatasetDataModule"]
@@ -52,8 +59,16 @@ class SelectedStream(IterableDataset):
 
     Each dataloader worker owns ``shards[worker::workers]`` and yields a whole number of batches (the rank's
     ``batches`` spread over its workers), cycling over its shards in a seeded order through a shuffle buffer,
-    so every rank gives the same number of batches whatever the selection. Seeded by
-    ``(seed, epoch, rank, worker)``.
+    so every rank gives the same number of batches whatever the selection. The stream depends only on
+    ``(seed, epoch, rank, worker)`` and the selection in force, never on what was read before, so a fit resumed
+    from a round-end checkpoint draws the batches of the uninterrupted one.
+
+    A sample that cannot be used (see :func:`~lightning_chips.data.webdataset.decode_pair`) is found when it is
+    drawn from the buffer: it is skipped, its place taken by the next draw (batches stay full), and it is not
+    buffered again in this epoch. A shard whose reading ends in an error gives the pairs before the damage. With
+    ``reports=True`` what was found travels with the next pair drawn, as ``pair["reports"]``: a list of
+    :class:`~lightning_chips.data.webdataset.ShardReport` (skipped samples with their key, uid and reason; the
+    read error), so that it reaches the main process through the batch from a worker too.
     """
 
     def __init__(
@@ -65,11 +80,13 @@ class SelectedStream(IterableDataset):
         batch_size: int,
         seed: int = 0,
         shuffle_buffer: int = 1000,
+        reports: bool = False,
     ) -> None:
         super().__init__()
         self.pool, self.live = pool, live
         self.batches, self.batch_size = batches, batch_size
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.reports = reports
 
     def __len__(self) -> int:
         return self.batches * self.batch_size
@@ -87,33 +104,138 @@ class SelectedStream(IterableDataset):
         mine = shards[worker::active]
         rng = np.random.default_rng([self.seed, epoch, pool.rank, worker])
         remaining, buffer = quota * self.batch_size, []
+        known_bad: dict[tuple[str, str], str] = {}  # (shard, key) -> reason: not buffered again this epoch
+        unreadable: set[str] = set()
+        pending: dict[str, ShardReport] = {}  # found since the last pair drawn, by shard
+
+        def found_bad(url: str, key: str, reason: str, uid: int | None) -> None:
+            known_bad[(url, key)] = reason
+            pending.setdefault(url, ShardReport(url)).skip(key, reason, uid)
+
         while remaining > 0:
             found = 0
             for i in rng.permutation(len(mine)):
-                for raw in self._selected_raw(pool, mine[i]):
+                url = mine[i]
+                read = ShardReport(url)  # only for a read error: its message counts the samples read before it
+                for key, raw in iter_raw_samples(url, read, pool.uid_field):
+                    read.samples += 1
+                    if (url, key) in known_bad or not pool.selected(raw):
+                        continue
                     found += 1
-                    buffer.append(raw)
+                    buffer.append((url, key, raw))
                     if len(buffer) < self.shuffle_buffer:
                         continue
-                    pair = pool.decode(buffer.pop(int(rng.integers(len(buffer)))))
-                    if pair is not None:
-                        yield pair
-                        remaining -= 1
-                        if remaining == 0:
-                            return
+                    shard, drawn_key, drawn = buffer.pop(int(rng.integers(len(buffer))))
+                    pair = pool.decode_or_reason(drawn)
+                    if isinstance(pair, str):
+                        if (shard, drawn_key) not in known_bad:  # a copy buffered before it was found
+                            found_bad(shard, drawn_key, pair, pool.uid(drawn))
+                        continue
+                    if self.reports and pending:
+                        pair["reports"], pending = list(pending.values()), {}
+                    yield pair
+                    remaining -= 1
+                    if remaining == 0:
+                        return
+                for bad in read.bad_samples():  # the sample a read error cut off
+                    if (url, bad.key) not in known_bad:
+                        found_bad(url, bad.key, bad.reason, bad.id)
+                if read.error and url not in unreadable:
+                    unreadable.add(url)
+                    pending.setdefault(url, ShardReport(url)).error = read.error
             if found == 0:
+                detail = f" ({len(known_bad)} of their samples could not be used)" if known_bad else ""
                 raise RuntimeError(
-                    f"Rank {pool.rank}, worker {worker}: none of its {len(mine)} shards holds a selected pair, so it "
-                    "cannot fill its batches; use fewer dataloader workers or a pool split into more shards."
+                    f"Rank {pool.rank}, worker {worker}: none of its {len(mine)} shards holds a selected pair{detail}, "
+                    "so it cannot fill its batches; use fewer dataloader workers or a pool split into more shards."
                 )
 
-    @staticmethod
-    def _selected_raw(pool: WebDatasetPairs, url: str) -> Iterator[dict[str, bytes]]:
-        """Undecoded samples of ``url`` whose uid is selected (images are decoded only when drawn)."""
-        report = ShardReport(url)
-        for _, raw in iter_raw_samples(url, report):
-            if pool.selected(raw):
-                yield raw
+
+class _StreamSkips:
+    """The bad samples and unreadable shards one rank's training stream met, recorded in the main process; each
+    is warned about once, at the end of the epoch it was first met in."""
+
+    def __init__(self) -> None:
+        self.bad: dict[tuple[str, str], BadShardSample] = {}
+        self.errors: dict[str, str] = {}
+        self.rank, self.world_size = 0, 1
+        self.epoch_fn: Callable[[], int] = lambda: 0
+        self._new_bad: list[BadShardSample] = []
+        self._new_errors: dict[str, str] = {}
+        self._epoch: int | None = None
+
+    def add(self, reports: Iterable[ShardReport]) -> None:
+        for report in reports:
+            for sample in report.bad_samples():
+                if (sample.shard, sample.key) not in self.bad:
+                    self.bad[(sample.shard, sample.key)] = sample
+                    self._new_bad.append(sample)
+            if report.error and report.url not in self.errors:
+                self.errors[report.url] = self._new_errors[report.url] = report.error
+            if self._epoch is None and (self._new_bad or self._new_errors):
+                self._epoch = int(self.epoch_fn())
+
+    def warn(self) -> None:
+        """One warning naming what was met for the first time since the last warning (nothing new: none)."""
+        if not self._new_bad and not self._new_errors:
+            return
+        where = f"rank {self.rank}, " if self.world_size > 1 else ""
+        parts = []
+        if self._new_bad:
+            named = "; ".join(f"uid {b.id} (key {b.key} of {b.shard}): {b.reason}" for b in self._new_bad[:5])
+            more = "; ..." if len(self._new_bad) > 5 else ""
+            parts.append(f"skipped {len(self._new_bad)} pool samples that could not be used (their places in the "
+                         f"batches went to other pairs): {named}{more}")  # fmt: skip
+        if self._new_errors:
+            named = "; ".join(f"{url}: {error}" for url, error in list(self._new_errors.items())[:5])
+            parts.append(f"{len(self._new_errors)} pool shards could not be read to the end (the pairs before the "
+                         f"damage were used): {named}")  # fmt: skip
+        warnings.warn(
+            f"[lightning-chips] training stream ({where}epoch {self._epoch}): " + "; ".join(parts)
+            + ". `datamodule.skipped['pool']` and `datamodule.shard_errors` list them all.",
+            UserWarning,
+            stacklevel=2,
+        )  # fmt: skip
+        self._new_bad, self._new_errors, self._epoch = [], {}, None
+
+
+class _StreamCollate(PairCollate):
+    """:class:`PairCollate` that gathers the pairs' ``"reports"`` (see :class:`SelectedStream`) into
+    ``batch["reports"]``."""
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        reports = [report for item in items for report in item.get("reports", ())]
+        batch = super().__call__([{k: v for k, v in item.items() if k != "reports"} for item in items])
+        batch["reports"] = reports
+        return batch
+
+
+class _StreamIterator(_LazyIterator):
+    """A :class:`SelectionDataLoader` iterator that takes ``batch["reports"]`` out of each batch into the
+    loader's :class:`_StreamSkips` (so the LightningModule never sees them) and warns at the epoch's end."""
+
+    def __next__(self) -> Any:
+        skips: _StreamSkips = self._loader.skips
+        try:
+            batch = super().__next__()
+        except StopIteration:
+            skips.warn()
+            raise
+        if isinstance(batch, dict):
+            skips.add(batch.pop("reports", ()))
+        return batch
+
+
+class _StreamLoader(SelectionDataLoader):
+    """The training loader of a :class:`WebDatasetDataModule`: a :class:`SelectionDataLoader` whose batches'
+    shard reports go to ``skips``."""
+
+    def __init__(self, *args: Any, skips: _StreamSkips | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skips = skips if skips is not None else _StreamSkips()
+
+    def __iter__(self) -> _StreamIterator:  # type: ignore[override]
+        return _StreamIterator(self)
 
 
 class WebDatasetDataModule(LightningDataModule):
@@ -189,6 +311,7 @@ class WebDatasetDataModule(LightningDataModule):
         self.collate: PairCollate | None = None
         self.target_report: dict | None = None
         self._train_loader: DataLoader | None = None
+        self._skips = _StreamSkips()
         self.rank, self.world_size = 0, 1
 
     @override
@@ -200,6 +323,7 @@ class WebDatasetDataModule(LightningDataModule):
         image_size = int(self.image_size_arg or getattr(module, "image_size", None) or 224)
         if trainer is not None:
             self.rank, self.world_size = trainer.global_rank, trainer.world_size
+        self._skips.rank, self._skips.world_size = self.rank, self.world_size
         if self.collate is None:
             tokenizer = resolve_tokenizer(self.tokenizer_name, self.context_length, module)
             self.collate = PairCollate(tokenizer, clip_normalize())
@@ -219,12 +343,37 @@ class WebDatasetDataModule(LightningDataModule):
         assert self.pool is not None and self.collate is not None
         return self.pool, self.collate
 
-    def _loader(self, dataset: Dataset, batch_size: int, collate: Callable, cls: type = DataLoader) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, collate: Callable, cls: type = DataLoader,
+                **kwargs: Any) -> DataLoader:  # fmt: skip
         workers = self.num_workers
         if isinstance(dataset, WebDatasetPairs):
             workers = min(workers, len(dataset.shards_of_rank()))
         return cls(dataset, batch_size=batch_size, collate_fn=collate, num_workers=workers,
-                   multiprocessing_context=self.worker_start_method if workers > 0 else None)  # fmt: skip
+                   multiprocessing_context=self.worker_start_method if workers > 0 else None, **kwargs)  # fmt: skip
+
+    @property
+    def skipped(self) -> dict[str, list[BadShardSample]]:
+        """The pool samples this rank's training stream met that could not be used, so far: ``{"pool": [...]}``
+        (each once, sorted by shard and key; empty when there were none), like
+        :attr:`~lightning_chips.data.ScoredSubsetDataModule.skipped`.
+
+        Before the first selection (``warmup_steps > 0``) the stream reads the whole pool, bad samples included;
+        each is skipped when it is drawn (its place in the batch goes to the next pair drawn, so batches stay
+        full) and recorded here, and a warning at the end of the epoch names the new ones. Once a selection is
+        in force, bad samples are not selected and not read. The selection rounds count and name every bad
+        sample of the pool in the round files, whatever the stream drew; see the callback's ``skipped``.
+        """
+        found = [self._skips.bad[k] for k in sorted(self._skips.bad)]
+        return {"pool": found} if found else {}
+
+    @property
+    def shard_errors(self) -> dict[str, str]:
+        """The shards this rank's training stream could not read to the end, so far (URL -> error), sorted."""
+        return dict(sorted(self._skips.errors.items()))
+
+    @override
+    def teardown(self, stage: str) -> None:
+        self._skips.warn()  # what a stream stopped mid-epoch (max_steps, an exception) met and has not named yet
 
     @override
     def train_dataloader(self) -> DataLoader:
@@ -232,10 +381,13 @@ class WebDatasetDataModule(LightningDataModule):
         if self._train_loader is None:
             trainer = self.trainer
             accumulate = getattr(trainer, "accumulate_grad_batches", 1) if trainer is not None else 1
-            live = _Live(lambda: self.selection, (lambda: trainer.current_epoch) if trainer is not None else lambda: 0)
+            epoch_fn = (lambda: trainer.current_epoch) if trainer is not None else lambda: 0
+            live = _Live(lambda: self.selection, epoch_fn)
             stream = SelectedStream(pool, live, batches=self.steps_per_round * accumulate, batch_size=self.batch_size,
-                                    seed=self.seed, shuffle_buffer=self.shuffle_buffer)  # fmt: skip
-            self._train_loader = self._loader(stream, self.batch_size, collate, SelectionDataLoader)
+                                    seed=self.seed, shuffle_buffer=self.shuffle_buffer, reports=True)  # fmt: skip
+            self._skips.epoch_fn = epoch_fn
+            self._train_loader = self._loader(stream, self.batch_size, _StreamCollate(collate.tokenizer,
+                                              collate.normalize), _StreamLoader, skips=self._skips)  # fmt: skip
         return self._train_loader
 
     def pool_dataloader(self, indices: Sequence[int] | None = None) -> DataLoader:

@@ -373,6 +373,15 @@ class WebDatasetPairs(IterableDataset):
         uid = _parse_uid(raw.get("json"), self.uid_field)
         return not isinstance(uid, str) and _contains(self.selection, uid)
 
+    def uid(self, raw: dict[str, bytes]) -> int | None:
+        """A raw sample's uid (``uid_field`` of its json), or None when it gives none."""
+        uid = _parse_uid(raw.get("json"), self.uid_field)
+        return None if isinstance(uid, str) else uid
+
+    def decode_or_reason(self, raw: dict[str, bytes]) -> dict[str, Any] | str:
+        """Decode one raw sample with this pool's transform, or return the reason it is unusable."""
+        return decode_pair(raw, self.transform, uid_field=self.uid_field, image_extensions=self.image_extensions)
+
     def decode(self, raw: dict[str, bytes]) -> dict[str, Any] | None:
         """Decode one raw sample with this pool's transform; None when it is unusable."""
         pair = decode_pair(raw, self.transform, uid_field=self.uid_field, image_extensions=self.image_extensions)
