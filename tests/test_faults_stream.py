@@ -21,8 +21,8 @@ import torch
 
 from lightning_chips import DataSelectionCallback, OpenCLIPModule
 from lightning_chips.callback import NO_ID
-from lightning_chips.data.stream import WebDatasetDataModule
-from lightning_chips.data.webdataset import BadShardSample
+from lightning_chips.data.stream import SelectedStream, WebDatasetDataModule, _Live
+from lightning_chips.data.webdataset import BadShardSample, WebDatasetPairs
 from lightning_chips.scoring import CLIPScore
 
 from .conftest import TINY_VIT
@@ -218,3 +218,16 @@ def test_bad_samples_met_by_the_training_stream_before_the_first_selection_are_c
         assert len(ids) == 4 and set(ids) <= set(GOOD) and not bad_uids & set(ids)
         assert "reports" not in keys
     assert set().union(*(ids for e, ids, _ in record.steps if e == 0)) == set(GOOD)  # the whole pool was streamed
+
+
+def test_a_training_stream_whose_shards_hold_only_bad_samples_raises_instead_of_looping(tmp_path):
+    """A worker whose shards hold no usable pair (every sample bad, no selection yet) ends with an error that says
+    so and counts the bad samples, instead of cycling over its shards for ever."""
+    shard = tmp_path / "bad.tar"
+    _write(
+        shard, [{"__key__": f"bad{i}", "png": b"", "txt": b"x", "json": f'{{"uid": {i}}}'.encode()} for i in range(3)]
+    )
+    stream = SelectedStream(WebDatasetPairs(str(shard), image_size=16), _Live(lambda: None, lambda: 0), batches=2,
+                            batch_size=2, shuffle_buffer=2, reports=True)  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"holds a selected pair \(3 of their samples could not be used\)"):
+        next(iter(stream))

@@ -4,6 +4,7 @@ checkpoint draws exactly the uninterrupted fit's batches and ends with its selec
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -46,7 +47,8 @@ class Record(pl.Callback):
         self.selections[trainer.current_epoch] = trainer.datamodule.selection.ids.tolist()
 
 
-def _fit(root: Path, directory: Path, workers: int, *, record: Record, ckpt_path: str | None = None) -> pl.Trainer:
+def _fit(root: Path, directory: Path, workers: int, *, record: Record, ckpt_path: str | None = None,
+         every_n_train_steps: int | None = None) -> pl.Trainer:  # fmt: skip
     pl.seed_everything(0)
     module = OpenCLIPModule(model_config=copy.deepcopy(TINY_VIT), lr=2e-3)
     data = WebDatasetDataModule(str(root / "pool"), str(root / "target"), batch_size=BATCH, steps_per_round=STEPS,
@@ -55,7 +57,11 @@ def _fit(root: Path, directory: Path, workers: int, *, record: Record, ckpt_path
     chips = CHIPS(sketch_dim=32, bank_size=16, curvature_samples=32)
     callback = DataSelectionCallback(chips, fraction=0.25, every_n_epochs=1, pool_sample=16,
                                      save_dir=str(directory / "rounds"), progress=False)  # fmt: skip
-    checkpoint = ModelCheckpoint(dirpath=directory, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    if every_n_train_steps is None:  # at each epoch end, after the round that chose the next epoch's selection
+        checkpoint = ModelCheckpoint(dirpath=directory, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    else:
+        checkpoint = ModelCheckpoint(dirpath=directory, save_top_k=-1, every_n_train_steps=every_n_train_steps,
+                                     filename="{step}")  # fmt: skip
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=EPOCHS, callbacks=[callback, record, checkpoint],
                          logger=False, enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=directory)  # fmt: skip
@@ -90,3 +96,20 @@ def test_resume_of_a_streaming_fit_reproduces_the_uninterrupted_batches(pool, tm
     for a, b in zip(resumed_trainer.lightning_module.parameters(), full_trainer.lightning_module.parameters(),
                     strict=True):  # fmt: skip
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.slow
+def test_resume_from_a_mid_epoch_checkpoint_warns_and_redraws_the_epoch_from_its_start(pool, tmp_path):
+    """Lightning cannot resume an iterable dataset mid-epoch: a fit resumed from a checkpoint saved after the first
+    batch of epoch 1 warns that its dataloader is not resumable, and finishes epoch 1 with the epoch's first
+    batches again (the remaining count, not the remaining batches); round-end checkpoints are exact."""
+    full = Record()
+    _fit(pool, tmp_path / "full", 0, record=full, every_n_train_steps=STEPS + 1)  # step 4 = epoch 1, batch 0
+    resumed = Record()
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        _fit(pool, tmp_path / "resume", 0, record=resumed, ckpt_path=str(tmp_path / "full" / f"step={STEPS + 1}.ckpt"))
+    assert any("ended before the epoch ended" in str(w.message) for w in warned)
+    epoch_1 = [ids for e, ids in full.steps if e == 1]
+    assert [ids for e, ids in resumed.steps if e == 1] == epoch_1[: STEPS - 1]  # batch 0 again, batch 2 never
+    assert len(resumed.steps) == EPOCHS * STEPS - (STEPS + 1)

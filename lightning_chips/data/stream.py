@@ -244,7 +244,10 @@ class WebDatasetDataModule(LightningDataModule):
     Pair it with :class:`~lightning_chips.DataSelectionCallback`. Each round every rank scores its shards
     (``shards[rank::world]``), the scores are gathered, and every rank keeps the same selected uids; the
     training stream (:class:`SelectedStream`) then reads only those. Before the first selection the whole
-    pool is streamed. Use at least ``world_size x num_workers`` shards.
+    pool is streamed; the bad samples and unreadable shards it meets are recorded in :attr:`skipped` and
+    :attr:`shard_errors` and named in a warning. Use at least ``world_size x num_workers`` shards. A fit resumed
+    from a checkpoint saved at an epoch end draws the uninterrupted fit's batches; Lightning cannot resume this
+    iterable stream from the middle of an epoch (it warns, and the epoch restarts from its first batches).
 
     Args:
         pool: the pool's shards (brace pattern, ``::``-joined, list, directory or glob).
