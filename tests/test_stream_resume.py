@@ -37,25 +37,26 @@ class Record(pl.Callback):
 
     def __init__(self, fail_at: tuple[int, int] | None = None) -> None:
         self.steps: list[tuple[int, list[int]]] = []
-        self.selections: dict[int, list[int]] = {}
+        self.selections: dict[int, list[int] | None] = {}
         self.fail_at = fail_at
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.fail_at == (trainer.current_epoch, batch_idx):
             raise RuntimeError("simulated crash")
         self.steps.append((trainer.current_epoch, batch["id"].tolist()))
-        self.selections[trainer.current_epoch] = trainer.datamodule.selection.ids.tolist()
+        selection = trainer.datamodule.selection
+        self.selections[trainer.current_epoch] = None if selection is None else selection.ids.tolist()
 
 
 def _fit(root: Path, directory: Path, workers: int, *, record: Record, ckpt_path: str | None = None,
-         every_n_train_steps: int | None = None) -> pl.Trainer:  # fmt: skip
+         every_n_train_steps: int | None = None, warmup_steps: int = 0) -> pl.Trainer:  # fmt: skip
     pl.seed_everything(0)
     module = OpenCLIPModule(model_config=copy.deepcopy(TINY_VIT), lr=2e-3)
     data = WebDatasetDataModule(str(root / "pool"), str(root / "target"), batch_size=BATCH, steps_per_round=STEPS,
                                 num_workers=workers, eval_batch_size=16, shuffle_buffer=6,
                                 worker_start_method="fork" if workers else None)  # fmt: skip
     chips = CHIPS(sketch_dim=32, bank_size=16, curvature_samples=32)
-    callback = DataSelectionCallback(chips, fraction=0.25, every_n_epochs=1, pool_sample=16,
+    callback = DataSelectionCallback(chips, fraction=0.25, every_n_epochs=1, pool_sample=16, warmup_steps=warmup_steps,
                                      save_dir=str(directory / "rounds"), progress=False)  # fmt: skip
     if every_n_train_steps is None:  # at each epoch end, after the round that chose the next epoch's selection
         checkpoint = ModelCheckpoint(dirpath=directory, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
@@ -70,28 +71,33 @@ def _fit(root: Path, directory: Path, workers: int, *, record: Record, ckpt_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_of_a_streaming_fit_reproduces_the_uninterrupted_batches(pool, tmp_path, workers):
-    """A streaming fit re-selecting every epoch, crashed in epoch 2 and resumed from the epoch-1 checkpoint (saved
-    after round 2 chose epoch 2's selection), draws exactly the uninterrupted fit's batches from epoch 2 on, in
-    the main process or 2 workers, and ends with the same selection, round count and weights."""
+@pytest.mark.parametrize(("workers", "warmup_epochs", "resume_epoch"), [(0, 0, 1), (2, 0, 1), (0, 2, 0)])
+def test_resume_of_a_streaming_fit_reproduces_the_uninterrupted_batches(pool, tmp_path, workers, warmup_epochs,
+                                                                        resume_epoch):  # fmt: skip
+    """A streaming fit re-selecting every epoch, crashed in epoch 2 and resumed from a round-end checkpoint, draws
+    exactly the uninterrupted fit's batches from the checkpoint on and ends with the same selection, round count
+    and weights: resumed from the epoch-1 checkpoint (saved after round 2 chose epoch 2's selection) in the main
+    process or 2 workers, and from the epoch-0 checkpoint of a fit whose first two epochs are warmup on the whole
+    pool (no selection yet; round 0 happens in the resumed fit)."""
+    warmup = warmup_epochs * STEPS
     full = Record()
-    full_trainer = _fit(pool, tmp_path / "full", workers, record=full)
+    full_trainer = _fit(pool, tmp_path / "full", workers, record=full, warmup_steps=warmup)
     crashed = Record(fail_at=(2, 1))
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _fit(pool, tmp_path / "crash", workers, record=crashed)
-    assert {e for e, _ in crashed.steps} == {0, 1, 2}  # it crashed after training on round 2's selection
+        _fit(pool, tmp_path / "crash", workers, record=crashed, warmup_steps=warmup)
+    assert {e for e, _ in crashed.steps} == {0, 1, 2}  # it crashed in epoch 2, after its first batch
     resumed = Record()
-    resumed_trainer = _fit(pool, tmp_path / "resume", workers, record=resumed,
-                           ckpt_path=str(tmp_path / "crash" / "epoch=1.ckpt"))  # fmt: skip
+    resumed_trainer = _fit(pool, tmp_path / "resume", workers, record=resumed, warmup_steps=warmup,
+                           ckpt_path=str(tmp_path / "crash" / f"epoch={resume_epoch}.ckpt"))  # fmt: skip
 
-    assert len(resumed.steps) == (EPOCHS - 2) * STEPS
-    assert resumed.steps == [(e, ids) for e, ids in full.steps if e >= 2]
+    assert len(resumed.steps) == (EPOCHS - resume_epoch - 1) * STEPS
+    assert resumed.steps == [(e, ids) for e, ids in full.steps if e > resume_epoch]
     assert all(len(ids) == BATCH for _, ids in resumed.steps)
-    assert {e: s for e, s in full.selections.items() if e >= 2} == resumed.selections
-    assert len({tuple(s) for s in full.selections.values()}) > 1  # the selection did move between rounds
+    assert {e: s for e, s in full.selections.items() if e > resume_epoch} == resumed.selections
+    assert [s is None for s in full.selections.values()] == [e < warmup_epochs for e in range(EPOCHS)]
+    assert len({tuple(s) for s in full.selections.values() if s is not None}) > 1  # the selection moved
     callbacks = [t.callbacks[0] for t in (full_trainer, resumed_trainer)]
-    assert callbacks[0].round == callbacks[1].round == EPOCHS  # at the start, then after each epoch but the last
+    assert callbacks[0].round == callbacks[1].round == EPOCHS - warmup_epochs  # none after the last epoch
     np.testing.assert_array_equal(callbacks[0].selection.ids, callbacks[1].selection.ids)
     for a, b in zip(resumed_trainer.lightning_module.parameters(), full_trainer.lightning_module.parameters(),
                     strict=True):  # fmt: skip
