@@ -10,17 +10,13 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from tiny import TINY
 from torch.utils.data import Dataset
 
 from lightning_chips import DataSelectionCallback, OpenCLIPModule, ScoredSubsetDataModule, TwoDomainPairs
 from lightning_chips.data.checks import BadSample
 from lightning_chips.scoring import CLIPScore
 
-TINY = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
 BAD = {2: "blank", 5: "raise", 11: "no-id", 33: "raise", 40: "blank", 57: "bad-sample"}  # rank 0: 0-31, rank 1: 32-63
 
 

@@ -8,15 +8,10 @@ import os
 import sys
 
 import lightning.pytorch as pl
+from tiny import TINY
 
 from lightning_chips import DataSelectionCallback, OpenCLIPModule, ScoredSubsetDataModule, TwoDomainPairs
 from lightning_chips.scoring import CLIPScore
-
-TINY = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
 
 
 class FailingScorer(CLIPScore):

@@ -8,15 +8,10 @@ import sys
 
 import lightning.pytorch as pl
 import torch
+from tiny import TINY
 
 from lightning_chips.data import TwoDomainDataModule
 from lightning_chips.models import OpenCLIPModule
-
-TINY = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
 
 
 def main() -> None:

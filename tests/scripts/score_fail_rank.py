@@ -10,16 +10,11 @@ import sys
 
 import lightning.pytorch as pl
 import torch
+from tiny import TINY
 
 from lightning_chips import OpenCLIPModule
 from lightning_chips.offline import score_pool
 from lightning_chips.scoring import CLIPScore
-
-TINY = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
 
 
 class FailingScorer(CLIPScore):
