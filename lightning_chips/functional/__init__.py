@@ -28,8 +28,16 @@ from lightning_chips.functional.influence_full import (
     full_parameter_influence,
     select_parameters,
 )
+from lightning_chips.functional.plausibility import adapt_endpoint, bank_rank, plausibility_weight
 from lightning_chips.functional.quality import clip_score, negclip_loss, normsim
-from lightning_chips.functional.sketch import EndPointSketch, IdentitySketch, make_sketch
+from lightning_chips.functional.sketch import (
+    EndPointSketch,
+    IdentitySketch,
+    KhatriRaoSketch,
+    SketchLayout,
+    TensorSketch,
+    make_sketch,
+)
 
 __all__ = [
     "ChipsScores",
@@ -37,6 +45,9 @@ __all__ = [
     "EndPointSketch",
     "GradientProjection",
     "IdentitySketch",
+    "KhatriRaoSketch",
+    "SketchLayout",
+    "TensorSketch",
     "chips_prepare",
     "clip_powered_scores",
     "clip_powered_select",
@@ -64,4 +75,7 @@ __all__ = [
     "full_parameter_grads",
     "full_parameter_influence",
     "select_parameters",
+    "adapt_endpoint",
+    "bank_rank",
+    "plausibility_weight",
 ]

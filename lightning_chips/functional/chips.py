@@ -19,17 +19,29 @@
   a gradient (``J_j`` for the image head is ``h_v (x) s (I - x x^T) c_j / ||e_v||``; only ``c_0`` touches the text
   head), so atoms are :class:`~lightning_chips.functional.endpoint.EndPointGrads` like the gradients. ``M`` is a
   positive combination of PSD terms plus ``lambda I``: positive definite.
-* ``lambda``: given as ``damping``, or ``1e-3 * trace(M_0) / k`` with ``M_0 = M - lambda I`` and ``k`` the
-  dimension the solve runs in.
+* ``lambda``: given as ``damping``, or ``rho * trace(M_0) / k`` with ``rho = relative_damping`` (default
+  ``1e-3``), ``M_0 = M - lambda I`` and ``k`` the dimension the solve runs in. It is a theta-space quantity:
+  ``rho`` times the mean eigenvalue of the curvature. In the sketch, ``P P^T ~ (dim(theta) / k) I``, so
+  ``P (M_0 + lambda_theta I) P^T ~ P M_0 P^T + lambda_theta (dim(theta) / k) I``, and ``rho trace(P M_0 P^T) / k``
+  is the same relative damping as ``rho trace(M_0) / dim(theta)`` for the exact solve: one ``rho`` means the same
+  regularisation for every solver. ``rho -> infinity`` turns the Newton alignment into the plain dot ``g . u``.
 * ``w_L = (1 - p_corr)(1 + sigmoid(-m))`` (:meth:`BankStats.learnability`).
 * ``w_R = sigmoid((1 - beta) cos(x, mu_x) + beta cos(y, mu_y))`` with ``mu`` the mean target embeddings.
+* ``w_P`` **[ours, beyond the paper; off by default]**: the plausibility weight
+  ``max(pi_theta(z), pi_ref(z))^gamma`` (:mod:`.plausibility`), the bank rank of the pair's true partner under the
+  model and under a reference adapted to the target set. Add ``"plausibility"`` to ``components`` to use it: it
+  stops the utility from rewarding mismatched and uninformative captions, which the paper's product ranks high.
 
 Three solvers produce the same object, a dense direction ``v = M^{-1} u`` in theta-space, so that scoring a
 pool pair costs one factored inner product ``g . v = h_v^T V_v d_v + h_t^T V_t d_t + g_s v_s``:
 
-* ``"sketch"`` (the paper): ``v = P^T (P M P^T)^{-1} P u`` with a seeded Kronecker JL sketch ``P``
-  (:mod:`.sketch`); ``P g`` is never needed for the pool. With ``sketch_dim=None`` or
-  ``dim(theta) <= sketch_dim`` it is the exact dense solve.
+* ``"sketch"`` (the paper): ``v = P^T (P M P^T)^{-1} P u`` with a seeded JL sketch ``P`` of theta-space
+  (:mod:`.sketch`; by default each row is a random rank-one direction per head, so the realised dimension is
+  ``sketch_dim``); ``P g`` is never needed for the pool. With ``sketch_dim=None`` or ``dim(theta) <= sketch_dim``
+  it is the exact dense solve. With ``k`` below the number of curvature atoms, ``P M P^T`` has no null space, so
+  the sketch cannot reproduce the ``1 / lambda`` weight the exact solve gives to the part of ``u`` outside the
+  atoms' span: it is a regularised, subspace-restricted Newton step, not an estimate of the exact one
+  (docs/benchmarks/sketch_fidelity.md measures how far apart they rank the pool).
 * ``"kernel"`` (exact, beyond the paper): with atoms ``a_r`` and weights ``w_r``, ``M = lambda I + A^T W A`` and
   Woodbury gives ``v = (u - A^T W^{1/2} (lambda I + W^{1/2} A A^T W^{1/2})^{-1} W^{1/2} A u) / lambda`` from
   the ``R x R`` Gram matrix of the atoms (factored inner products, no JL error).
@@ -58,9 +70,11 @@ from lightning_chips.functional.endpoint import (
     round_inputs,
     subsample,
 )
-from lightning_chips.functional.sketch import IdentitySketch, SketchKind, make_sketch
+from lightning_chips.functional.plausibility import adapt_endpoint, bank_rank, plausibility_weight
+from lightning_chips.functional.sketch import IdentitySketch, SketchKind, SketchLayout, make_sketch
 
 __all__ = [
+    "ALL_COMPONENTS",
     "COMPONENTS",
     "ChipsScores",
     "ChipsState",
@@ -72,18 +86,24 @@ __all__ = [
 ]
 
 COMPONENTS = ("alignment", "learnability", "relevance")
+"""The paper's utility factors (the default ``components``)."""
+ALL_COMPONENTS = (*COMPONENTS, "plausibility")
+"""Every factor ``components`` may name; ``"plausibility"`` is ours (module docstring)."""
 Solver = Literal["sketch", "kernel"]
 _DENSE_LIMIT = 20_000  # largest dim(theta) the exact dense solve accepts (a D x D float64 matrix)
 
 
 @dataclass
 class ChipsScores:
-    """Per-sample CHIPS scores (each ``[N]``); ``utility`` is the product of the selected components."""
+    """Per-sample CHIPS scores (each ``[N]``); ``utility`` is the product of the selected components.
+
+    ``plausibility`` is computed only when ``"plausibility"`` is a component (ones otherwise)."""
 
     utility: Tensor
     alignment: Tensor
     learnability: Tensor
     relevance: Tensor
+    plausibility: Tensor
 
 
 @dataclass
@@ -100,6 +120,11 @@ class ChipsState:
     damping: float
     sketch_dim: int
     num_atoms: int
+    reference: EndPoint | None = None
+    """The end point adapted to the target set (``"plausibility"`` only)."""
+    reference_bank: tuple[Tensor, Tensor] | None = None
+    """The bank's image and text embeddings under :attr:`reference`."""
+    plausibility_power: float = 10.0
 
 
 def _atoms_one_direction(
@@ -259,7 +284,9 @@ def solve_direction(
     solver: Solver = "sketch",
     sketch_dim: int | None = 512,
     sketch: SketchKind = "gaussian",
+    sketch_layout: SketchLayout = "khatri_rao",
     damping: float | None = None,
+    relative_damping: float = 1e-3,
     seed: int = 0,
     exact_when_small: bool = True,
     chunk_size: int = 8192,
@@ -269,7 +296,8 @@ def solve_direction(
 
     Returns ``(v, lambda, k)`` where ``k`` is the dimension the solve ran in (sketch dim, ``dim(theta)`` or
     the number of atoms for the kernel path, whose ``lambda`` rule still uses ``dim(theta)``) and ``lambda`` the
-    damping actually used: a matrix that does not factorise with the given one is solved with more damping and a
+    damping actually used (``damping``, or ``relative_damping * trace / k``: the same theta-space damping for every
+    solver, module docstring): a matrix that does not factorise with the given one is solved with more damping and a
     warning (:func:`_cholesky_solve`). ``method`` names the caller in messages (``"CHIPS"``, ``"TRAK"``).
     """
     dtype = u.image_proj.dtype
@@ -287,7 +315,7 @@ def solve_direction(
         sw = weights.sqrt()
         gram = atoms.gram() * sw[:, None] * sw[None, :]
         dim = atoms.dim
-        lam = damping if damping is not None else 1e-3 * float(torch.diagonal(gram).sum()) / dim
+        lam = damping if damping is not None else relative_damping * float(torch.diagonal(gram).sum()) / dim
         rhs = sw * atoms.dot(u)
         z, lam = _cholesky_solve(gram, rhs, lam, "kernel (Woodbury)", method)
         v = (u - atoms.weighted_sum(sw * z)) * (1.0 / lam)
@@ -299,6 +327,7 @@ def solve_direction(
     projector = make_sketch(
         d_v, d_t, e, sketch_dim=sketch_dim, image_bias=u.image_bias is not None, text_bias=u.text_bias is not None,
         kind=sketch, seed=seed, dtype=dtype, device=u.image_proj.device, exact_when_small=exact_when_small,
+        layout=sketch_layout,
     )  # fmt: skip
     k = projector.dim
     if isinstance(projector, IdentitySketch) and k > _DENSE_LIMIT:
@@ -311,19 +340,41 @@ def solve_direction(
         idx = torch.arange(start, min(start + chunk_size, len(atoms)), device=weights.device)
         sk = projector.sketch_grads(atoms.index(idx))
         matrix += sk.T @ (sk * weights[idx, None])
-    lam = damping if damping is not None else 1e-3 * float(torch.diagonal(matrix).sum()) / k
+    lam = damping if damping is not None else relative_damping * float(torch.diagonal(matrix).sum()) / k
     v_sketched, lam = _cholesky_solve(matrix, projector.sketch_direction(u), lam, "curvature", method)
     return projector.transpose(v_sketched), lam, k
 
 
-def _validate(alpha: float, beta: float, components: Sequence[str], bank_size: int, curvature_samples: int) -> None:
+def _validate(
+    alpha: float,
+    beta: float,
+    components: Sequence[str],
+    bank_size: int,
+    curvature_samples: int,
+    relative_damping: float = 1e-3,
+    plausibility_power: float = 10.0,
+    reference_steps: int = 50,
+    reference_lr: float = 1e-3,
+) -> None:
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"`alpha` (curvature mixing) must be in [0, 1], got {alpha}.")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"`beta` (text share of the relevance weight) must be in [0, 1], got {beta}.")
-    unknown = set(components) - set(COMPONENTS)
+    if isinstance(components, str):
+        raise ValueError(
+            f"`components` must be a sequence of names such as ('alignment',), got the string {components!r}."
+        )
+    unknown = set(components) - set(ALL_COMPONENTS)
     if unknown or not components:
-        raise ValueError(f"`components` must be a non-empty subset of {COMPONENTS}, got {tuple(components)}.")
+        raise ValueError(f"`components` must be a non-empty subset of {ALL_COMPONENTS}, got {tuple(components)}.")
+    if not (math.isfinite(relative_damping) and relative_damping > 0):
+        raise ValueError(f"`relative_damping` must be a finite number > 0, got {relative_damping}.")
+    if not (math.isfinite(plausibility_power) and plausibility_power > 0):
+        raise ValueError(f"`plausibility_power` must be a finite number > 0, got {plausibility_power}.")
+    if isinstance(reference_steps, bool) or not isinstance(reference_steps, int) or reference_steps < 0:
+        raise ValueError(f"`reference_steps` must be an integer >= 0, got {reference_steps!r}.")
+    if not (math.isfinite(reference_lr) and reference_lr > 0):
+        raise ValueError(f"`reference_lr` must be a finite number > 0, got {reference_lr}.")
     if bank_size < 1 or curvature_samples < 1:
         raise ValueError(f"`bank_size` and `curvature_samples` must be >= 1, got {bank_size}, {curvature_samples}.")
 
@@ -340,6 +391,7 @@ def chips_prepare(
     beta: float = 0.5,
     sketch_dim: int | None = 512,
     sketch: SketchKind = "gaussian",
+    sketch_layout: SketchLayout = "khatri_rao",
     solver: Solver = "sketch",
     damping: float | None = None,
     bank_size: int = 1024,
@@ -349,14 +401,20 @@ def chips_prepare(
     components: Sequence[str] = COMPONENTS,
     dtype: torch.dtype = torch.float64,
     exact_when_small: bool = True,
+    relative_damping: float = 1e-3,
+    plausibility_power: float = 10.0,
+    reference_steps: int = 50,
+    reference_lr: float = 1e-3,
 ) -> ChipsState:
     """Prepare a CHIPS round from the target pairs and a sample of the pool (all pre-projection features).
 
     The bank is ``bank_size`` pool pairs drawn with ``seed`` (all of them when ``bank_size >= N``); the
     curvature is estimated on ``curvature_samples`` pool pairs drawn with ``seed + 1``. A pool pair that is in
-    the bank is never its own negative (matched by ``pool_ids``, default ``arange(N)``).
+    the bank is never its own negative (matched by ``pool_ids``, default ``arange(N)``). With ``"plausibility"`` in
+    ``components`` the reference end point is adapted to the target set here, with the bank as negatives.
     """
-    _validate(alpha, beta, components, bank_size, curvature_samples)
+    _validate(alpha, beta, components, bank_size, curvature_samples, relative_damping, plausibility_power,
+              reference_steps, reference_lr)  # fmt: skip
     if len(target_image) == 0:
         raise ValueError("The target set is empty: CHIPS needs at least one target pair to align with.")
     if len(pool_image) < 2:
@@ -380,8 +438,14 @@ def chips_prepare(
     )  # fmt: skip
     direction, lam, k = solve_direction(
         atoms, weights, u, solver=solver, sketch_dim=sketch_dim, sketch=sketch, damping=damping, seed=seed + 3,
-        exact_when_small=exact_when_small,
+        exact_when_small=exact_when_small, sketch_layout=sketch_layout, relative_damping=relative_damping,
     )  # fmt: skip
+    reference = reference_bank = None
+    if "plausibility" in components:
+        bank_idx = subsample(n, bank_size, seed, device)  # the bank's rows, as make_bank drew them
+        reference = adapt_endpoint(ep, target_image, target_text, pool_image[bank_idx], pool_text[bank_idx],
+                                   steps=reference_steps, lr=reference_lr)  # fmt: skip
+        reference_bank = (reference.embed_image(pool_image[bank_idx]), reference.embed_text(pool_text[bank_idx]))
     return ChipsState(
         endpoint=ep,
         bank=bank,
@@ -393,6 +457,9 @@ def chips_prepare(
         damping=lam,
         sketch_dim=k,
         num_atoms=len(atoms),
+        reference=reference,
+        reference_bank=reference_bank,
+        plausibility_power=plausibility_power,
     )
 
 
@@ -409,11 +476,22 @@ def chips_score_batch(state: ChipsState, image: Tensor, text: Tensor, ids: Tenso
     alignment = grads.dot(state.direction)
     learnability = stats.learnability()
     relevance = torch.sigmoid((1.0 - state.beta) * (stats.x @ state.mu_image) + state.beta * (stats.y @ state.mu_text))
+    plausibility = torch.ones_like(alignment)
+    if "plausibility" in state.components:
+        exclude = state.bank.exclusion(ids)
+        ref, (ref_image, ref_text) = state.reference, state.reference_bank
+        ranks = [
+            bank_rank(stats.x, stats.y, state.bank.image, state.bank.text, exclude),
+            bank_rank(ref.embed_image(image), ref.embed_text(text), ref_image, ref_text, exclude),
+        ]
+        plausibility = plausibility_weight(ranks, state.plausibility_power)
     utility = torch.ones_like(alignment)
-    for name, value in (("alignment", alignment), ("learnability", learnability), ("relevance", relevance)):
+    factors = (("alignment", alignment), ("learnability", learnability), ("relevance", relevance),
+               ("plausibility", plausibility))  # fmt: skip
+    for name, value in factors:
         if name in state.components:
             utility = utility * value
-    return ChipsScores(utility, alignment, learnability, relevance)
+    return ChipsScores(utility, alignment, learnability, relevance, plausibility)
 
 
 def chips_scores(
@@ -427,6 +505,7 @@ def chips_scores(
     beta: float = 0.5,
     sketch_dim: int | None = 512,
     sketch: SketchKind = "gaussian",
+    sketch_layout: SketchLayout = "khatri_rao",
     solver: Solver = "sketch",
     damping: float | None = None,
     bank_size: int = 1024,
@@ -437,6 +516,10 @@ def chips_scores(
     batch_size: int = 4096,
     dtype: torch.dtype = torch.float64,
     exact_when_small: bool = True,
+    relative_damping: float = 1e-3,
+    plausibility_power: float = 10.0,
+    reference_steps: int = 50,
+    reference_lr: float = 1e-3,
 ) -> ChipsScores:
     """CHIPS scores of every pool pair (METHODS.md section 1), from pre-projection features.
 
@@ -450,20 +533,28 @@ def chips_scores(
         beta: text share of the relevance weight.
         sketch_dim: JL sketch dimension ``k``; ``None`` = exact (dense solve; small models).
         sketch: ``"gaussian"`` or ``"rademacher"`` sketch entries.
+        sketch_layout: ``"khatri_rao"`` (default), ``"kronecker"`` or ``"tensorsketch"`` (:mod:`.sketch`).
         solver: ``"sketch"`` (paper) or ``"kernel"`` (exact Woodbury solve over the curvature atoms).
-        damping: absolute ``lambda``; ``None`` = ``1e-3 * trace(M_0) / k``.
+        damping: absolute ``lambda``; ``None`` = ``relative_damping * trace(M_0) / k``.
         bank_size: negatives in the bank (``>= N``: the whole pool, each pair excluded from its own negatives).
         curvature_samples: pool pairs for ``Phi_pos`` / ``Phi_neg`` (``>= N``: the whole pool).
         negatives_per_sample: softmax-sampled GGN atoms per sample and direction for ``Phi_neg``.
         seed: seed of the bank, the curvature sample, the negative draws and the sketch.
-        components: factors of the utility, a subset of ``("alignment", "learnability", "relevance")``.
+        components: factors of the utility, a subset of :data:`ALL_COMPONENTS` (default: the paper's three;
+            add ``"plausibility"`` for the noise gate ``w_P``).
         batch_size: pool pairs scored at once (scores do not depend on it).
         dtype: compute dtype.
         exact_when_small: with ``dim(theta) <= sketch_dim`` solve exactly instead of sketching (``False``
             forces the sketch, e.g. to study its error).
+        relative_damping: ``rho`` of the damping rule ``lambda = rho * trace(M_0) / k`` (theta-space: the same
+            regularisation for the sketch and the kernel solver).
+        plausibility_power: ``gamma`` of ``w_P = max(pi_theta, pi_ref)^gamma``.
+        reference_steps: Adam steps adapting the reference end point to the target set (0: ``pi_ref = pi_theta``).
+        reference_lr: their learning rate.
 
     Returns:
-        :class:`ChipsScores` with ``utility``, ``alignment``, ``learnability``, ``relevance`` (each ``[N]``).
+        :class:`ChipsScores` with ``utility``, ``alignment``, ``learnability``, ``relevance``, ``plausibility``
+        (each ``[N]``).
 
     Example::
 
@@ -480,11 +571,12 @@ def chips_scores(
         endpoint, target_image, target_text, pool_image, pool_text, alpha=alpha, beta=beta, sketch_dim=sketch_dim,
         sketch=sketch, solver=solver, damping=damping, bank_size=bank_size, curvature_samples=curvature_samples,
         negatives_per_sample=negatives_per_sample, seed=seed, components=components, dtype=dtype,
-        exact_when_small=exact_when_small,
+        exact_when_small=exact_when_small, sketch_layout=sketch_layout, relative_damping=relative_damping,
+        plausibility_power=plausibility_power, reference_steps=reference_steps, reference_lr=reference_lr,
     )  # fmt: skip
     ids = torch.arange(len(pool_image), device=pool_image.device)
     parts = [
         chips_score_batch(state, pool_image[i : i + batch_size], pool_text[i : i + batch_size], ids[i : i + batch_size])
         for i in range(0, len(pool_image), batch_size)
     ]
-    return ChipsScores(*(torch.cat([getattr(p, name) for p in parts]) for name in ("utility", *COMPONENTS)))
+    return ChipsScores(*(torch.cat([getattr(p, name) for p in parts]) for name in ("utility", *ALL_COMPONENTS)))

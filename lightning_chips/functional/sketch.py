@@ -1,15 +1,58 @@
-"""Johnson-Lindenstrauss sketches of end-point gradients that never form a per-sample ``d_v x e`` gradient.
+"""Johnson-Lindenstrauss sketches ``P`` of CLIP's end-point space that never form a per-sample ``d_v x e`` gradient.
 
-METHODS.md 1.5. A gradient block ``h (x) d`` (``vec(h d^T)``) is sketched with a Kronecker-structured map
-``P = P_h (x) P_d``: ``P vec(h d^T) = (P_h h) (x) (P_d d)``, costing ``O(d_v k_h + e k_d)`` instead of
-``O(d_v e k)``. A bias block rides along by augmenting ``h`` with a constant 1 (``vec([h; 1] d^T)`` holds both
-the matrix and the bias gradient). The logit-scale coordinate is kept as is. Entries are i.i.d. Gaussian
-``N(0, 1/k_.)`` or Rademacher ``+-1/sqrt(k_.)`` per factor, so ``E[P^T P] = I`` on every block, drawn on the
-CPU from ``torch.Generator().manual_seed(seed)`` (the same sketch on every device and rank).
+METHODS.md 1.5. theta = ``(W_v [d_v x e], W_t [d_t x e], logit_scale, [b_v], [b_t])`` and every per-sample gradient
+is rank one per block, ``g = (h_v (x) d_v, h_t (x) d_t, s, [d_v], [d_t])`` (:class:`EndPointGrads`). A bias rides
+along by augmenting ``h`` with a constant 1: ``[h; 1] (x) d`` holds both the matrix and the bias gradient, so the
+image block has ``H_v = d_v + 1`` rows with an image bias (else ``d_v``), likewise ``H_t``. Every layout draws its
+randomness on the CPU from ``torch.Generator().manual_seed(seed)`` (the same sketch on every device and rank) and
+has ``E[P^T P] = I``.
 
-The sketch budget ``sketch_dim`` is split between the image and text blocks in proportion to their sizes, and
-each block's ``k_h x k_d`` grid follows the block's aspect ratio; :attr:`EndPointSketch.dim` is the realised
-dimension (at most ``sketch_dim``).
+``"khatri_rao"`` (the default; a row-wise tensor random projection). Row ``j`` of ``P`` is
+
+.. math::
+
+    P_j = \\tfrac{1}{\\sqrt{k}}\\,\\big(a_j \\otimes b_j,\\ a'_j \\otimes b'_j,\\ c_j\\big), \\qquad
+    (P g)_j = \\tfrac{1}{\\sqrt{k}}\\big[(a_j \\cdot h_v)(b_j \\cdot d_v) + (a'_j \\cdot h_t)(b'_j \\cdot d_t)
+    + c_j\\, s\\big]
+
+with independent ``a_j in R^{H_v}``, ``b_j in R^e``, ``a'_j in R^{H_t}``, ``b'_j in R^e``, ``c_j`` of i.i.d.
+``N(0, 1)`` (``kind="gaussian"``) or ``+-1`` (``"rademacher"``) entries, for ``j = 1..k``. The realised dimension is
+``sketch_dim`` exactly. ``P g`` for ``N`` samples is four matmuls, ``O(N k (d_v + d_t + 2e))``; a dense direction
+``V`` is sketched as ``((A V) * B).sum(1)`` and ``P^T z`` is ``A^T diag(z) B`` per block, ``O(k (d_v + d_t) e)``.
+
+``"kronecker"`` (the earlier layout, :class:`EndPointSketch`): ``P = P_h (x) P_d`` per block and the logit scale
+kept as is; the budget is split between the blocks in proportion to their sizes and each block's ``k_h x k_d``
+grid follows its aspect ratio, so the realised dimension is at most ``sketch_dim`` (493 for ``sketch_dim=512`` on
+``d_v=1280, d_t=384, e=128``, with ``k_d = 6``). Cost ``O(N (H_v k_h + e k_d + k))`` per block.
+
+``"tensorsketch"`` (:class:`TensorSketch`): a count sketch of each factor (hash ``H -> [k]`` and ``e -> [k]`` with
+random signs) multiplied in the FFT domain, which is the count sketch of ``h (x) d`` with bucket
+``(i + l) mod k``; blocks and the scale share the ``k`` buckets. Cost ``O(N (d_v + d_t + e + k log k))``; ``kind``
+does not apply (the signs are always ``+-1``). Its directions use ``index_add_``, which is bitwise reproducible on
+the CPU but accumulates in a device-dependent order on CUDA.
+
+Why Khatri-Rao is the default: the error of ``<P x, P y>`` as an estimate of ``x . y``. For rank-one
+``x = h (x) d``, ``y = h' (x) d'`` with cosines ``c_h = cos(h, h')``, ``c_d = cos(d, d')`` and Gaussian entries,
+``Var / (|x| |y|)^2`` is
+
+* Kronecker: ``c_h^2 (1 + c_d^2) / k_d + c_d^2 (1 + c_h^2) / k_h + (1 + c_h^2)(1 + c_d^2) / (k_h k_d)``: the
+  product of two JL estimates, so for a norm (``x = y``) about ``2/k_h + 2/k_d``. The smaller factor dominates as
+  soon as one side is aligned: pre-projection features are far from isotropic (mean cosine ~0.3 between the
+  benchmark's pool image features) and the curvature atoms of one sample share its ``h`` exactly (``c_h = 1``),
+  which with ``k_d = 6`` is a relative error of ~40% whatever ``k_h`` is.
+* Khatri-Rao: ``[(1 + 2 c_h^2)(1 + 2 c_d^2) - c_h^2 c_d^2] / k`` (Isserlis per row; rows are i.i.d.), i.e.
+  ``(1 + ...)/k`` with the whole budget ``k`` in the denominator: at most ``8/k`` (a norm), ``3/k`` for aligned
+  features and orthogonal embedding-side factors; Rademacher entries have smaller fourth moments, so at most that.
+
+Cost: each Khatri-Rao coordinate takes ``d_v + d_t + 2e`` multiply-adds per sample, against about
+``d_v / k_d + e / k_h + 1`` for a Kronecker one, but the ``k x k`` curvature matrix ``P M P^T`` the solver
+accumulates costs ``O(N k^2)`` with either, so a whole sketched solve is under 2x slower (measured: 0.8 s vs
+0.5 s at ``k = 512``, 3.3 s vs 1.9 s at ``k = 2048`` for 9,216 atoms on 2 CPU cores). The factors take
+``k (d_v + d_t + 2e + 1)`` numbers (8 MB at ``k = 512``). ``docs/benchmarks/sketch_fidelity.md`` measures the
+layouts on the selection benchmark's end point: Khatri-Rao raises the Spearman of the sketched alignment with the
+exact one at every ``k`` and damping (0.24 -> 0.28 at ``k = 512``, 0.21 -> 0.30 at ``k = 2048``) and cuts the norm
+error about 5x; at these ``k`` every layout stays far from the exact ranking (the sketched solve, not the layout,
+is the larger error there).
 """
 
 from __future__ import annotations
@@ -22,22 +65,60 @@ from torch import Tensor
 
 from lightning_chips.functional.endpoint import EndPointDirection, EndPointGrads
 
-__all__ = ["EndPointSketch", "IdentitySketch", "SketchKind", "make_sketch"]
+__all__ = [
+    "EndPointSketch",
+    "IdentitySketch",
+    "KhatriRaoSketch",
+    "KroneckerSketch",
+    "Sketch",
+    "SketchKind",
+    "SketchLayout",
+    "TensorSketch",
+    "make_sketch",
+]
 
 SketchKind = Literal["gaussian", "rademacher"]
+SketchLayout = Literal["khatri_rao", "kronecker", "tensorsketch"]
+LAYOUTS: tuple[str, ...] = ("khatri_rao", "kronecker", "tensorsketch")
+_CHUNK_ELEMENTS = 1 << 22  # samples x k per chunk of sketch_grads: bounded temporaries (32 MB in float64)
+
+
+def _entries(rows: int, cols: int, kind: SketchKind, generator: torch.Generator) -> Tensor:
+    """``[rows, cols]`` i.i.d. unit-variance float64 entries: ``N(0, 1)`` or ``+-1``."""
+    if kind == "gaussian":
+        return torch.randn(rows, cols, generator=generator, dtype=torch.float64)
+    if kind == "rademacher":
+        signs = torch.randint(0, 2, (rows, cols), generator=generator, dtype=torch.int64)
+        return 2.0 * signs.to(torch.float64) - 1.0
+    raise ValueError(f"Unknown sketch kind {kind!r}; use 'gaussian' or 'rademacher'.")
 
 
 def _random_matrix(rows: int, cols: int, kind: SketchKind, generator: torch.Generator) -> Tensor:
-    if kind == "gaussian":
-        return torch.randn(rows, cols, generator=generator, dtype=torch.float64) / math.sqrt(rows)
-    if kind == "rademacher":
-        signs = torch.randint(0, 2, (rows, cols), generator=generator, dtype=torch.int64)
-        return (2.0 * signs.to(torch.float64) - 1.0) / math.sqrt(rows)
-    raise ValueError(f"Unknown sketch kind {kind!r}; use 'gaussian' or 'rademacher'.")
+    return _entries(rows, cols, kind, generator) / math.sqrt(rows)
 
 
 def _augment(h: Tensor, bias: bool) -> Tensor:
     return torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1) if bias else h
+
+
+def _with_bias_rows(direction: EndPointDirection, image_bias: bool, text_bias: bool) -> tuple[Tensor, Tensor]:
+    """The ``[H_v, e]`` and ``[H_t, e]`` blocks of a direction, a bias appended as the last row."""
+    wv, wt = direction.image_proj, direction.text_proj
+    if image_bias:
+        wv = torch.cat([wv, direction.image_bias[None, :]], dim=0)
+    if text_bias:
+        wt = torch.cat([wt, direction.text_bias[None, :]], dim=0)
+    return wv, wt
+
+
+def _split_bias_rows(wv: Tensor, wt: Tensor, scale: Tensor, image_bias: bool, text_bias: bool) -> EndPointDirection:
+    """Inverse of :func:`_with_bias_rows`."""
+    b_v = b_t = None
+    if image_bias:
+        wv, b_v = wv[:-1], wv[-1]
+    if text_bias:
+        wt, b_t = wt[:-1], wt[-1]
+    return EndPointDirection(wv, wt, scale, b_v, b_t)
 
 
 def _grid(budget: int, rows: int, cols: int) -> tuple[int, int]:
@@ -48,8 +129,234 @@ def _grid(budget: int, rows: int, cols: int) -> tuple[int, int]:
     return k_h, k_d
 
 
+class KhatriRaoSketch:
+    """The ``"khatri_rao"`` layout (default): row ``j`` of ``P`` is ``(a_j (x) b_j, a'_j (x) b'_j, c_j) / sqrt(k)``.
+
+    ``(P g)_j = [(a_j . h_v)(b_j . d_v) + (a'_j . h_t)(b'_j . d_t) + c_j s] / sqrt(k)`` with ``h`` augmented by a
+    constant 1 for a bias (module docstring: formula, variance, cost). ``E[P^T P] = I`` and :attr:`dim` is
+    ``sketch_dim`` exactly.
+
+    Args:
+        image_dim: ``d_v``.
+        text_dim: ``d_t``.
+        embed_dim: ``e``.
+        sketch_dim: ``k``, the realised dimension.
+        image_bias: the end point has an image bias.
+        text_bias: the end point has a text bias.
+        kind: ``"gaussian"`` (``N(0, 1)`` factor entries) or ``"rademacher"`` (``+-1``).
+        seed: seed of the CPU generator that draws the factors (the same sketch on every device and rank).
+        dtype: dtype of the factors when applied.
+        device: device of the factors when applied.
+
+    Example::
+
+        >>> import torch
+        >>> sk = KhatriRaoSketch(64, 32, 16, sketch_dim=100, image_bias=True, seed=0)
+        >>> sk.dim
+        100
+        >>> g = EndPointGrads(torch.randn(5, 64, dtype=torch.float64), torch.randn(5, 16, dtype=torch.float64),
+        ...                   torch.randn(5, 32, dtype=torch.float64), torch.randn(5, 16, dtype=torch.float64),
+        ...                   torch.randn(5, dtype=torch.float64), image_bias=True)
+        >>> sk.sketch_grads(g).shape
+        torch.Size([5, 100])
+        >>> z = torch.randn(100, dtype=torch.float64)  # adjoint: <P g, z> = <g, P^T z>
+        >>> torch.allclose(sk.sketch_grads(g) @ z, g.dot(sk.transpose(z)))
+        True
+    """
+
+    def __init__(
+        self,
+        image_dim: int,
+        text_dim: int,
+        embed_dim: int,
+        *,
+        sketch_dim: int,
+        image_bias: bool = False,
+        text_bias: bool = False,
+        kind: SketchKind = "gaussian",
+        seed: int = 0,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if sketch_dim < 1:
+            raise ValueError(f"`sketch_dim` must be >= 1, got {sketch_dim}.")
+        k = int(sketch_dim)
+        self.image_bias, self.text_bias = image_bias, text_bias
+        rows_v, rows_t = image_dim + int(image_bias), text_dim + int(text_bias)
+        generator = torch.Generator().manual_seed(int(seed))
+        # 1/sqrt(k) rides on the h-side factors and the scale column, so each row is (a (x) b) / sqrt(k).
+        factors = [
+            _entries(k, rows_v, kind, generator) / math.sqrt(k),
+            _entries(k, embed_dim, kind, generator),
+            _entries(k, rows_t, kind, generator) / math.sqrt(k),
+            _entries(k, embed_dim, kind, generator),
+            _entries(k, 1, kind, generator)[:, 0] / math.sqrt(k),
+        ]
+        self.image_h, self.image_d, self.text_h, self.text_d, self.scale = (
+            f.to(device=device, dtype=dtype) for f in factors
+        )
+        self.kind = kind
+        self.seed = seed
+
+    @property
+    def dim(self) -> int:
+        """Realised sketch dimension: ``sketch_dim``."""
+        return int(self.scale.shape[0])
+
+    def sketch_grads(self, grads: EndPointGrads) -> Tensor:
+        """``[N, k]`` sketched gradients ``P g_i`` from the factors, in chunks of samples (no ``h (x) d`` formed)."""
+        dtype, k = self.scale.dtype, self.dim
+        n = len(grads)
+        out = torch.empty(n, k, dtype=dtype, device=self.scale.device)
+        step = max(1, _CHUNK_ELEMENTS // k)
+        for start in range(0, n, step):
+            sl = slice(start, min(start + step, n))
+            hv = _augment(grads.h_image[sl].to(dtype), grads.image_bias) @ self.image_h.T
+            ht = _augment(grads.h_text[sl].to(dtype), grads.text_bias) @ self.text_h.T
+            part = hv.mul_(grads.d_image[sl].to(dtype) @ self.image_d.T)
+            part.addcmul_(ht, grads.d_text[sl].to(dtype) @ self.text_d.T)
+            part.addcmul_(grads.scale[sl].to(dtype)[:, None], self.scale[None, :])
+            out[sl] = part
+        return out
+
+    def sketch_direction(self, direction: EndPointDirection) -> Tensor:
+        """``[k]`` sketch ``P v`` of a dense direction: ``a_j^T V b_j`` per row and block, ``((A V) * B).sum(1)``."""
+        dtype = self.scale.dtype
+        wv, wt = _with_bias_rows(direction, self.image_bias, self.text_bias)
+        return (
+            ((self.image_h @ wv.to(dtype)) * self.image_d).sum(1)
+            + ((self.text_h @ wt.to(dtype)) * self.text_d).sum(1)
+            + self.scale * direction.logit_scale.to(dtype)
+        )
+
+    def transpose(self, z: Tensor) -> EndPointDirection:
+        """``P^T z`` as a dense direction: ``A^T diag(z) B`` per block and ``c . z`` for the scale."""
+        z = z.to(self.scale.dtype)
+        wv = (self.image_h * z[:, None]).T @ self.image_d
+        wt = (self.text_h * z[:, None]).T @ self.text_d
+        return _split_bias_rows(wv, wt, self.scale @ z, self.image_bias, self.text_bias)
+
+
+class TensorSketch:
+    """The ``"tensorsketch"`` layout: count sketches of ``h`` and ``d`` multiplied in the FFT domain.
+
+    Each block ``H (x) E`` is count-sketched into ``k`` buckets with bucket ``(beta_h(i) + beta_d(l)) mod k`` and
+    sign ``sigma_h(i) sigma_d(l)`` for entry ``(i, l)``; the image block, text block and logit scale (one bucket
+    and sign) share the buckets. ``P g`` is ``irfft(rfft(C_h h) * rfft(C_d d))`` summed over the blocks;
+    :meth:`sketch_direction` and :meth:`transpose` apply the same bucket map entry-wise, so they are exact
+    adjoints of it. Every column of ``P`` has one ``+-1``: ``diag(P^T P) = 1`` and ``E[P^T P] = I``.
+
+    Args:
+        image_dim: ``d_v``.
+        text_dim: ``d_t``.
+        embed_dim: ``e``.
+        sketch_dim: ``k``, the realised dimension.
+        image_bias: the end point has an image bias.
+        text_bias: the end point has a text bias.
+        kind: accepted for a uniform signature; the signs are always ``+-1``.
+        seed: seed of the CPU generator that draws the hashes and signs.
+        dtype: dtype of the signs (and outputs).
+        device: device of the hashes and signs.
+
+    Example::
+
+        >>> sk = TensorSketch(64, 32, 16, sketch_dim=100, seed=0)
+        >>> sk.dim
+        100
+    """
+
+    def __init__(
+        self,
+        image_dim: int,
+        text_dim: int,
+        embed_dim: int,
+        *,
+        sketch_dim: int,
+        image_bias: bool = False,
+        text_bias: bool = False,
+        kind: SketchKind = "gaussian",
+        seed: int = 0,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if sketch_dim < 1:
+            raise ValueError(f"`sketch_dim` must be >= 1, got {sketch_dim}.")
+        if kind not in ("gaussian", "rademacher"):
+            raise ValueError(f"Unknown sketch kind {kind!r}; use 'gaussian' or 'rademacher'.")
+        k = int(sketch_dim)
+        self.k = k
+        self.image_bias, self.text_bias = image_bias, text_bias
+        rows_v, rows_t = image_dim + int(image_bias), text_dim + int(text_bias)
+        generator = torch.Generator().manual_seed(int(seed))
+
+        def draw(n: int) -> tuple[Tensor, Tensor]:
+            bucket = torch.randint(0, k, (n,), generator=generator, dtype=torch.int64)
+            sign = 2.0 * torch.randint(0, 2, (n,), generator=generator, dtype=torch.int64).to(torch.float64) - 1.0
+            return bucket.to(device), sign.to(device=device, dtype=dtype)
+
+        self.hashes = [draw(n) for n in (rows_v, embed_dim, rows_t, embed_dim, 1)]
+        self.kind = kind
+        self.seed = seed
+
+    @property
+    def dim(self) -> int:
+        """Realised sketch dimension: ``sketch_dim``."""
+        return self.k
+
+    def _count(self, x: Tensor, which: int) -> Tensor:
+        bucket, sign = self.hashes[which]
+        return x.new_zeros(x.shape[0], self.k).index_add_(1, bucket, x * sign)
+
+    def _entry_map(self, which: int) -> tuple[Tensor, Tensor]:
+        """``[H, e]`` buckets and signs of a block's entries."""
+        (bh, sh), (bd, sd) = self.hashes[which], self.hashes[which + 1]
+        return (bh[:, None] + bd[None, :]) % self.k, sh[:, None] * sd[None, :]
+
+    def sketch_grads(self, grads: EndPointGrads) -> Tensor:
+        """``[N, k]`` sketched gradients ``P g_i``: ``O(d_v + d_t + e + k log k)`` per sample."""
+        dtype, k = self.hashes[0][1].dtype, self.k
+        n = len(grads)
+        out = torch.empty(n, k, dtype=dtype, device=self.hashes[0][1].device)
+        step = max(1, _CHUNK_ELEMENTS // k)
+        for start in range(0, n, step):
+            sl = slice(start, min(start + step, n))
+            hv = self._count(_augment(grads.h_image[sl].to(dtype), grads.image_bias), 0)
+            ht = self._count(_augment(grads.h_text[sl].to(dtype), grads.text_bias), 2)
+            dv, dt = self._count(grads.d_image[sl].to(dtype), 1), self._count(grads.d_text[sl].to(dtype), 3)
+            freq = torch.fft.rfft(hv, dim=1) * torch.fft.rfft(dv, dim=1)
+            freq += torch.fft.rfft(ht, dim=1) * torch.fft.rfft(dt, dim=1)
+            part = torch.fft.irfft(freq, n=k, dim=1)
+            part += self._count(grads.scale[sl].to(dtype)[:, None], 4)
+            out[sl] = part
+        return out
+
+    def sketch_direction(self, direction: EndPointDirection) -> Tensor:
+        """``[k]`` sketch ``P v`` of a dense direction (each entry added into its bucket with its sign)."""
+        dtype = self.hashes[0][1].dtype
+        wv, wt = _with_bias_rows(direction, self.image_bias, self.text_bias)
+        out = torch.zeros(self.k, dtype=dtype, device=wv.device)
+        for which, w in ((0, wv), (2, wt)):
+            bucket, sign = self._entry_map(which)
+            out.index_add_(0, bucket.reshape(-1), (w.to(dtype) * sign).reshape(-1))
+        return out + self._count(direction.logit_scale.to(dtype).reshape(1, 1), 4)[0]
+
+    def transpose(self, z: Tensor) -> EndPointDirection:
+        """``P^T z`` as a dense direction (each entry reads its bucket with its sign)."""
+        z = z.to(self.hashes[0][1].dtype)
+        blocks = []
+        for which in (0, 2):
+            bucket, sign = self._entry_map(which)
+            blocks.append(z[bucket] * sign)
+        (bucket, sign) = self.hashes[4]
+        return _split_bias_rows(blocks[0], blocks[1], z[bucket[0]] * sign[0], self.image_bias, self.text_bias)
+
+
 class EndPointSketch:
-    """A seeded Kronecker JL sketch ``P`` of theta-space, applied to factored gradients and dense directions.
+    """The ``"kronecker"`` layout: a seeded sketch ``P = P_h (x) P_d`` per block, plus the logit scale as is.
+
+    Kept for comparison and reproducibility of earlier rounds; :class:`KhatriRaoSketch` is the default (module
+    docstring). The budget is split between the blocks and each block's ``k_h x k_d`` grid follows its aspect ratio,
+    so :attr:`dim` is at most ``sketch_dim``.
 
     Args:
         image_dim: ``d_v``.
@@ -194,6 +501,12 @@ class IdentitySketch:
         return EndPointDirection(wv, wt, scale, image_bias, text_bias)
 
 
+KroneckerSketch = EndPointSketch
+"""The ``"kronecker"`` layout under its descriptive name."""
+
+Sketch = KhatriRaoSketch | TensorSketch | EndPointSketch | IdentitySketch
+
+
 def make_sketch(
     image_dim: int,
     text_dim: int,
@@ -207,13 +520,42 @@ def make_sketch(
     dtype: torch.dtype = torch.float64,
     device: torch.device | str = "cpu",
     exact_when_small: bool = True,
-) -> EndPointSketch | IdentitySketch:
-    """A Kronecker sketch, or the identity when ``sketch_dim`` is None or (with ``exact_when_small``)
-    ``dim(theta) <= sketch_dim``."""
+    layout: SketchLayout = "khatri_rao",
+) -> Sketch:
+    """A JL sketch of theta-space in the given ``layout``, or the identity when ``sketch_dim`` is None or (with
+    ``exact_when_small``) ``dim(theta) <= sketch_dim``.
+
+    Args:
+        image_dim: ``d_v``.
+        text_dim: ``d_t``.
+        embed_dim: ``e``.
+        sketch_dim: ``k``; ``None`` = the identity (exact).
+        image_bias: the end point has an image bias.
+        text_bias: the end point has a text bias.
+        kind: ``"gaussian"`` or ``"rademacher"`` entries (``"tensorsketch"``: always signs).
+        seed: seed of the CPU generator that draws the sketch.
+        dtype: dtype of the sketch when applied.
+        device: device of the sketch when applied.
+        exact_when_small: return the identity when ``dim(theta) <= sketch_dim``.
+        layout: ``"khatri_rao"`` (default; realised dimension ``sketch_dim``), ``"kronecker"`` (the earlier
+            layout; at most ``sketch_dim``) or ``"tensorsketch"`` (module docstring).
+
+    Example::
+
+        >>> make_sketch(1280, 384, 128, sketch_dim=512).dim
+        512
+        >>> make_sketch(1280, 384, 128, sketch_dim=512, layout="kronecker").dim
+        493
+        >>> type(make_sketch(8, 4, 2, sketch_dim=512)).__name__
+        'IdentitySketch'
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"Unknown sketch layout {layout!r}; use one of {LAYOUTS}.")
     exact = IdentitySketch(image_dim, text_dim, embed_dim, image_bias=image_bias, text_bias=text_bias)
     if sketch_dim is None or (exact_when_small and exact.dim <= sketch_dim):
         return exact
-    return EndPointSketch(
+    cls = {"khatri_rao": KhatriRaoSketch, "kronecker": EndPointSketch, "tensorsketch": TensorSketch}[layout]
+    return cls(
         image_dim, text_dim, embed_dim, sketch_dim=sketch_dim, image_bias=image_bias, text_bias=text_bias,
         kind=kind, seed=seed, dtype=dtype, device=device,
     )  # fmt: skip

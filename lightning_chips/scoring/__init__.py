@@ -1,7 +1,7 @@
 """Scorers (stateful, streaming) wrapping :mod:`lightning_chips.functional`, and the registry by name."""
 
 from lightning_chips.scoring.base import Scorer, check_prepare_inputs
-from lightning_chips.scoring.chips import CHIPS
+from lightning_chips.scoring.chips import CHIPS, ROBUST_COMPONENTS
 from lightning_chips.scoring.compose import Chain, Intersect
 from lightning_chips.scoring.influence import TRAK, Dot, TracIn
 from lightning_chips.scoring.quality import ClipCov, ClipPowered, CLIPScore, NegCLIPLoss, NormSim
@@ -18,6 +18,7 @@ __all__ = [
     "Intersect",
     "NegCLIPLoss",
     "NormSim",
+    "ROBUST_COMPONENTS",
     "SCORERS",
     "Random",
     "Scorer",

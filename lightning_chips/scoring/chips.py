@@ -20,13 +20,17 @@ from lightning_chips.functional.chips import (
 )
 from lightning_chips.scoring.base import Scorer, check_prepare_inputs
 
-__all__ = ["CHIPS"]
+__all__ = ["CHIPS", "ROBUST_COMPONENTS"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_LAYOUTS = ("khatri_rao", "kronecker", "tensorsketch")
+
+ROBUST_COMPONENTS: tuple[str, ...] = (*COMPONENTS, "plausibility")
+"""The paper's utility times the plausibility weight: ``CHIPS(components=ROBUST_COMPONENTS)``."""
 
 
 class CHIPS(Scorer):
-    """CHIPS utility ``U = A * w_L * w_R`` (Zhuang et al., CVPR 2026; METHODS.md section 1).
+    """CHIPS utility ``U = A * w_L * w_R`` (Zhuang et al., CVPR 2026; docs/methods.md, CHIPS).
 
     ``A(z) = g(z)^T M^{-1} u`` is the curvature-aware Newton alignment of a pool pair's end-point gradient with
     the mean target gradient, ``M = (1 - alpha) Phi_pos + alpha Phi_neg + lambda I`` estimated on a pool sample
@@ -34,27 +38,48 @@ class CHIPS(Scorer):
     the model already solves and boosts violated ones; ``w_R`` weighs closeness to the target's mean
     embeddings. See :mod:`lightning_chips.functional.chips` for the formulas and the ``Phi_neg`` estimator.
 
-    :meth:`prepare` keeps only the bank (``bank_size x e``), a theta-space direction and two mean embeddings,
-    so streaming :meth:`score` over millions of pairs needs memory independent of the pool size, and each
-    pair costs ``O((d_v + d_t) e + bank_size * e)`` on top of its forward pass.
+    **Plausibility (ours, beyond the paper; off by default).** With ``"plausibility"`` among the ``components``
+    the utility is also multiplied by ``w_P = max(pi_theta, pi_ref)^gamma``: the bank rank of each pair's true
+    partner under the model and under a copy of the end point adapted to the target set
+    (:mod:`lightning_chips.functional.plausibility`). The paper's product rewards mismatched and uninformative
+    captions, whose gradients are large and, for target-domain images, point to the target; ``w_P`` stops that.
+    ``CHIPS()`` is the paper's formula; ``CHIPS(components=ROBUST_COMPONENTS)`` is the configuration
+    docs/benchmarks/quality.md recommends for pools with noisy captions.
+
+    :meth:`prepare` keeps only the bank (``bank_size x e``), a theta-space direction and two mean embeddings
+    (plus, with plausibility, the reference end point and the bank under it), so streaming :meth:`score` over
+    millions of pairs needs memory independent of the pool size, and each pair costs
+    ``O((d_v + d_t) e + bank_size * e)`` on top of its forward pass (twice that with plausibility).
 
     Args:
         alpha: curvature mixing (paper: 0.7, best in [0.6, 0.8]); 0 = positive-only curvature.
         beta: text share of the relevance weight.
         sketch_dim: JL sketch dimension (paper: 512); ``None`` = exact.
-        sketch: ``"gaussian"`` or ``"rademacher"``.
+        sketch: ``"gaussian"`` or ``"rademacher"`` entries.
+        sketch_layout: ``"khatri_rao"`` (default: each sketch row is a random rank-one direction per head, the
+            realised dimension is ``sketch_dim``), ``"kronecker"`` or ``"tensorsketch"``
+            (:mod:`lightning_chips.functional.sketch`).
         solver: ``"sketch"`` (paper) or ``"kernel"`` (exact Woodbury solve over the curvature atoms).
-        damping: absolute ``lambda``; ``None`` = ``1e-3 * trace(M_0) / k``.
+        damping: absolute ``lambda``; ``None`` = ``relative_damping * trace(M_0) / k``.
+        relative_damping: ``rho`` of that rule, a theta-space quantity (the same regularisation for both solvers).
         bank_size: negatives per sample (pool pairs drawn with ``seed``).
         curvature_samples: pool pairs used to estimate the curvature.
         negatives_per_sample: sampled softmax atoms per sample and direction for ``Phi_neg``.
-        components: utility factors (ablations: ``("alignment",)``, ``("alignment", "learnability")``, ...).
+        components: utility factors, a subset of ``("alignment", "learnability", "relevance", "plausibility")``
+            (ablations: ``("alignment",)``, ``("alignment", "learnability")``, ...; default: the paper's three).
+        plausibility_power: ``gamma`` of the plausibility weight.
+        reference_steps: Adam steps adapting the reference end point to the target set (0: no reference).
+        reference_lr: their learning rate.
         seed: seed of the bank, curvature sample, negative draws and sketch.
         dtype: ``"float64"`` (default) or ``"float32"`` compute precision.
 
+    Raises:
+        ValueError: on an argument out of range, naming it and what to pass.
+
     Example::
 
-        >>> scorer = CHIPS(sketch_dim=256, bank_size=128)
+        >>> scorer = CHIPS(sketch_dim=256, bank_size=128)  # the paper's utility
+        >>> robust = CHIPS(components=ROBUST_COMPONENTS)  # and the plausibility weight
         >>> scorer.prepare(endpoint, target_features, pool_features)  # doctest: +SKIP
         >>> scores = scorer.score(pool_features.index(slice(0, 512)))  # doctest: +SKIP
     """
@@ -68,20 +93,28 @@ class CHIPS(Scorer):
         beta: float = 0.5,
         sketch_dim: int | None = 512,
         sketch: Literal["gaussian", "rademacher"] = "gaussian",
+        sketch_layout: Literal["khatri_rao", "kronecker", "tensorsketch"] = "khatri_rao",
         solver: Literal["sketch", "kernel"] = "sketch",
         damping: float | None = None,
+        relative_damping: float = 1e-3,
         bank_size: int = 1024,
         curvature_samples: int = 8192,
         negatives_per_sample: int = 4,
         components: Sequence[str] = COMPONENTS,
+        plausibility_power: float = 10.0,
+        reference_steps: int = 50,
+        reference_lr: float = 1e-3,
         seed: int = 0,
         dtype: Literal["float32", "float64"] = "float64",
     ) -> None:
-        _validate(alpha, beta, components, bank_size, curvature_samples)
+        _validate(alpha, beta, components, bank_size, curvature_samples, relative_damping, plausibility_power,
+                  reference_steps, reference_lr)  # fmt: skip
         if sketch_dim is not None and sketch_dim < 3:
             raise ValueError(f"`sketch_dim` must be >= 3 or None (exact), got {sketch_dim}.")
         if sketch not in ("gaussian", "rademacher"):
             raise ValueError(f"`sketch` must be 'gaussian' or 'rademacher', got {sketch!r}.")
+        if sketch_layout not in _LAYOUTS:
+            raise ValueError(f"`sketch_layout` must be one of {_LAYOUTS}, got {sketch_layout!r}.")
         if solver not in ("sketch", "kernel"):
             raise ValueError(f"`solver` must be 'sketch' or 'kernel', got {solver!r}.")
         if damping is not None and damping <= 0:
@@ -91,10 +124,14 @@ class CHIPS(Scorer):
         if dtype not in _DTYPES:
             raise ValueError(f"`dtype` must be one of {sorted(_DTYPES)}, got {dtype!r}.")
         self.alpha, self.beta = alpha, beta
-        self.sketch_dim, self.sketch, self.solver, self.damping = sketch_dim, sketch, solver, damping
+        self.sketch_dim, self.sketch, self.sketch_layout, self.solver = sketch_dim, sketch, sketch_layout, solver
+        self.damping, self.relative_damping = damping, relative_damping
         self.bank_size, self.curvature_samples = bank_size, curvature_samples
         self.negatives_per_sample = negatives_per_sample
         self.components = tuple(components)
+        self.plausibility_power, self.reference_steps, self.reference_lr = (
+            plausibility_power, reference_steps, reference_lr,
+        )  # fmt: skip
         self.seed = seed
         self.dtype = dtype
         self.state: ChipsState | None = None
@@ -113,18 +150,23 @@ class CHIPS(Scorer):
             beta=self.beta,
             sketch_dim=self.sketch_dim,
             sketch=self.sketch,
+            sketch_layout=self.sketch_layout,
             solver=self.solver,
             damping=self.damping,
+            relative_damping=self.relative_damping,
             bank_size=self.bank_size,
             curvature_samples=self.curvature_samples,
             negatives_per_sample=self.negatives_per_sample,
             seed=self.seed,
             components=self.components,
+            plausibility_power=self.plausibility_power,
+            reference_steps=self.reference_steps,
+            reference_lr=self.reference_lr,
             dtype=_DTYPES[self.dtype],
         )
 
     def score_components(self, batch: PairFeatures) -> ChipsScores:
-        """All four per-pair quantities (utility, alignment, learnability, relevance) of a batch."""
+        """Every per-pair quantity (utility, alignment, learnability, relevance, plausibility) of a batch."""
         if self.state is None:
             raise RuntimeError("CHIPS.score called before prepare(); a selection round prepares the scorer first.")
         return chips_score_batch(self.state, batch.image, batch.text, batch.ids)
@@ -139,6 +181,11 @@ class CHIPS(Scorer):
         return (
             f"CHIPS alpha={self.alpha} solver={self.solver} k={st.sketch_dim} atoms={st.num_atoms} "
             f"bank={len(st.bank.ids)} lambda={st.damping:.3g} components={'*'.join(self.components)}"
+            + (
+                f" gamma={self.plausibility_power:g} reference_steps={self.reference_steps}"
+                if "plausibility" in self.components
+                else ""
+            )  # fmt: skip
         )
 
     def __repr__(self) -> str:
