@@ -1,31 +1,43 @@
-"""The CHIPS table in miniature, on real images and captions: method x budget -> target and general zero-shot.
+"""The CHIPS table in miniature, on real images and captions: scenario x method x budget -> target and general accuracy.
 
-Protocol (docs/benchmarks/quality.md has the details and the measured table):
+Protocol (docs/benchmarks/quality.md has the details and the measured tables):
   1. "Pretrained CLIP": TwoTowerCLIP (frozen EfficientNet-Lite0 + frozen MiniLM, trained linear heads and
      temperature) trained on a general pool: openclipart (train split) + Fashion-MNIST (train split).
-  2. CPT pool: an Animal-MNIST slice (the target domain, a minority) + more openclipart and Fashion-MNIST, with a
-     share of deliberately mismatched captions. Target set for selection: Animal-MNIST validation pairs. Test
-     sets are disjoint from both.
-  3. Every method selects a budget of the pool once, with the pretrained model (CHIPS-reselect re-selects every
+  2. A CPT pool, one per scenario, and a target set for selection (Animal-MNIST validation pairs); test sets are
+     disjoint from both.
+     * ``standard``: a general-domain pool with an Animal-MNIST minority (13 %), 20 % mismatched captions in every
+       part: the question is "find the target domain".
+     * ``clean``: the standard pool without caption noise: what a noise filter costs when there is nothing to
+       filter (a scenario built to make the plausibility weight lose).
+     * ``indomain``: shaped like the paper's BIOMEDICA pool: mostly target domain (Animal-MNIST, 80 %) with a
+       long-tailed class distribution (700 down to 35 pairs per class; the test set is uniform), 20 % mismatched
+       and 15 % uninformative captions (generic strings, unrelated clip-art titles), and a general-domain minority.
+       The question is "which target pairs are worth training on".
+  3. Every method selects a budget of the pool once, with the pretrained model (the -reselect rows re-select every
      epoch through DataSelectionCallback); CPT then runs a fixed number of epochs over the subset from the same
      starting point, for each seed (the seed sets the data order and the seeded methods' randomness).
   4. Reported: target zero-shot acc1 (Animal-MNIST test), general zero-shot acc1 (Fashion-MNIST test), general
-     retrieval recall@1/5 (held-out openclipart, mean of image->text and text->image), mean +- std over seeds.
-  5. CHIPS ablations (alignment only, x learnability, full, alpha = 0, exact solve) and end-point fidelity
-     (Spearman between end-point and full-parameter alignment with the last tower blocks trainable).
+     retrieval recall@1/5 (held-out openclipart, mean of image->text and text->image), mean +- std over seeds; and
+     what each selection holds: target-domain share, mismatched and uninformative caption shares, head-class share
+     and class entropy of its target-domain part.
+  5. CHIPS ablations (components, curvature mixing, sketch layout, damping sweeps of both solvers, the
+     plausibility weight's settings) and end-point fidelity (Spearman between end-point and full-parameter
+     alignment with the last tower blocks trainable).
 
 The towers are frozen, so their features are computed once and cached (benchmarks/.cache); CPT trains the heads
 on the cached features, which is exactly the frozen-tower model.
 
-    bash benchmarks/setup_data.sh                      # data and weights (once)
-    python benchmarks/selection_quality.py --quick     # one seed, one budget, small pool (< 5 min)
-    python benchmarks/selection_quality.py             # the full table, plot and doc (< 45 min on 2 cores)
+    bash benchmarks/setup_data.sh                                  # data and weights (once)
+    python benchmarks/selection_quality.py --quick                 # both scenarios, one seed, one budget (minutes)
+    python benchmarks/selection_quality.py --out docs/benchmarks/quality   # the full tables, plots, results.json
+    python benchmarks/selection_quality.py --scenario indomain     # one scenario
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -57,22 +69,33 @@ from lightning_chips.scoring import build_scorer  # noqa: E402
 from lightning_chips.scoring.base import Scorer  # noqa: E402
 from lightning_chips.selection import select  # noqa: E402
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # configuration
 # ----------------------------------------------------------------------------------------------------------------
+SCENARIOS = ("standard", "indomain", "clean")
+
+
 @dataclass
 class Config:
+    # the "pretrained CLIP" (both scenarios) and the test sets
     general_clipart: int = 3000
     general_fashion: int = 3000
-    pool_clipart: int = 2500
-    pool_fashion: int = 3000
-    pool_animal: int = 800
-    noise_fraction: float = 0.2
     target_pairs: int = 100
     test_animal: int = 2000
     test_fashion: int = 2000
     test_clipart: int = 800
+    # standard scenario: a general pool with a target-domain minority
+    pool_clipart: int = 2500
+    pool_fashion: int = 3000
+    pool_animal: int = 800
+    noise_fraction: float = 0.2
+    # in-domain scenario: a long-tailed target-domain pool with noisy captions and a general minority
+    indomain_head: int = 700
+    indomain_tail: int = 35
+    indomain_mismatched: float = 0.2
+    indomain_uninformative: float = 0.15
+    indomain_general: int = 300
+    # training
     image_size: int = 64
     embed_dim: int = 128
     pretrain_epochs: int = 20
@@ -83,6 +106,7 @@ class Config:
     budgets: tuple[float, ...] = (0.1, 0.2, 0.3)
     seeds: tuple[int, ...] = (0, 1, 2)
     ablations: bool = True
+    reselect: bool = True
     fidelity_pairs: int = 150
     fidelity_targets: int = 32
 
@@ -93,7 +117,10 @@ QUICK = Config(
     pool_clipart=500,
     pool_fashion=500,
     pool_animal=250,
-    target_pairs=64,
+    indomain_head=120,
+    indomain_tail=12,
+    indomain_general=60,
+    target_pairs=60,
     test_animal=500,
     test_fashion=500,
     test_clipart=300,
@@ -106,41 +133,67 @@ QUICK = Config(
 )
 
 METHODS = ["random", "clipscore", "negclip", "normsim", "negclip+normsim", "clipcov", "clip_powered", "dot",
-           "tracin", "trak", "chips", "chips-reselect"]  # fmt: skip
-ABLATIONS = ["chips:alignment", "chips:alignment*learnability", "chips:alpha=0", "chips:sketch@1024",
-             "chips:exact@1024"]  # fmt: skip
-"""CHIPS ablations. The exact (kernel) solve needs an R x R Gram matrix over R curvature atoms, so the sketch vs exact
-comparison uses 1,024 curvature samples (R = 5,120) for both; the default CHIPS uses 8,192 samples."""
+           "tracin", "trak", "chips", "chips+plausibility", "chips-reselect",
+           "chips+plausibility-reselect"]  # fmt: skip
+"""Every selection method of the table. ``chips`` is the paper's CHIPS (``CHIPS()``); ``chips+plausibility`` adds
+the plausibility weight (the recommended configuration, :data:`RECOMMENDED`); ``-reselect`` re-scores every epoch."""
+
+PLAUSIBILITY = ("alignment", "learnability", "relevance", "plausibility")
+RECOMMENDED = {"components": PLAUSIBILITY}
+"""The keyword arguments of the recommended CHIPS configuration (``CHIPS(**RECOMMENDED)``)."""
+
+ABLATIONS = [
+    "chips:components=alignment",
+    "chips:components=alignment*learnability",
+    "chips:alpha=0",
+    "chips:sketch_layout=kronecker",
+    *(f"chips:relative_damping={r}" for r in ("1e-4", "1e-2", "1e-1", "1")),
+    "chips:curvature_samples=1024",
+    *(f"chips:solver=kernel,curvature_samples=1024,relative_damping={r}" for r in ("1e-4", "1e-3", "1e-2", "1e-1",
+                                                                                    "1")),
+    "chips+plausibility:components=alignment*relevance*plausibility",
+    "chips+plausibility:components=alignment*plausibility",
+    "chips+plausibility:reference_steps=0",
+    "chips+plausibility:plausibility_power=5",
+    "chips+plausibility:plausibility_power=20",
+]  # fmt: skip
+"""CHIPS ablations, ``base:key=value,...`` with ``base`` ``chips`` (the paper's settings) or ``chips+plausibility``
+and CHIPS keyword arguments (components joined by ``*``). The exact (kernel) solve needs an R x R Gram matrix over
+R curvature atoms, so it runs with 1,024 curvature samples (R = 5,120), beside the sketch at 1,024."""
 REFERENCES = ["full pool", "random 50%"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # data and the feature cache
 # ----------------------------------------------------------------------------------------------------------------
+FIELDS = ("ids", "image", "text", "labels", "noisy", "uninformative", "domain")
+TARGET_DOMAIN = 2  # the Animal-MNIST domain index of lightning_chips.data.real.REAL_DOMAINS
+
+
 @dataclass
 class Features:
-    """Cached tower features of a set of pairs (and what the tables need about them)."""
+    """Cached tower features of a set of pairs (and what the composition tables need about them)."""
 
     ids: Tensor
     image: Tensor
     text: Tensor
     labels: Tensor
     noisy: Tensor
+    uninformative: Tensor
     domain: Tensor
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def index(self, idx: Tensor) -> Features:
-        return Features(*(getattr(self, f)[idx] for f in ("ids", "image", "text", "labels", "noisy", "domain")))
+        return Features(*(getattr(self, f)[idx] for f in FIELDS))
 
     def pairs(self) -> PairFeatures:
         return PairFeatures(self.ids, self.image, self.text, self.labels)
 
     @staticmethod
     def cat(parts: list[Features]) -> Features:
-        return Features(*(torch.cat([getattr(p, f) for p in parts]) for f in
-                          ("ids", "image", "text", "labels", "noisy", "domain")))  # fmt: skip
+        return Features(*(torch.cat([getattr(p, f) for p in parts]) for f in FIELDS))
 
 
 class FeatureDataset(Dataset):
@@ -174,7 +227,8 @@ class Towers:
         parts = []
         for batch in tqdm(loader, desc=f"features: {description}", leave=False, dynamic_ncols=True):
             parts.append(Features(batch["id"], self.model.image_features(batch["image"]), self.texts(batch["text"]),
-                                  batch["label"], batch["noisy"], batch["domain"]))  # fmt: skip
+                                  batch["label"], batch["noisy"], batch["uninformative"],
+                                  batch["domain"]))  # fmt: skip
         return Features.cat(parts)
 
 
@@ -185,6 +239,7 @@ def _collate_raw(items: list[dict]) -> dict:
         "id": torch.as_tensor([int(x["id"]) for x in items], dtype=torch.int64),
         "label": torch.as_tensor([int(x.get("label", -1)) for x in items], dtype=torch.int64),
         "noisy": torch.as_tensor([bool(x.get("noisy", False)) for x in items]),
+        "uninformative": torch.as_tensor([bool(x.get("uninformative", False)) for x in items]),
         "domain": torch.as_tensor([int(x.get("domain", -1)) for x in items], dtype=torch.int64),
     }
 
@@ -195,32 +250,135 @@ def _take(dataset: Dataset, count: int, offset: int = 0) -> Dataset:
     return torch.utils.data.Subset(dataset, range(offset, offset + count))
 
 
-def build_sets(cfg: Config, towers: Towers, cache: Path) -> dict[str, Features | dict]:
-    """Every feature set of the protocol, from the cache when it holds them."""
-    from lightning_chips.data.real import AnimalMNISTPairs, FashionMNISTPairs, OpenClipartPairs
+GENERIC_CAPTIONS = ("an image.", "a picture.", "photo", "untitled", "image.jpg", "stock photo", "thumbnail",
+                    "no description available.", "click to enlarge", "a close-up.")  # fmt: skip
+"""Uninformative captions of the in-domain scenario (half of them; the other half are unrelated clip-art titles)."""
+
+
+class Recaptioned(Dataset):
+    """Pairs of ``base`` with their captions replaced and flagged (the in-domain scenario's noisy captions)."""
+
+    def __init__(self, base: Dataset, captions: list[str], noisy: np.ndarray, uninformative: np.ndarray) -> None:
+        if not len(base) == len(captions) == len(noisy) == len(uninformative):
+            raise ValueError("Recaptioned needs one caption and one flag of each kind per pair.")
+        self.base, self.captions = base, captions
+        self.noisy, self.uninformative = noisy, uninformative
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict:
+        item = dict(self.base[i])
+        item["text"] = self.captions[i]
+        item["noisy"] = bool(self.noisy[i])
+        item["uninformative"] = bool(self.uninformative[i])
+        return item
+
+
+def class_counts(cfg: Config, classes: int = 10) -> np.ndarray:
+    """Target-domain pairs per class of the in-domain pool: geometric from ``indomain_head`` to ``indomain_tail``."""
+    ratio = (cfg.indomain_tail / cfg.indomain_head) ** (1.0 / (classes - 1))
+    return np.array([round(cfg.indomain_head * ratio**r) for r in range(classes)], dtype=np.int64)
+
+
+INDOMAIN_SEED = 20261203
+"""Fixes the in-domain pool (class order, which captions are replaced): the pool is the same for every seed."""
+
+
+def indomain_pool(cfg: Config) -> tuple[Dataset, dict]:
+    """The in-domain scenario's CPT pool (a dataset of raw pairs) and a description of how it was made."""
+    from lightning_chips.data.real import AnimalMNISTPairs, OpenClipartPairs
 
     size = cfg.image_size
+    animal = AnimalMNISTPairs("train", image_size=size)
+    other_class = AnimalMNISTPairs("train", image_size=size, noise_fraction=1.0, seed=1)  # every caption mismatched
+    rng = np.random.default_rng(INDOMAIN_SEED)
+    order = rng.permutation(len(animal.classnames))  # order[0] is the head class
+    counts = class_counts(cfg, len(order))
+    positions = np.concatenate([np.flatnonzero(animal.labels == c)[:n] for c, n in zip(order, counts, strict=True)])
+    positions = np.sort(positions)
+    n = len(positions)
+    kinds = np.zeros(n, dtype=np.int64)  # 0 clean, 1 mismatched, 2 uninformative
+    shuffled = rng.permutation(n)
+    n_mis, n_uninf = round(cfg.indomain_mismatched * n), round(cfg.indomain_uninformative * n)
+    kinds[shuffled[:n_mis]] = 1
+    kinds[shuffled[n_mis : n_mis + n_uninf]] = 2
+    titles = OpenClipartPairs("val", image_size=size).captions  # clip-art titles unrelated to the animals
+    captions = []
+    for pos, kind in zip(positions.tolist(), kinds.tolist(), strict=True):
+        if kind == 0:
+            captions.append(animal.captions[pos])
+        elif kind == 1:
+            captions.append(other_class.captions[pos])
+        elif rng.random() < 0.5:
+            captions.append(GENERIC_CAPTIONS[int(rng.integers(len(GENERIC_CAPTIONS)))])
+        else:
+            captions.append(titles[int(rng.integers(len(titles)))])
+    target_part = Recaptioned(animal.subset(positions), captions, kinds == 1, kinds == 2)
+    description = {
+        "class_order": [animal.classnames[c] for c in order],
+        "class_counts": counts.tolist(),
+        "head_classes": [int(c) for c in order[:3]],
+    }
+    return target_part, description
+
+
+def _cache_file(cfg: Config, cache: Path, scenario: str) -> Path:
+    """The cache file of a scenario's features: keyed by the config, the data code and the code that builds them."""
     code = b"".join((ROOT / "lightning_chips" / f).read_bytes() for f in ("data/real.py", "models/two_tower.py"))
-    key = hashlib.sha1(json.dumps(asdict(cfg), sort_keys=True, default=str).encode() + code).hexdigest()[:10]
-    path = cache / f"features-{key}.pt"
+    builders = (build_sets, indomain_pool, class_counts, Recaptioned, Towers, _collate_raw)
+    code += "".join(inspect.getsource(f) for f in builders).encode() + repr((GENERIC_CAPTIONS, INDOMAIN_SEED)).encode()
+    key = hashlib.sha1(json.dumps([asdict(cfg), scenario], sort_keys=True, default=str).encode() + code)
+    return cache / f"features-{scenario}-{key.hexdigest()[:10]}.pt"
+
+
+def build_sets(cfg: Config, towers: Towers | None, cache: Path, scenario: str = "standard") -> dict:
+    """Every feature set of a scenario's protocol, from the cache when it holds them.
+
+    Keys: ``general`` (the pretraining pool), ``pool`` (the CPT pool), ``target``, ``test_animal``,
+    ``test_fashion``, ``test_clipart``, ``prompts`` (zero-shot class prompts) and ``info`` (head classes, ...).
+    """
+    from lightning_chips.data.real import AnimalMNISTPairs, FashionMNISTPairs, OpenClipartPairs
+
+    if scenario not in SCENARIOS:
+        raise ValueError(f"Unknown scenario {scenario!r}; use one of {SCENARIOS}.")
+    path = _cache_file(cfg, cache, scenario)
     if path.exists():
         return torch.load(path, weights_only=False)
+    towers = towers or Towers(cfg.image_size)
+    size = cfg.image_size
     clipart = OpenClipartPairs("train", image_size=size)
     clipart_noisy = OpenClipartPairs("train", image_size=size, noise_fraction=cfg.noise_fraction, seed=1)
     fashion = FashionMNISTPairs("train", image_size=size)
     fashion_noisy = FashionMNISTPairs("train", image_size=size, noise_fraction=cfg.noise_fraction, seed=1)
-    animal_noisy = AnimalMNISTPairs("train", image_size=size, noise_fraction=cfg.noise_fraction, seed=1)
-    sets: dict[str, Features | dict] = {}
+    sets: dict = {"info": {}}
     sets["general"] = Features.cat([
         towers.encode(_take(clipart, cfg.general_clipart), "general openclipart"),
         towers.encode(_take(fashion, cfg.general_fashion), "general fashion"),
     ])  # fmt: skip
-    sets["pool"] = Features.cat([
-        towers.encode(_take(animal_noisy, cfg.pool_animal), "pool animal"),
-        towers.encode(_take(clipart_noisy, cfg.pool_clipart, cfg.general_clipart), "pool openclipart"),
-        towers.encode(_take(fashion_noisy, cfg.pool_fashion, cfg.general_fashion), "pool fashion"),
-    ])  # fmt: skip
-    sets["target"] = towers.encode(_take(AnimalMNISTPairs("val", image_size=size), cfg.target_pairs), "target")
+    animal_val = AnimalMNISTPairs("val", image_size=size)
+    if scenario in ("standard", "clean"):
+        noise = cfg.noise_fraction if scenario == "standard" else 0.0
+        clipart_noisy = OpenClipartPairs("train", image_size=size, noise_fraction=noise, seed=1)
+        fashion_noisy = FashionMNISTPairs("train", image_size=size, noise_fraction=noise, seed=1)
+        animal_noisy = AnimalMNISTPairs("train", image_size=size, noise_fraction=noise, seed=1)
+        sets["pool"] = Features.cat([
+            towers.encode(_take(animal_noisy, cfg.pool_animal), "pool animal"),
+            towers.encode(_take(clipart_noisy, cfg.pool_clipart, cfg.general_clipart), "pool openclipart"),
+            towers.encode(_take(fashion_noisy, cfg.pool_fashion, cfg.general_fashion), "pool fashion"),
+        ])  # fmt: skip
+        sets["target"] = towers.encode(_take(animal_val, cfg.target_pairs), "target")
+    else:
+        target_part, sets["info"] = indomain_pool(cfg)
+        sets["pool"] = Features.cat([
+            towers.encode(target_part, "pool animal"),
+            towers.encode(_take(clipart_noisy, cfg.indomain_general, cfg.general_clipart), "pool openclipart"),
+            towers.encode(_take(fashion_noisy, cfg.indomain_general, cfg.general_fashion), "pool fashion"),
+        ])  # fmt: skip
+        per_class = cfg.target_pairs // len(animal_val.classnames)  # a uniform target set
+        uniform = np.sort(np.concatenate([np.flatnonzero(animal_val.labels == c)[:per_class]
+                                          for c in range(len(animal_val.classnames))]))  # fmt: skip
+        sets["target"] = towers.encode(animal_val.subset(uniform), "target")
     animal_test, fashion_test = AnimalMNISTPairs("test", image_size=size), FashionMNISTPairs("test", image_size=size)
     clipart_test = OpenClipartPairs("test", image_size=size)
     sets["test_animal"] = towers.encode(_take(animal_test, min(cfg.test_animal, len(animal_test))), "test animal")
@@ -236,8 +394,11 @@ def build_sets(cfg: Config, towers: Towers, cache: Path) -> dict[str, Features |
     prompts["all_classnames"] = sorted({*animal_test.classnames, *fashion_test.classnames, *clipart.classnames})
     prompts["all_classnames_features"] = towers.texts([f"a photo of a {c}." for c in prompts["all_classnames"]])
     sets["prompts"] = prompts
+    if "head_classes" not in sets["info"]:  # the most frequent target-domain classes of the pool
+        target_labels = sets["pool"].labels[sets["pool"].domain == TARGET_DOMAIN]
+        sets["info"]["head_classes"] = torch.bincount(target_labels, minlength=10).argsort(descending=True)[:3].tolist()
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     torch.save(sets, tmp)
     os.replace(tmp, path)
     return sets
@@ -289,9 +450,47 @@ def evaluate(model: TwoTowerCLIP, sets: dict) -> dict[str, float]:
     return out
 
 
+def composition(sets: dict, positions: np.ndarray) -> dict[str, float]:
+    """What a selection holds: target-domain, mismatched and uninformative shares; head-class share and normalised
+    class entropy of its target-domain part (by image class)."""
+    chosen = sets["pool"].index(torch.as_tensor(positions))
+    in_target = chosen.domain == TARGET_DOMAIN
+    labels = chosen.labels[in_target]
+    counts = torch.bincount(labels, minlength=10).double()
+    p = counts / counts.sum().clamp(min=1.0)
+    entropy = float(-(p[p > 0] * p[p > 0].log()).sum() / math.log(len(counts)))
+    head = torch.as_tensor(sets["info"]["head_classes"])
+    return {
+        "target_share": float(in_target.double().mean()),
+        "mismatched_share": float(chosen.noisy.double().mean()),
+        "uninformative_share": float(chosen.uninformative.double().mean()),
+        "head_share": float(torch.isin(labels, head).double().mean()) if len(labels) else 0.0,
+        "class_entropy": entropy,
+    }
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # methods
 # ----------------------------------------------------------------------------------------------------------------
+def chips_kwargs(name: str) -> dict:
+    """CHIPS keyword arguments of a method or ablation name (``chips``, ``chips+plausibility``, ``base:k=v,...``)."""
+    base, _, spec = name.removesuffix("-reselect").partition(":")
+    if base not in ("chips", "chips+plausibility"):
+        raise ValueError(f"{name!r} is not a CHIPS variant.")
+    kwargs: dict = dict(RECOMMENDED) if base == "chips+plausibility" else {}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        if key == "components":
+            kwargs[key] = tuple(value.split("*"))
+        elif key in ("solver", "sketch_layout"):
+            kwargs[key] = value
+        elif key in ("curvature_samples", "reference_steps"):
+            kwargs[key] = int(value)
+        else:
+            kwargs[key] = float(value)
+    return kwargs
+
+
 def make_scorer(name: str, budget: float, seed: int, sets: dict) -> Scorer:
     from lightning_chips.scoring import CHIPS, Chain, NegCLIPLoss, NormSim
 
@@ -306,21 +505,13 @@ def make_scorer(name: str, budget: float, seed: int, sets: dict) -> Scorer:
         return build_scorer("clipcov", classes="kmeans", num_clusters=20, seed=seed)
     if name == "clip_powered":
         return build_scorer("clip_powered", classnames=classnames, labels="zeroshot", seed=seed)
-    if name in ("chips", "chips-reselect"):
-        return CHIPS(seed=seed)
-    if name.startswith("chips:"):
-        variant = name.split(":", 1)[1]
-        if variant == "alignment":
-            return CHIPS(components=("alignment",), seed=seed)
-        if variant == "alignment*learnability":
-            return CHIPS(components=("alignment", "learnability"), seed=seed)
-        if variant == "alpha=0":
-            return CHIPS(alpha=0.0, seed=seed)
-        if variant == "sketch@1024":
-            return CHIPS(curvature_samples=1024, seed=seed)
-        if variant == "exact@1024":
-            return CHIPS(solver="kernel", curvature_samples=1024, seed=seed)
+    if name.startswith("chips"):
+        return CHIPS(seed=seed, **chips_kwargs(name))
     return build_scorer(name)
+
+
+BUDGET_DEPENDENT = ("negclip+normsim",)
+"""Methods whose scores depend on the budget; every other method is scored once per seed for all budgets."""
 
 
 class _PromptFeatures:
@@ -341,15 +532,28 @@ class _PromptFeatures:
         return self.model.endpoint().embed_text(self.features[rows]).detach()
 
 
-def choose(name: str, budget: float, seed: int, model: TwoTowerCLIP, sets: dict) -> np.ndarray:
-    """Pool positions of the subset ``name`` selects with the pretrained model."""
+def pool_scores(name: str, budget: float, seed: int, model: TwoTowerCLIP, sets: dict) -> np.ndarray:
+    """Scores of every pool pair by method ``name`` with the pretrained model."""
     pool: Features = sets["pool"]
     scorer = make_scorer(name, budget, seed, sets)
     scorer.text_encoder = _PromptFeatures(model, sets)
     with torch.enable_grad():
         scorer.prepare(model.endpoint(), sets["target"].pairs(), pool.pairs())
     with torch.no_grad():
-        scores = torch.cat([scorer.score(b) for b in pool.pairs().batches(2048)]).double().numpy()
+        return torch.cat([scorer.score(b) for b in pool.pairs().batches(2048)]).double().numpy()
+
+
+def choose(name: str, budget: float, seed: int, model: TwoTowerCLIP, sets: dict,
+           cache: dict | None = None) -> np.ndarray:  # fmt: skip
+    """Pool positions of the subset ``name`` selects with the pretrained model (scores reused from ``cache``)."""
+    pool: Features = sets["pool"]
+    key = (name, seed, budget if name in BUDGET_DEPENDENT else None)
+    if cache is not None and key in cache:
+        scores = cache[key]
+    else:
+        scores = pool_scores(name, budget, seed, model, sets)
+        if cache is not None:
+            cache[key] = scores
     chosen = select(pool.ids.numpy(), scores, fraction=budget, method=name)
     position = {int(u): i for i, u in enumerate(pool.ids.tolist())}
     return np.array(sorted(position[int(u)] for u in chosen.ids))
@@ -362,8 +566,13 @@ def cpt(cfg: Config, sets: dict, state: dict, positions: np.ndarray | None, seed
     return evaluate(model, sets)
 
 
-def cpt_reselect(cfg: Config, sets: dict, state: dict, budget: float, seed: int) -> tuple[dict, list[float]]:
-    """CHIPS re-selected every epoch (= round) by DataSelectionCallback, same steps as one selection + fixed epochs."""
+def cpt_reselect(
+    cfg: Config, sets: dict, state: dict, name: str, budget: float, seed: int
+) -> tuple[dict, list, np.ndarray]:
+    """CHIPS re-selected every epoch (= round) by DataSelectionCallback, same steps as one selection + fixed epochs.
+
+    Returns the metrics, the overlaps of consecutive rounds and the pool positions of the last round's selection.
+    """
     pl.seed_everything(seed, verbose=False)
     pool: Features = sets["pool"]
     model = _model(cfg, cfg.cpt_lr, state)
@@ -371,11 +580,11 @@ def cpt_reselect(cfg: Config, sets: dict, state: dict, budget: float, seed: int)
     data = ScoredSubsetDataModule(FeatureDataset(pool), FeatureDataset(sets["target"]), batch_size=cfg.batch_size,
                                   steps_per_round=steps, seed=seed, normalize="none",
                                   eval_batch_size=2048)  # fmt: skip
-    callback = DataSelectionCallback(make_scorer("chips", budget, seed, sets), fraction=budget, every_n_epochs=1,
+    callback = DataSelectionCallback(make_scorer(name, budget, seed, sets), fraction=budget, every_n_epochs=1,
                                      save_dir="", log=False, progress=False)  # fmt: skip
     _trainer(cfg.cpt_epochs, [callback]).fit(model, datamodule=data)
     overlaps = [h["overlap"] for h in callback.history[1:]]
-    return evaluate(model, sets), overlaps
+    return evaluate(model, sets), overlaps, np.sort(np.asarray(callback.selection.indices))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -435,19 +644,25 @@ class Results:
 
 COLUMNS = [("target_acc1", "target acc1"), ("general_acc1", "general acc1"), ("retrieval_r@1", "retrieval R@1"),
            ("retrieval_r@5", "retrieval R@5")]  # fmt: skip
+COMPOSITION = [("target_share", "target"), ("mismatched_share", "mismatched"), ("uninformative_share", "uninformative"),
+               ("head_share", "head classes"), ("class_entropy", "class entropy")]  # fmt: skip
 
 
-def _fmt(values: list[float]) -> str:
+def _fmt(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     if len(values) == 1:
-        return f"{100 * values[0]:.1f}"
-    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+        return f"{scale * values[0]:.{digits}f}"
+    return f"{scale * statistics.mean(values):.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}"
+
+
+def _budget_order(by_budget: dict, budgets: list[str]) -> list[str]:
+    return [b for b in ["-", *budgets, "100%", "50%"] if b in by_budget]
 
 
 def table(results: Results, budgets: list[str]) -> str:
     lines = ["| method | budget | " + " | ".join(title for _, title in COLUMNS) + " |",
              "|---|---|" + "---|" * len(COLUMNS)]  # fmt: skip
     for method, by_budget in results.rows.items():
-        for budget in [b for b in ["-", *budgets, "100%", "50%"] if b in by_budget]:
+        for budget in _budget_order(by_budget, budgets):
             runs = by_budget[budget]
             cells = [_fmt([r[key] for r in runs]) for key, _ in COLUMNS]
             lines.append(f"| {method} | {budget} | " + " | ".join(cells) + " |")
@@ -455,27 +670,32 @@ def table(results: Results, budgets: list[str]) -> str:
 
 
 def composition_table(results: Results, budgets: list[str]) -> str:
-    """What each one-shot selection holds: its share of target-domain pairs and of mismatched captions."""
-    comp = results.extra.get("composition", {})
-    pool = results.extra.get("pool_composition", {})
-    lines = ["| method | " + " | ".join(f"{b}: target / mismatched" for b in budgets) + " |",
-             "|---|" + "---|" * len(budgets)]  # fmt: skip
+    """What each selection holds (shares in %, entropy in [0, 1]), mean over seeds; the pool's own first."""
+    lines = ["| method | budget | " + " | ".join(title for _, title in COMPOSITION) + " |",
+             "|---|---|" + "---|" * len(COMPOSITION)]  # fmt: skip
+
+    def cells(values: dict[str, list[float]]) -> str:
+        return " | ".join(f"{statistics.mean(values[k]):.2f}" if k == "class_entropy" else
+                          f"{100 * statistics.mean(values[k]):.0f}%" for k, _ in COMPOSITION)  # fmt: skip
+
+    pool = results.extra.get("pool_composition")
     if pool:
-        share = f"{100 * pool['target_share']:.0f}% / {100 * pool['mismatched_share']:.0f}%"
-        lines.append("| (whole pool) | " + " | ".join(share for _ in budgets) + " |")
-    for method in results.rows:
-        cells = []
-        for b in budgets:
-            c = comp.get(f"{method} {b}")
-            cells.append("" if c is None else f"{100 * c['target_share']:.0f}% / {100 * c['mismatched_share']:.0f}%")
-        if any(cells):
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("| (whole pool) | 100% | " + cells({k: [v] for k, v in pool.items()}) + " |")
+    for method, by_budget in results.rows.items():
+        for budget in _budget_order(by_budget, budgets):
+            runs = [r for r in by_budget[budget] if "target_share" in r]
+            if runs:
+                lines.append(f"| {method} | {budget} | " + cells({k: [r[k] for r in runs] for k, _ in COMPOSITION})
+                             + " |")  # fmt: skip
     return "\n".join(lines)
 
 
-def render(results: Results, budgets: list[str]) -> str:
-    """The markdown the run writes: the main table, then the composition of each selection."""
-    parts = [table(results, budgets), "", "Selected target-domain share / mismatched-caption share:", "",
+def render(results: Results, budgets: list[str], scenario: str) -> str:
+    """The markdown of one scenario: the accuracy table, then the composition of each selection."""
+    parts = [f"## Scenario: {scenario}", "", results.extra.get("description", ""), "",
+             "Accuracy in %, mean ± std over the seeds:", "", table(results, budgets), "",
+             "What each selection holds (mean over the seeds; head classes and class entropy are of its target-domain "
+             "pairs, by image class; the -reselect rows show the last round's selection):", "",
              composition_table(results, budgets)]  # fmt: skip
     fid = results.extra.get("fidelity")
     if fid:
@@ -486,78 +706,99 @@ def render(results: Results, budgets: list[str]) -> str:
     return "\n".join(parts)
 
 
-def plot(results: Results, budgets: list[str], path: Path) -> None:
+def plot(results: Results, budgets: list[str], path: Path, scenario: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
     xs = [float(b.rstrip("%")) for b in budgets]
-    for ax, (key, title) in zip(axes, COLUMNS[:2], strict=False):
+    panels = [*COLUMNS[:2], ("mismatched_share", "mismatched + uninformative captions")]
+    for ax, (key, title) in zip(axes, panels, strict=True):
         for method, by_budget in results.rows.items():
-            if method.startswith("chips:") or not all(b in by_budget for b in budgets):
+            if ":" in method or not all(b in by_budget for b in budgets):
                 continue
-            means = [100 * statistics.mean(r[key] for r in by_budget[b]) for b in budgets]
+            if key == "mismatched_share":
+                if "target_share" not in by_budget[budgets[0]][0]:
+                    continue
+                means = [100 * statistics.mean(r["mismatched_share"] + r["uninformative_share"] for r in by_budget[b])
+                         for b in budgets]  # fmt: skip
+            else:
+                means = [100 * statistics.mean(r[key] for r in by_budget[b]) for b in budgets]
             style = "-o" if method.startswith("chips") else "--."
             ax.plot(xs, means, style, label=method, linewidth=2.2 if method.startswith("chips") else 1)
         for ref, color in (("full pool", "black"), ("random 50%", "grey")):
             runs = results.rows.get(ref, {}).get("100%" if ref == "full pool" else "50%")
-            if runs:
+            if runs and key in runs[0]:
                 ax.axhline(100 * statistics.mean(r[key] for r in runs), color=color, linestyle=":", label=ref)
         ax.set_xlabel("budget (% of the CPT pool)")
         ax.set_ylabel(f"{title} (%)")
-        ax.set_title(title)
+        ax.set_title(f"{scenario}: {title}")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, ncol=2)
+    axes[2].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
     os.replace(tmp, path)
 
 
-def run(cfg: Config, cache: Path, log: Callable[[str], None] = print) -> Results:
+DESCRIPTIONS = {
+    "standard": "A general-domain pool with a target-domain minority: {pool} pairs, {target:.0f} % Animal-MNIST, "
+                "{mismatched:.0f} % mismatched captions in every part. Target set: {targets} Animal-MNIST validation "
+                "pairs.",
+    "clean": "The standard pool without caption noise: {pool} pairs, {target:.0f} % Animal-MNIST, {mismatched:.0f} % "
+             "mismatched captions. Target set: {targets} Animal-MNIST validation pairs.",
+    "indomain": "A mostly target-domain pool: {pool} pairs, {target:.0f} % Animal-MNIST with a long tail of classes "
+                "({counts} pairs per class, head classes {head}), {mismatched:.0f} % mismatched and "
+                "{uninformative:.0f} % uninformative captions, and a general-domain minority. Target set: {targets} "
+                "Animal-MNIST validation pairs, uniform over classes; the test set is uniform too.",
+}  # fmt: skip
+
+
+def run(cfg: Config, cache: Path, scenario: str, log: Callable[[str], None] = print) -> Results:
     start = time.perf_counter()
-    towers = Towers(cfg.image_size)
-    sets = build_sets(cfg, towers, cache)
-    del towers
+    sets = build_sets(cfg, None, cache, scenario)
     pool: Features = sets["pool"]
-    log(f"features ready in {time.perf_counter() - start:.0f}s: general {len(sets['general'])}, pool {len(pool)} "
-        f"({int((pool.domain == 2).sum())} target-domain, {int(pool.noisy.sum())} mismatched), target "
-        f"{len(sets['target'])}")  # fmt: skip
+    log(f"[{scenario}] features ready in {time.perf_counter() - start:.0f}s: general {len(sets['general'])}, pool "
+        f"{len(pool)} ({int((pool.domain == TARGET_DOMAIN).sum())} target-domain, {int(pool.noisy.sum())} "
+        f"mismatched, {int(pool.uninformative.sum())} uninformative), target {len(sets['target'])}")  # fmt: skip
     pretrained = train(cfg, sets["general"], epochs=cfg.pretrain_epochs, lr=cfg.pretrain_lr, seed=0, state=None)
     state = {k: v.detach().clone() for k, v in pretrained.state_dict().items()}
     results = Results()
+    pool_comp = composition(sets, np.arange(len(pool)))
+    classes = sets["prompts"]["all_classnames"]
+    results.extra["pool_composition"] = pool_comp
+    results.extra["info"] = sets["info"]
+    results.extra["description"] = DESCRIPTIONS[scenario].format(
+        pool=len(pool), target=100 * pool_comp["target_share"], mismatched=100 * pool_comp["mismatched_share"],
+        uninformative=100 * pool_comp["uninformative_share"], targets=len(sets["target"]),
+        counts=" / ".join(str(c) for c in sets["info"].get("class_counts", [])),
+        head=", ".join(sets["info"].get("class_order", classes)[:3]),
+    )  # fmt: skip
     results.add("pretrained (no CPT)", "-", evaluate(pretrained, sets))
     budgets = [f"{round(100 * b)}%" for b in cfg.budgets]
+    scores: dict = {}
     for seed in cfg.seeds:
         results.add("full pool", "100%", cpt(cfg, sets, state, None, seed))
         results.add("random 50%", "50%", cpt(cfg, sets, state, choose("random", 0.5, seed, pretrained, sets), seed))
-    methods = [*METHODS, *(ABLATIONS if cfg.ablations else [])]
-    selections = {}
+    methods = [m for m in METHODS if cfg.reselect and scenario != "clean" or not m.endswith("-reselect")]
+    methods += ABLATIONS if cfg.ablations and scenario != "clean" else []
     for method in methods:
         t0 = time.perf_counter()
         for budget, label in zip(cfg.budgets, budgets, strict=True):
             for seed in cfg.seeds:
-                if method == "chips-reselect":
-                    metrics, overlaps = cpt_reselect(cfg, sets, state, budget, seed)
-                    results.extra.setdefault("reselect_overlap", {})[f"{label}/{seed}"] = overlaps
+                if method.endswith("-reselect"):
+                    metrics, overlaps, positions = cpt_reselect(cfg, sets, state, method, budget, seed)
+                    results.extra.setdefault("reselect_overlap", {})[f"{method} {label}/{seed}"] = overlaps
                 else:
-                    positions = choose(method, budget, seed, pretrained, sets)
-                    selections[(method, label, seed)] = positions
+                    positions = choose(method, budget, seed, pretrained, sets, scores)
                     metrics = cpt(cfg, sets, state, positions, seed)
-                    metrics["target_share"] = float((pool.domain[positions] == 2).float().mean())
-                    metrics["mismatched_share"] = float(pool.noisy[positions].float().mean())
+                metrics.update(composition(sets, positions), selected=len(positions))
                 results.add(method, label, metrics)
-        log(f"{method}: {time.perf_counter() - t0:.0f}s")
-    results.extra["composition"] = {
-        f"{m} {b}": {"target_share": statistics.mean(r["target_share"] for r in runs),
-                     "mismatched_share": statistics.mean(r["mismatched_share"] for r in runs)}
-        for m, by in results.rows.items() for b, runs in by.items() if runs and "target_share" in runs[0]
-    }  # fmt: skip
-    results.extra["pool_composition"] = {"target_share": float((pool.domain == 2).float().mean()),
-                                         "mismatched_share": float(pool.noisy.float().mean())}  # fmt: skip
-    if cfg.fidelity_pairs:
+        log(f"[{scenario}] {method}: {time.perf_counter() - t0:.0f}s")
+    if cfg.fidelity_pairs and scenario == "standard":
         t0 = time.perf_counter()
         results.extra["fidelity"] = fidelity(cfg, state)
         log(f"fidelity: {results.extra['fidelity']} ({time.perf_counter() - t0:.0f}s)")
@@ -565,42 +806,71 @@ def run(cfg: Config, cache: Path, log: Callable[[str], None] = print) -> Results
     return results
 
 
-def main(argv: list[str] | None = None) -> Results:
+def render_all(results: dict[str, Results], budgets: list[str]) -> str:
+    return "\n\n".join(render(r, budgets, name) for name, r in results.items())
+
+
+def write(out: Path, cfg: Config, results: dict[str, Results], command: str) -> None:
+    """table.md, results.json and one plot per scenario under ``out`` (each written to a temp name, then renamed)."""
+    budgets = [f"{round(100 * b)}%" for b in cfg.budgets]
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "config": asdict(cfg),
+        "scenarios": {name: {"rows": r.rows, "extra": r.extra} for name, r in results.items()},
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d"),
+        "command": command,
+    }
+    for name, text in (("table.md", render_all(results, budgets) + "\n"),
+                       ("results.json", json.dumps(payload, indent=1, default=str) + "\n")):  # fmt: skip
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+    if len(budgets) > 1:
+        for name, r in results.items():
+            plot(r, budgets, out / f"plot-{name}.png", name)
+
+
+def load(path: Path) -> tuple[Config, dict[str, Results], dict]:
+    """A results.json written by :func:`write`: the config, the results per scenario and the payload."""
+    payload = json.loads(path.read_text())
+    config = payload["config"]
+    cfg = Config(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in Config.__annotations__}
+    )
+    results = {name: Results(r["rows"], r["extra"]) for name, r in payload["scenarios"].items()}
+    return cfg, results, payload
+
+
+def main(argv: list[str] | None = None) -> dict[str, Results]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one seed, one budget, small pool, no ablations")
+    parser.add_argument("--quick", action="store_true", help="one seed, one budget, small pools, no ablations")
+    parser.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="all", help="which pool design to run")
     parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache", help="feature cache directory")
-    parser.add_argument("--out", type=Path, default=None, help="directory for table.md, results.json, plot.png")
-    parser.add_argument("--render", type=Path, default=None, help="re-render table.md and plot.png from results.json")
+    parser.add_argument("--out", type=Path, default=None, help="directory for table.md, results.json, plot-*.png")
+    parser.add_argument("--render", type=Path, default=None, help="re-render table.md and plots from results.json")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (the heads and features are small: one thread is fastest, and robust to a busy machine)",
+    )
     args = parser.parse_args(argv)
     if args.render is not None:
-        payload = json.loads(args.render.read_text())
-        results = Results(payload["rows"], payload["extra"])
-        budgets = [f"{round(100 * b)}%" for b in payload["config"]["budgets"]]
-        (args.render.parent / "table.md").write_text(render(results, budgets) + "\n")
-        if len(budgets) > 1:
-            plot(results, budgets, args.render.parent / "plot.png")
-        print(render(results, budgets))
+        cfg, results, payload = load(args.render)
+        write(args.render.parent, cfg, results, payload["command"])
+        text = render_all(results, [f"{round(100 * b)}%" for b in cfg.budgets])
+        print(text)
         return results
     cfg = QUICK if args.quick else Config()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    results = run(cfg, args.cache)
-    budgets = [f"{round(100 * b)}%" for b in cfg.budgets]
-    text = render(results, budgets)
-    print(text)
+    torch.set_num_threads(args.threads)
+    scenarios = SCENARIOS if args.scenario == "all" else (args.scenario,)
+    results = {name: run(cfg, args.cache, name) for name in scenarios}
+    print(render_all(results, [f"{round(100 * b)}%" for b in cfg.budgets]))
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "table.md").write_text(text + "\n")
-        payload = {
-            "config": asdict(cfg),
-            "rows": results.rows,
-            "extra": results.extra,
-            "machine": f"{platform.machine()} {os.cpu_count()} cores",
-            "date": time.strftime("%Y-%m-%d"),
-            "command": "python benchmarks/selection_quality.py" + (" --quick" if args.quick else ""),
-        }
-        (args.out / "results.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
-        if len(budgets) > 1:
-            plot(results, budgets, args.out / "plot.png")
+        command = "python benchmarks/selection_quality.py" + (" --quick" if args.quick else "")
+        command += "" if args.scenario == "all" else f" --scenario {args.scenario}"
+        write(args.out, cfg, results, command)
     return results
 
 
