@@ -770,6 +770,7 @@ def run(cfg: Config, cache: Path, scenario: str, log: Callable[[str], None] = pr
     pool_comp = composition(sets, np.arange(len(pool)))
     classes = sets["prompts"]["all_classnames"]
     results.extra["pool_composition"] = pool_comp
+    results.extra["pool_size"] = len(pool)
     results.extra["info"] = sets["info"]
     results.extra["description"] = DESCRIPTIONS[scenario].format(
         pool=len(pool), target=100 * pool_comp["target_share"], mismatched=100 * pool_comp["mismatched_share"],

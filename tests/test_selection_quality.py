@@ -1,4 +1,4 @@
-"""The selection-quality benchmark's --quick run: every method, finite numbers, CHIPS ablation names valid."""
+"""The selection-quality benchmark's --quick run: every scenario and method, budgets held, compositions sane."""
 
 from __future__ import annotations
 
@@ -36,27 +36,56 @@ def _data_installed() -> str | None:
 
 
 @pytest.mark.slow
-def test_quick_table_has_every_method_and_finite_numbers(tmp_path):
+def test_quick_run_covers_every_scenario_and_method_with_their_compositions(tmp_path):
     missing = _data_installed()
     if missing:
         pytest.skip(missing)
     bench = _load()
     results = bench.main(["--quick", "--out", str(tmp_path), "--cache", str(tmp_path / "cache")])
-    expected = {*bench.METHODS, *bench.REFERENCES, "pretrained (no CPT)"}
-    assert set(results.rows) == expected
-    for method, by_budget in results.rows.items():
-        for runs in by_budget.values():
-            for run in runs:
-                for key, _ in bench.COLUMNS:
-                    assert 0.0 <= run[key] <= 1.0 and math.isfinite(run[key]), (method, key, run[key])
-    table = (tmp_path / "table.md").read_text()
-    assert all(f"| {m} |" in table for m in expected)
+    assert set(results) == set(bench.SCENARIOS)
     payload = json.loads((tmp_path / "results.json").read_text())
-    assert payload["command"].endswith("--quick")
-    # every selection of a fixed budget holds that budget
-    for method in bench.METHODS:
-        if method != "chips-reselect":
-            share = payload["extra"]["composition"][f"{method} 30%"]
-            assert 0.0 <= share["target_share"] <= 1.0
+    assert payload["command"].endswith("--quick") and set(payload["scenarios"]) == set(bench.SCENARIOS)
+    table = (tmp_path / "table.md").read_text()
+    for scenario, result in results.items():
+        expected = {*bench.METHODS, *bench.REFERENCES, "pretrained (no CPT)"}
+        if scenario == "clean":  # no re-selection rows there: nothing to filter, one-shot rows answer it
+            expected -= {m for m in bench.METHODS if m.endswith("-reselect")}
+        assert set(result.rows) == expected, scenario
+        assert f"## Scenario: {scenario}" in table
+        pool, size = result.extra["pool_composition"], result.extra["pool_size"]
+        for method, by_budget in result.rows.items():
+            for runs in by_budget.values():
+                for run in runs:
+                    for key, _ in bench.COLUMNS:
+                        assert 0.0 <= run[key] <= 1.0 and math.isfinite(run[key]), (scenario, method, key, run[key])
+                    if "selected" in run:  # every selection of a fixed budget holds that budget
+                        assert run["selected"] == round(0.3 * size), (scenario, method)
+                        assert 0.0 <= run["mismatched_share"] + run["uninformative_share"] <= 1.0
+        # the pools are what the scenarios say
+        if scenario == "indomain":
+            assert pool["target_share"] > 0.7 and pool["uninformative_share"] > 0.05 and pool["head_share"] > 0.5
+        else:
+            assert pool["target_share"] < 0.3 and pool["uninformative_share"] == 0.0
+        assert (pool["mismatched_share"] == 0.0) == (scenario == "clean")
+        # the plausibility weight keeps fewer noisy captions than the paper's CHIPS wherever there are some
+        noisy = {m: result.rows[m]["30%"][0]["mismatched_share"] + result.rows[m]["30%"][0]["uninformative_share"]
+                 for m in ("chips", "chips+plausibility")}  # fmt: skip
+        if scenario != "clean":
+            assert noisy["chips+plausibility"] < 0.6 * noisy["chips"], (scenario, noisy)
     for name in bench.ABLATIONS:  # the ablation variants build (they run in the full benchmark)
         assert bench.make_scorer(name, 0.3, 0, {"prompts": {"all_classnames": ["x"]}}) is not None
+    rendered = bench.main(["--render", str(tmp_path / "results.json")])
+    assert set(rendered) == set(results)
+
+
+def test_chips_variant_names_map_to_keyword_arguments():
+    bench = _load()
+    assert bench.chips_kwargs("chips") == {}
+    assert bench.chips_kwargs("chips-reselect") == {}
+    assert bench.chips_kwargs("chips+plausibility") == bench.RECOMMENDED
+    assert bench.chips_kwargs("chips:solver=kernel,curvature_samples=1024,relative_damping=1e-2") == {
+        "solver": "kernel", "curvature_samples": 1024, "relative_damping": 0.01}  # fmt: skip
+    assert bench.chips_kwargs("chips+plausibility:components=alignment*plausibility")["components"] == (
+        "alignment", "plausibility")  # fmt: skip
+    with pytest.raises(ValueError, match="not a CHIPS variant"):
+        bench.chips_kwargs("trak:x=1")
