@@ -14,7 +14,7 @@ order is reversed on every other repetition); the table reports medians.
   ``text_projection``, ``logit_scale``) by ``requires_grad=False`` on every other parameter (not with
   ``layer_name``, which rebuilds the full parameter vector on every call). dattri runs its own per-sample
   gradients (``vmap(grad(loss))``) on the raw images and tokens through the towers, with the same per-sample bank
-  loss as the end-point path (METHODS.md 1.2: the pool's negative bank, each pool pair excluded from its own
+  loss as the end-point path (docs/methods.md, CHIPS: the pool's negative bank, each pool pair excluded from its own
   negatives). TRAK projects to 512 dims; TracIn runs exact (identity projection) and projected to 512. The bank
   embeddings the loss needs are computed before the clock starts (their cost, a forward pass over the bank pairs,
   is reported separately), which favours dattri. dattri gets the tokens as a user passes them (the full
@@ -646,7 +646,7 @@ def section(result: dict) -> str:
         f"(k = {SKETCH}, alpha = 0.7, bank 1024, curvature 8192, float64). dattri TRAK and TracIn are restricted\n"
         "to the end point (`visual.proj`, `text_projection`, `logit_scale`) with `requires_grad=False` elsewhere and\n"
         "compute their own per-sample gradients (`vmap(grad)`) on the raw images and tokens through the towers, with\n"
-        "the same per-sample bank loss (METHODS.md 1.2); the bank's embeddings are computed before their clock\n"
+        "the same per-sample bank loss (docs/methods.md); the bank's embeddings are computed before their clock\n"
         "starts; dattri gets the full-context tokens a user passes, and (second TRAK row) the tokens pre-cut to\n"
         "the longest caption of the pool and target, the saving of our feature pass given to it by hand.\n"
         'TRAK and TracIn "projected" use dattri\'s dense Gaussian projection to 512 dims; TracIn exact uses the\n'
