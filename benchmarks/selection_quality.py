@@ -31,6 +31,7 @@ on the cached features, which is exactly the frozen-tower model.
     python benchmarks/selection_quality.py --quick                 # both scenarios, one seed, one budget (minutes)
     python benchmarks/selection_quality.py --out docs/benchmarks/quality   # the full tables, plots, results.json
     python benchmarks/selection_quality.py --scenario indomain     # one scenario
+    python benchmarks/selection_quality.py --merge a/results.json b/results.json --out DIR   # runs made side by side
 """
 
 from __future__ import annotations
@@ -850,6 +851,8 @@ def main(argv: list[str] | None = None) -> dict[str, Results]:
     parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache", help="feature cache directory")
     parser.add_argument("--out", type=Path, default=None, help="directory for table.md, results.json, plot-*.png")
     parser.add_argument("--render", type=Path, default=None, help="re-render table.md and plots from results.json")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, help="merge the results.json of runs of "
+                        "single scenarios (run side by side, e.g. one per core) into --out")  # fmt: skip
     parser.add_argument(
         "--threads",
         type=int,
@@ -857,6 +860,19 @@ def main(argv: list[str] | None = None) -> dict[str, Results]:
         help="torch threads (the heads and features are small: one thread is fastest, and robust to a busy machine)",
     )
     args = parser.parse_args(argv)
+    if args.merge:
+        if args.out is None:
+            parser.error("--merge needs --out (the directory of the merged table.md, results.json and plots)")
+        loaded = [load(path) for path in args.merge]
+        if any(asdict(cfg) != asdict(loaded[0][0]) for cfg, _, _ in loaded):
+            parser.error("--merge: the runs used different configurations")
+        results = {name: r for _, res, _ in loaded for name, r in res.items()}
+        results = {name: results[name] for name in SCENARIOS if name in results}
+        command = "; ".join(p["command"] for _, _, p in loaded)
+        command += f"; python benchmarks/selection_quality.py --merge {' '.join(map(str, args.merge))} --out {args.out}"
+        write(args.out, loaded[0][0], results, command)
+        print(render_all(results, [f"{round(100 * b)}%" for b in loaded[0][0].budgets]))
+        return results
     if args.render is not None:
         cfg, results, payload = load(args.render)
         write(args.render.parent, cfg, results, payload["command"])
