@@ -30,6 +30,24 @@ def test_quickstart_yaml_instantiates_model_data_callback_and_trainer():
     assert callback.fraction == 0.3 and callback.every_n_steps == 100
 
 
+def test_yaml_builds_chips_with_the_plausibility_weight(tmp_path):
+    """The recommended configuration of docs/benchmarks/quality.md, written as a user writes it in YAML."""
+    config = yaml.safe_load(QUICKSTART.read_text())
+    (chips,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("DataSelectionCallback")]
+    chips["init_args"]["scorer"]["init_args"].update(
+        components=["alignment", "learnability", "relevance", "plausibility"], relative_damping=0.01,
+        sketch_layout="kronecker", plausibility_power=20.0, reference_steps=10,
+    )  # fmt: skip
+    path = tmp_path / "robust.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = build_cli(["--config", str(path)], run=False)
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, DataSelectionCallback)]
+    scorer = callback.scorer
+    assert scorer.components == ("alignment", "learnability", "relevance", "plausibility")
+    assert (scorer.relative_damping, scorer.sketch_layout, scorer.plausibility_power, scorer.reference_steps) == (
+        0.01, "kronecker", 20.0, 10)  # fmt: skip
+
+
 def test_print_config_round_trips(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(QUICKSTART), "--model.init_args.lr", "0.01", "--print_config"])
