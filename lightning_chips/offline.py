@@ -47,7 +47,16 @@ from lightning_chips.data.webdataset import (
     iter_raw_samples,
 )
 from lightning_chips.features import PairFeatures, extract_features, iter_features
-from lightning_chips.io import atomic_savez, atomic_write_json, atomic_writer
+from lightning_chips.io import (
+    CorruptFileError,
+    OutputLock,
+    atomic_save,
+    atomic_savez,
+    atomic_write_json,
+    load_json,
+    load_npz,
+    remove_stale_temporaries,
+)
 from lightning_chips.scoring import Scorer
 from lightning_chips.selection import select
 
@@ -56,6 +65,11 @@ __all__ = ["model_fingerprint", "read_scores", "reshard_samples", "score_pool", 
 PARTS = "parts"
 MANIFEST = "manifest.json"
 SCORES = "scores.npz"
+LOCK = ".lightning-chips.lock"
+RESHARD_MANIFEST = "reshard.json"
+
+_PART_FIX = "Delete it and re-run `lightning-chips score` into the same --output: its shard is scored again."
+_SCORES_FIX = "Re-run `lightning-chips score` into its folder: it resumes from the part files and writes it anew."
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -88,14 +102,14 @@ def _write_part(path: Path, url: str, ids: np.ndarray, scores: np.ndarray, repor
 
 
 def _read_part(path: Path) -> dict[str, Any]:
-    with np.load(path, allow_pickle=False) as f:
-        return {
-            "ids": f["ids"],
-            "scores": f["scores"],
-            "url": str(f["url"]),
-            "run": str(f["run"]),
-            "report": json.loads(str(f["report"])),
-        }
+    """A part file; a damaged one is a :class:`~lightning_chips.io.CorruptFileError` naming it."""
+    f = load_npz(path, ("ids", "scores", "url", "run", "report"), what="part file of `lightning-chips score`",
+                 fix=_PART_FIX)  # fmt: skip
+    try:
+        report = json.loads(str(f["report"]))
+    except ValueError as exc:
+        raise CorruptFileError(f"{path} is damaged: its shard report is not JSON ({exc}). {_PART_FIX}") from exc
+    return {"ids": f["ids"], "scores": f["scores"], "url": str(f["url"]), "run": str(f["run"]), "report": report}
 
 
 def _completed_shards(parts: Path, urls: Sequence[str], run: str) -> set[str]:
@@ -107,8 +121,8 @@ def _completed_shards(parts: Path, urls: Sequence[str], run: str) -> set[str]:
             continue
         try:
             part = _read_part(path)
-        except Exception as exc:  # a damaged part (it cannot be half-written, but disks fail): re-score the shard
-            rank_zero_warn(f"Re-scoring {url}: its part {path} is unreadable ({exc}).")
+        except CorruptFileError as exc:  # a damaged part (it cannot be half-written, but disks fail): re-score
+            rank_zero_warn(f"Re-scoring {url}: {exc}")
             continue
         if part["run"] != run:
             raise ValueError(
@@ -127,8 +141,11 @@ def read_scores(path: str | os.PathLike) -> dict[str, Any]:
         path = path / SCORES
     if not path.exists():
         raise FileNotFoundError(f"No scores file at {path}: run `lightning-chips score` first.")
-    with np.load(path, allow_pickle=False) as f:
-        return {key: (f[key] if f[key].dtype.kind in "if" else str(f[key])) for key in f.files}
+    arrays = load_npz(path, ("ids", "scores"), what="scores file of `lightning-chips score`", fix=_SCORES_FIX)
+    if arrays["ids"].shape != arrays["scores"].shape or arrays["ids"].ndim != 1:
+        raise CorruptFileError(f"{path} is damaged: {arrays['ids'].shape} ids but {arrays['scores'].shape} scores. "
+                               f"{_SCORES_FIX}")  # fmt: skip
+    return {key: (value if value.dtype.kind in "if" else str(value)) for key, value in arrays.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -308,7 +325,7 @@ class _PoolScoring(LightningModule):
         output = Path(c["output"])
         rank, world = self.global_rank, self.trainer.world_size
         mine = c["urls"][rank::world]
-        ids, scores, _ = _merge_parts(output, mine)
+        ids, scores, _ = _merge_parts(output, mine, c["run"])
         atomic_savez(output / f"scores-rank{rank}.npz", ids=ids, scores=scores, rank=np.asarray(rank))
         scored_now = int(self.trainer.strategy.reduce(torch.tensor(float(self.scored_now), device=self.device),
                                                       reduce_op="sum"))  # fmt: skip
@@ -324,15 +341,20 @@ def _ordinary(features: PairFeatures) -> PairFeatures:
     return PairFeatures(features.ids.clone(), features.image.clone(), features.text.clone(), labels)
 
 
-def _merge_parts(output: Path, urls: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+def _merge_parts(output: Path, urls: Sequence[str], run: str) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Id-sorted scores of the parts of ``urls`` (a uid in several shards keeps its first shard's score) and the
-    shard reports."""
+    shard reports. A part that another run wrote is an error naming it: the merge never mixes runs."""
     all_ids, all_scores, reports = [], [], []
     for url in urls:
         path = output / PARTS / _part_name(url)
         if not path.exists():
             raise RuntimeError(f"Shard {url} has no scores in {output / PARTS}; re-run `score` to finish it.")
         part = _read_part(path)
+        if part["run"] != run or part["url"] != url:
+            raise RuntimeError(
+                f"{path} was written by another run (run {part['run']}, shard {part['url']}; this run is {run}): "
+                f"two runs wrote into {output}. Delete that folder and score again, or use another --output."
+            )
         all_ids.append(part["ids"])
         all_scores.append(part["scores"])
         reports.append(part["report"])
@@ -344,8 +366,8 @@ def _merge_parts(output: Path, urls: Sequence[str]) -> tuple[np.ndarray, np.ndar
 
 def _write_merged(output: Path, config: dict[str, Any], seconds: float, scored_now: int) -> None:
     urls = config["urls"]
+    ids, scores, reports = _merge_parts(output, urls, config["run"])
     all_ids = np.concatenate([_read_part(output / PARTS / _part_name(u))["ids"] for u in urls])
-    ids, scores, reports = _merge_parts(output, urls)
     values, counts = np.unique(all_ids, return_counts=True)
     duplicated = values[counts > 1]
     bad = sum(len(r["bad"]) for r in reports)
@@ -477,6 +499,44 @@ def score_pool(
     run_spec = [fingerprint, repr(scorer), target_digest, pool_sample, seed, image_size, uid_field]
     run = hashlib.sha1(json.dumps(run_spec).encode()).hexdigest()[:16]
     out = Path(output)
+    trainer = trainer if trainer is not None else Trainer(
+        accelerator="auto", devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False
+    )  # fmt: skip
+    # One run per output folder: rank 0 holds the folder's lock for the whole run (the other ranks of a DDP run
+    # start inside `trainer.predict`, after it); a second run is refused, a killed run's lock is taken over.
+    lock = OutputLock(out / LOCK, what="lightning-chips score") if trainer.global_rank == 0 else None
+    if lock is not None:
+        lock.acquire()
+        removed = [p for d in (out, out / PARTS) for p in remove_stale_temporaries(d)]
+        if lock.stale is not None:
+            rank_zero_warn(
+                f"Took over the lock of {out} from {OutputLock.describe(lock.stale)}, which is no longer running "
+                f"(killed?); removed its {len(removed)} temporary files and resume from its complete part files."
+            )
+    try:
+        return _score_locked(model, scorer, out, urls, run, fingerprint, target_pairs, target_report, trainer, {
+            "batch_size": batch_size, "num_workers": num_workers, "worker_start_method": worker_start_method,
+            "pool_sample": pool_sample, "seed": seed, "image_size": image_size, "uid_field": uid_field,
+            "adapter": adapter, "after_shard": after_shard,
+        })  # fmt: skip
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _score_locked(
+    model: LightningModule,
+    scorer: Scorer,
+    out: Path,
+    urls: list[str],
+    run: str,
+    fingerprint: str,
+    target_pairs: list[dict] | None,
+    target_report: dict | None,
+    trainer: Trainer,
+    options: dict[str, Any],
+) -> Path:
+    """The part of :func:`score_pool` that writes into ``out`` (under its lock on rank 0)."""
     (out / PARTS).mkdir(parents=True, exist_ok=True)
     done = _completed_shards(out / PARTS, urls, run)
     config = {
@@ -489,21 +549,10 @@ def score_pool(
         "scorer": repr(scorer),
         "target_pairs": target_pairs,
         "target_report": target_report,
-        "batch_size": batch_size,
-        "num_workers": num_workers,
-        "worker_start_method": worker_start_method,
-        "pool_sample": pool_sample,
-        "seed": seed,
-        "image_size": image_size,
-        "uid_field": uid_field,
-        "adapter": adapter,
-        "after_shard": after_shard,
+        **options,
     }
     if done:
         rank_zero_info(f"[lightning-chips] score: resuming, {len(done)}/{len(urls)} shards already scored")
-    trainer = trainer if trainer is not None else Trainer(
-        accelerator="auto", devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False
-    )  # fmt: skip
     if trainer.world_size > len(urls):
         rank_zero_warn(f"{trainer.world_size} ranks but only {len(urls)} shards: some ranks will idle.")
     task = _PoolScoring(model, scorer, config)
@@ -528,7 +577,12 @@ def select_subset(
 
     Ties are broken by id, so the subset is deterministic. With ``reshard`` (a ``ShardWriter`` pattern such as
     ``subset/shard-%06d.tar``) the selected samples are also copied, byte for byte, from the pool's shards
-    (``pool``, default: the pool recorded in the scores' manifest) into new shards of ``maxcount`` samples.
+    (``pool``, default: the pool recorded in the scores' manifest) into new shards of ``maxcount`` samples, in a
+    folder of their own that appears complete or not at all (:func:`reshard_samples`).
+
+    Every input (the scores file, the manifest, the pool's shards) is read and checked before anything is written;
+    a damaged file is a :class:`~lightning_chips.io.CorruptFileError` that names it. The reshard set is written
+    before ``output``, so a failed reshard leaves no subset file either.
 
     Example::
 
@@ -536,28 +590,83 @@ def select_subset(
     """
     if (fraction is None) == (count is None):
         raise ValueError("Give exactly one of `fraction` or `count`.")
+    if maxcount < 1:
+        raise ValueError(f"`maxcount` (samples per output shard) must be >= 1, got {maxcount}.")
     loaded = read_scores(scores)
     ids, values = np.asarray(loaded["ids"], np.int64), np.asarray(loaded["scores"])
     if count is not None and not 1 <= count <= len(ids):
         raise ValueError(f"`count` must be in [1, {len(ids)}] (the scored pairs), got {count}.")
     if not np.isfinite(values).all():
         raise ValueError(f"The scores file has non-finite scores (ids {ids[~np.isfinite(values)][:5].tolist()}).")
+    urls = None
+    if reshard is not None:
+        _reshard_folder(reshard)
+        if pool is None:
+            manifest_path = Path(scores) / MANIFEST if Path(scores).is_dir() else Path(scores).parent / MANIFEST
+            fix = ("Pass --pool (the shards that were scored), or re-run `lightning-chips score` into that folder to "
+                   "write it anew.")  # fmt: skip
+            manifest = load_json(manifest_path, what="manifest of `lightning-chips score`", fix=fix)
+            pool = manifest.get("pool") if isinstance(manifest, dict) else None
+            if not (isinstance(pool, list) and pool and all(isinstance(u, str) for u in pool)):
+                raise CorruptFileError(f"{manifest_path} is damaged: it names no pool shards. {fix}")
+        urls = expand_shards(pool)  # a missing shard is an error here, before any output
     chosen = select(ids, values, fraction=fraction, count=count, method=str(loaded.get("method", ""))).ids
     chosen = np.sort(np.asarray(chosen, dtype=np.int64))
     output = Path(output)
-    with atomic_writer(output) as f:
-        np.save(f, chosen)
     message = f"[lightning-chips] select: {len(chosen)}/{len(ids)} uids -> {output}"
-    if reshard is not None:
-        if pool is None:
-            manifest_path = Path(scores) / MANIFEST if Path(scores).is_dir() else Path(scores).parent / MANIFEST
-            if not manifest_path.exists():
-                raise ValueError("Pass `pool` (the shards to copy from): no manifest.json beside the scores.")
-            pool = json.loads(manifest_path.read_text())["pool"]
-        written = reshard_samples(pool, chosen, reshard, maxcount=maxcount)
-        message += f"; {len(written)} shards -> {reshard}"
+    if urls is not None:
+        written = reshard_samples(urls, chosen, reshard, maxcount=maxcount)
+        message += f"; {len(written)} shards -> {Path(reshard).parent}"
+    atomic_save(output, chosen)
     rank_zero_info(message)
     return chosen
+
+
+_FAULT: Any = None
+"""Tests only: called with the name of each step of :func:`reshard_samples` (to kill the process there)."""
+
+
+def _fault(step: str) -> None:
+    if _FAULT is not None:
+        _FAULT(step)
+
+
+def _reshard_folder(pattern: str) -> Path:
+    """The folder of a reshard ``pattern``, checked: the pattern names files in a folder of their own."""
+    if not isinstance(pattern, str) or "%" not in Path(pattern).name:
+        raise ValueError(f"`reshard` must be a pattern whose file name has a %d field, e.g. 'subset/shard-%06d.tar', "
+                         f"got {pattern!r}.")  # fmt: skip
+    folder = Path(pattern).parent
+    if str(folder) in ("", ".") or folder.resolve() == folder.resolve().parent:
+        raise ValueError(f"`reshard` needs a folder of its own for the new shards, e.g. 'subset/shard-%06d.tar', "
+                         f"got {pattern!r}.")  # fmt: skip
+    return folder.resolve()
+
+
+def _check_replaceable(folder: Path) -> None:
+    """``folder`` may be replaced by a new reshard set: absent, empty, or a set an earlier reshard wrote."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise ValueError(f"--reshard: {folder} exists and is not a folder.")
+    entries = sorted(os.listdir(folder))
+    if not entries:
+        return
+    if RESHARD_MANIFEST in entries:
+        try:
+            known = set(load_json(folder / RESHARD_MANIFEST, what="reshard manifest", fix="")["shards"])
+        except (CorruptFileError, KeyError, TypeError):
+            known = {e for e in entries if e.endswith(".tar")}  # our folder, with a damaged manifest
+        foreign = [e for e in entries if e != RESHARD_MANIFEST and e not in known]
+        if not foreign:
+            return
+    else:
+        foreign = entries
+    raise ValueError(
+        f"--reshard: {folder} holds files that are not a reshard set of lightning-chips ({', '.join(foreign[:5])}"
+        f"{', ...' if len(foreign) > 5 else ''}); the new set replaces the whole folder, so give it a folder of its "
+        "own (a new one, or one an earlier --reshard wrote)."
+    )
 
 
 def reshard_samples(
@@ -565,40 +674,69 @@ def reshard_samples(
 ) -> list[str]:
     """Copy the samples of ``pool`` whose uid is in ``uids`` into new shards named by ``pattern`` (``%06d``).
 
-    Every member of a sample is copied unchanged. The shards are written in a temporary directory and moved into
-    place at the end, so a crash leaves no partial output. A uid found in several shards is copied once; a uid
-    that is not found is an error.
+    Every member of a sample is copied unchanged. A uid found in several shards is copied once; a uid that is not
+    found is an error. The set is published complete or not at all: the shards and ``reshard.json`` (the shard
+    names, the number of samples and a digest of the uids) are written in a hidden folder ``.NAME.reshard-*``
+    beside the pattern's folder ``NAME``, which is then renamed to ``NAME`` in one step (a previous set is moved
+    aside first and deleted after). A kill leaves either no ``NAME`` (re-run) or the complete set; the next run
+    removes the hidden folders a killed run left. The folder holds the lock ``.NAME.lock`` (beside it) while a run
+    writes it; a second run is refused.
     """
     import webdataset as wds
 
-    if "%" not in pattern:
-        raise ValueError(f"`reshard` must be a pattern with a %d field, e.g. 'subset/shard-%06d.tar', got {pattern!r}.")
+    folder = _reshard_folder(pattern)
+    parent, name = folder.parent, folder.name
     wanted = np.unique(np.asarray(uids, dtype=np.int64))
-    seen = np.zeros(len(wanted), dtype=bool)
-    target_dir = Path(pattern).parent
-    target_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".reshard-", dir=target_dir))
-    try:
-        with wds.ShardWriter(str(tmp / Path(pattern).name), maxcount=maxcount, verbose=0) as sink:
-            for url in expand_shards(pool):
-                report = ShardReport(url)
-                for key, raw in iter_raw_samples(url, report):
-                    try:
-                        uid = json.loads(raw["json"])[uid_field]
-                        uid = int(uid)
-                    except Exception:
-                        continue
-                    pos = int(np.searchsorted(wanted, uid))
-                    if pos < len(wanted) and wanted[pos] == uid and not seen[pos]:
-                        seen[pos] = True
-                        sink.write({"__key__": key.rsplit("/", 1)[-1], **raw})
-        if not seen.all():
-            raise ValueError(f"{int((~seen).sum())} selected uids are not in the pool (first: "
-                             f"{wanted[~seen][:5].tolist()}); is `pool` the pool that was scored?")  # fmt: skip
-        written = []
-        for name in sorted(os.listdir(tmp)):
-            os.replace(tmp / name, target_dir / name)
-            written.append(str(target_dir / name))
-        return written
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    urls = expand_shards(pool)
+    parent.mkdir(parents=True, exist_ok=True)
+    with OutputLock(parent / f".{name}.lock", what="lightning-chips select --reshard"):
+        for leftover in parent.glob(f".{name}.reshard-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in parent.glob(f".{name}.old-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        _check_replaceable(folder)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.reshard-", dir=parent))
+        old: Path | None = None
+        published = False
+        try:
+            seen = np.zeros(len(wanted), dtype=bool)
+            sink = wds.ShardWriter(str(tmp / Path(pattern).name), maxcount=maxcount, verbose=0,
+                                   post=lambda _: _fault("shard"))  # fmt: skip
+            with sink:
+                for url in urls:
+                    report = ShardReport(url)
+                    for key, raw in iter_raw_samples(url, report):
+                        try:
+                            uid = int(json.loads(raw["json"])[uid_field])
+                        except Exception:
+                            continue
+                        pos = int(np.searchsorted(wanted, uid))
+                        if pos < len(wanted) and wanted[pos] == uid and not seen[pos]:
+                            seen[pos] = True
+                            sink.write({"__key__": key.rsplit("/", 1)[-1], **raw})
+            if not seen.all():
+                raise ValueError(f"{int((~seen).sum())} selected uids are not in the pool (first: "
+                                 f"{wanted[~seen][:5].tolist()}); is `pool` the pool that was scored?")  # fmt: skip
+            shards = sorted(os.listdir(tmp))
+            _fault("shards_written")
+            digest = hashlib.sha1(np.ascontiguousarray(wanted).tobytes()).hexdigest()
+            atomic_write_json(tmp / RESHARD_MANIFEST, {"shards": shards, "samples": int(len(wanted)),
+                                                       "uids_sha1": digest, "pool": urls})  # fmt: skip
+            _fault("manifest_written")
+            if folder.exists():
+                old = parent / f".{name}.old-{os.getpid()}"
+                os.rename(folder, old)
+                _fault("old_moved")
+            os.rename(tmp, folder)  # the commit point: the set is visible, complete
+            published = True
+            _fault("published")
+        except BaseException:
+            if old is not None and not published and not folder.exists():
+                os.rename(old, folder)  # an error (not a kill) before the commit: put the previous set back
+                old = None
+            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None and published:
+                shutil.rmtree(old, ignore_errors=True)
+    return [str(folder / shard) for shard in shards]
