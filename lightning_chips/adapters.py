@@ -1,7 +1,7 @@
 """How lightning-chips reaches the features and end-point parameters of a CLIP.
 
 Every scorer in this package works in CLIP's *end-point subspace*: the two linear projection heads and the
-logit scale (METHODS.md section 1.1). With pre-projection features ``h_v`` (image tower output after its final
+logit scale (docs/methods.md, CHIPS). With pre-projection features ``h_v`` (image tower output after its final
 norm) and ``h_t`` (text tower output at the pooled token after its final norm), the model's embeddings are
 
 .. math::
@@ -34,13 +34,13 @@ Example::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from dataclasses import dataclass, fields
 from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_chips.endpoint import EndPoint
 
 __all__ = [
     "CLIPAdapter",
@@ -51,120 +51,6 @@ __all__ = [
     "UnsupportedModelError",
     "resolve_adapter",
 ]
-
-
-@dataclass
-class EndPoint:
-    """The end-point parameters of a CLIP: two projection heads and the logit scale.
-
-    The tensors are the model's *live* parameters (or views of them, e.g. the transpose of an ``nn.Linear``
-    weight), so autograd through them reaches the model, and an optimiser step is visible on the next read.
-
-    Attributes:
-        image_proj: ``W_v`` of shape ``[d_v, e]``.
-        text_proj: ``W_t`` of shape ``[d_t, e]``.
-        logit_scale: 0-d tensor, ``log(1 / tau)``; the similarity scale is ``logit_scale.exp()``.
-        image_bias: optional ``b_v`` of shape ``[e]`` (ModifiedResNet's attention-pool output projection has one).
-        text_bias: optional ``b_t`` of shape ``[e]`` (open_clip text towers built with ``proj_bias=True``).
-
-    Example::
-
-        >>> ep = EndPoint(torch.eye(3, 2), torch.eye(4, 2), torch.tensor(2.0))
-        >>> ep.embed_dim, ep.image_dim, ep.text_dim, ep.num_parameters
-        (2, 3, 4, 15)
-        >>> ep.embed_image(torch.tensor([[3.0, 4.0, 1.0]]))
-        tensor([[0.6000, 0.8000]])
-    """
-
-    image_proj: Tensor
-    text_proj: Tensor
-    logit_scale: Tensor
-    image_bias: Tensor | None = None
-    text_bias: Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if self.image_proj.dim() != 2 or self.text_proj.dim() != 2:
-            raise ValueError(
-                "EndPoint.image_proj and text_proj must be 2-d [d_in, e] matrices, got shapes "
-                f"{tuple(self.image_proj.shape)} and {tuple(self.text_proj.shape)}."
-            )
-        if self.image_proj.shape[1] != self.text_proj.shape[1]:
-            raise ValueError(
-                "EndPoint.image_proj and text_proj must map to the same embedding dimension, got "
-                f"{self.image_proj.shape[1]} and {self.text_proj.shape[1]}."
-            )
-        if self.logit_scale.numel() != 1:
-            raise ValueError(f"EndPoint.logit_scale must hold one value, got shape {tuple(self.logit_scale.shape)}.")
-        if self.logit_scale.dim() != 0:
-            self.logit_scale = self.logit_scale.reshape(())
-        for name, bias in (("image_bias", self.image_bias), ("text_bias", self.text_bias)):
-            if bias is not None and tuple(bias.shape) != (self.embed_dim,):
-                raise ValueError(f"EndPoint.{name} must have shape [{self.embed_dim}], got {tuple(bias.shape)}.")
-
-    @property
-    def embed_dim(self) -> int:
-        """Joint embedding dimension ``e``."""
-        return int(self.image_proj.shape[1])
-
-    @property
-    def image_dim(self) -> int:
-        """Pre-projection image feature dimension ``d_v``."""
-        return int(self.image_proj.shape[0])
-
-    @property
-    def text_dim(self) -> int:
-        """Pre-projection text feature dimension ``d_t``."""
-        return int(self.text_proj.shape[0])
-
-    @property
-    def num_parameters(self) -> int:
-        """``dim(theta)``: the number of scalars in the end-point subspace."""
-        return sum(t.numel() for t in self.tensors())
-
-    def tensors(self) -> Iterator[Tensor]:
-        """The tensors in canonical order: image_proj, text_proj, logit_scale, image_bias, text_bias (if any)."""
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is not None:
-                yield value
-
-    def scale(self) -> Tensor:
-        """The similarity scale ``s = exp(logit_scale) = 1 / tau``."""
-        return self.logit_scale.exp()
-
-    def project_image(self, h_v: Tensor) -> Tensor:
-        """Unnormalised image embedding ``W_v^T h_v + b_v`` of pre-projection features ``[B, d_v]``."""
-        e = h_v @ self.image_proj
-        return e if self.image_bias is None else e + self.image_bias
-
-    def project_text(self, h_t: Tensor) -> Tensor:
-        """Unnormalised text embedding ``W_t^T h_t + b_t`` of pre-projection features ``[B, d_t]``."""
-        e = h_t @ self.text_proj
-        return e if self.text_bias is None else e + self.text_bias
-
-    def embed_image(self, h_v: Tensor) -> Tensor:
-        """L2-normalised image embedding ``x``."""
-        return F.normalize(self.project_image(h_v), dim=-1)
-
-    def embed_text(self, h_t: Tensor) -> Tensor:
-        """L2-normalised text embedding ``y``."""
-        return F.normalize(self.project_text(h_t), dim=-1)
-
-    def detach(self) -> EndPoint:
-        """A copy holding detached clones: a snapshot that later optimiser steps do not change."""
-        return EndPoint(**{f.name: _detach(getattr(self, f.name)) for f in fields(self)})
-
-    def to(self, *args, **kwargs) -> EndPoint:
-        """``Tensor.to`` applied to every tensor (device and/or dtype)."""
-        return EndPoint(**{f.name: _to(getattr(self, f.name), *args, **kwargs) for f in fields(self)})
-
-
-def _detach(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.detach().clone()
-
-
-def _to(t: Tensor | None, *args, **kwargs) -> Tensor | None:
-    return None if t is None else t.to(*args, **kwargs)
 
 
 @runtime_checkable

@@ -20,7 +20,7 @@ from lightning_chips.data.checks import BadPair, describe_error
 from lightning_chips.data.datamodule import resolve_tokenizer
 from lightning_chips.data.webdataset import BadShardSample, ShardReport
 from lightning_chips.features import PairFeatures, extract_features, iter_features
-from lightning_chips.metrics import build_zero_shot_classifier
+from lightning_chips.metrics import PromptEncoder
 from lightning_chips.scoring import Scorer, build_scorer
 from lightning_chips.selection import MODES, Mode, Selection, budget_for, select, write_round_file
 
@@ -237,7 +237,7 @@ class DataSelectionCallback(Callback):
             self.scorer.learning_rate = float(trainer.optimizers[0].param_groups[0]["lr"])
         collate_tokenizer = getattr(getattr(datamodule, "collate", None), "tokenizer", None)
         tokenizer = collate_tokenizer or resolve_tokenizer(None, None, pl_module)
-        self.scorer.text_encoder = _PromptEncoder(adapter, tokenizer)
+        self.scorer.text_encoder = PromptEncoder(adapter, tokenizer)
 
         bad: dict[int, BadPair] = {}  # this rank's pool pairs that could not be used, by dataset index
         target_bad: dict[int, BadPair] = {}
@@ -511,16 +511,6 @@ class DataSelectionCallback(Callback):
                 {k: (v.numpy() if isinstance(v, Tensor) else v) for k, v in sel.items()}
             )
         self._restored = True
-
-
-class _PromptEncoder:
-    """Prompts -> normalised text embeddings ``[P, e]`` with the current model (eval mode, no grad)."""
-
-    def __init__(self, adapter: CLIPAdapter, tokenizer: Callable[[list[str]], Tensor]) -> None:
-        self.adapter, self.tokenizer = adapter, tokenizer
-
-    def __call__(self, prompts: list[str]) -> Tensor:
-        return build_zero_shot_classifier(self.adapter, self.tokenizer, prompts, ["{}"]).T
 
 
 def _is_last_epoch(trainer: Trainer) -> bool:

@@ -21,7 +21,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from lightning_chips.adapters import CLIPAdapter, resolve_adapter
 
-__all__ = ["RetrievalRecallAtK", "ZeroShotAccuracy", "build_zero_shot_classifier", "format_prompts"]
+__all__ = ["PromptEncoder", "RetrievalRecallAtK", "ZeroShotAccuracy", "build_zero_shot_classifier", "format_prompts"]
 
 Template = str | Callable[[str], str]
 
@@ -94,6 +94,24 @@ def _first_occurrence(ids: Tensor) -> Tensor:
     keep = torch.zeros_like(first_sorted)
     keep[order] = first_sorted
     return keep
+
+
+class PromptEncoder:
+    """Prompts -> normalised text embeddings ``[P, e]`` with the current model (eval mode, no grad): the
+    ``text_encoder`` a selection round gives scorers that embed class prompts (CLIP-powered, ClipCov zero-shot).
+
+    Example::
+
+        >>> encode = PromptEncoder(resolve_adapter(model), tokenizer)  # doctest: +SKIP
+        >>> encode(["a photo of a dog.", "a photo of a cat."]).shape  # doctest: +SKIP
+        torch.Size([2, 512])
+    """
+
+    def __init__(self, adapter: CLIPAdapter, tokenizer: Callable[[list[str]], Tensor]) -> None:
+        self.adapter, self.tokenizer = adapter, tokenizer
+
+    def __call__(self, prompts: list[str]) -> Tensor:
+        return build_zero_shot_classifier(self.adapter, self.tokenizer, prompts, ["{}"]).T
 
 
 class ZeroShotAccuracy(Metric):

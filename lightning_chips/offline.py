@@ -33,13 +33,13 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from lightning_chips.adapters import CLIPAdapter, resolve_adapter
 from lightning_chips.data.datamodule import clip_normalize, resolve_tokenizer
 from lightning_chips.data.subset import PairCollate
+from lightning_chips.data.target import ListDataset, load_target_pairs
 from lightning_chips.data.webdataset import (
-    ImageCaptionFolder,
     ShardCollate,
     ShardReport,
     WebDatasetPairs,
@@ -57,6 +57,7 @@ from lightning_chips.io import (
     load_npz,
     remove_stale_temporaries,
 )
+from lightning_chips.metrics import PromptEncoder
 from lightning_chips.scoring import Scorer
 from lightning_chips.selection import select
 
@@ -151,60 +152,6 @@ def read_scores(path: str | os.PathLike) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------------
 # score
 # --------------------------------------------------------------------------------------------------------------
-def _is_image_folder(spec: str | Sequence[str]) -> bool:
-    if not isinstance(spec, str | os.PathLike) or not os.path.isdir(spec):
-        return False
-    return not any(name.endswith((".tar", ".tar.gz", ".tgz")) for name in os.listdir(spec))
-
-
-_TARGET_HINT = (
-    "Pass `target` (`--target`): WebDataset shards or a folder of NAME.jpg + NAME.txt files holding at least one "
-    "valid image-caption pair."
-)
-
-
-def _load_target(spec: str | Sequence[str], image_size: int, uid_field: str) -> tuple[list[dict], dict]:
-    """All target pairs in memory (the target set is small) and a report of what was skipped.
-
-    Raises:
-        ValueError: when the target cannot be read or holds no usable pair (before any file is written).
-    """
-    try:
-        if _is_image_folder(spec):
-            folder = ImageCaptionFolder(spec, image_size=image_size, uid_field=uid_field)
-            pairs, bad = list(folder.pairs), [{"key": k, "reason": r} for k, r in folder.bad]
-            errors: list[str] = []
-        else:
-            data = WebDatasetPairs(spec, image_size=image_size, uid_field=uid_field, reports=True)
-            pairs, bad, errors = [], [], []
-            for item in data:
-                if isinstance(item, ShardReport):
-                    bad.extend({"key": k, "reason": r} for k, r in item.bad)
-                    if item.error:
-                        errors.append(f"{item.url}: {item.error}")
-                else:
-                    pairs.append(item)
-    except ValueError as exc:
-        raise ValueError(f"The target {spec!r} cannot be read: {exc} {_TARGET_HINT}") from exc
-    if not pairs:
-        raise ValueError(
-            f"The target {spec!r} holds no usable image-caption pair (skipped: {bad[:3]}, read errors: "
-            f"{errors[:3]}). {_TARGET_HINT}"
-        )
-    return pairs, {"pairs": len(pairs), "bad": bad, "errors": errors}
-
-
-class _ListDataset(Dataset):
-    def __init__(self, items: list[dict]) -> None:
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.items[i]
-
-
 class _PoolScoring(LightningModule):
     """The predict task of :func:`score_pool` (internal): holds the user's CLIP module and the scorer."""
 
@@ -245,12 +192,12 @@ class _PoolScoring(LightningModule):
         self.started = time.perf_counter()
         self._check_same_weights()
         adapter = self._adapter()
-        self.scorer.text_encoder = _prompt_encoder(adapter, resolve_tokenizer(None, None, self.model))
+        self.scorer.text_encoder = PromptEncoder(adapter, resolve_tokenizer(None, None, self.model))
         collate = PairCollate(resolve_tokenizer(None, None, self.model), clip_normalize())
         target = None
         with self.trainer.precision_plugin.forward_context():  # the same precision as the scoring pass
             if c["target_pairs"] is not None:
-                loader = DataLoader(_ListDataset(c["target_pairs"]), batch_size=c["batch_size"], collate_fn=collate)
+                loader = DataLoader(ListDataset(c["target_pairs"]), batch_size=c["batch_size"], collate_fn=collate)
                 target = extract_features(adapter, loader, device=self.device, description="target")
             sample = self._pool_sample(adapter, collate)
         # predict runs under inference mode; some scorers train in prepare (CLIP-powered's adapters), so prepare
@@ -422,12 +369,6 @@ def _target_digest(pairs: list[dict] | None) -> str:
     return digest.hexdigest()
 
 
-def _prompt_encoder(adapter: CLIPAdapter, tokenizer):
-    from lightning_chips.callback import _PromptEncoder
-
-    return _PromptEncoder(adapter, tokenizer)
-
-
 def score_pool(
     model: LightningModule,
     scorer: Scorer,
@@ -493,7 +434,7 @@ def score_pool(
     urls = expand_shards(pool)
     target_pairs, target_report = (None, None)
     if target is not None:
-        target_pairs, target_report = _load_target(target, image_size, uid_field)
+        target_pairs, target_report = load_target_pairs(target, image_size, uid_field)
     fingerprint = model_fingerprint(resolved.module)
     target_digest = _target_digest(target_pairs)
     run_spec = [fingerprint, repr(scorer), target_digest, pool_sample, seed, image_size, uid_field]

@@ -1,4 +1,4 @@
-"""CHIPS scores against their formulas (METHODS.md section 1), dense solves, and each other."""
+"""CHIPS scores against their formulas (docs/methods.md, CHIPS), dense solves, and each other."""
 
 from __future__ import annotations
 
@@ -239,7 +239,7 @@ def test_empty_target_is_an_error():
 
 
 def test_kernel_solver_refuses_a_gram_matrix_too_large_before_allocating(monkeypatch):
-    import lightning_chips.functional.chips as chips_math
+    import lightning_chips.functional.linalg as chips_math
 
     g = torch.Generator().manual_seed(0)
     ep = EndPoint(torch.randn(6, 4, generator=g), torch.randn(5, 4, generator=g), torch.tensor(2.0))

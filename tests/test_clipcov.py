@@ -21,7 +21,7 @@ def _data(n=60, e=6, seed=0):
 
 
 def _naive_order(x, y, labels):
-    """The greedy written out pair by pair from the formula (METHODS.md section 4)."""
+    """The greedy written out pair by pair from the formula (docs/methods.md, ClipCov)."""
     order = {}
     for c in sorted(set(labels.tolist())):
         members = [i for i in range(len(labels)) if labels[i] == c]

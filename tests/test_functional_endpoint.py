@@ -1,6 +1,7 @@
 """Closed-form per-sample end-point gradients of the InfoNCE bank loss match autograd of an independent reference.
 
-The reference below is written from the spec (METHODS.md 1.2), not from the implementation: for pair ``i``
+The reference below is written from the spec (docs/methods.md, CHIPS: per-sample loss), not from the implementation:
+for pair ``i``
 
     x = normalize(W_v^T h_v + b_v),  y = normalize(W_t^T h_t + b_t),  s = exp(logit_scale),
     l(z_i) = 1/2 CE([s x.y, s x.Y_B], 0) + 1/2 CE([s x.y, s X_B.y], 0),

@@ -33,15 +33,16 @@ Example::
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from functools import lru_cache
-from numbers import Integral, Real
+from numbers import Integral
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from lightning_chips.data.validation import check_fraction, check_int, fix_articles, readonly
 
 __all__ = [
     "CLASSNAMES",
@@ -143,13 +144,6 @@ _TARGET_CAPTIONS: tuple[str, ...] = (
     "{stain} fluorescent stain, {shape}, {mag} objective",
     "widefield fluorescence microscopy of a {shape} ({stain} channel, {mag})",
 )
-
-_ARTICLE_RE = re.compile(r"\b([aA]) (?=[aeiouAEIOU])")
-
-
-def _fix_articles(text: str) -> str:
-    """Turn ``"a orange"`` into ``"an orange"``."""
-    return _ARTICLE_RE.sub(r"\1n ", text)
 
 
 # --- rendering helpers -------------------------------------------------------------------------------------------
@@ -362,14 +356,14 @@ class TwoDomainPairs(Dataset):
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
-        self.num_samples: int = _check_int("num_samples", num_samples, 1, _MAX_SAMPLES, "e.g. num_samples=20000")
-        self.target_fraction: float = _check_fraction("target_fraction", target_fraction)
-        self.noise_fraction: float = _check_fraction("noise_fraction", noise_fraction)
-        self.image_size: int = _check_int("image_size", image_size, 8, None, "e.g. image_size=32")
+        self.num_samples: int = check_int("num_samples", num_samples, 1, _MAX_SAMPLES, "e.g. num_samples=20000")
+        self.target_fraction: float = check_fraction("target_fraction", target_fraction)
+        self.noise_fraction: float = check_fraction("noise_fraction", noise_fraction)
+        self.image_size: int = check_int("image_size", image_size, 8, None, "e.g. image_size=32")
         if not isinstance(split, str) or split not in _SPLIT_CODES:
             raise ValueError(f"split must be one of 'train', 'val' or 'test', got {split!r}.")
         self.split: str = split
-        self.seed: int = _check_int("seed", seed, 0, None, "e.g. seed=0")
+        self.seed: int = check_int("seed", seed, 0, None, "e.g. seed=0")
         if tokenizer is not None and not callable(tokenizer):
             raise ValueError(
                 f"tokenizer must be None or a callable mapping a list of captions to a tensor of token ids "
@@ -487,7 +481,7 @@ class TwoDomainPairs(Dataset):
                 text = _TARGET_CAPTIONS[template[i] % len(_TARGET_CAPTIONS)].format(
                     shape=target_names[labels[i]], stain=_STAINS[stain[i]][0], mag=_MAGNIFICATIONS[mag[i]][0]
                 )
-            clean.append(_fix_articles(text))
+            clean.append(fix_articles(text))
 
         n_noisy = round(self.noise_fraction * n)
         noisy = np.zeros(n, dtype=bool)
@@ -510,15 +504,15 @@ class TwoDomainPairs(Dataset):
                 for i in members.tolist():
                     names = CLASSNAMES[DOMAINS[domains[i]]]
                     other = int((labels[i] + rng.integers(1, _NUM_CLASSES)) % _NUM_CLASSES)
-                    captions[i] = _fix_articles(clean[i].replace(names[labels[i]], names[other]))
+                    captions[i] = fix_articles(clean[i].replace(names[labels[i]], names[other]))
                     caption_labels[i] = other
 
-        self.ids: np.ndarray = _readonly(self.id_offset + np.arange(n, dtype=np.int64))
-        self.labels: np.ndarray = _readonly(labels)
-        self.domains: np.ndarray = _readonly(domains)
-        self.noisy: np.ndarray = _readonly(noisy)
-        self.caption_domains: np.ndarray = _readonly(caption_domains)
-        self.caption_labels: np.ndarray = _readonly(caption_labels)
+        self.ids: np.ndarray = readonly(self.id_offset + np.arange(n, dtype=np.int64))
+        self.labels: np.ndarray = readonly(labels)
+        self.domains: np.ndarray = readonly(domains)
+        self.noisy: np.ndarray = readonly(noisy)
+        self.caption_domains: np.ndarray = readonly(caption_domains)
+        self.caption_labels: np.ndarray = readonly(caption_labels)
         self.captions: list[str] = captions
         self._clean_captions: list[str] = clean
         self._colour = colour
@@ -572,28 +566,9 @@ class TwoDomainPairs(Dataset):
 
 
 # --- argument validation -----------------------------------------------------------------------------------------
-def _check_int(name: str, value: Any, low: int, high: int | None, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise ValueError(f"{name} must be an integer, got {value!r} of type {type(value).__name__} ({hint}).")
-    value = int(value)
-    if value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"between {low} and {high}"
-        raise ValueError(f"{name} must be an integer {bound}, got {value} ({hint}).")
-    return value
-
-
-def _check_fraction(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1] (e.g. {name}=0.2), got {value!r}.")
-    return float(value)
 
 
 def _check_domain(domain: str) -> str:
     if domain not in CLASSNAMES:
         raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}.")
     return domain
-
-
-def _readonly(array: np.ndarray) -> np.ndarray:
-    array.flags.writeable = False
-    return array

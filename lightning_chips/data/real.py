@@ -60,7 +60,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from lightning_chips.data.builtin import SPLIT_ID_OFFSETS, _check_fraction, _check_int, _fix_articles, _readonly
+from lightning_chips.data.builtin import SPLIT_ID_OFFSETS
+from lightning_chips.data.validation import check_fraction, check_int, fix_articles, readonly
 
 __all__ = [
     "ANIMAL_CLASSES",
@@ -223,9 +224,9 @@ class _RealPairs(Dataset):
         if not isinstance(split, str) or split not in _SPLITS:
             raise ValueError(f"split must be one of 'train', 'val' or 'test', got {split!r}.")
         self.split: str = split
-        self.image_size: int = _check_int("image_size", image_size, 8, None, "e.g. image_size=64")
-        self.noise_fraction: float = _check_fraction("noise_fraction", noise_fraction)
-        self.seed: int = _check_int("seed", seed, 0, None, "e.g. seed=0")
+        self.image_size: int = check_int("image_size", image_size, 8, None, "e.g. image_size=64")
+        self.noise_fraction: float = check_fraction("noise_fraction", noise_fraction)
+        self.seed: int = check_int("seed", seed, 0, None, "e.g. seed=0")
         if tokenizer is not None and not callable(tokenizer):
             raise ValueError(
                 f"tokenizer must be None or a callable mapping a list of captions to a tensor of token ids "
@@ -258,10 +259,10 @@ class _RealPairs(Dataset):
     ) -> None:
         """Store the full-split metadata and select the rows ``indices`` (all when None)."""
         self._full = {
-            "ids": _readonly(ids.astype(np.int64)),
-            "labels": _readonly(labels.astype(np.int64)),
-            "caption_labels": _readonly(caption_labels.astype(np.int64)),
-            "noisy": _readonly(noisy.astype(bool)),
+            "ids": readonly(ids.astype(np.int64)),
+            "labels": readonly(labels.astype(np.int64)),
+            "caption_labels": readonly(caption_labels.astype(np.int64)),
+            "noisy": readonly(noisy.astype(bool)),
         }
         self._full_clean = clean
         self._full_captions = captions
@@ -270,12 +271,12 @@ class _RealPairs(Dataset):
             self._select(self._rows_of(indices))
 
     def _select(self, rows: np.ndarray) -> None:
-        self.positions: np.ndarray = _readonly(rows)
-        self.ids: np.ndarray = _readonly(self._full["ids"][rows])
-        self.labels: np.ndarray = _readonly(self._full["labels"][rows])
-        self.caption_labels: np.ndarray = _readonly(self._full["caption_labels"][rows])
-        self.noisy: np.ndarray = _readonly(self._full["noisy"][rows])
-        self.domains: np.ndarray = _readonly(np.full(len(rows), self.domain, dtype=np.int64))
+        self.positions: np.ndarray = readonly(rows)
+        self.ids: np.ndarray = readonly(self._full["ids"][rows])
+        self.labels: np.ndarray = readonly(self._full["labels"][rows])
+        self.caption_labels: np.ndarray = readonly(self._full["caption_labels"][rows])
+        self.noisy: np.ndarray = readonly(self._full["noisy"][rows])
+        self.domains: np.ndarray = readonly(np.full(len(rows), self.domain, dtype=np.int64))
         self.captions: list[str] = [self._full_captions[r] for r in rows.tolist()]
 
     def _rows_of(self, indices: Iterable[int]) -> np.ndarray:
@@ -384,7 +385,7 @@ def _template_captions(
     noisy[rng.choice(n, size=n_noisy, replace=False)] = True
     caption_labels = labels.copy()
     caption_labels[noisy] = (labels[noisy] + rng.integers(1, c, n_noisy)) % c
-    filled = [[_fix_articles(t.format(name)) for name in classnames] for t in templates]
+    filled = [[fix_articles(t.format(name)) for name in classnames] for t in templates]
     clean = [filled[t][y] for t, y in zip(template.tolist(), labels.tolist(), strict=True)]
     captions = [filled[t][y] for t, y in zip(template.tolist(), caption_labels.tolist(), strict=True)]
     return clean, captions, caption_labels, noisy
@@ -662,7 +663,7 @@ class OpenClipartPairs(_RealPairs):
     ) -> None:
         super().__init__()
         self._init_common(split, image_size, noise_fraction, seed, tokenizer, transform)
-        self.max_pixels: int = _check_int("max_pixels", max_pixels, 1, None, "e.g. max_pixels=4_000_000")
+        self.max_pixels: int = check_int("max_pixels", max_pixels, 1, None, "e.g. max_pixels=4_000_000")
         self.root: str = os.fspath(root)
         entries = sorted((e for e in _clipart_index(self.root) if e.split == split), key=lambda e: (e.order, e.stem))
         skipped: Counter[str] = Counter()
@@ -717,7 +718,7 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
         raise ValueError(f"{path} is not an IDX file of the expected kind (magic {found}, expected {magic}).")
     ndim = magic & 0xFF
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    return _readonly(np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape))
+    return readonly(np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape))
 
 
 @lru_cache(maxsize=4)
@@ -846,7 +847,7 @@ def _animal_arrays(directory: str) -> tuple[np.ndarray, np.ndarray]:
     counts = np.bincount(labels.astype(np.int64), minlength=len(ANIMAL_CLASSES))
     if len(counts) != len(ANIMAL_CLASSES) or (counts < sum(_ANIMAL_PER_CLASS.values())).any():
         raise ValueError(f"Animal-MNIST in {directory} has class counts {counts.tolist()}, expected 1000 per class.")
-    return _readonly(images), _readonly(labels.astype(np.int64))
+    return readonly(images), readonly(labels.astype(np.int64))
 
 
 def _animal_split(labels: np.ndarray, split: str) -> np.ndarray:
@@ -918,7 +919,7 @@ class AnimalMNISTPairs(_RealPairs):
         self._init_common(split, image_size, noise_fraction, seed, tokenizer, transform)
         self.root: str = os.fspath(_animal_dir(root))
         images, all_labels = _animal_arrays(self.root)
-        self.source_indices: np.ndarray = _readonly(_animal_split(all_labels, split))
+        self.source_indices: np.ndarray = readonly(_animal_split(all_labels, split))
         self._images = images
         labels = all_labels[self.source_indices]
         clean, captions, caption_labels, noisy = _template_captions(

@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, get_w
 from typing_extensions import override
 
 from lightning_chips.data.datamodule import clip_normalize, resolve_tokenizer
-from lightning_chips.data.subset import PairCollate, SelectionDataLoader, _LazyIterator
+from lightning_chips.data.subset import LazyIterator, PairCollate, SelectionDataLoader
+from lightning_chips.data.target import ListDataset, load_target_pairs
 from lightning_chips.data.webdataset import (
     BadShardSample,
     ShardCollate,
@@ -210,7 +211,7 @@ class _StreamCollate(PairCollate):
         return batch
 
 
-class _StreamIterator(_LazyIterator):
+class _StreamIterator(LazyIterator):
     """A :class:`SelectionDataLoader` iterator that takes ``batch["reports"]`` out of each batch into the
     loader's :class:`_StreamSkips` (so the LightningModule never sees them) and warns at the epoch's end."""
 
@@ -319,8 +320,6 @@ class WebDatasetDataModule(LightningDataModule):
 
     @override
     def setup(self, stage: str) -> None:
-        from lightning_chips.offline import _ListDataset, _load_target
-
         trainer = self.trainer
         module = trainer.lightning_module if trainer is not None else None
         image_size = int(self.image_size_arg or getattr(module, "image_size", None) or 224)
@@ -337,8 +336,8 @@ class WebDatasetDataModule(LightningDataModule):
             if isinstance(self.target_spec, Dataset):
                 self.target = self.target_spec
             else:
-                pairs, self.target_report = _load_target(self.target_spec, image_size, self.uid_field)
-                self.target = _ListDataset(pairs)
+                pairs, self.target_report = load_target_pairs(self.target_spec, image_size, self.uid_field)
+                self.target = ListDataset(pairs)
 
     def _require_setup(self) -> tuple[WebDatasetPairs, PairCollate]:
         if self.pool is None or self.collate is None:

@@ -58,13 +58,13 @@ class PairCollate:
         return rest
 
 
-class _LazyIterator:
+class LazyIterator:
     """Creates the real dataloader iterator at the first ``next()``, not at ``iter()``."""
 
     def __init__(self, loader: DataLoader) -> None:
         self._loader, self._iterator = loader, None
 
-    def __iter__(self) -> _LazyIterator:
+    def __iter__(self) -> LazyIterator:
         return self
 
     def __next__(self) -> Any:
@@ -93,8 +93,8 @@ class SelectionDataLoader(DataLoader):
     and a warning names them. A batch without any valid pair is an error naming its pairs.
     """
 
-    def __iter__(self) -> _LazyIterator:  # type: ignore[override]
-        return _LazyIterator(self)
+    def __iter__(self) -> LazyIterator:  # type: ignore[override]
+        return LazyIterator(self)
 
 
 def _fill_bad_slots(batch: dict[str, Any], dataset: Any) -> dict[str, Any]:

@@ -7,7 +7,6 @@ from lightning_chips.functional.chips import (
     chips_score_batch,
     chips_scores,
     curvature_atoms,
-    solve_direction,
 )
 from lightning_chips.functional.clip_powered import clip_powered_scores, clip_powered_select
 from lightning_chips.functional.clipcov import clipcov_order, clipcov_select
@@ -28,6 +27,7 @@ from lightning_chips.functional.influence_full import (
     full_parameter_influence,
     select_parameters,
 )
+from lightning_chips.functional.linalg import damped_cholesky_solve, solve_direction
 from lightning_chips.functional.plausibility import adapt_endpoint, bank_rank, plausibility_weight
 from lightning_chips.functional.quality import clip_score, negclip_loss, normsim
 from lightning_chips.functional.sketch import (
@@ -76,6 +76,7 @@ __all__ = [
     "full_parameter_influence",
     "select_parameters",
     "adapt_endpoint",
+    "damped_cholesky_solve",
     "bank_rank",
     "plausibility_weight",
 ]

@@ -1,4 +1,4 @@
-"""CHIPS utility (Zhuang et al., CVPR 2026; METHODS.md section 1) as pure tensor math.
+"""CHIPS utility (Zhuang et al., CVPR 2026; docs/methods.md, CHIPS) as pure tensor math.
 
 .. math::
 
@@ -50,16 +50,14 @@ pool pair costs one factored inner product ``g . v = h_v^T V_v d_v + h_t^T V_t d
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_chips.adapters import EndPoint
+from lightning_chips.endpoint import EndPoint
 from lightning_chips.functional.endpoint import (
     BankStats,
     EndPointDirection,
@@ -70,8 +68,9 @@ from lightning_chips.functional.endpoint import (
     round_inputs,
     subsample,
 )
+from lightning_chips.functional.linalg import Solver, solve_direction
 from lightning_chips.functional.plausibility import adapt_endpoint, bank_rank, plausibility_weight
-from lightning_chips.functional.sketch import IdentitySketch, SketchKind, SketchLayout, make_sketch
+from lightning_chips.functional.sketch import SketchKind, SketchLayout
 
 __all__ = [
     "ALL_COMPONENTS",
@@ -89,8 +88,6 @@ COMPONENTS = ("alignment", "learnability", "relevance")
 """The paper's utility factors (the default ``components``)."""
 ALL_COMPONENTS = (*COMPONENTS, "plausibility")
 """Every factor ``components`` may name; ``"plausibility"`` is ours (module docstring)."""
-Solver = Literal["sketch", "kernel"]
-_DENSE_LIMIT = 20_000  # largest dim(theta) the exact dense solve accepts (a D x D float64 matrix)
 
 
 @dataclass
@@ -218,134 +215,7 @@ def curvature_atoms(
     return EndPointGrads.cat(parts), torch.cat(weights)
 
 
-_RETRIES = 8
-"""Damping increases tried after a failed factorisation (each at least 10x the last)."""
-
-
-def _cholesky_solve(
-    matrix: Tensor, rhs: Tensor, damping: float, what: str, method: str = "CHIPS"
-) -> tuple[Tensor, float]:
-    """Solve ``(matrix + damping I) x = rhs`` for a PSD ``matrix`` and ``rhs`` ``[k]`` or ``[k, T]``; returns
-    ``(x, damping used)``.
-
-    A singular or (in floating point) indefinite ``matrix + damping I`` -- degenerate curvature samples such as
-    identical or low-rank pool features with a tiny ``damping`` -- does not factorise. Then the damping is raised
-    to ``max(10 * damping, 10 * eps * trace(matrix))`` and by 10x after each further failure, and a warning names
-    the damping that was used. ``10 * eps * trace`` is the scale of the matrix's rounding error, so the first
-    retries already factorise an exactly singular PSD matrix in float32 as in float64; an all-zero matrix gets
-    damping 1 (``M = I``: the Newton step is the gradient itself).
-
-    Raises:
-        FloatingPointError: when ``matrix`` or ``rhs`` holds NaN or inf (non-finite features or end point), which
-            no damping can repair.
-    """
-    if not bool(torch.isfinite(matrix).all()) or not bool(torch.isfinite(rhs).all()):
-        raise FloatingPointError(
-            f"{method}: the {what} matrix or its right-hand side holds NaN or inf, so no damping can make it "
-            "solvable: the features or the end point are not finite (a diverged model?). Check the features of the "
-            "target and the pool sample."
-        )
-    if not math.isfinite(damping) or damping < 0:
-        raise ValueError(f"{method}: the damping must be a finite number >= 0, got {damping}.")
-    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-    trace = float(torch.diagonal(matrix).sum())
-    floor = 10.0 * torch.finfo(matrix.dtype).eps * trace if trace > 0 else 1.0
-    lam = damping
-    for attempt in range(1 + _RETRIES):
-        if attempt:
-            lam = max(10.0 * lam, floor)
-        chol, info = torch.linalg.cholesky_ex(matrix + lam * eye)
-        if int(info) == 0:
-            if attempt:
-                warnings.warn(
-                    f"{method}: the {what} matrix is singular or indefinite with damping {damping:.3g} (degenerate "
-                    f"curvature samples, e.g. identical or low-rank pool features); solved with damping {lam:.6g} "
-                    "instead. Pass a `damping` at least that large, or None (the relative rule), to silence this.",
-                    stacklevel=3,
-                )
-            if rhs.dim() == 1:
-                return torch.cholesky_solve(rhs[:, None], chol)[:, 0], lam
-            return torch.cholesky_solve(rhs, chol), lam
-    raise RuntimeError(
-        f"{method}: the {what} matrix does not factorise even with damping {lam:.3g} (its trace is {trace:.3g}); "
-        "pass a larger `damping`."
-    )
-
-
-KERNEL_MAX_BYTES = 4 * 2**30
-"""Largest Gram matrix (+ Cholesky factor) the kernel solver builds; beyond it, it refuses before allocating."""
-
-
-def solve_direction(
-    atoms: EndPointGrads,
-    weights: Tensor,
-    u: EndPointDirection,
-    *,
-    solver: Solver = "sketch",
-    sketch_dim: int | None = 512,
-    sketch: SketchKind = "gaussian",
-    sketch_layout: SketchLayout = "khatri_rao",
-    damping: float | None = None,
-    relative_damping: float = 1e-3,
-    seed: int = 0,
-    exact_when_small: bool = True,
-    chunk_size: int = 8192,
-    method: str = "CHIPS",
-) -> tuple[EndPointDirection, float, int]:
-    """``v = M^{-1} u`` with ``M = sum_r w_r a_r a_r^T + lambda I`` (sketched, exact dense, or kernel).
-
-    Returns ``(v, lambda, k)`` where ``k`` is the dimension the solve ran in (sketch dim, ``dim(theta)`` or
-    the number of atoms for the kernel path, whose ``lambda`` rule still uses ``dim(theta)``) and ``lambda`` the
-    damping actually used (``damping``, or ``relative_damping * trace / k``: the same theta-space damping for every
-    solver, module docstring): a matrix that does not factorise with the given one is solved with more damping and a
-    warning (:func:`_cholesky_solve`). ``method`` names the caller in messages (``"CHIPS"``, ``"TRAK"``).
-    """
-    dtype = u.image_proj.dtype
-    if solver == "kernel":
-        r = len(atoms)
-        need = 2 * r * r * torch.finfo(dtype).bits // 8  # the Gram matrix and its Cholesky factor
-        if need > KERNEL_MAX_BYTES:
-            raise ValueError(
-                f"The kernel solver needs an R x R Gram matrix over R = {r:,} curvature atoms ({need / 2**30:.1f} GiB, "
-                f"over the {KERNEL_MAX_BYTES / 2**30:.0f} GiB limit); use solver='sketch', or fewer "
-                "curvature_samples / negatives_per_sample."
-            )
-        if damping is not None and damping <= 0:
-            raise ValueError(f"The kernel solver divides by the damping: pass damping > 0 or None, got {damping}.")
-        sw = weights.sqrt()
-        gram = atoms.gram() * sw[:, None] * sw[None, :]
-        dim = atoms.dim
-        lam = damping if damping is not None else relative_damping * float(torch.diagonal(gram).sum()) / dim
-        rhs = sw * atoms.dot(u)
-        z, lam = _cholesky_solve(gram, rhs, lam, "kernel (Woodbury)", method)
-        v = (u - atoms.weighted_sum(sw * z)) * (1.0 / lam)
-        return v, lam, len(atoms)
-    if solver != "sketch":
-        raise ValueError(f"Unknown solver {solver!r}; use 'sketch' or 'kernel'.")
-    d_v, e = u.image_proj.shape
-    d_t = u.text_proj.shape[0]
-    projector = make_sketch(
-        d_v, d_t, e, sketch_dim=sketch_dim, image_bias=u.image_bias is not None, text_bias=u.text_bias is not None,
-        kind=sketch, seed=seed, dtype=dtype, device=u.image_proj.device, exact_when_small=exact_when_small,
-        layout=sketch_layout,
-    )  # fmt: skip
-    k = projector.dim
-    if isinstance(projector, IdentitySketch) and k > _DENSE_LIMIT:
-        raise ValueError(
-            f"The exact dense solve needs a {k} x {k} matrix (dim(theta) = {k}); pass a `sketch_dim` or use "
-            "solver='kernel', which is exact at the cost of an atoms x atoms Gram matrix."
-        )
-    matrix = torch.zeros(k, k, dtype=dtype, device=u.image_proj.device)
-    for start in range(0, len(atoms), chunk_size):
-        idx = torch.arange(start, min(start + chunk_size, len(atoms)), device=weights.device)
-        sk = projector.sketch_grads(atoms.index(idx))
-        matrix += sk.T @ (sk * weights[idx, None])
-    lam = damping if damping is not None else relative_damping * float(torch.diagonal(matrix).sum()) / k
-    v_sketched, lam = _cholesky_solve(matrix, projector.sketch_direction(u), lam, "curvature", method)
-    return projector.transpose(v_sketched), lam, k
-
-
-def _validate(
+def validate_chips_arguments(
     alpha: float,
     beta: float,
     components: Sequence[str],
@@ -413,8 +283,10 @@ def chips_prepare(
     the bank is never its own negative (matched by ``pool_ids``, default ``arange(N)``). With ``"plausibility"`` in
     ``components`` the reference end point is adapted to the target set here, with the bank as negatives.
     """
-    _validate(alpha, beta, components, bank_size, curvature_samples, relative_damping, plausibility_power,
-              reference_steps, reference_lr)  # fmt: skip
+    validate_chips_arguments(
+        alpha, beta, components, bank_size, curvature_samples, relative_damping, plausibility_power, reference_steps,
+        reference_lr,
+    )  # fmt: skip
     if len(target_image) == 0:
         raise ValueError("The target set is empty: CHIPS needs at least one target pair to align with.")
     if len(pool_image) < 2:
@@ -521,7 +393,7 @@ def chips_scores(
     reference_steps: int = 50,
     reference_lr: float = 1e-3,
 ) -> ChipsScores:
-    """CHIPS scores of every pool pair (METHODS.md section 1), from pre-projection features.
+    """CHIPS scores of every pool pair (docs/methods.md, CHIPS), from pre-projection features.
 
     Args:
         pool_image: ``[N, d_v]`` pool image features ``h_v``.
@@ -559,7 +431,7 @@ def chips_scores(
     Example::
 
         >>> import torch
-        >>> from lightning_chips.adapters import EndPoint
+        >>> from lightning_chips.endpoint import EndPoint
         >>> g = torch.Generator().manual_seed(0)
         >>> ep = EndPoint(torch.randn(8, 4, generator=g), torch.randn(6, 4, generator=g), torch.tensor(2.0))
         >>> out = chips_scores(torch.randn(50, 8, generator=g), torch.randn(50, 6, generator=g),

@@ -1,6 +1,6 @@
 """Closed-form per-sample gradients of the per-sample InfoNCE *bank loss* in CLIP's end-point subspace.
 
-METHODS.md 1.2. For a pair ``i`` with embeddings ``x_i = normalize(W_v^T h^v_i + b_v)``,
+docs/methods.md, CHIPS (per-sample loss). For a pair ``i`` with embeddings ``x_i = normalize(W_v^T h^v_i + b_v)``,
 ``y_i = normalize(W_t^T h^t_i + b_t)`` and a constant negative bank ``(X_B, Y_B)`` of normalised embeddings,
 
 .. math::
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_chips.adapters import EndPoint
+from lightning_chips.endpoint import EndPoint
 
 __all__ = [
     "BankStats",
@@ -234,7 +234,7 @@ class BankStats:
     loss: Tensor
 
     def learnability(self) -> Tensor:
-        """``w_L = (1 - p_corr)(1 + sigmoid(-m))`` (METHODS.md 1.6).
+        """``w_L = (1 - p_corr)(1 + sigmoid(-m))`` (docs/methods.md, CHIPS: learnability).
 
         ``p_corr = (p_0 + q_0) / 2``; ``m`` is the positive logit minus the hardest bank logit, averaged over the
         two directions (logit units, i.e. scaled by ``s``). Range ``[0, 2)`` (2 itself can appear in floating
@@ -257,7 +257,7 @@ def bank_stats(
     *,
     exclude: Tensor | None = None,
 ) -> BankStats:
-    """Forward quantities of the per-sample bank loss (METHODS.md 1.2) for a batch.
+    """Forward quantities of the per-sample bank loss (docs/methods.md, CHIPS: per-sample loss) for a batch.
 
     Args:
         h_image: ``[N, d_v]`` pre-projection image features.
@@ -297,7 +297,7 @@ def bank_loss(
     *,
     exclude: Tensor | None = None,
 ) -> Tensor:
-    """``[N]`` per-sample bank losses ``l(z_i)`` (METHODS.md 1.2)."""
+    """``[N]`` per-sample bank losses ``l(z_i)`` (docs/methods.md, CHIPS: per-sample loss)."""
     return bank_stats(h_image, h_text, endpoint, bank_image, bank_text, exclude=exclude).loss
 
 
@@ -357,7 +357,7 @@ def endpoint_per_sample_grads(
     Example::
 
         >>> import torch
-        >>> from lightning_chips.adapters import EndPoint
+        >>> from lightning_chips.endpoint import EndPoint
         >>> ep = EndPoint(torch.randn(5, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64),
         ...               torch.tensor(2.0, dtype=torch.float64))
         >>> bank = torch.nn.functional.normalize(torch.randn(7, 3, dtype=torch.float64), dim=1)

@@ -1,4 +1,4 @@
-"""Influence baselines in the end-point subspace (METHODS.md section 2): Dot, TracIn, TRAK.
+"""Influence baselines in the end-point subspace (docs/methods.md, influence baselines): Dot, TracIn, TRAK.
 
 All use the same per-sample bank loss and closed-form end-point gradients as CHIPS
 (:mod:`lightning_chips.functional.endpoint`), with ``u`` the mean target gradient:
@@ -23,8 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_chips.adapters import EndPoint
-from lightning_chips.functional.chips import solve_direction
+from lightning_chips.endpoint import EndPoint
 from lightning_chips.functional.endpoint import (
     EndPointDirection,
     NegativeBank,
@@ -33,6 +32,7 @@ from lightning_chips.functional.endpoint import (
     round_inputs,
     subsample,
 )
+from lightning_chips.functional.linalg import solve_direction
 from lightning_chips.functional.sketch import SketchKind, make_sketch
 
 __all__ = [

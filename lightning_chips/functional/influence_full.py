@@ -1,4 +1,4 @@
-"""Full-parameter Dot, TracIn and TRAK for small models (METHODS.md section 2, "full parameters optional").
+"""Full-parameter Dot, TracIn and TRAK for small models (docs/methods.md, full-parameter Dot / TracIn / TRAK).
 
 The end-point functions (:mod:`lightning_chips.functional.influence`) differentiate the per-sample bank loss
 w.r.t. ``theta = (W_v, W_t, logit_scale)`` only, in closed form from cached features. This module
@@ -56,8 +56,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from lightning_chips.adapters import CLIPAdapter, resolve_adapter
-from lightning_chips.functional.chips import _cholesky_solve
 from lightning_chips.functional.endpoint import NegativeBank, bank_stats, subsample
+from lightning_chips.functional.linalg import damped_cholesky_solve
 from lightning_chips.functional.sketch import SketchKind
 
 __all__ = [
@@ -374,8 +374,8 @@ def _projection(selected: dict[str, Tensor], sketch_dim: int | None, kind: Sketc
 
 def _solve(matrix: Tensor, rhs: Tensor, lam: float) -> tuple[Tensor, float]:
     """``(matrix + lam I)^{-1} rhs`` for a PSD ``matrix`` and ``[k, T]`` ``rhs``; a matrix that does not factorise
-    is solved with more damping and a warning (:func:`lightning_chips.functional.chips._cholesky_solve`)."""
-    return _cholesky_solve(matrix, rhs, lam, "kernel", "TRAK")
+    is solved with more damping and a warning (:func:`lightning_chips.functional.linalg.damped_cholesky_solve`)."""
+    return damped_cholesky_solve(matrix, rhs, lam, "kernel", "TRAK")
 
 
 def _trak_direction(phi: Tensor, phi_u: Tensor, damping: float | None) -> Tensor:

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_chips.adapters import EndPoint
+from lightning_chips.endpoint import EndPoint
 
 __all__ = ["adapt_endpoint", "bank_rank", "plausibility_weight"]
 

@@ -1,4 +1,4 @@
-"""Embedding-quality baselines (METHODS.md section 3): CLIPScore, negCLIPLoss, NormSim.
+"""Embedding-quality baselines (docs/methods.md: CLIPScore, negCLIPLoss, NormSim): CLIPScore, negCLIPLoss, NormSim.
 
 All take L2-normalised embeddings ``[N, e]``.
 """

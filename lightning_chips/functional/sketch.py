@@ -1,10 +1,11 @@
 """Johnson-Lindenstrauss sketches ``P`` of CLIP's end-point space that never form a per-sample ``d_v x e`` gradient.
 
-METHODS.md 1.5. theta = ``(W_v [d_v x e], W_t [d_t x e], logit_scale, [b_v], [b_t])`` and every per-sample gradient
-is rank one per block, ``g = (h_v (x) d_v, h_t (x) d_t, s, [d_v], [d_t])`` (:class:`EndPointGrads`). A bias rides
-along by augmenting ``h`` with a constant 1: ``[h; 1] (x) d`` holds both the matrix and the bias gradient, so the
-image block has ``H_v = d_v + 1`` rows with an image bias (else ``d_v``), likewise ``H_t``. Every layout draws its
-randomness on the CPU from ``torch.Generator().manual_seed(seed)`` (the same sketch on every device and rank) and
+docs/methods.md, CHIPS (solvers). theta = ``(W_v [d_v x e], W_t [d_t x e], logit_scale, [b_v], [b_t])`` and every
+per-sample gradient is rank one per block, ``g = (h_v (x) d_v, h_t (x) d_t, s, [d_v], [d_t])``
+(:class:`EndPointGrads`). A bias rides along by augmenting ``h`` with a constant 1: ``[h; 1] (x) d`` holds both
+the matrix and the bias gradient, so the image block has ``H_v = d_v + 1`` rows with an image bias (else ``d_v``),
+likewise ``H_t``. Every layout draws its randomness on the CPU from ``torch.Generator().manual_seed(seed)`` (the
+same sketch on every device and rank) and
 has ``E[P^T P] = I``.
 
 ``"khatri_rao"`` (the default; a row-wise tensor random projection). Row ``j`` of ``P`` is

@@ -4,7 +4,7 @@ A LiT-style CLIP whose end-point subspace (the two heads and the logit scale) is
 when the towers are frozen, so CHIPS is exact on it. It implements
 :class:`~lightning_chips.adapters.SupportsEndPoint`, so every scorer and the callback work with it unchanged.
 
-Towers that load offline from pip wheels (see ../shared/docs/DATA.md and ``benchmarks/setup_data.sh``):
+Towers that load offline from pip wheels (installed by ``benchmarks/setup_data.sh``; docs/data.md):
 - ``"efficientnet-lite0"``: EfficientNet-Lite0 (ImageNet, 4.65 M parameters), pooled 1280-d features;
 - ``"all-minilm-l6-v2"``: all-MiniLM-L6-v2 (22.7 M parameters), mean-pooled 384-d token states.
 A tower can also be ``None``: the inputs are then precomputed features of width ``image_dim`` / ``text_dim`` (a

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from lightning_chips.adapters import EndPoint
+from lightning_chips.endpoint import EndPoint
 from lightning_chips.features import PairFeatures
 
 __all__ = ["IdLookup", "Scorer", "check_prepare_inputs"]

@@ -8,15 +8,15 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from lightning_chips.adapters import EndPoint
+from lightning_chips.endpoint import EndPoint
 from lightning_chips.features import PairFeatures
 from lightning_chips.functional.chips import (
     COMPONENTS,
     ChipsScores,
     ChipsState,
-    _validate,
     chips_prepare,
     chips_score_batch,
+    validate_chips_arguments,
 )
 from lightning_chips.scoring.base import Scorer, check_prepare_inputs
 
@@ -107,8 +107,10 @@ class CHIPS(Scorer):
         seed: int = 0,
         dtype: Literal["float32", "float64"] = "float64",
     ) -> None:
-        _validate(alpha, beta, components, bank_size, curvature_samples, relative_damping, plausibility_power,
-                  reference_steps, reference_lr)  # fmt: skip
+        validate_chips_arguments(
+            alpha, beta, components, bank_size, curvature_samples, relative_damping, plausibility_power,
+            reference_steps, reference_lr,
+        )  # fmt: skip
         if sketch_dim is not None and sketch_dim < 3:
             raise ValueError(f"`sketch_dim` must be >= 3 or None (exact), got {sketch_dim}.")
         if sketch not in ("gaussian", "rademacher"):

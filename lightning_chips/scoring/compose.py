@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from lightning_chips.adapters import EndPoint
+from lightning_chips.endpoint import EndPoint
 from lightning_chips.features import PairFeatures
 from lightning_chips.scoring.base import Scorer, check_prepare_inputs
 

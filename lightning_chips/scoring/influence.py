@@ -1,4 +1,4 @@
-"""Influence scorers in the end-point subspace: Dot, TracIn, TRAK (METHODS.md section 2)."""
+"""Influence scorers in the end-point subspace: Dot, TracIn, TRAK (docs/methods.md, influence baselines)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from lightning_chips.adapters import EndPoint
+from lightning_chips.endpoint import EndPoint
 from lightning_chips.features import PairFeatures
 from lightning_chips.functional.influence import InfluenceState, influence_prepare, influence_score_batch
 from lightning_chips.scoring.base import Scorer, check_prepare_inputs

@@ -1,4 +1,4 @@
-"""Embedding-quality scorers: CLIPScore, negCLIPLoss, NormSim (METHODS.md section 3)."""
+"""Embedding-quality scorers: CLIPScore, negCLIPLoss, NormSim (docs/methods.md: CLIPScore, negCLIPLoss, NormSim)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_chips.adapters import EndPoint
+from lightning_chips.endpoint import EndPoint
 from lightning_chips.features import PairFeatures
 from lightning_chips.functional.quality import clip_score, negclip_loss, normsim
 from lightning_chips.metrics import format_prompts

@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from lightning_chips.adapters import EndPoint
+from lightning_chips.endpoint import EndPoint
 from lightning_chips.features import PairFeatures
 from lightning_chips.scoring.base import Scorer
 
@@ -17,7 +17,7 @@ _MIX = 0x9E3779B97F4A7C15
 
 
 class Random(Scorer):
-    """Uniform random scores in ``[0, 1)``: top-k of them is a seeded uniform subset (METHODS.md section 6).
+    """Uniform random scores in ``[0, 1)``: top-k of them is a seeded uniform subset (docs/methods.md, Random).
 
     A pair's score is a hash of ``(seed, round, id)``, so it is the same whatever the batch, the rank or the
     order it is scored in; every round (the ``round`` attribute the caller sets) draws a new subset unless

@@ -1,0 +1,39 @@
+"""The package's structure: what users import, and what its modules may import from each other."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import lightning_chips
+
+PACKAGE = Path(lightning_chips.__file__).parent
+
+
+def test_no_module_imports_a_private_name_of_another_module():
+    """Private names (``_x``) stay inside their module: what two modules share is public, documented API."""
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lightning_chips"):
+                offenders += [f"{path.relative_to(PACKAGE)}: {node.module}.{a.name}" for a in node.names
+                              if a.name.startswith("_")]  # fmt: skip
+    assert offenders == []
+
+
+def test_the_pure_math_does_not_import_the_adapters_or_lightning():
+    """``lightning_chips.functional`` is tensor math: it takes the end point type from its own module, not from
+    the adapters (open_clip internals) or Lightning. The full-parameter influence functions run the model's towers
+    and are the one exception."""
+    offenders = []
+    for path in sorted((PACKAGE / "functional").glob("*.py")):
+        if path.name == "influence_full.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom | ast.Import):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                offenders += [f"{path.name}: {n}" for n in names
+                              if n.startswith(("lightning_chips.adapters", "lightning", "open_clip"))
+                              and not n.startswith("lightning_chips.")
+                              or n.startswith("lightning_chips.adapters")]  # fmt: skip
+    assert offenders == []
