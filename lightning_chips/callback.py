@@ -437,8 +437,9 @@ class DataSelectionCallback(Callback):
             return _agree(trainer, r, "the pool scores", score_all)
 
         def score_sampled() -> tuple:
-            sample = extract_features(adapter, datamodule.pool_sample(self.pool_sample, r), device=device,
-                                      progress=show, description=f"round {r}: pool sample")  # fmt: skip
+            batches = datamodule.pool_sample(self.pool_sample, r, seed=self.seed)
+            sample = extract_features(adapter, batches, device=device, progress=show,
+                                      description=f"round {r}: pool sample")  # fmt: skip
             self.scorer.prepare(adapter.endpoint(), None if target is None else target.to(device),
                                 sample.to(device))  # fmt: skip
             parts, ids = [], []
@@ -500,7 +501,13 @@ class DataSelectionCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.round = int(state_dict["round"])
-        self.seed = int(state_dict["seed"])
+        saved_seed = int(state_dict["seed"])
+        if saved_seed != self.seed:  # the constructor's seed is the configuration; the checkpoint's is history
+            rank_zero_warn(
+                f"DataSelectionCallback: the checkpoint's selection seed is {saved_seed}, this callback's is "
+                f"{self.seed}; the resumed rounds use {self.seed}, so they differ from the interrupted run's. Pass "
+                f"seed={saved_seed} to resume it exactly."
+            )
         self.last_step = int(state_dict["last_step"])
         self.last_epoch = int(state_dict["last_epoch"])
         self.history = list(state_dict.get("history", []))

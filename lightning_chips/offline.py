@@ -386,6 +386,7 @@ def score_pool(
     trainer: Trainer | None = None,
     adapter: CLIPAdapter | None = None,
     after_shard: Any = None,
+    learning_rate: float | None = None,
 ) -> Path:
     """Score every pair of a WebDataset pool with ``scorer`` under ``model``; write ``output/scores.npz``.
 
@@ -409,6 +410,9 @@ def score_pool(
         adapter: an explicit :class:`~lightning_chips.adapters.CLIPAdapter` for a model the resolver cannot read.
         after_shard: called with each :class:`~lightning_chips.data.webdataset.ShardReport` once its part is
             written (progress hooks, tests).
+        learning_rate: the learning rate of the checkpoint being scored, which TracIn weights its scores by
+            (``eta g^T u``); default the model's ``lr`` (an attribute or hyperparameter, as ``OpenCLIPModule(lr=...)``
+            has), else 1.
 
     Returns:
         The path of ``scores.npz`` (ids sorted, float32 scores, ``method``, ``scorer``, ``model_fingerprint``).
@@ -429,6 +433,13 @@ def score_pool(
         raise ValueError(f"`pool_sample` must be >= 2 or None (the whole pool), got {pool_sample}.")
     if scorer.requires_target and target is None:
         raise ValueError(f"The {type(scorer).__name__} scorer needs target pairs: pass `target`.")
+    if learning_rate is None:
+        hparams = getattr(model, "hparams", None)
+        learning_rate = getattr(model, "lr", hparams.get("lr") if hasattr(hparams, "get") else None)
+        learning_rate = float(learning_rate) if isinstance(learning_rate, int | float) else 1.0
+    if not (np.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"`learning_rate` must be a finite number > 0, got {learning_rate}.")
+    scorer.learning_rate = float(learning_rate)
     resolved = resolve_adapter(model, adapter)  # fail before any work if the CLIP cannot be reached
     image_size = int(image_size or getattr(model, "image_size", None) or 224)
     urls = expand_shards(pool)
@@ -437,7 +448,8 @@ def score_pool(
         target_pairs, target_report = load_target_pairs(target, image_size, uid_field)
     fingerprint = model_fingerprint(resolved.module)
     target_digest = _target_digest(target_pairs)
-    run_spec = [fingerprint, repr(scorer), target_digest, pool_sample, seed, image_size, uid_field]
+    run_spec = [fingerprint, repr(scorer), target_digest, pool_sample, seed, image_size, uid_field,
+                scorer.learning_rate]  # fmt: skip
     run = hashlib.sha1(json.dumps(run_spec).encode()).hexdigest()[:16]
     out = Path(output)
     trainer = trainer if trainer is not None else Trainer(

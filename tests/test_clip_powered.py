@@ -103,3 +103,35 @@ def test_scorer_is_the_closed_form_and_runs_in_a_selection_fit(tmp_path):
             OpenCLIPModule(model_config=copy.deepcopy(TINY_VIT)), datamodule=data)  # fmt: skip
         rounds = np.load(tmp_path / "round_0001.npz")
         assert rounds["selected"].sum() == 30
+
+
+def test_without_class_names_it_clusters_and_ranks_mismatched_captions_low():
+    """The default `ClipPowered()` needs no class names: k-means clusters of the captions (the annotation), each
+    cluster's mean caption as its class prompt, then the closed form with the cluster labels (checked against it),
+    and pairs whose caption belongs to other images score low."""
+    from lightning_chips.adapters import EndPoint
+    from lightning_chips.features import PairFeatures
+    from lightning_chips.functional.clipcov import kmeans
+    from lightning_chips.scoring import build_scorer
+
+    g = torch.Generator().manual_seed(3)
+    e, n, classes = 8, 300, 4
+    centers = F.normalize(torch.randn(classes, e, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.arange(n) % classes
+    mismatched = torch.arange(n) % 10 == 0
+    caption_labels = torch.where(mismatched, (labels + 1) % classes, labels)
+    images = centers[labels] + 0.15 * torch.randn(n, e, generator=g, dtype=torch.float64)
+    texts = centers[caption_labels] + 0.15 * torch.randn(n, e, generator=g, dtype=torch.float64)
+    identity = EndPoint(torch.eye(e, dtype=torch.float64), torch.eye(e, dtype=torch.float64), torch.tensor(2.0))
+    pool = PairFeatures(torch.arange(n), images, texts)
+    scorer = build_scorer("clip_powered", num_clusters=classes, train_adapters=False)
+    scorer.prepare(identity, None, pool)
+    scores = scorer.score(pool)
+    x, y = F.normalize(images, dim=1), F.normalize(texts, dim=1)
+    clusters = kmeans(y, classes, seed=0)
+    prompts = F.normalize(torch.zeros(classes, e, dtype=torch.float64).index_add_(0, clusters, y), dim=1)
+    expected = clip_powered_scores(x, prompts, clusters, train_adapters=False).combined
+    torch.testing.assert_close(scores.double(), expected.to(scores.device).double())
+    assert float(scores[mismatched].mean()) < float(scores[~mismatched].quantile(0.1))
+    with pytest.raises(ValueError, match="labels='kmeans'"):
+        build_scorer("clip_powered", labels="zeroshot")

@@ -244,3 +244,24 @@ def test_every_registered_scorer_scores_shards(shards, tmp_path, name):
     result = read_scores(path)
     assert result["ids"].tolist() == sorted(valid)
     assert np.isfinite(result["scores"]).all()
+
+
+def test_offline_tracin_weights_its_scores_by_the_given_learning_rate(shards, tmp_path):
+    """One checkpoint: TracIn = learning rate x Dot, with the rate passed to `score` or, by default, the model's."""
+    from lightning_chips.scoring import Dot, TracIn
+
+    root, _ = shards
+    common = dict(target=str(root / "target"), num_workers=0, pool_sample=POOL_SAMPLE)
+    dot = read_scores(score_pool(_module(), Dot(bank_size=16), str(root / "pool"), str(tmp_path / "dot"),
+                                 trainer=_trainer(), **common))  # fmt: skip
+    given = read_scores(score_pool(_module(), TracIn(bank_size=16), str(root / "pool"), str(tmp_path / "given"),
+                                   trainer=_trainer(), learning_rate=0.25, **common))  # fmt: skip
+    pl.seed_everything(0)
+    module = OpenCLIPModule(model_config=copy.deepcopy(TINY_VIT), lr=2e-3)
+    default = read_scores(score_pool(module, TracIn(bank_size=16), str(root / "pool"), str(tmp_path / "default"),
+                                     trainer=_trainer(), **common))  # fmt: skip
+    scale = np.abs(dot["scores"]).max()
+    np.testing.assert_allclose(given["scores"], 0.25 * dot["scores"], rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_allclose(default["scores"], 2e-3 * dot["scores"], rtol=1e-5, atol=1e-8 * scale)
+    with pytest.raises(ValueError, match="learning_rate"):
+        score_pool(_module(), TracIn(), str(root / "pool"), str(tmp_path / "bad"), learning_rate=0.0, **common)

@@ -132,3 +132,37 @@ def test_datamodule_validates_eagerly():
         WebDatasetDataModule("x", batch_size=0)
     with pytest.raises(ValueError, match="num_workers"):
         WebDatasetDataModule("x", num_workers=-1)
+
+
+def _round_zero_scores(root: Path, tmp_path: Path, *, callback_seed: int, data_seed: int) -> np.ndarray:
+    pl.seed_everything(0)
+    module = OpenCLIPModule(model_config=copy.deepcopy(TINY_VIT), lr=1e-3)
+    data = WebDatasetDataModule(str(root / "pool"), str(root / "target"), batch_size=8, steps_per_round=1,
+                                num_workers=0, shuffle_buffer=16, seed=data_seed)  # fmt: skip
+    chips = CHIPS(sketch_dim=64, bank_size=16, curvature_samples=16)
+    save = tmp_path / f"c{callback_seed}-d{data_seed}"
+    callback = DataSelectionCallback(chips, fraction=0.25, every_n_epochs=1, pool_sample=16, seed=callback_seed,
+                                     save_dir=str(save), progress=False)  # fmt: skip
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, callbacks=[callback], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    assert callback.state_dict()["seed"] == callback_seed  # checkpointed with the rounds
+    with np.load(save / "round_0000.npz") as f:
+        return f["scores"]
+
+
+def test_the_callbacks_seed_draws_the_pool_sample_of_a_streaming_pool(shards, tmp_path):
+    """The pool sample (16 of 63 pairs here, so the bank and curvature) follows DataSelectionCallback(seed=...), as
+    for map-style pools, whatever the data module's own seed (which orders the training stream)."""
+    root, _ = shards
+    base = _round_zero_scores(root, tmp_path, callback_seed=3, data_seed=0)
+    np.testing.assert_array_equal(_round_zero_scores(root, tmp_path, callback_seed=3, data_seed=5), base)
+    assert not np.allclose(_round_zero_scores(root, tmp_path, callback_seed=4, data_seed=0), base)
+
+
+def test_a_checkpoint_with_another_seed_warns_and_keeps_the_callbacks_seed():
+    callback = DataSelectionCallback(CHIPS(), fraction=0.3, every_n_epochs=1, seed=7)
+    state = DataSelectionCallback(CHIPS(), fraction=0.3, every_n_epochs=1, seed=1).state_dict()
+    with pytest.warns(UserWarning, match="checkpoint's selection seed is 1, this callback's is 7"):
+        callback.load_state_dict(state)
+    assert callback.seed == 7 and callback.state_dict()["seed"] == 7

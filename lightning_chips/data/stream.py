@@ -407,11 +407,12 @@ class WebDatasetDataModule(LightningDataModule):
         reporting.reports = True
         return self._loader(reporting, self.eval_batch_size, ShardCollate(collate.tokenizer, collate.normalize))
 
-    def pool_sample(self, size: int | None, round: int) -> Iterator[dict[str, Any]]:
-        """Batches of the first ``size`` valid pool pairs, shards in an order seeded by ``(seed, round)``; every
-        rank reads the same ones."""
+    def pool_sample(self, size: int | None, round: int, seed: int | None = None) -> Iterator[dict[str, Any]]:
+        """Batches of the first ``size`` valid pool pairs, shards in an order seeded by ``(seed, round)`` (``seed``:
+        the selection's, e.g. :class:`~lightning_chips.DataSelectionCallback`'s; default this data module's);
+        every rank reads the same ones."""
         pool, collate = self._require_setup()
-        return pool.sample_batches(size, [self.seed, round], self.eval_batch_size, collate)
+        return pool.sample_batches(size, [self.seed if seed is None else seed, round], self.eval_batch_size, collate)
 
     def target_dataloader(self, target: Dataset | None = None, indices: Sequence[int] | None = None) -> DataLoader:
         """Unshuffled loader over the target set (or the given one)."""

@@ -230,14 +230,20 @@ class ClipPowered(_EmbeddingScorer):
 
     :meth:`prepare` embeds the class prompts (``templates`` over ``classnames``) with the caller's
     ``text_encoder``, labels the pool sample (its ``labels``, or zero-shot pseudo-labels), trains the two adapters
-    and scores every pair with ``c = SAS/mean + 0.1 SDS/mean``
+    and scores every pair with ``c = SAS/mean + 0.1 SDS/mean``. Without class names (the default,
+    ``labels="kmeans"`` **[ours]**) the classes are ``num_clusters`` k-means clusters of the pool sample's caption
+    embeddings (the caption is the annotation, as the paper's labels are) and each class's "prompt" embedding is
+    its cluster's normalised mean caption, so the semantic-alignment score asks how well a pair's image fits what
+    its caption's cluster says: a pair whose caption belongs to other images scores low
     (:func:`~lightning_chips.functional.clip_powered.clip_powered_scores`); the callback's top-k of ``c`` is the
     closed-form selection with an exact budget. Pairs it was not prepared on cannot be scored.
 
     Args:
-        classnames: the class names (``labels`` index them).
+        classnames: the class names (``labels`` index them); needed by ``labels="labels"`` and ``"zeroshot"``.
         templates: prompt templates (``"a photo of a {}."``).
-        labels: ``"labels"`` (the pool's) or ``"zeroshot"`` (argmax over the class prompts).
+        labels: ``"kmeans"`` (default: clusters, no class names needed), ``"labels"`` (the pool's) or
+            ``"zeroshot"`` (argmax over the class prompts).
+        num_clusters: clusters of ``labels="kmeans"``.
         train_adapters: train the adapters (identity adapters otherwise).
         adapter_epochs: adapter training epochs.
         neighbours: ``K`` of the diversity score.
@@ -250,21 +256,28 @@ class ClipPowered(_EmbeddingScorer):
 
     def __init__(
         self,
-        classnames: list[str],
+        classnames: list[str] | None = None,
         templates: list[str] = ("a photo of a {}.",),  # noqa: B006 - a tuple, immutable
         *,
-        labels: str = "labels",
+        labels: str | None = None,
+        num_clusters: int = 20,
         train_adapters: bool = True,
         adapter_epochs: int = 5,
         neighbours: int = 50,
         diversity_weight: float = 0.1,
         seed: int = 0,
     ) -> None:
-        if not classnames or not templates:
-            raise ValueError("ClipPowered needs class names and at least one prompt template.")
-        if labels not in ("labels", "zeroshot"):
-            raise ValueError(f"`labels` must be 'labels' or 'zeroshot', got {labels!r}.")
-        self.classnames, self.templates, self.labels = list(classnames), list(templates), labels
+        if labels is None:
+            labels = "labels" if classnames else "kmeans"
+        if labels not in ("kmeans", "labels", "zeroshot"):
+            raise ValueError(f"`labels` must be 'kmeans', 'labels' or 'zeroshot', got {labels!r}.")
+        if labels != "kmeans" and (not classnames or not templates):
+            raise ValueError(f"ClipPowered(labels={labels!r}) needs `classnames` and at least one prompt template; "
+                             "without class names use labels='kmeans'.")  # fmt: skip
+        if num_clusters < 1:
+            raise ValueError(f"`num_clusters` must be >= 1, got {num_clusters}.")
+        self.classnames, self.templates, self.labels = list(classnames or []), list(templates), labels
+        self.num_clusters = num_clusters
         self.train_adapters, self.adapter_epochs = train_adapters, adapter_epochs
         self.neighbours, self.diversity_weight, self.seed = neighbours, diversity_weight, seed
         self._lookup: IdLookup | None = None
@@ -273,14 +286,21 @@ class ClipPowered(_EmbeddingScorer):
         from lightning_chips.functional.clip_powered import clip_powered_scores
 
         super().prepare(endpoint, target, pool_sample)
-        x = self._embed(pool_sample)[0].double().cpu()
-        prompts = _class_embeddings(self, self.classnames, self.templates).cpu()
-        if self.labels == "labels":
-            if pool_sample.labels is None:
-                raise ValueError("ClipPowered(labels='labels') needs a 'label' per pool pair; use labels='zeroshot'.")
-            labels = pool_sample.labels.cpu()
+        x, y = (e.double().cpu() for e in self._embed(pool_sample))
+        if self.labels == "kmeans":
+            from lightning_chips.functional.clipcov import kmeans
+
+            labels = kmeans(y, min(self.num_clusters, len(y)), seed=self.seed)  # the captions say the class
+            sums = torch.zeros(int(labels.max()) + 1, y.shape[1], dtype=y.dtype).index_add_(0, labels, y)
+            prompts = F.normalize(sums, dim=-1)  # each cluster's mean caption, as its "class prompt"
         else:
-            labels = (x @ prompts.T).argmax(1)
+            prompts = _class_embeddings(self, self.classnames, self.templates).cpu()
+            if self.labels == "zeroshot":
+                labels = (x @ prompts.T).argmax(1)
+            elif pool_sample.labels is None:
+                raise ValueError("ClipPowered(labels='labels') needs a 'label' per pool pair; use labels='kmeans'.")
+            else:
+                labels = pool_sample.labels.cpu()
         scores = clip_powered_scores(
             x, prompts, labels, train_adapters=self.train_adapters, adapter_epochs=self.adapter_epochs,
             neighbours=self.neighbours, diversity_weight=self.diversity_weight, seed=self.seed,
