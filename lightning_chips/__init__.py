@@ -1,42 +1,84 @@
 """lightning-chips: data selection for CLIP continual pre-training, as a PyTorch Lightning plugin.
 
-Public API only; see the README and docs/ for the tour.
+Public API only; see the README and docs/ for the tour. Grouped as: the Lightning pieces (callback, data modules,
+CPT module, evaluation), the scorers (every registered one, the composites, the registry), selection, and the
+model contract (adapters and the end point).
 """
 
-from lightning_chips.adapters import CLIPAdapter, EndPoint, SupportsEndPoint, UnsupportedModelError, resolve_adapter
+from lightning_chips.adapters import CLIPAdapter, SupportsEndPoint, UnsupportedModelError, resolve_adapter
 from lightning_chips.callback import DataSelectionCallback
 from lightning_chips.data import ScoredSubsetDataModule, TwoDomainDataModule, TwoDomainPairs, WebDatasetDataModule
+from lightning_chips.endpoint import EndPoint
 from lightning_chips.evaluation import BuiltinZeroShotTask, RetrievalTask, ZeroShotEvaluation, ZeroShotTask
+from lightning_chips.features import PairFeatures
 from lightning_chips.metrics import RetrievalRecallAtK, ZeroShotAccuracy, build_zero_shot_classifier
-from lightning_chips.models import OpenCLIPModule
-from lightning_chips.scoring import CHIPS, Random, Scorer, build_scorer
-from lightning_chips.selection import Selection
+from lightning_chips.models import OpenCLIPModule, TwoTowerCLIP
+from lightning_chips.scoring import (
+    CHIPS,
+    ROBUST_COMPONENTS,
+    SCORERS,
+    TRAK,
+    Chain,
+    ClipCov,
+    ClipPowered,
+    CLIPScore,
+    Dot,
+    Intersect,
+    NegCLIPLoss,
+    NormSim,
+    Random,
+    Scorer,
+    TracIn,
+    build_scorer,
+    register_scorer,
+)
+from lightning_chips.selection import Selection, select
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
-    "CHIPS",
-    "CLIPAdapter",
+    # Lightning pieces
     "DataSelectionCallback",
-    "Random",
     "ScoredSubsetDataModule",
-    "Scorer",
-    "Selection",
-    "build_scorer",
-    "build_zero_shot_classifier",
-    "BuiltinZeroShotTask",
-    "RetrievalRecallAtK",
-    "RetrievalTask",
-    "ZeroShotAccuracy",
-    "ZeroShotEvaluation",
-    "ZeroShotTask",
-    "EndPoint",
-    "OpenCLIPModule",
-    "SupportsEndPoint",
+    "WebDatasetDataModule",
     "TwoDomainDataModule",
     "TwoDomainPairs",
-    "WebDatasetDataModule",
+    "OpenCLIPModule",
+    "TwoTowerCLIP",
+    "ZeroShotEvaluation",
+    "ZeroShotTask",
+    "BuiltinZeroShotTask",
+    "RetrievalTask",
+    "ZeroShotAccuracy",
+    "RetrievalRecallAtK",
+    "build_zero_shot_classifier",
+    # scorers
+    "CHIPS",
+    "ROBUST_COMPONENTS",
+    "Random",
+    "CLIPScore",
+    "NegCLIPLoss",
+    "NormSim",
+    "ClipCov",
+    "ClipPowered",
+    "Dot",
+    "TracIn",
+    "TRAK",
+    "Chain",
+    "Intersect",
+    "Scorer",
+    "SCORERS",
+    "build_scorer",
+    "register_scorer",
+    # selection
+    "Selection",
+    "select",
+    # the model contract
+    "CLIPAdapter",
+    "SupportsEndPoint",
     "UnsupportedModelError",
-    "__version__",
     "resolve_adapter",
+    "EndPoint",
+    "PairFeatures",
+    "__version__",
 ]

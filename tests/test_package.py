@@ -37,3 +37,20 @@ def test_the_pure_math_does_not_import_the_adapters_or_lightning():
                               and not n.startswith("lightning_chips.")
                               or n.startswith("lightning_chips.adapters")]  # fmt: skip
     assert offenders == []
+
+
+def test_every_registered_scorer_and_select_are_importable_from_the_package():
+    from lightning_chips.scoring import SCORERS
+
+    exported = {name: getattr(lightning_chips, name) for name in lightning_chips.__all__}
+    assert {cls.__name__ for cls in SCORERS.values()} <= set(exported)
+    assert exported["select"] is __import__("lightning_chips.selection", fromlist=["select"]).select
+    assert len(set(lightning_chips.__all__)) == len(lightning_chips.__all__)
+
+
+def test_every_non_composite_scorer_builds_with_its_defaults():
+    from lightning_chips.scoring import SCORERS, build_scorer
+
+    for name in SCORERS:
+        if name not in ("chain", "intersect"):  # composites are made of other scorers
+            assert build_scorer(name).name == name
