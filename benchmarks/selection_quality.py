@@ -66,7 +66,7 @@ from lightning_chips.data.subset import ScoredSubsetDataModule  # noqa: E402
 from lightning_chips.features import PairFeatures  # noqa: E402
 from lightning_chips.metrics import RetrievalRecallAtK, ZeroShotAccuracy  # noqa: E402
 from lightning_chips.models import TwoTowerCLIP  # noqa: E402
-from lightning_chips.scoring import build_scorer  # noqa: E402
+from lightning_chips.scoring import RoundContext, build_scorer  # noqa: E402
 from lightning_chips.scoring.base import Scorer  # noqa: E402
 from lightning_chips.selection import select  # noqa: E402
 
@@ -537,9 +537,9 @@ def pool_scores(name: str, budget: float, seed: int, model: TwoTowerCLIP, sets: 
     """Scores of every pool pair by method ``name`` with the pretrained model."""
     pool: Features = sets["pool"]
     scorer = make_scorer(name, budget, seed, sets)
-    scorer.text_encoder = _PromptFeatures(model, sets)
+    context = RoundContext(text_encoder=_PromptFeatures(model, sets), seed=seed)
     with torch.enable_grad():
-        scorer.prepare(model.endpoint(), sets["target"].pairs(), pool.pairs())
+        scorer.prepare(model.endpoint(), sets["target"].pairs(), pool.pairs(), context)
     with torch.no_grad():
         return torch.cat([scorer.score(b) for b in pool.pairs().batches(2048)]).double().numpy()
 

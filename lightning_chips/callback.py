@@ -21,7 +21,7 @@ from lightning_chips.data.datamodule import resolve_tokenizer
 from lightning_chips.data.webdataset import BadShardSample, ShardReport
 from lightning_chips.features import PairFeatures, extract_features, iter_features
 from lightning_chips.metrics import PromptEncoder
-from lightning_chips.scoring import Scorer, build_scorer
+from lightning_chips.scoring import RoundContext, Scorer, build_scorer
 from lightning_chips.selection import MODES, Mode, Selection, budget_for, select, write_round_file
 
 __all__ = ["NO_ID", "DataSelectionCallback"]
@@ -148,6 +148,7 @@ class DataSelectionCallback(Callback):
         self.adapter = adapter
 
         self.round = 0  # the index the next selection round gets
+        self.context = RoundContext(seed=seed)  # the context of the last (or running) round
         self.selection: Selection | None = None
         self.last_step = 0
         self.last_epoch = 0  # completed epochs at the last selection
@@ -232,12 +233,11 @@ class DataSelectionCallback(Callback):
         show = self.progress and trainer.is_global_zero
         device = pl_module.device
         r = self.round
-        self.scorer.round = r
-        if trainer.optimizers:
-            self.scorer.learning_rate = float(trainer.optimizers[0].param_groups[0]["lr"])
         collate_tokenizer = getattr(getattr(datamodule, "collate", None), "tokenizer", None)
         tokenizer = collate_tokenizer or resolve_tokenizer(None, None, pl_module)
-        self.scorer.text_encoder = PromptEncoder(adapter, tokenizer)
+        lr = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else 1.0
+        self.context = RoundContext(round=r, learning_rate=lr, text_encoder=PromptEncoder(adapter, tokenizer),
+                                    seed=self.seed)  # fmt: skip
 
         bad: dict[int, BadPair] = {}  # this rank's pool pairs that could not be used, by dataset index
         target_bad: dict[int, BadPair] = {}
@@ -356,7 +356,8 @@ class DataSelectionCallback(Callback):
             sample = _gather_features(pl_module, local)
 
         def score_own() -> tuple:
-            self.scorer.prepare(adapter.endpoint(), None if target is None else target.to(device), sample.to(device))
+            self.scorer.prepare(adapter.endpoint(), None if target is None else target.to(device), sample.to(device),
+                                self.context)  # fmt: skip
             if whole:
                 own_scores = torch.cat(
                     [self.scorer.score(b.to(device)).float().cpu() for b in own_features.batches(4096)]
@@ -430,7 +431,7 @@ class DataSelectionCallback(Callback):
 
             def score_all() -> tuple:
                 self.scorer.prepare(adapter.endpoint(), None if target is None else target.to(device),
-                                    sample.to(device))  # fmt: skip
+                                    sample.to(device), self.context)  # fmt: skip
                 scores = torch.cat([self.scorer.score(b.to(device)).float().cpu() for b in own_features.batches(4096)])
                 return own_features.ids.cpu(), scores, own_features.labels
 
@@ -441,7 +442,7 @@ class DataSelectionCallback(Callback):
             sample = extract_features(adapter, batches, device=device, progress=show,
                                       description=f"round {r}: pool sample")  # fmt: skip
             self.scorer.prepare(adapter.endpoint(), None if target is None else target.to(device),
-                                sample.to(device))  # fmt: skip
+                                sample.to(device), self.context)  # fmt: skip
             parts, ids = [], []
             for batch in scoring_pass(f"round {r}: scoring"):
                 parts.append(self.scorer.score(batch).float().cpu())

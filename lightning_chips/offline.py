@@ -58,7 +58,7 @@ from lightning_chips.io import (
     remove_stale_temporaries,
 )
 from lightning_chips.metrics import PromptEncoder
-from lightning_chips.scoring import Scorer
+from lightning_chips.scoring import RoundContext, Scorer
 from lightning_chips.selection import select
 
 __all__ = ["model_fingerprint", "read_scores", "reshard_samples", "score_pool", "select_subset"]
@@ -192,7 +192,8 @@ class _PoolScoring(LightningModule):
         self.started = time.perf_counter()
         self._check_same_weights()
         adapter = self._adapter()
-        self.scorer.text_encoder = PromptEncoder(adapter, resolve_tokenizer(None, None, self.model))
+        text_encoder = PromptEncoder(adapter, resolve_tokenizer(None, None, self.model))
+        context = RoundContext(learning_rate=c["learning_rate"], text_encoder=text_encoder, seed=c["seed"])
         collate = PairCollate(resolve_tokenizer(None, None, self.model), clip_normalize())
         target = None
         with self.trainer.precision_plugin.forward_context():  # the same precision as the scoring pass
@@ -205,7 +206,7 @@ class _PoolScoring(LightningModule):
         with torch.inference_mode(False), torch.enable_grad():
             target = None if target is None else _ordinary(target.to(self.device))
             sample = _ordinary(sample.to(self.device))
-            self.scorer.prepare(adapter.endpoint(), target, sample)
+            self.scorer.prepare(adapter.endpoint(), target, sample, context)
         rank_zero_info(f"[lightning-chips] score: prepared {self.scorer.summary()} on {len(sample)} pool pairs")
 
     def _check_same_weights(self) -> None:
@@ -439,7 +440,7 @@ def score_pool(
         learning_rate = float(learning_rate) if isinstance(learning_rate, int | float) else 1.0
     if not (np.isfinite(learning_rate) and learning_rate > 0):
         raise ValueError(f"`learning_rate` must be a finite number > 0, got {learning_rate}.")
-    scorer.learning_rate = float(learning_rate)
+    learning_rate = float(learning_rate)
     resolved = resolve_adapter(model, adapter)  # fail before any work if the CLIP cannot be reached
     image_size = int(image_size or getattr(model, "image_size", None) or 224)
     urls = expand_shards(pool)
@@ -448,8 +449,7 @@ def score_pool(
         target_pairs, target_report = load_target_pairs(target, image_size, uid_field)
     fingerprint = model_fingerprint(resolved.module)
     target_digest = _target_digest(target_pairs)
-    run_spec = [fingerprint, repr(scorer), target_digest, pool_sample, seed, image_size, uid_field,
-                scorer.learning_rate]  # fmt: skip
+    run_spec = [fingerprint, repr(scorer), target_digest, pool_sample, seed, image_size, uid_field, learning_rate]
     run = hashlib.sha1(json.dumps(run_spec).encode()).hexdigest()[:16]
     out = Path(output)
     trainer = trainer if trainer is not None else Trainer(
@@ -470,7 +470,7 @@ def score_pool(
         return _score_locked(model, scorer, out, urls, run, fingerprint, target_pairs, target_report, trainer, {
             "batch_size": batch_size, "num_workers": num_workers, "worker_start_method": worker_start_method,
             "pool_sample": pool_sample, "seed": seed, "image_size": image_size, "uid_field": uid_field,
-            "adapter": adapter, "after_shard": after_shard,
+            "adapter": adapter, "after_shard": after_shard, "learning_rate": learning_rate,
         })  # fmt: skip
     finally:
         if lock is not None:

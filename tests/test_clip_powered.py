@@ -71,7 +71,7 @@ def test_scorer_is_the_closed_form_and_runs_in_a_selection_fit(tmp_path):
     from lightning_chips.adapters import EndPoint
     from lightning_chips.data import CLASSNAMES
     from lightning_chips.features import PairFeatures
-    from lightning_chips.scoring import ClipCov, ClipPowered, build_scorer
+    from lightning_chips.scoring import ClipCov, ClipPowered, RoundContext, build_scorer
 
     from .conftest import TINY_VIT
 
@@ -80,9 +80,9 @@ def test_scorer_is_the_closed_form_and_runs_in_a_selection_fit(tmp_path):
     ep = EndPoint(torch.eye(8, dtype=torch.float64), torch.eye(8, dtype=torch.float64), torch.tensor(2.0))
     scorer = build_scorer("clip_powered", classnames=["a", "b", "c", "d"], templates=["{}"], train_adapters=False)
     assert isinstance(scorer, ClipPowered)
-    scorer.text_encoder = lambda names: prompts[["abcd".index(n) for n in names]]
+    encode = lambda names: prompts[["abcd".index(n) for n in names]]  # noqa: E731
     ids = torch.arange(len(images)) + 100
-    scorer.prepare(ep, None, PairFeatures(ids, images, images, labels))
+    scorer.prepare(ep, None, PairFeatures(ids, images, images, labels), RoundContext(text_encoder=encode))
     expected = clip_powered_scores(images, prompts, labels, train_adapters=False).combined
     torch.testing.assert_close(torch.cat([scorer.score(b) for b in PairFeatures(ids, images, images).batches(33)]),
                                expected)  # fmt: skip

@@ -12,7 +12,16 @@ import yaml
 
 from lightning_chips.features import PairFeatures
 from lightning_chips.functional import clip_score, negclip_loss, normsim
-from lightning_chips.scoring import Chain, CLIPScore, Intersect, NegCLIPLoss, NormSim, TracIn, build_scorer
+from lightning_chips.scoring import (
+    Chain,
+    CLIPScore,
+    Intersect,
+    NegCLIPLoss,
+    NormSim,
+    RoundContext,
+    TracIn,
+    build_scorer,
+)
 from lightning_chips.selection import select
 
 from .test_chips import _problem
@@ -119,14 +128,12 @@ def test_intersect_validates_eagerly_and_passes_round_state_on():
     # round, learning rate and checkpoint state reach the inner scorers (TracIn keeps totals across rounds)
     pool, target, ep = _features(n=80)
     scorer = build_scorer("intersect", scorers=[CLIPScore(), TracIn(bank_size=32)], fractions=[0.5, 1.0])
-    scorer.round, scorer.learning_rate = 3, 0.25
-    scorer.prepare(ep, target, pool)
+    scorer.prepare(ep, target, pool, RoundContext(round=3, learning_rate=0.25))
     assert scorer.scorers[1].round == 3 and scorer.scorers[1].learning_rate == 0.25
     first = scorer.score(pool)
     restored = Intersect([CLIPScore(), TracIn(bank_size=32)], [0.5, 1.0])
     restored.load_state_dict(scorer.state_dict())
-    restored.learning_rate = 0.25
-    restored.prepare(ep, target, pool)
+    restored.prepare(ep, target, pool, RoundContext(learning_rate=0.25))
     again, kept = restored.score(pool), first > -1e11
     assert torch.equal(again > -1e11, kept)
     torch.testing.assert_close(again[kept], 2 * first[kept])  # the restored history plus the same round again
@@ -166,11 +173,32 @@ def test_chain_checkpoints_its_inner_scorers_state():
     like the uninterrupted one)."""
     pool, target, ep = _features(n=80)
     scorer = Chain(CLIPScore(), TracIn(bank_size=32), keep_fraction=1.0)
-    scorer.learning_rate = 0.25
-    scorer.prepare(ep, target, pool)
+    scorer.prepare(ep, target, pool, RoundContext(learning_rate=0.25))
     first = scorer.score(pool)
     restored = Chain(CLIPScore(), TracIn(bank_size=32), keep_fraction=1.0)
     restored.load_state_dict(scorer.state_dict())
-    restored.learning_rate = 0.25
-    restored.prepare(ep, target, pool)
+    restored.prepare(ep, target, pool, RoundContext(learning_rate=0.25))
     torch.testing.assert_close(restored.score(pool), 2 * first)  # the restored round plus the same round again
+
+
+def test_a_scorer_written_before_round_contexts_still_reads_the_round():
+    """A user scorer with the three-argument ``prepare`` keeps working: callers pass the context, the scorer
+    reads ``self.round`` / ``self.learning_rate`` from it."""
+    from lightning_chips.scoring import Scorer
+
+    class Legacy(Scorer):
+        requires_target = False
+
+        def prepare(self, endpoint, target, pool_sample) -> None:
+            self.seen = (self.round, self.learning_rate)
+
+        def score(self, batch):
+            return torch.full((len(batch),), float(self.round))
+
+    pool, target, ep = _features(n=20)
+    legacy = Legacy()
+    legacy.prepare(ep, None, pool, RoundContext(round=4, learning_rate=0.5))
+    assert legacy.seen == (4, 0.5) and legacy.score(pool).eq(4).all()
+    chain = Chain(CLIPScore(), Legacy(), keep_fraction=1.0)
+    chain.prepare(ep, target, pool, RoundContext(round=2))
+    assert chain.second.seen == (2, 1.0)

@@ -34,6 +34,7 @@ from lightning_chips.scoring import (
     Intersect,
     NegCLIPLoss,
     NormSim,
+    RoundContext,
     Scorer,
     build_scorer,
 )
@@ -85,8 +86,7 @@ def _scorer(name: str, **kwargs) -> Scorer:
 
 
 def _prepare(scorer: Scorer, endpoint, target, pool, encode, round_: int = 0) -> torch.Tensor:
-    scorer.round, scorer.text_encoder = round_, encode
-    scorer.prepare(endpoint, target, pool)
+    scorer.prepare(endpoint, target, pool, RoundContext(round=round_, text_encoder=encode))
     return torch.cat([scorer.score(batch).double().cpu() for batch in pool.batches(16)])
 
 
@@ -209,10 +209,9 @@ def test_an_empty_target_is_a_value_error_naming_what_to_pass_before_any_work(cl
     endpoint, pool, target, encode = clip
     scorer = _scorer(name)
     assert scorer.requires_target
-    scorer.text_encoder = encode
     given = None if empty == "none" else target.index(slice(0, 0))
     with pytest.raises(ValueError, match=r"needs target pairs .*pass `target`"):
-        scorer.prepare(endpoint, given, pool)
+        scorer.prepare(endpoint, given, pool, RoundContext(text_encoder=encode))
     if name == "chain":  # the filter (negCLIPLoss) needs no target, but the error comes before it runs
         assert scorer.first._lookup is None
 

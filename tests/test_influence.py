@@ -12,7 +12,7 @@ from lightning_chips.adapters import EndPoint
 from lightning_chips.features import PairFeatures
 from lightning_chips.functional import bank_loss, bank_stats
 from lightning_chips.functional.influence import influence_prepare, influence_score_batch, tracin_scores, trak_scores
-from lightning_chips.scoring import TRAK, Dot, TracIn, build_scorer
+from lightning_chips.scoring import TRAK, Dot, RoundContext, TracIn, build_scorer
 
 from .test_chips import _problem
 
@@ -120,16 +120,14 @@ def test_tracin_scorer_accumulates_rounds_with_their_learning_rates():
     assert isinstance(scorer, TracIn)
     totals = []
     for r, (endpoint, lr) in enumerate([(ep, 0.5), (ep2, 0.25)]):
-        scorer.round, scorer.learning_rate = r, lr
-        scorer.prepare(endpoint, target, pool)
+        scorer.prepare(endpoint, target, pool, RoundContext(round=r, learning_rate=lr))
         totals.append(torch.cat([scorer.score(b) for b in pool.batches(16)]))
     expected = tracin_scores([(ep, 0.5), (ep2, 0.25)], pool_v, pool_t, target_v, target_t, bank_size=10_000)
     torch.testing.assert_close(totals[1], expected)
     # The history survives a checkpoint.
     restored = TracIn(bank_size=10_000)
     restored.load_state_dict(scorer.state_dict())
-    restored.round, restored.learning_rate = 2, 0.0
-    restored.prepare(ep2, target, pool)
+    restored.prepare(ep2, target, pool, RoundContext(round=2, learning_rate=0.0))
     torch.testing.assert_close(restored.score(pool), expected)
 
 

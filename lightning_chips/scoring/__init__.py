@@ -1,6 +1,6 @@
 """Scorers (stateful, streaming) wrapping :mod:`lightning_chips.functional`, and the registry by name."""
 
-from lightning_chips.scoring.base import Scorer, check_prepare_inputs
+from lightning_chips.scoring.base import RoundContext, Scorer, check_prepare_inputs
 from lightning_chips.scoring.chips import CHIPS, ROBUST_COMPONENTS
 from lightning_chips.scoring.compose import Chain, Intersect
 from lightning_chips.scoring.influence import TRAK, Dot, TracIn
@@ -21,6 +21,7 @@ __all__ = [
     "ROBUST_COMPONENTS",
     "SCORERS",
     "Random",
+    "RoundContext",
     "Scorer",
     "TRAK",
     "TracIn",

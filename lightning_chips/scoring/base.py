@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -12,7 +15,29 @@ from torch import Tensor
 from lightning_chips.endpoint import EndPoint
 from lightning_chips.features import PairFeatures
 
-__all__ = ["IdLookup", "Scorer", "check_prepare_inputs"]
+__all__ = ["IdLookup", "RoundContext", "Scorer", "check_prepare_inputs"]
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What a selection round tells its scorer, passed to :meth:`Scorer.prepare` (never set as attributes).
+
+    Attributes:
+        round: the selection round being scored (0 for a one-shot ``lightning-chips score``).
+        learning_rate: the optimizer's learning rate at this round (TracIn weights rounds by it).
+        text_encoder: normalised text embeddings ``[P, e]`` of prompts under the current model (class prompts for
+            zero-shot pseudo-labels, CLIP-powered selection); the callback and ``lightning-chips score`` give one.
+        seed: the selection's seed (the pool sample's draw; scorers keep their own ``seed`` argument).
+
+    Example::
+
+        >>> scorer.prepare(endpoint, target, pool_sample, RoundContext(round=3, learning_rate=1e-4))  # doctest: +SKIP
+    """
+
+    round: int = 0
+    learning_rate: float = 1.0
+    text_encoder: Callable[[list[str]], Tensor] | None = None
+    seed: int = 0
 
 
 class Scorer(ABC):
@@ -26,17 +51,54 @@ class Scorer(ABC):
     Class attributes:
         name: the registry name (``build_scorer(name)``).
         requires_target: whether :meth:`prepare` needs target pairs.
+
+    A round's context (its index, learning rate, prompt encoder, seed) arrives as the :class:`RoundContext`
+    argument of :meth:`prepare`; :attr:`round`, :attr:`learning_rate` and :attr:`text_encoder` read it.
     """
 
     name: ClassVar[str] = ""
-    requires_target: ClassVar[bool] = True
-    round: int = 0
-    """The selection round being scored; set by the caller before :meth:`prepare`."""
-    learning_rate: float = 1.0
-    """The optimizer's learning rate at this round (TracIn weights rounds by it); set by the caller."""
-    text_encoder: Callable[[list[str]], Tensor] | None = None
-    """Normalised text embeddings ``[P, e]`` of prompts under the current model (class prompts for zero-shot
-    pseudo-labels, CLIP-powered selection); set by the caller (the callback does)."""
+    requires_target: bool = True
+    """Whether :meth:`prepare` needs target pairs (a class attribute; composites set it from their parts)."""
+    context: RoundContext = RoundContext()
+    """The :class:`RoundContext` of the last :meth:`prepare` (recorded by :meth:`use_context`)."""
+
+    @property
+    def round(self) -> int:
+        """The round being scored (from the context)."""
+        return self.context.round
+
+    @property
+    def learning_rate(self) -> float:
+        """The round's learning rate (from the context)."""
+        return self.context.learning_rate
+
+    @property
+    def text_encoder(self) -> Callable[[list[str]], Tensor] | None:
+        """The round's prompt encoder (from the context)."""
+        return self.context.text_encoder
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """A scorer written before :class:`RoundContext` (``prepare(endpoint, target, pool_sample)``) keeps working:
+        its ``prepare`` is wrapped to take the context and record it, so :attr:`round` and friends read it."""
+        super().__init_subclass__(**kwargs)
+        prepare = cls.__dict__.get("prepare")
+        if prepare is None or getattr(prepare, "__isabstractmethod__", False):
+            return
+        if len(inspect.signature(prepare).parameters) == 4:  # self, endpoint, target, pool_sample
+
+            @functools.wraps(prepare)
+            def prepare_with_context(self, endpoint, target, pool_sample, context=None):  # noqa: ANN001
+                self.use_context(context)
+                return prepare(self, endpoint, target, pool_sample)
+
+            cls.prepare = prepare_with_context
+
+    def use_context(self, context: RoundContext | None) -> RoundContext:
+        """Record the round's context (``None``: the defaults); implementations call it first in :meth:`prepare`."""
+        if context is not None and not isinstance(context, RoundContext):
+            raise TypeError(f"`context` must be a RoundContext, got {type(context).__name__}.")
+        self.context = context if context is not None else RoundContext()
+        return self.context
 
     def state_dict(self) -> dict:
         """State that must survive a checkpoint (most scorers have none: they are prepared anew each round)."""
@@ -46,8 +108,14 @@ class Scorer(ABC):
         """Restore :meth:`state_dict`."""
 
     @abstractmethod
-    def prepare(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
-        """Compute the round's statistics."""
+    def prepare(
+        self,
+        endpoint: EndPoint,
+        target: PairFeatures | None,
+        pool_sample: PairFeatures,
+        context: RoundContext | None = None,
+    ) -> None:
+        """Compute the round's statistics; ``context`` says which round (call :meth:`use_context` first)."""
 
     @abstractmethod
     def score(self, batch: PairFeatures) -> Tensor:

@@ -18,7 +18,7 @@ from lightning_chips.functional.chips import (
     chips_score_batch,
     validate_chips_arguments,
 )
-from lightning_chips.scoring.base import Scorer, check_prepare_inputs
+from lightning_chips.scoring.base import RoundContext, Scorer, check_prepare_inputs
 
 __all__ = ["CHIPS", "ROBUST_COMPONENTS"]
 
@@ -138,7 +138,14 @@ class CHIPS(Scorer):
         self.dtype = dtype
         self.state: ChipsState | None = None
 
-    def prepare(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
+    def prepare(
+        self,
+        endpoint: EndPoint,
+        target: PairFeatures | None,
+        pool_sample: PairFeatures,
+        context: RoundContext | None = None,
+    ) -> None:
+        self.use_context(context)
         check_prepare_inputs(self, endpoint, target, pool_sample, uses_target=True)
         device = endpoint.image_proj.device
         self.state = chips_prepare(

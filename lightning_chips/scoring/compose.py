@@ -9,7 +9,7 @@ from torch import Tensor
 
 from lightning_chips.endpoint import EndPoint
 from lightning_chips.features import PairFeatures
-from lightning_chips.scoring.base import Scorer, check_prepare_inputs
+from lightning_chips.scoring.base import RoundContext, Scorer, check_prepare_inputs
 
 __all__ = ["Chain", "Intersect"]
 
@@ -41,18 +41,21 @@ class Chain(Scorer):
         if not 0.0 < keep_fraction <= 1.0:
             raise ValueError(f"`keep_fraction` must be in (0, 1], got {keep_fraction}.")
         self.first, self.second, self.keep_fraction = first, second, keep_fraction
+        self.requires_target = first.requires_target or second.requires_target
         self.threshold: float | None = None
 
-    @property
-    def requires_target(self) -> bool:  # type: ignore[override]
-        return self.first.requires_target or self.second.requires_target
-
-    def prepare(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
+    def prepare(
+        self,
+        endpoint: EndPoint,
+        target: PairFeatures | None,
+        pool_sample: PairFeatures,
+        context: RoundContext | None = None,
+    ) -> None:
+        self.use_context(context)
         # a missing target fails before the first scorer does any work
         check_prepare_inputs(self, None, target, None, uses_target=self.requires_target, uses_pool_sample=False)
         for scorer in (self.first, self.second):
-            scorer.round, scorer.learning_rate, scorer.text_encoder = self.round, self.learning_rate, self.text_encoder
-            scorer.prepare(endpoint, target, pool_sample)
+            scorer.prepare(endpoint, target, pool_sample, context)
         scores = torch.cat([self.first.score(b).double().cpu() for b in pool_sample.batches(4096)])
         keep = max(1, round(self.keep_fraction * len(scores)))
         self.threshold = float(torch.sort(scores, descending=True).values[keep - 1])
@@ -141,20 +144,23 @@ class Intersect(Scorer):
         if not -len(scorers) <= rank_by < len(scorers):
             raise ValueError(f"`rank_by` must index one of the {len(scorers)} scorers, got {rank_by}.")
         self.scorers, self.fractions, self.rank_by = scorers, fractions, rank_by % len(scorers)
+        self.requires_target = any(scorer.requires_target for scorer in scorers)
         self.thresholds: list[float] | None = None
         self.kept_in_sample: int | None = None
         self.sample_size: int | None = None
 
-    @property
-    def requires_target(self) -> bool:  # type: ignore[override]
-        return any(scorer.requires_target for scorer in self.scorers)
-
-    def prepare(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
+    def prepare(
+        self,
+        endpoint: EndPoint,
+        target: PairFeatures | None,
+        pool_sample: PairFeatures,
+        context: RoundContext | None = None,
+    ) -> None:
+        self.use_context(context)
         # a missing target fails before the first scorer does any work
         check_prepare_inputs(self, None, target, None, uses_target=self.requires_target, uses_pool_sample=False)
         for scorer in self.scorers:
-            scorer.round, scorer.learning_rate, scorer.text_encoder = self.round, self.learning_rate, self.text_encoder
-            scorer.prepare(endpoint, target, pool_sample)
+            scorer.prepare(endpoint, target, pool_sample, context)
         n = len(pool_sample)
         thresholds, kept = [], torch.ones(n, dtype=torch.bool)
         for scorer, fraction in zip(self.scorers, self.fractions, strict=True):

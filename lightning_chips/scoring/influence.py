@@ -10,7 +10,7 @@ from torch import Tensor
 from lightning_chips.endpoint import EndPoint
 from lightning_chips.features import PairFeatures
 from lightning_chips.functional.influence import InfluenceState, influence_prepare, influence_score_batch
-from lightning_chips.scoring.base import Scorer, check_prepare_inputs
+from lightning_chips.scoring.base import RoundContext, Scorer, check_prepare_inputs
 
 __all__ = ["TRAK", "Dot", "TracIn"]
 
@@ -45,7 +45,14 @@ class _InfluenceScorer(Scorer):
         self.bank_size, self.train_samples, self.seed, self.dtype = bank_size, train_samples, seed, dtype
         self.state: InfluenceState | None = None
 
-    def prepare(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
+    def prepare(
+        self,
+        endpoint: EndPoint,
+        target: PairFeatures | None,
+        pool_sample: PairFeatures,
+        context: RoundContext | None = None,
+    ) -> None:
+        self.use_context(context)
         check_prepare_inputs(self, endpoint, target, pool_sample, uses_target=True)
         device = endpoint.image_proj.device
         self.state = influence_prepare(
@@ -102,9 +109,15 @@ class TracIn(Dot):
         self._past_totals = torch.zeros(0, dtype=torch.float64)
         self._pending: list[tuple[Tensor, Tensor]] = []
 
-    def prepare(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
+    def prepare(
+        self,
+        endpoint: EndPoint,
+        target: PairFeatures | None,
+        pool_sample: PairFeatures,
+        context: RoundContext | None = None,
+    ) -> None:
         self._commit()
-        super().prepare(endpoint, target, pool_sample)
+        super().prepare(endpoint, target, pool_sample, context)
 
     def _commit(self) -> None:
         """Fold the totals scored in the previous round into the history."""

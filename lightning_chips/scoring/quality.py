@@ -13,7 +13,7 @@ from lightning_chips.endpoint import EndPoint
 from lightning_chips.features import PairFeatures
 from lightning_chips.functional.quality import clip_score, negclip_loss, normsim
 from lightning_chips.metrics import format_prompts
-from lightning_chips.scoring.base import IdLookup, Scorer, check_prepare_inputs
+from lightning_chips.scoring.base import IdLookup, RoundContext, Scorer, check_prepare_inputs
 
 __all__ = ["CLIPScore", "ClipCov", "ClipPowered", "NegCLIPLoss", "NormSim"]
 
@@ -25,7 +25,14 @@ class _EmbeddingScorer(Scorer):
     reads_pool_sample: ClassVar[bool] = True
     """Whether :meth:`prepare` computes from the pool sample (set-level scorers) or only keeps the end point."""
 
-    def prepare(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
+    def prepare(
+        self,
+        endpoint: EndPoint,
+        target: PairFeatures | None,
+        pool_sample: PairFeatures,
+        context: RoundContext | None = None,
+    ) -> None:
+        self.use_context(context)
         check_prepare_inputs(self, endpoint, target, pool_sample, uses_target=self.requires_target,
                              uses_pool_sample=self.reads_pool_sample)  # fmt: skip
         self.endpoint = endpoint.detach()
@@ -42,7 +49,7 @@ class CLIPScore(_EmbeddingScorer):
     """CLIPScore ``cos(x, y)`` of each pair with the current model (needs no target)."""
 
     name: ClassVar[str] = "clipscore"
-    requires_target: ClassVar[bool] = False
+    requires_target = False
     reads_pool_sample: ClassVar[bool] = False
 
     def score(self, batch: PairFeatures) -> Tensor:
@@ -66,8 +73,14 @@ class NormSim(_EmbeddingScorer):
         self.p = float(p)
         self.target_image: Tensor | None = None
 
-    def prepare(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
-        super().prepare(endpoint, target, pool_sample)
+    def prepare(
+        self,
+        endpoint: EndPoint,
+        target: PairFeatures | None,
+        pool_sample: PairFeatures,
+        context: RoundContext | None = None,
+    ) -> None:
+        super().prepare(endpoint, target, pool_sample, context)
         self.target_image = self._embed(target)[0]
 
     def score(self, batch: PairFeatures) -> Tensor:
@@ -93,7 +106,7 @@ class NegCLIPLoss(_EmbeddingScorer):
     """
 
     name: ClassVar[str] = "negclip"
-    requires_target: ClassVar[bool] = False
+    requires_target = False
 
     def __init__(self, *, temperature: float = 0.01, batch_size: int = 32768, repeats: int = 10, seed: int = 0) -> None:
         if temperature <= 0 or batch_size < 2 or repeats < 1:
@@ -105,8 +118,14 @@ class NegCLIPLoss(_EmbeddingScorer):
         self._lookup: IdLookup | None = None
         self._sample: tuple[Tensor, Tensor] | None = None
 
-    def prepare(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
-        super().prepare(endpoint, target, pool_sample)
+    def prepare(
+        self,
+        endpoint: EndPoint,
+        target: PairFeatures | None,
+        pool_sample: PairFeatures,
+        context: RoundContext | None = None,
+    ) -> None:
+        super().prepare(endpoint, target, pool_sample, context)
         x, y = self._embed(pool_sample)
         scores = negclip_loss(x, y, temperature=self.temperature, batch_size=self.batch_size, repeats=self.repeats,
                               seed=self.seed + self.round)  # fmt: skip
@@ -160,7 +179,7 @@ class ClipCov(_EmbeddingScorer):
     """
 
     name: ClassVar[str] = "clipcov"
-    requires_target: ClassVar[bool] = False
+    requires_target = False
 
     def __init__(
         self,
@@ -181,10 +200,16 @@ class ClipCov(_EmbeddingScorer):
         self.classnames, self.templates = list(classnames or []), list(templates)
         self._lookup: IdLookup | None = None
 
-    def prepare(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
+    def prepare(
+        self,
+        endpoint: EndPoint,
+        target: PairFeatures | None,
+        pool_sample: PairFeatures,
+        context: RoundContext | None = None,
+    ) -> None:
         from lightning_chips.functional.clipcov import clipcov_order, kmeans
 
-        super().prepare(endpoint, target, pool_sample)
+        super().prepare(endpoint, target, pool_sample, context)
         x, y = self._embed(pool_sample)
         if self.classes == "labels":
             if pool_sample.labels is None:
@@ -210,8 +235,9 @@ def _class_embeddings(scorer: Scorer, classnames: list[str], templates: list[str
     """``[C, e]`` template-averaged, renormalised prompt embeddings through the caller's ``text_encoder``."""
     if scorer.text_encoder is None:
         raise ValueError(
-            f"{type(scorer).__name__} needs class-prompt embeddings: set `scorer.text_encoder` (DataSelectionCallback "
-            "does) to a function mapping prompts to normalised text embeddings."
+            f"{type(scorer).__name__} needs class-prompt embeddings: pass `RoundContext(text_encoder=...)` to prepare "
+            "(DataSelectionCallback and lightning-chips score do), a function mapping prompts to normalised text "
+            "embeddings."
         )
     prompts = [p for name in classnames for p in format_prompts(name, templates)]
     emb = F.normalize(scorer.text_encoder(prompts).double(), dim=-1).reshape(len(classnames), len(templates), -1)
@@ -252,7 +278,7 @@ class ClipPowered(_EmbeddingScorer):
     """
 
     name: ClassVar[str] = "clip_powered"
-    requires_target: ClassVar[bool] = False
+    requires_target = False
 
     def __init__(
         self,
@@ -282,10 +308,16 @@ class ClipPowered(_EmbeddingScorer):
         self.neighbours, self.diversity_weight, self.seed = neighbours, diversity_weight, seed
         self._lookup: IdLookup | None = None
 
-    def prepare(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
+    def prepare(
+        self,
+        endpoint: EndPoint,
+        target: PairFeatures | None,
+        pool_sample: PairFeatures,
+        context: RoundContext | None = None,
+    ) -> None:
         from lightning_chips.functional.clip_powered import clip_powered_scores
 
-        super().prepare(endpoint, target, pool_sample)
+        super().prepare(endpoint, target, pool_sample, context)
         x, y = (e.double().cpu() for e in self._embed(pool_sample))
         if self.labels == "kmeans":
             from lightning_chips.functional.clipcov import kmeans

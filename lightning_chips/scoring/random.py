@@ -9,7 +9,7 @@ from torch import Tensor
 
 from lightning_chips.endpoint import EndPoint
 from lightning_chips.features import PairFeatures
-from lightning_chips.scoring.base import Scorer
+from lightning_chips.scoring.base import RoundContext, Scorer
 
 __all__ = ["Random"]
 
@@ -29,13 +29,20 @@ class Random(Scorer):
     """
 
     name: ClassVar[str] = "random"
-    requires_target: ClassVar[bool] = False
+    requires_target = False
 
     def __init__(self, *, seed: int = 0, fixed: bool = False) -> None:
         self.seed, self.fixed = int(seed), fixed
 
-    def prepare(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
-        """Nothing to prepare: scores depend only on (seed, round, id)."""
+    def prepare(
+        self,
+        endpoint: EndPoint,
+        target: PairFeatures | None,
+        pool_sample: PairFeatures,
+        context: RoundContext | None = None,
+    ) -> None:
+        """Nothing to prepare but the round: scores depend only on (seed, round, id)."""
+        self.use_context(context)
 
     def score(self, batch: PairFeatures) -> Tensor:
         salt = self.seed * 1_000_003 + (0 if self.fixed else self.round)
