@@ -356,8 +356,8 @@ class DataSelectionCallback(Callback):
             sample = _gather_features(pl_module, local)
 
         def score_own() -> tuple:
-            self.scorer.prepare(adapter.endpoint(), None if target is None else target.to(device), sample.to(device),
-                                self.context)  # fmt: skip
+            self.scorer.prepare(adapter.endpoint(), None if target is None else target.sorted_by_id().to(device),
+                                sample.sorted_by_id().to(device), self.context)  # fmt: skip
             if whole:
                 own_scores = torch.cat(
                     [self.scorer.score(b.to(device)).float().cpu() for b in own_features.batches(4096)]
@@ -430,8 +430,8 @@ class DataSelectionCallback(Callback):
             sample = _gather_features(pl_module, own_features)
 
             def score_all() -> tuple:
-                self.scorer.prepare(adapter.endpoint(), None if target is None else target.to(device),
-                                    sample.to(device), self.context)  # fmt: skip
+                self.scorer.prepare(adapter.endpoint(), None if target is None else target.sorted_by_id().to(device),
+                                    sample.sorted_by_id().to(device), self.context)  # fmt: skip
                 scores = torch.cat([self.scorer.score(b.to(device)).float().cpu() for b in own_features.batches(4096)])
                 return own_features.ids.cpu(), scores, own_features.labels
 
@@ -441,8 +441,8 @@ class DataSelectionCallback(Callback):
             batches = datamodule.pool_sample(self.pool_sample, r, seed=self.seed)
             sample = extract_features(adapter, batches, device=device, progress=show,
                                       description=f"round {r}: pool sample")  # fmt: skip
-            self.scorer.prepare(adapter.endpoint(), None if target is None else target.to(device),
-                                sample.to(device), self.context)  # fmt: skip
+            self.scorer.prepare(adapter.endpoint(), None if target is None else target.sorted_by_id().to(device),
+                                sample.sorted_by_id().to(device), self.context)  # fmt: skip
             parts, ids = [], []
             for batch in scoring_pass(f"round {r}: scoring"):
                 parts.append(self.scorer.score(batch).float().cpu())

@@ -60,6 +60,13 @@ class PairFeatures:
             None if self.labels is None or device is None else self.labels.to(device),
         )
 
+    def sorted_by_id(self) -> PairFeatures:
+        """The rows in increasing id order: the canonical order of a target or pool sample given to
+        ``Scorer.prepare``, so a scorer's state (its seeded bank and curvature sample) depends on which pairs it
+        got, not on the order they were read in (dataset order, shard order, ranks)."""
+        order = torch.argsort(self.ids, stable=True)
+        return self.index(order.to(self.ids.device))
+
     def batches(self, batch_size: int) -> Iterable[PairFeatures]:
         """Consecutive chunks of at most ``batch_size`` rows."""
         for start in range(0, len(self), batch_size):

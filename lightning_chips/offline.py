@@ -204,8 +204,8 @@ class _PoolScoring(LightningModule):
         # predict runs under inference mode; some scorers train in prepare (CLIP-powered's adapters), so prepare
         # gets ordinary tensors and autograd
         with torch.inference_mode(False), torch.enable_grad():
-            target = None if target is None else _ordinary(target.to(self.device))
-            sample = _ordinary(sample.to(self.device))
+            target = None if target is None else _ordinary(target.sorted_by_id().to(self.device))
+            sample = _ordinary(sample.sorted_by_id().to(self.device))
             self.scorer.prepare(adapter.endpoint(), target, sample, context)
         rank_zero_info(f"[lightning-chips] score: prepared {self.scorer.summary()} on {len(sample)} pool pairs")
 
