@@ -19,6 +19,7 @@ from lightning_chips.adapters import CLIPAdapter, resolve_adapter
 from lightning_chips.data.checks import BadPair, describe_error
 from lightning_chips.data.datamodule import resolve_tokenizer
 from lightning_chips.data.webdataset import BadShardSample, ShardReport
+from lightning_chips.engine import prepare_scorer, score_batch
 from lightning_chips.features import PairFeatures, extract_features, iter_features
 from lightning_chips.metrics import PromptEncoder
 from lightning_chips.scoring import RoundContext, Scorer, build_scorer
@@ -356,18 +357,15 @@ class DataSelectionCallback(Callback):
             sample = _gather_features(pl_module, local)
 
         def score_own() -> tuple:
-            self.scorer.prepare(adapter.endpoint(), None if target is None else target.sorted_by_id().to(device),
-                                sample.sorted_by_id().to(device), self.context)  # fmt: skip
+            prepare_scorer(self.scorer, adapter.endpoint(), target, sample, self.context, device)
             if whole:
-                own_scores = torch.cat(
-                    [self.scorer.score(b.to(device)).float().cpu() for b in own_features.batches(4096)]
-                )
+                own_scores = torch.cat([score_batch(self.scorer, b.to(device)) for b in own_features.batches(4096)])
                 return own_features.ids, own_scores, own_features.labels
             parts, ids, labels = [], [], []
             stream = iter_features(adapter, _skip_bad(datamodule.pool_dataloader(own_indices), bad), device=device,
                                    progress=show, description=f"round {r}: scoring")  # fmt: skip
             for batch in stream:
-                parts.append(self.scorer.score(batch).float().cpu())
+                parts.append(score_batch(self.scorer, batch))
                 ids.append(batch.ids.cpu())
                 labels.append(None if batch.labels is None else batch.labels.cpu())
             if not parts:
@@ -430,9 +428,8 @@ class DataSelectionCallback(Callback):
             sample = _gather_features(pl_module, own_features)
 
             def score_all() -> tuple:
-                self.scorer.prepare(adapter.endpoint(), None if target is None else target.sorted_by_id().to(device),
-                                    sample.sorted_by_id().to(device), self.context)  # fmt: skip
-                scores = torch.cat([self.scorer.score(b.to(device)).float().cpu() for b in own_features.batches(4096)])
+                prepare_scorer(self.scorer, adapter.endpoint(), target, sample, self.context, device)
+                scores = torch.cat([score_batch(self.scorer, b.to(device)) for b in own_features.batches(4096)])
                 return own_features.ids.cpu(), scores, own_features.labels
 
             return _agree(trainer, r, "the pool scores", score_all)
@@ -441,11 +438,10 @@ class DataSelectionCallback(Callback):
             batches = datamodule.pool_sample(self.pool_sample, r, seed=self.seed)
             sample = extract_features(adapter, batches, device=device, progress=show,
                                       description=f"round {r}: pool sample")  # fmt: skip
-            self.scorer.prepare(adapter.endpoint(), None if target is None else target.sorted_by_id().to(device),
-                                sample.sorted_by_id().to(device), self.context)  # fmt: skip
+            prepare_scorer(self.scorer, adapter.endpoint(), target, sample, self.context, device)
             parts, ids = [], []
             for batch in scoring_pass(f"round {r}: scoring"):
-                parts.append(self.scorer.score(batch).float().cpu())
+                parts.append(score_batch(self.scorer, batch))
                 ids.append(batch.ids.cpu())
             account(sum(len(i) for i in ids))
             if not parts:

@@ -46,6 +46,7 @@ from lightning_chips.data.webdataset import (
     expand_shards,
     iter_raw_samples,
 )
+from lightning_chips.engine import prepare_scorer, score_batch
 from lightning_chips.features import PairFeatures, extract_features, iter_features
 from lightning_chips.io import (
     CorruptFileError,
@@ -201,12 +202,7 @@ class _PoolScoring(LightningModule):
                 loader = DataLoader(ListDataset(c["target_pairs"]), batch_size=c["batch_size"], collate_fn=collate)
                 target = extract_features(adapter, loader, device=self.device, description="target")
             sample = self._pool_sample(adapter, collate)
-        # predict runs under inference mode; some scorers train in prepare (CLIP-powered's adapters), so prepare
-        # gets ordinary tensors and autograd
-        with torch.inference_mode(False), torch.enable_grad():
-            target = None if target is None else _ordinary(target.sorted_by_id().to(self.device))
-            sample = _ordinary(sample.sorted_by_id().to(self.device))
-            self.scorer.prepare(adapter.endpoint(), target, sample, context)
+        prepare_scorer(self.scorer, adapter.endpoint(), target, sample, context, self.device)
         rank_zero_info(f"[lightning-chips] score: prepared {self.scorer.summary()} on {len(sample)} pool pairs")
 
     def _check_same_weights(self) -> None:
@@ -236,13 +232,7 @@ class _PoolScoring(LightningModule):
         if len(batch["id"]):
             shard = batch.pop("shard").cpu()
             (features,) = iter_features(self._adapter(), [batch], device=self.device)
-            scores = self.scorer.score(features).float().cpu()
-            if not torch.isfinite(scores).all():
-                bad = features.ids.cpu()[~torch.isfinite(scores)][:5].tolist()
-                raise FloatingPointError(
-                    f"{type(self.scorer).__name__} gave non-finite scores (first ids: {bad}); the model or the "
-                    "features are diverged."
-                )
+            scores = score_batch(self.scorer, features)
             ids = features.ids.cpu()
             for s in shard.unique().tolist():
                 mask = shard == s
@@ -281,12 +271,6 @@ class _PoolScoring(LightningModule):
         if rank == 0:
             _write_merged(output, c, time.perf_counter() - self.started, scored_now)
         self.trainer.strategy.barrier("lightning_chips_score_done")
-
-
-def _ordinary(features: PairFeatures) -> PairFeatures:
-    """A copy made outside inference mode (inference tensors cannot enter autograd)."""
-    labels = None if features.labels is None else features.labels.clone()
-    return PairFeatures(features.ids.clone(), features.image.clone(), features.text.clone(), labels)
 
 
 def _merge_parts(output: Path, urls: Sequence[str], run: str) -> tuple[np.ndarray, np.ndarray, list[dict]]:

@@ -93,3 +93,38 @@ def test_map_style_streaming_and_offline_rounds_agree(data, tmp_path, name):
         np.testing.assert_allclose(scores[order], reference, rtol=1e-4, atol=1e-5 * np.abs(reference).max(),
                                    err_msg=entry)  # fmt: skip
         assert set(select(ids, scores, fraction=0.3).ids.tolist()) == chosen, entry
+
+
+class _Diverged(Scorer):
+    """NaN for one pair: what a diverged model gives."""
+
+    requires_target = False
+
+    def __init__(self, bad_id: int) -> None:
+        self.bad_id = bad_id
+
+    def prepare(self, endpoint, target, pool_sample, context=None) -> None:
+        self.use_context(context)
+
+    def score(self, batch):
+        scores = batch.image.new_zeros(len(batch))
+        scores[batch.ids == self.bad_id] = float("nan")
+        return scores
+
+
+def test_non_finite_scores_are_the_same_error_through_every_entry_point(data, tmp_path):
+    pool_pairs = [p for p in WebDatasetPairs(str(data / "pool"), image_size=32)]
+    bad_id = pool_pairs[3]["id"]
+    match = rf"_Diverged gave non-finite scores in round 0 \(first ids: \[{bad_id}\]\)"
+    with pytest.raises(FloatingPointError, match=match):
+        pool = ScoredSubsetDataModule(ListDataset(pool_pairs), batch_size=8, steps_per_round=1, eval_batch_size=16)
+        _fit_round_zero(_module(), pool, _Diverged(bad_id), tmp_path / "map")
+    with pytest.raises(FloatingPointError, match=match):
+        _fit_round_zero(_module(), WebDatasetDataModule(str(data / "pool"), batch_size=8, steps_per_round=1,
+                                                        num_workers=0, eval_batch_size=16),
+                        _Diverged(bad_id), tmp_path / "stream")  # fmt: skip
+    with pytest.raises(FloatingPointError, match=match):
+        score_pool(_module(), _Diverged(bad_id), str(data / "pool"), str(tmp_path / "offline"), num_workers=0,
+                   trainer=pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                                      enable_model_summary=False))  # fmt: skip
+    assert not list(tmp_path.rglob("round_*.npz")) and not (tmp_path / "offline" / "scores.npz").exists()

@@ -57,7 +57,8 @@ def _chips() -> CHIPS:
 
 def _in_memory_scores(module, root: Path, valid: dict, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The same scores computed without shards, workers or parts: decode the written bytes, extract features,
-    prepare on the documented pool sample (the first POOL_SAMPLE valid pairs, shards in the seeded order)."""
+    prepare on the documented pool sample (the first POOL_SAMPLE valid pairs, shards in the seeded order; given to
+    the scorer in id order, as the target)."""
     tokenizer = module.get_tokenizer()
     collate = PairCollate(tokenizer, clip_normalize())
     transform = image_transform(32)
@@ -78,6 +79,8 @@ def _in_memory_scores(module, root: Path, valid: dict, seed: int = 0) -> tuple[n
     urls = expand_shards(str(root / "pool"))
     order = np.random.default_rng(seed).permutation(len(urls))
     sample_ids = [p["id"] for i in order for p in WebDatasetPairs(urls[i], image_size=32)][:POOL_SAMPLE]
+    sample_ids.sort()  # the scorer is prepared on the sample in id order
+    target = target.index(torch.argsort(target.ids))
     position = {u: i for i, u in enumerate(uids)}
     sample = features.index(torch.tensor([position[u] for u in sample_ids]))
     scorer = _chips()
