@@ -168,7 +168,7 @@ REFERENCES = ["full pool", "random 50%"]
 # data and the feature cache
 # ----------------------------------------------------------------------------------------------------------------
 FIELDS = ("ids", "image", "text", "labels", "noisy", "uninformative", "domain")
-TARGET_DOMAIN = 2  # the Animal-MNIST domain index of lightning_chips.data.real.REAL_DOMAINS
+TARGET_DOMAIN = 2  # the Animal-MNIST domain index of lightning_chips.datasets.real.REAL_DOMAINS
 
 
 @dataclass
@@ -288,7 +288,7 @@ INDOMAIN_SEED = 20261203
 
 def indomain_pool(cfg: Config) -> tuple[Dataset, dict]:
     """The in-domain scenario's CPT pool (a dataset of raw pairs) and a description of how it was made."""
-    from lightning_chips.data.real import AnimalMNISTPairs, OpenClipartPairs
+    from lightning_chips.datasets.real import AnimalMNISTPairs, OpenClipartPairs
 
     size = cfg.image_size
     animal = AnimalMNISTPairs("train", image_size=size)
@@ -326,7 +326,7 @@ def indomain_pool(cfg: Config) -> tuple[Dataset, dict]:
 
 def _cache_file(cfg: Config, cache: Path, scenario: str) -> Path:
     """The cache file of a scenario's features: keyed by the config, the data code and the code that builds them."""
-    code = b"".join((ROOT / "lightning_chips" / f).read_bytes() for f in ("data/real.py", "models/two_tower.py"))
+    code = b"".join((ROOT / "lightning_chips" / f).read_bytes() for f in ("datasets/real.py", "models/two_tower.py"))
     builders = (build_sets, indomain_pool, class_counts, Recaptioned, Towers, _collate_raw)
     code += "".join(inspect.getsource(f) for f in builders).encode() + repr((GENERIC_CAPTIONS, INDOMAIN_SEED)).encode()
     key = hashlib.sha1(json.dumps([asdict(cfg), scenario], sort_keys=True, default=str).encode() + code)
@@ -339,7 +339,7 @@ def build_sets(cfg: Config, towers: Towers | None, cache: Path, scenario: str = 
     Keys: ``general`` (the pretraining pool), ``pool`` (the CPT pool), ``target``, ``test_animal``,
     ``test_fashion``, ``test_clipart``, ``prompts`` (zero-shot class prompts) and ``info`` (head classes, ...).
     """
-    from lightning_chips.data.real import AnimalMNISTPairs, FashionMNISTPairs, OpenClipartPairs
+    from lightning_chips.datasets.real import AnimalMNISTPairs, FashionMNISTPairs, OpenClipartPairs
 
     if scenario not in SCENARIOS:
         raise ValueError(f"Unknown scenario {scenario!r}; use one of {SCENARIOS}.")
@@ -595,7 +595,7 @@ def fidelity(cfg: Config, state: dict) -> dict[str, float]:
     """Spearman between end-point alignment and alignment with the last tower blocks trainable (paper: 0.83)."""
     from scipy.stats import spearmanr
 
-    from lightning_chips.data.real import AnimalMNISTPairs, FashionMNISTPairs, OpenClipartPairs
+    from lightning_chips.datasets.real import AnimalMNISTPairs, FashionMNISTPairs, OpenClipartPairs
     from lightning_chips.functional import endpoint_parameter_names, full_parameter_influence
 
     size = cfg.image_size

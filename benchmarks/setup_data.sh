@@ -104,7 +104,7 @@ argument or in PYTHON=)"
   pip_install "${PIP_WITH_DEPS[@]}"
 fi
 
-# --- check that the data is where lightning_chips.data.real looks for it ------------------------------------------
+# --- check that the data is where lightning_chips.datasets.real looks for it --------------------------------------
 if [ "${SKIP_APT:-0}" != "1" ]; then
   for path in /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz /usr/share/openclipart/png \
     /usr/share/openclipart/svg; do

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
 from lightning_chips.data.builtin import SPLIT_ID_OFFSETS
-from lightning_chips.data.real import (
+from lightning_chips.datasets.real import (
     ANIMAL_CLASSES,
     CATEGORIES,
     DATASET_ID_OFFSETS,

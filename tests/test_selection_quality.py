@@ -22,7 +22,7 @@ def _load():
 
 
 def _data_installed() -> str | None:
-    from lightning_chips.data import real
+    from lightning_chips.datasets import real
 
     for cls in (real.OpenClipartPairs, real.FashionMNISTPairs, real.AnimalMNISTPairs):
         try:

@@ -3,40 +3,14 @@
 from lightning_chips.data.builtin import CLASSNAMES, DOMAINS, TEMPLATES, TwoDomainPairs
 from lightning_chips.data.checks import BadPair, BadSample, CheckedPairs
 from lightning_chips.data.datamodule import TwoDomainDataModule, clip_normalize, resolve_tokenizer
-from lightning_chips.data.real import (
-    ANIMAL_CLASSES,
-    ANIMAL_TEMPLATES,
-    CATEGORIES,
-    DATASET_ID_OFFSETS,
-    FASHION_CLASSES,
-    FASHION_TEMPLATES,
-    OPENCLIPART_TEMPLATES,
-    REAL_DOMAINS,
-    AnimalMNISTPairs,
-    DataNotInstalledError,
-    FashionMNISTPairs,
-    OpenClipartPairs,
-)
 from lightning_chips.data.sampler import ScoredSubsetSampler
 from lightning_chips.data.stream import SelectedStream, WebDatasetDataModule
 from lightning_chips.data.subset import PairCollate, ScoredSubsetDataModule
 from lightning_chips.data.webdataset import ImageCaptionFolder, ShardReport, WebDatasetPairs, expand_shards
 
 __all__ = [
-    "ANIMAL_CLASSES",
-    "ANIMAL_TEMPLATES",
-    "AnimalMNISTPairs",
     "BadPair",
     "BadSample",
-    "CATEGORIES",
-    "DATASET_ID_OFFSETS",
-    "DataNotInstalledError",
-    "FASHION_CLASSES",
-    "FASHION_TEMPLATES",
-    "FashionMNISTPairs",
-    "OPENCLIPART_TEMPLATES",
-    "OpenClipartPairs",
-    "REAL_DOMAINS",
     "CLASSNAMES",
     "CheckedPairs",
     "DOMAINS",

@@ -25,7 +25,7 @@ gives exactly ``round(f * N)`` seeded-random pairs of the split a caption of ano
 Example::
 
     >>> from torch.utils.data import ConcatDataset
-    >>> from lightning_chips.data.real import AnimalMNISTPairs, FashionMNISTPairs, OpenClipartPairs
+    >>> from lightning_chips.datasets.real import AnimalMNISTPairs, FashionMNISTPairs, OpenClipartPairs
     >>> clipart = OpenClipartPairs("train", image_size=64)
     >>> fashion = FashionMNISTPairs("train", image_size=64, noise_fraction=0.2)
     >>> animal = AnimalMNISTPairs("train", image_size=64).subset(range(500))  # target-domain minority
@@ -635,7 +635,7 @@ class OpenClipartPairs(_RealPairs):
 
     Example::
 
-        >>> from lightning_chips.data.real import OpenClipartPairs
+        >>> from lightning_chips.datasets.real import OpenClipartPairs
         >>> train = OpenClipartPairs("train", image_size=64, noise_fraction=0.1)
         >>> i = train.paths.index("animals/bugs/flying_wasp_gerald_g._01.png")
         >>> train.clean_caption(i), train.classnames[train.labels[i]], train[i]["image"].shape
@@ -768,7 +768,7 @@ class FashionMNISTPairs(_RealPairs):
 
     Example::
 
-        >>> from lightning_chips.data.real import FashionMNISTPairs
+        >>> from lightning_chips.datasets.real import FashionMNISTPairs
         >>> val = FashionMNISTPairs("val", image_size=32, noise_fraction=0.1)
         >>> len(val), int(val.noisy.sum()), val.classnames[9]
         (5000, 500, 'ankle boot')
@@ -892,7 +892,7 @@ class AnimalMNISTPairs(_RealPairs):
     Example::
 
         >>> import numpy as np
-        >>> from lightning_chips.data.real import AnimalMNISTPairs
+        >>> from lightning_chips.datasets.real import AnimalMNISTPairs
         >>> target = AnimalMNISTPairs("val", image_size=64)
         >>> len(target), [int(n) for n in np.bincount(target.labels)][:3]
         (1000, [100, 100, 100])
