@@ -54,3 +54,15 @@ def test_every_non_composite_scorer_builds_with_its_defaults():
     for name in SCORERS:
         if name not in ("chain", "intersect"):  # composites are made of other scorers
             assert build_scorer(name).name == name
+
+
+def test_the_real_datasets_are_optional():
+    """The benchmark-only real datasets live in ``lightning_chips.datasets``, which importing the library (its
+    callback, data modules, scorers and CLI) never loads."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lightning_chips, lightning_chips.data, lightning_chips.offline, lightning_chips.cli; "
+            "print('lightning_chips.datasets' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
