@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,21 +16,34 @@ from torch.utils.data import Dataset
 from typing_extensions import override
 
 from lightning_chips.adapters import CLIPAdapter, resolve_adapter
-from lightning_chips.data.checks import BadPair, describe_error
+from lightning_chips.data.checks import BadPair
 from lightning_chips.data.datamodule import resolve_tokenizer
 from lightning_chips.data.webdataset import BadShardSample, ShardReport
-from lightning_chips.engine import prepare_scorer, score_batch
+from lightning_chips.engine import (
+    NO_ID,
+    agree,
+    all_bad_message,
+    bad_arrays,
+    check_unique,
+    extract_skipping_bad,
+    gather_bad,
+    gather_features,
+    gather_rows,
+    gather_stream_bad,
+    name_bad,
+    prepare_scorer,
+    score_batch,
+    shard_indices,
+    skip_bad,
+    skip_reports,
+    stream_bad_arrays,
+)
 from lightning_chips.features import PairFeatures, extract_features, iter_features
 from lightning_chips.metrics import PromptEncoder
 from lightning_chips.scoring import RoundContext, Scorer, build_scorer
 from lightning_chips.selection import MODES, Mode, Selection, budget_for, select, write_round_file
 
 __all__ = ["NO_ID", "DataSelectionCallback"]
-
-_T = TypeVar("_T")
-
-NO_ID: int = int(np.iinfo(np.int64).min)
-"""``bad_ids`` entry of a round file for a bad pair that has no usable id (its ``bad_indices`` entry names it)."""
 
 
 class DataSelectionCallback(Callback):
@@ -192,7 +205,7 @@ class DataSelectionCallback(Callback):
         pool = getattr(datamodule, "pool", None)
         pool_ids = getattr(pool, "ids", None)  # the built-in and real datasets list their ids without decoding
         if pool_ids is not None and not getattr(datamodule, "streaming", False) and len(pool_ids) == len(pool):
-            _check_unique(np.asarray(pool_ids, dtype=np.int64), "the pool (checked before training)")
+            check_unique(np.asarray(pool_ids, dtype=np.int64), "the pool (checked before training)")
         target = self.target if self.target is not None else getattr(datamodule, "target", None)
         if self.scorer.requires_target and (target is None or len(target) == 0):
             raise ValueError(
@@ -247,13 +260,13 @@ class DataSelectionCallback(Callback):
         target = None
         if self.scorer.requires_target:
             target_set = self.target if self.target is not None else datamodule.target
-            own = _shard(np.arange(len(target_set)), rank, world)
-            local = _agree(
+            own = shard_indices(np.arange(len(target_set)), rank, world)
+            local = agree(
                 trainer, r, "the target features",
-                lambda: _extract(adapter, datamodule.target_dataloader(target_set, own), target_bad, device=device,
-                                 progress=show, description=f"round {r}: target"),
+                lambda: extract_skipping_bad(adapter, datamodule.target_dataloader(target_set, own), target_bad,
+                                             device=device, progress=show, description=f"round {r}: target"),
             )  # fmt: skip
-            target = _gather_features(pl_module, local)
+            target = gather_features(pl_module, local)
         streaming = bool(getattr(datamodule, "streaming", False))
         if streaming:
             own_ids, own_scores, own_labels = self._score_stream(trainer, pl_module, adapter, target, show,
@@ -265,18 +278,18 @@ class DataSelectionCallback(Callback):
             )
             n = None
 
-        scores = _gather_rows(pl_module, own_scores).numpy()
-        ids = _gather_rows(pl_module, own_ids).numpy()
-        indices = _gather_rows(pl_module, torch.as_tensor(own_indices)).numpy()
-        labels = None if own_labels is None else _gather_rows(pl_module, own_labels).numpy()
+        scores = gather_rows(pl_module, own_scores).numpy()
+        ids = gather_rows(pl_module, own_ids).numpy()
+        indices = gather_rows(pl_module, torch.as_tensor(own_indices)).numpy()
+        labels = None if own_labels is None else gather_rows(pl_module, own_labels).numpy()
         skipped: list[BadPair] | list[BadShardSample]
         if streaming:
-            skipped, shard_errors = _gather_stream_bad(trainer, stream_bad, shard_errors)
+            skipped, shard_errors = gather_stream_bad(trainer, stream_bad, shard_errors)
         else:
-            skipped = _gather_bad(trainer, bad)
-        target_skipped = _gather_bad(trainer, target_bad)
+            skipped = gather_bad(trainer, bad)
+        target_skipped = gather_bad(trainer, target_bad)
         n = len(ids) if n is None else n
-        _check_unique(ids, f"round {r}")
+        check_unique(ids, f"round {r}")
         selection = select(
             ids, scores, fraction=self.fraction, mode=self.mode, labels=labels, indices=indices,
             temperature=self.temperature, round=r, method=type(self.scorer).__name__,
@@ -296,10 +309,10 @@ class DataSelectionCallback(Callback):
 
         def write() -> None:  # rank 0 writes; the others learn whether it could
             if trainer.is_global_zero:
-                bad_arrays = _stream_bad_arrays(skipped, shard_errors) if streaming else _bad_arrays(skipped)
-                self._write(trainer, selection, ids, scores, bad_arrays)
+                arrays = stream_bad_arrays(skipped, shard_errors) if streaming else bad_arrays(skipped)
+                self._write(trainer, selection, ids, scores, arrays)
 
-        _agree(trainer, r, "the round file", write)
+        agree(trainer, r, "the round file", write)
         if trainer.is_global_zero:
             if self.log:
                 for logger in trainer.loggers:
@@ -309,7 +322,7 @@ class DataSelectionCallback(Callback):
                 if found:
                     rank_zero_warn(
                         f"[lightning-chips] round {r}: skipped {len(found)} {what} pairs that could not be used "
-                        f"(never selected; the round file lists them all): {_name_bad(found)}"
+                        f"(never selected; the round file lists them all): {name_bad(found)}"
                     )
             if shard_errors:
                 named = "; ".join(f"{url}: {error}" for url, error in list(shard_errors.items())[:5])
@@ -336,25 +349,26 @@ class DataSelectionCallback(Callback):
         rank, world = trainer.global_rank, trainer.world_size
         n = len(datamodule.pool)
         all_indices = np.arange(n, dtype=np.int64)
-        own_indices = _shard(all_indices, rank, world)
+        own_indices = shard_indices(all_indices, rank, world)
         whole = self.pool_sample is None or self.pool_sample >= n
         if whole:
-            own_features = _agree(
+            own_features = agree(
                 trainer, r, "the pool features",
-                lambda: _extract(adapter, datamodule.pool_dataloader(own_indices), bad, device=device, progress=show,
-                                 description=f"round {r}: pool"),
+                lambda: extract_skipping_bad(adapter, datamodule.pool_dataloader(own_indices), bad, device=device,
+                                             progress=show, description=f"round {r}: pool"),
             )  # fmt: skip
-            sample = _gather_features(pl_module, own_features)
-            _check_unique(sample.ids.numpy(), f"round {r}")  # before any scoring work
+            sample = gather_features(pl_module, own_features)
+            check_unique(sample.ids.numpy(), f"round {r}")  # before any scoring work
         else:
             generator = np.random.default_rng([self.seed, r])
             sample_idx = np.sort(generator.choice(n, size=self.pool_sample, replace=False))
-            local = _agree(
+            local = agree(
                 trainer, r, "the pool sample features",
-                lambda: _extract(adapter, datamodule.pool_dataloader(_shard(sample_idx, rank, world)), {},
-                                 device=device, progress=show, description=f"round {r}: pool sample"),
+                lambda: extract_skipping_bad(adapter, datamodule.pool_dataloader(shard_indices(sample_idx, rank,
+                                                                                               world)),
+                                             {}, device=device, progress=show, description=f"round {r}: pool sample"),
             )  # fmt: skip
-            sample = _gather_features(pl_module, local)
+            sample = gather_features(pl_module, local)
 
         def score_own() -> tuple:
             prepare_scorer(self.scorer, adapter.endpoint(), target, sample, self.context, device)
@@ -362,18 +376,18 @@ class DataSelectionCallback(Callback):
                 own_scores = torch.cat([score_batch(self.scorer, b.to(device)) for b in own_features.batches(4096)])
                 return own_features.ids, own_scores, own_features.labels
             parts, ids, labels = [], [], []
-            stream = iter_features(adapter, _skip_bad(datamodule.pool_dataloader(own_indices), bad), device=device,
+            stream = iter_features(adapter, skip_bad(datamodule.pool_dataloader(own_indices), bad), device=device,
                                    progress=show, description=f"round {r}: scoring")  # fmt: skip
             for batch in stream:
                 parts.append(score_batch(self.scorer, batch))
                 ids.append(batch.ids.cpu())
                 labels.append(None if batch.labels is None else batch.labels.cpu())
             if not parts:
-                raise ValueError(_all_bad_message(f"rank {rank}'s share of the pool", bad))
+                raise ValueError(all_bad_message(f"rank {rank}'s share of the pool", bad))
             own_labels = None if any(x is None for x in labels) else torch.cat(labels)
             return torch.cat(ids), torch.cat(parts), own_labels
 
-        own_ids, own_scores, own_labels = _agree(trainer, r, "the pool scores", score_own)
+        own_ids, own_scores, own_labels = agree(trainer, r, "the pool scores", score_own)
         scored = own_indices[~np.isin(own_indices, np.fromiter(bad, dtype=np.int64, count=len(bad)))]
         if len(scored) != len(own_ids):
             raise RuntimeError(
@@ -408,7 +422,7 @@ class DataSelectionCallback(Callback):
                 )
 
         def scoring_pass(description: str) -> Iterator[PairFeatures]:
-            loader = _skip_reports(datamodule.pool_dataloader(), reports)
+            loader = skip_reports(datamodule.pool_dataloader(), reports)
             return iter_features(adapter, loader, device=device, progress=show, description=description)
 
         if self.pool_sample is None:
@@ -419,20 +433,20 @@ class DataSelectionCallback(Callback):
                 if not parts:
                     what = f"rank {rank}'s shards of the pool"
                     if bad:
-                        raise ValueError(f"Every sample of {what} was skipped ({len(bad)}: {_name_bad(bad)}).")
+                        raise ValueError(f"Every sample of {what} was skipped ({len(bad)}: {name_bad(bad)}).")
                     raise ValueError(f"No pool pairs to extract features from in {what}: are there fewer shards "
                                      "than ranks?")  # fmt: skip
                 return PairFeatures.cat(parts)
 
-            own_features = _agree(trainer, r, "the pool features", extract_own)
-            sample = _gather_features(pl_module, own_features)
+            own_features = agree(trainer, r, "the pool features", extract_own)
+            sample = gather_features(pl_module, own_features)
 
             def score_all() -> tuple:
                 prepare_scorer(self.scorer, adapter.endpoint(), target, sample, self.context, device)
                 scores = torch.cat([score_batch(self.scorer, b.to(device)) for b in own_features.batches(4096)])
                 return own_features.ids.cpu(), scores, own_features.labels
 
-            return _agree(trainer, r, "the pool scores", score_all)
+            return agree(trainer, r, "the pool scores", score_all)
 
         def score_sampled() -> tuple:
             batches = datamodule.pool_sample(self.pool_sample, r, seed=self.seed)
@@ -448,7 +462,7 @@ class DataSelectionCallback(Callback):
                 return torch.zeros(0, dtype=torch.int64), torch.zeros(0), None
             return torch.cat(ids), torch.cat(parts), None
 
-        return _agree(trainer, r, "the pool scores", score_sampled)
+        return agree(trainer, r, "the pool scores", score_sampled)
 
     def _metrics(self, selection: Selection, previous: Selection | None, scores: np.ndarray, n: int) -> dict:
         q10, q50, q90 = np.quantile(scores, [0.1, 0.5, 0.9])
@@ -523,170 +537,3 @@ def _is_last_epoch(trainer: Trainer) -> bool:
     if max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs:
         return True
     return trainer.max_steps is not None and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
-
-
-def _shard(indices: np.ndarray, rank: int, world: int) -> np.ndarray:
-    """Contiguous shard ``rank`` of ``world`` (sizes differ by at most one)."""
-    return np.array_split(indices, world)[rank]
-
-
-def _gather_rows(pl_module: LightningModule, values: Tensor) -> Tensor:
-    """Concatenate per-rank tensors of different lengths along dim 0 (rank order), on the CPU."""
-    trainer = pl_module.trainer
-    if trainer.world_size == 1:
-        return values.cpu()
-    device = pl_module.device
-    lengths = trainer.strategy.all_gather(torch.tensor([values.shape[0]], device=device)).reshape(-1).tolist()
-    padded = torch.zeros(max(lengths), *values.shape[1:], dtype=values.dtype, device=device)
-    padded[: values.shape[0]] = values.to(device)
-    gathered = trainer.strategy.all_gather(padded).reshape(len(lengths), max(lengths), *values.shape[1:])
-    return torch.cat([gathered[i, :n] for i, n in enumerate(lengths)]).cpu()
-
-
-def _gather_features(pl_module: LightningModule, features: PairFeatures) -> PairFeatures:
-    """All ranks' features, concatenated in rank order (shards are contiguous, so in index order)."""
-    return PairFeatures(
-        _gather_rows(pl_module, features.ids),
-        _gather_rows(pl_module, features.image),
-        _gather_rows(pl_module, features.text),
-        None if features.labels is None else _gather_rows(pl_module, features.labels),
-    )
-
-
-def _bad_arrays(skipped: Sequence[BadPair]) -> dict[str, np.ndarray]:
-    """A map-style round file's bad pairs: ``bad_indices``, ``bad_ids`` (:data:`NO_ID` for a pair without an id)
-    and ``bad_reasons``."""
-    return {
-        "bad_indices": np.array([b.index for b in skipped], dtype=np.int64),
-        "bad_ids": np.array([NO_ID if b.id is None else b.id for b in skipped], dtype=np.int64),
-        "bad_reasons": np.array([b.reason for b in skipped], dtype=str),
-    }
-
-
-def _stream_bad_arrays(skipped: Sequence[BadShardSample], shard_errors: dict[str, str]) -> dict[str, np.ndarray]:
-    """A streaming round file's skipped samples, one entry each: ``bad_ids`` (the uid, :data:`NO_ID` when the json
-    gives none), ``bad_keys`` (the tar key), ``bad_shards`` (the shard URL), ``bad_reasons``; and its shards that
-    could not be read to the end: ``unreadable_shards`` (URLs) with their ``shard_errors``."""
-    return {
-        "bad_ids": np.array([NO_ID if b.id is None else b.id for b in skipped], dtype=np.int64),
-        "bad_keys": np.array([b.key for b in skipped], dtype=str),
-        "bad_shards": np.array([b.shard for b in skipped], dtype=str),
-        "bad_reasons": np.array([b.reason for b in skipped], dtype=str),
-        "unreadable_shards": np.array(list(shard_errors), dtype=str),
-        "shard_errors": np.array(list(shard_errors.values()), dtype=str),
-    }
-
-
-def _skip_reports(batches: Iterable[Any], sink: list[ShardReport]) -> Iterator[Any]:
-    """The batches of a streaming scoring loader without their shard reports (``batch["reports"]`` of a
-    :class:`~lightning_chips.data.webdataset.ShardCollate`), which go to ``sink``; a batch of reports only is left
-    out."""
-    for batch in batches:
-        if isinstance(batch, dict) and "reports" in batch:
-            sink.extend(batch.pop("reports"))
-            if len(batch["id"]) == 0:
-                continue
-        yield batch
-
-
-def _skip_bad(batches: Iterable[Any], sink: dict[int, BadPair]) -> Iterator[Any]:
-    """The batches of a scoring loader without their bad pairs, which go to ``sink`` (by dataset index); a batch
-    of bad pairs only is left out."""
-    for batch in batches:
-        found = batch.pop("bad", None) if isinstance(batch, dict) else None
-        if found:
-            sink.update({b.index: b for b in found})
-            if len(batch["id"]) == 0:
-                continue
-        yield batch
-
-
-def _extract(adapter: CLIPAdapter, loader: Iterable[Any], sink: dict[int, BadPair], **kwargs: Any) -> PairFeatures:
-    """:func:`~lightning_chips.features.extract_features` of a scoring loader, its bad pairs into ``sink``."""
-    parts = [f.to("cpu") for f in iter_features(adapter, _skip_bad(loader, sink), **kwargs)]
-    if not parts:
-        if sink:
-            raise ValueError(_all_bad_message(kwargs.get("description", "the pairs"), sink))
-        raise ValueError(f"No batches to extract {kwargs.get('description', 'features')} from: the loader is empty.")
-    return PairFeatures.cat(parts)
-
-
-def _name_bad(bad: Sequence[BadPair | BadShardSample], limit: int = 5) -> str:
-    named = "; ".join(_describe_bad(b) for b in bad[:limit])
-    return named + ("; ..." if len(bad) > limit else "")
-
-
-def _describe_bad(bad: BadPair | BadShardSample) -> str:
-    if isinstance(bad, BadShardSample):
-        return f"uid {bad.id} (key {bad.key} of {bad.shard}): {bad.reason}"
-    return f"id {bad.id} (index {bad.index}): {bad.reason}"
-
-
-def _all_bad_message(what: str, bad: dict[int, BadPair]) -> str:
-    pairs = [bad[i] for i in sorted(bad)]
-    return f"Every pair of {what} failed to load or to pass the checks ({len(pairs)} pairs: {_name_bad(pairs)})."
-
-
-def _check_unique(ids: np.ndarray, where: str) -> None:
-    unique, counts = np.unique(ids, return_counts=True)
-    if (counts > 1).any():
-        dup = unique[counts > 1][:5].tolist()
-        raise ValueError(
-            f"Pool ids must be unique; duplicated ids in {where}: {dup} ({int((counts > 1).sum())} ids in all). "
-            "Give every pool item its own int64 'id'."
-        )
-
-
-def _agree(trainer: Trainer, round_: int, what: str, fn: Callable[[], _T]) -> _T:
-    """Run this rank's part of a round, then agree with every rank that all parts succeeded (before the next
-    collective, so no rank waits at a gather for one that has failed).
-
-    The failing rank re-raises its own error; the others raise a ``RuntimeError`` naming the failed ranks and
-    their errors.
-    """
-    error: Exception | None = None
-    result: Any = None
-    try:
-        result = fn()
-    except Exception as exc:  # re-raised below, after the other ranks know
-        error = exc
-    if trainer.world_size > 1:
-        flag = torch.tensor([int(error is not None)], device=trainer.strategy.root_device)
-        failed = torch.nonzero(trainer.strategy.all_gather(flag).reshape(-1)).reshape(-1).tolist()
-        if failed:
-            messages: list[Any] = [None] * trainer.world_size
-            torch.distributed.all_gather_object(messages, None if error is None else describe_error(error))
-            if error is None:
-                detail = "; ".join(f"rank {i}: {messages[i]}" for i in failed)
-                raise RuntimeError(
-                    f"Selection round {round_} stopped on rank {trainer.global_rank}: rank(s) {failed} failed while "
-                    f"computing {what} ({detail}); see that rank's traceback."
-                )
-    if error is not None:
-        raise error
-    return result
-
-
-def _gather_objects(trainer: Trainer, mine: _T) -> list[_T]:
-    """Every rank's ``mine`` (picklable), in rank order."""
-    if trainer.world_size == 1:
-        return [mine]
-    everyone: list[Any] = [None] * trainer.world_size
-    torch.distributed.all_gather_object(everyone, mine)
-    return everyone
-
-
-def _gather_bad(trainer: Trainer, bad: dict[int, BadPair]) -> list[BadPair]:
-    """Every rank's bad pairs, sorted by dataset index (the same list on every rank)."""
-    merged = {b.index: b for part in _gather_objects(trainer, [bad[i] for i in sorted(bad)]) for b in part}
-    return [merged[i] for i in sorted(merged)]
-
-
-def _gather_stream_bad(trainer: Trainer, bad: list[BadShardSample],
-                       errors: dict[str, str]) -> tuple[list[BadShardSample], dict[str, str]]:  # fmt: skip
-    """Every rank's skipped stream samples, sorted by shard URL and key, and its unreadable shards (URL -> error),
-    sorted by URL: the same on every rank, whatever the number of dataloader workers."""
-    everyone = _gather_objects(trainer, (bad, errors))
-    merged = sorted((b for part, _ in everyone for b in part), key=lambda b: (b.shard, b.key))
-    unreadable = {url: error for _, part in everyone for url, error in part.items()}
-    return merged, dict(sorted(unreadable.items()))
