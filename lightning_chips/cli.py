@@ -7,7 +7,8 @@
     lightning-chips fit --config examples/quickstart.yaml --trainer.max_epochs 2 --model.init_args.lr 1e-3
     lightning-chips fit --config examples/quickstart.yaml --print_config
 
-``score`` and ``select`` work offline over WebDataset shards (:mod:`lightning_chips.offline`)::
+``score`` and ``select`` work offline over WebDataset shards (:mod:`lightning_chips.offline`,
+:mod:`lightning_chips.reshard`)::
 
     lightning-chips score --pool 'pool/{000000..000999}.tar' --target target/ --output scores/chips \
         --model OpenCLIPModule --model.model_name ViT-B-16 --model.pretrained vit_b16.pt \
@@ -117,7 +118,7 @@ def offline_parser(command: str) -> Any:
     """The jsonargparse parser of ``lightning-chips score`` or ``lightning-chips select``."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    from lightning_chips import offline
+    from lightning_chips import offline, reshard
     from lightning_chips.scoring import Scorer
 
     if command == "score":
@@ -143,7 +144,7 @@ def offline_parser(command: str) -> Any:
             "the selected samples into new shards.",
         )
         parser.add_argument("--config", action=ActionConfigFile, help="A YAML file with any of these options.")
-        parser.add_function_arguments(offline.select_subset)
+        parser.add_function_arguments(reshard.select_subset)
     else:
         raise ValueError(f"Unknown offline command {command!r}; use one of {OFFLINE_COMMANDS}.")
     return parser
@@ -151,7 +152,7 @@ def offline_parser(command: str) -> Any:
 
 def run_offline(command: str, args: list[str]) -> Any:
     """Parse ``args`` for ``score`` / ``select`` and run it."""
-    from lightning_chips import offline
+    from lightning_chips import offline, reshard
 
     parser = offline_parser(command)
     cfg = parser.parse_args(_scorer_names_to_class_paths(args) if command == "score" else args)
@@ -164,7 +165,7 @@ def run_offline(command: str, args: list[str]) -> Any:
     kwargs = {k: v for k, v in vars(init).items() if k != "config" and not k.startswith("__")}
     if command == "score":
         return offline.score_pool(**kwargs)
-    return offline.select_subset(**kwargs)
+    return reshard.select_subset(**kwargs)
 
 
 def main(args: list[str] | None = None) -> None:

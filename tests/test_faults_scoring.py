@@ -22,7 +22,8 @@ from lightning_chips.data import TwoDomainPairs
 from lightning_chips.features import PairFeatures, extract_features
 from lightning_chips.functional import chips_prepare
 from lightning_chips.functional.clip_powered import clip_powered_select
-from lightning_chips.offline import read_scores, score_pool, select_subset
+from lightning_chips.offline import read_scores, score_pool
+from lightning_chips.reshard import select_subset
 from lightning_chips.scoring import (
     CHIPS,
     SCORERS,

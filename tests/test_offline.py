@@ -22,7 +22,8 @@ from lightning_chips.data import clip_normalize
 from lightning_chips.data.subset import PairCollate
 from lightning_chips.data.webdataset import WebDatasetPairs, expand_shards, image_transform
 from lightning_chips.features import extract_features
-from lightning_chips.offline import model_fingerprint, read_scores, score_pool, select_subset
+from lightning_chips.offline import model_fingerprint, read_scores, score_pool
+from lightning_chips.reshard import select_subset
 from lightning_chips.scoring import CHIPS, CLIPScore
 
 from .conftest import TINY_VIT

@@ -26,12 +26,11 @@ from lightning_chips.offline import (
     LOCK,
     MANIFEST,
     PARTS,
-    RESHARD_MANIFEST,
     _part_name,
     read_scores,
     score_pool,
-    select_subset,
 )
+from lightning_chips.reshard import RESHARD_MANIFEST, select_subset
 from lightning_chips.scoring import CHIPS, CLIPScore
 
 from .conftest import TINY_VIT

@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 from tiny import TINY
 
 from lightning_chips import OpenCLIPModule, offline
+from lightning_chips import reshard as reshard_module
 from lightning_chips.io import OutputLock
 from lightning_chips.scoring import CHIPS
 
@@ -47,8 +48,8 @@ def reshard(scores: str, npy: str, pattern: str, count: str, step: str) -> None:
         if name == step:
             os._exit(137)  # no cleanup, no finally: like SIGKILL
 
-    offline._FAULT = fault
-    offline.select_subset(scores, npy, count=int(count), reshard=pattern, maxcount=5)
+    reshard_module._FAULT = fault
+    reshard_module.select_subset(scores, npy, count=int(count), reshard=pattern, maxcount=5)
 
 
 if __name__ == "__main__":

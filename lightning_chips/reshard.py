@@ -1,0 +1,209 @@
+"""``lightning-chips select``: the top of a scores file as a subset, and the selected samples copied into new shards.
+
+:func:`select_subset` reads a ``scores.npz`` of ``lightning-chips score`` (every input checked before anything is
+written) and saves the sorted uids of its top ``fraction`` / ``count``; with ``reshard`` it also copies the selected
+samples, byte for byte, into a new set of shards that appears complete or not at all (:func:`reshard_samples`;
+docs/offline.md, "What a reader of a reshard set must check").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_chips.data.webdataset import ShardReport, expand_shards, iter_raw_samples
+from lightning_chips.io import CorruptFileError, OutputLock, atomic_save, atomic_write_json, load_json
+from lightning_chips.offline import MANIFEST, read_scores
+from lightning_chips.selection import select
+
+__all__ = ["RESHARD_MANIFEST", "reshard_samples", "select_subset"]
+
+RESHARD_MANIFEST = "reshard.json"
+
+
+def select_subset(
+    scores: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    fraction: float | None = None,
+    count: int | None = None,
+    reshard: str | None = None,
+    pool: str | list[str] | None = None,
+    maxcount: int = 10000,
+) -> np.ndarray:
+    """The top ``fraction`` (or ``count``) of a scores file as sorted uids, saved to ``output`` (``.npy``).
+
+    Ties are broken by id, so the subset is deterministic. With ``reshard`` (a ``ShardWriter`` pattern such as
+    ``subset/shard-%06d.tar``) the selected samples are also copied, byte for byte, from the pool's shards
+    (``pool``, default: the pool recorded in the scores' manifest) into new shards of ``maxcount`` samples, in a
+    folder of their own that appears complete or not at all (:func:`reshard_samples`).
+
+    Every input (the scores file, the manifest, the pool's shards) is read and checked before anything is written;
+    a damaged file is a :class:`~lightning_chips.io.CorruptFileError` that names it. The reshard set is written
+    before ``output``, so a failed reshard leaves no subset file either.
+
+    Example::
+
+        >>> select_subset("scores/chips/scores.npz", "subset.npy", fraction=0.3, reshard="subset/%06d.tar")
+    """
+    if (fraction is None) == (count is None):
+        raise ValueError("Give exactly one of `fraction` or `count`.")
+    if maxcount < 1:
+        raise ValueError(f"`maxcount` (samples per output shard) must be >= 1, got {maxcount}.")
+    loaded = read_scores(scores)
+    ids, values = np.asarray(loaded["ids"], np.int64), np.asarray(loaded["scores"])
+    if count is not None and not 1 <= count <= len(ids):
+        raise ValueError(f"`count` must be in [1, {len(ids)}] (the scored pairs), got {count}.")
+    if not np.isfinite(values).all():
+        raise ValueError(f"The scores file has non-finite scores (ids {ids[~np.isfinite(values)][:5].tolist()}).")
+    urls = None
+    if reshard is not None:
+        _reshard_folder(reshard)
+        if pool is None:
+            manifest_path = Path(scores) / MANIFEST if Path(scores).is_dir() else Path(scores).parent / MANIFEST
+            fix = ("Pass --pool (the shards that were scored), or re-run `lightning-chips score` into that folder to "
+                   "write it anew.")  # fmt: skip
+            manifest = load_json(manifest_path, what="manifest of `lightning-chips score`", fix=fix)
+            pool = manifest.get("pool") if isinstance(manifest, dict) else None
+            if not (isinstance(pool, list) and pool and all(isinstance(u, str) for u in pool)):
+                raise CorruptFileError(f"{manifest_path} is damaged: it names no pool shards. {fix}")
+        urls = expand_shards(pool)  # a missing shard is an error here, before any output
+    chosen = select(ids, values, fraction=fraction, count=count, method=str(loaded.get("method", ""))).ids
+    chosen = np.sort(np.asarray(chosen, dtype=np.int64))
+    output = Path(output)
+    message = f"[lightning-chips] select: {len(chosen)}/{len(ids)} uids -> {output}"
+    if urls is not None:
+        written = reshard_samples(urls, chosen, reshard, maxcount=maxcount)
+        message += f"; {len(written)} shards -> {Path(reshard).parent}"
+    atomic_save(output, chosen)
+    rank_zero_info(message)
+    return chosen
+
+
+_FAULT: Any = None
+"""Tests only: called with the name of each step of :func:`reshard_samples` (to kill the process there)."""
+
+
+def _fault(step: str) -> None:
+    if _FAULT is not None:
+        _FAULT(step)
+
+
+def _reshard_folder(pattern: str) -> Path:
+    """The folder of a reshard ``pattern``, checked: the pattern names files in a folder of their own."""
+    if not isinstance(pattern, str) or "%" not in Path(pattern).name:
+        raise ValueError(f"`reshard` must be a pattern whose file name has a %d field, e.g. 'subset/shard-%06d.tar', "
+                         f"got {pattern!r}.")  # fmt: skip
+    folder = Path(pattern).parent
+    if str(folder) in ("", ".") or folder.resolve() == folder.resolve().parent:
+        raise ValueError(f"`reshard` needs a folder of its own for the new shards, e.g. 'subset/shard-%06d.tar', "
+                         f"got {pattern!r}.")  # fmt: skip
+    return folder.resolve()
+
+
+def _check_replaceable(folder: Path) -> None:
+    """``folder`` may be replaced by a new reshard set: absent, empty, or a set an earlier reshard wrote."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise ValueError(f"--reshard: {folder} exists and is not a folder.")
+    entries = sorted(os.listdir(folder))
+    if not entries:
+        return
+    if RESHARD_MANIFEST in entries:
+        try:
+            known = set(load_json(folder / RESHARD_MANIFEST, what="reshard manifest", fix="")["shards"])
+        except (CorruptFileError, KeyError, TypeError):
+            known = {e for e in entries if e.endswith(".tar")}  # our folder, with a damaged manifest
+        foreign = [e for e in entries if e != RESHARD_MANIFEST and e not in known]
+        if not foreign:
+            return
+    else:
+        foreign = entries
+    raise ValueError(
+        f"--reshard: {folder} holds files that are not a reshard set of lightning-chips ({', '.join(foreign[:5])}"
+        f"{', ...' if len(foreign) > 5 else ''}); the new set replaces the whole folder, so give it a folder of its "
+        "own (a new one, or one an earlier --reshard wrote)."
+    )
+
+
+def reshard_samples(
+    pool: str | Sequence[str], uids: np.ndarray, pattern: str, *, maxcount: int = 10000, uid_field: str = "uid"
+) -> list[str]:
+    """Copy the samples of ``pool`` whose uid is in ``uids`` into new shards named by ``pattern`` (``%06d``).
+
+    Every member of a sample is copied unchanged. A uid found in several shards is copied once; a uid that is not
+    found is an error. The set is published complete or not at all: the shards and ``reshard.json`` (the shard
+    names, the number of samples and a digest of the uids) are written in a hidden folder ``.NAME.reshard-*``
+    beside the pattern's folder ``NAME``, which is then renamed to ``NAME`` in one step (a previous set is moved
+    aside first and deleted after). A kill leaves either no ``NAME`` (re-run) or the complete set; the next run
+    removes the hidden folders a killed run left. The folder holds the lock ``.NAME.lock`` (beside it) while a run
+    writes it; a second run is refused.
+    """
+    import webdataset as wds
+
+    folder = _reshard_folder(pattern)
+    parent, name = folder.parent, folder.name
+    wanted = np.unique(np.asarray(uids, dtype=np.int64))
+    urls = expand_shards(pool)
+    parent.mkdir(parents=True, exist_ok=True)
+    with OutputLock(parent / f".{name}.lock", what="lightning-chips select --reshard"):
+        for leftover in parent.glob(f".{name}.reshard-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in parent.glob(f".{name}.old-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        _check_replaceable(folder)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.reshard-", dir=parent))
+        old: Path | None = None
+        published = False
+        try:
+            seen = np.zeros(len(wanted), dtype=bool)
+            sink = wds.ShardWriter(str(tmp / Path(pattern).name), maxcount=maxcount, verbose=0,
+                                   post=lambda _: _fault("shard"))  # fmt: skip
+            with sink:
+                for url in urls:
+                    report = ShardReport(url)
+                    for key, raw in iter_raw_samples(url, report):
+                        try:
+                            uid = int(json.loads(raw["json"])[uid_field])
+                        except Exception:
+                            continue
+                        pos = int(np.searchsorted(wanted, uid))
+                        if pos < len(wanted) and wanted[pos] == uid and not seen[pos]:
+                            seen[pos] = True
+                            sink.write({"__key__": key.rsplit("/", 1)[-1], **raw})
+            if not seen.all():
+                raise ValueError(f"{int((~seen).sum())} selected uids are not in the pool (first: "
+                                 f"{wanted[~seen][:5].tolist()}); is `pool` the pool that was scored?")  # fmt: skip
+            shards = sorted(os.listdir(tmp))
+            _fault("shards_written")
+            digest = hashlib.sha1(np.ascontiguousarray(wanted).tobytes()).hexdigest()
+            atomic_write_json(tmp / RESHARD_MANIFEST, {"shards": shards, "samples": int(len(wanted)),
+                                                       "uids_sha1": digest, "pool": urls})  # fmt: skip
+            _fault("manifest_written")
+            if folder.exists():
+                old = parent / f".{name}.old-{os.getpid()}"
+                os.rename(folder, old)
+                _fault("old_moved")
+            os.rename(tmp, folder)  # the commit point: the set is visible, complete
+            published = True
+            _fault("published")
+        except BaseException:
+            if old is not None and not published and not folder.exists():
+                os.rename(old, folder)  # an error (not a kill) before the commit: put the previous set back
+                old = None
+            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None and published:
+                shutil.rmtree(old, ignore_errors=True)
+    return [str(folder / shard) for shard in shards]
