@@ -1,4 +1,8 @@
-"""``DataSelectionCallback``: score the pool, select, and re-select during CLIP continual pre-training."""
+"""``DataSelectionCallback``: score the pool, select, and re-select during CLIP continual pre-training.
+
+The callback owns hooks, schedule, state and round files; the steps a round shares with ``lightning-chips score``
+(preparing and scoring, the DDP agreement and gathers, bad-sample bookkeeping) are in :mod:`lightning_chips.engine`.
+"""
 
 from __future__ import annotations
 

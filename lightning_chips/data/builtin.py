@@ -1,5 +1,7 @@
 """A built-in, download-free image-caption dataset with a *general* and a *target* domain.
 
+One module because it is one dataset: its procedural renderer, captions, noise and splits are all defined here.
+
 Data selection for CLIP continual pre-training (CHIPS and its baselines) needs three things that are awkward to get
 without the internet: a large, mixed "pool" of image-caption pairs to select from, a small "target" set describing the
 domain we want to adapt to, and a zero-shot benchmark (class names + prompt templates) that measures whether the

@@ -1,5 +1,8 @@
 """WebDataset pools: image-caption tar shards read as ``{"image", "text", "id"}`` pairs, bad samples counted.
 
+One module because it is one thing: how a shard becomes pairs (expanding shard specs, reading members, decoding,
+checking, reporting), used by every reader of shards (streaming CPT, ``score``, targets).
+
 A shard holds samples as consecutive tar members that share a key: ``KEY.jpg`` (or ``png`` / ``webp`` /
 ``jpeg``), ``KEY.txt`` (the caption) and ``KEY.json`` with an int64 ``uid`` (the sample's id: never the tar
 member name, which WebDataset cuts at the first dot). img2dataset and ``webdataset.ShardWriter`` write this

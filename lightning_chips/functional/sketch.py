@@ -1,5 +1,8 @@
 """Johnson-Lindenstrauss sketches ``P`` of CLIP's end-point space that never form a per-sample ``d_v x e`` gradient.
 
+One module because it is one interface in three layouts (Khatri-Rao, Kronecker, TensorSketch) plus the identity,
+each with the same three maps (gradients, dense directions, transpose) that must stay exact adjoints.
+
 docs/methods.md, CHIPS (solvers). theta = ``(W_v [d_v x e], W_t [d_t x e], logit_scale, [b_v], [b_t])`` and every
 per-sample gradient is rank one per block, ``g = (h_v (x) d_v, h_t (x) d_t, s, [d_v], [d_t])``
 (:class:`EndPointGrads`). A bias rides along by augmenting ``h`` with a constant 1: ``[h; 1] (x) d`` holds both
