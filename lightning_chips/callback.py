@@ -1,13 +1,12 @@
 """``DataSelectionCallback``: score the pool, select, and re-select during CLIP continual pre-training.
 
-The callback owns hooks, schedule, state and round files; the steps a round shares with ``lightning-chips score``
-(preparing and scoring, the DDP agreement and gathers, bad-sample bookkeeping) are in :mod:`lightning_chips.engine`.
+The callback owns hooks, schedule, state and round files; the round itself (target, pool sample, prepare, score,
+gathers, skipped samples) is :func:`lightning_chips.engine.run_round`, which ``lightning-chips score`` shares.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,29 +19,10 @@ from torch.utils.data import Dataset
 from typing_extensions import override
 
 from lightning_chips.adapters import CLIPAdapter, resolve_adapter
-from lightning_chips.data.checks import BadPair
+from lightning_chips.data.checks import SkippedSample
 from lightning_chips.data.datamodule import resolve_tokenizer
-from lightning_chips.data.webdataset import BadShardSample, ShardReport
-from lightning_chips.engine import (
-    NO_ID,
-    agree,
-    all_bad_message,
-    bad_arrays,
-    check_unique,
-    extract_skipping_bad,
-    gather_bad,
-    gather_features,
-    gather_rows,
-    gather_stream_bad,
-    name_bad,
-    prepare_scorer,
-    score_batch,
-    shard_indices,
-    skip_bad,
-    skip_reports,
-    stream_bad_arrays,
-)
-from lightning_chips.features import PairFeatures, extract_features, iter_features
+from lightning_chips.data.pool import SelectablePool
+from lightning_chips.engine import NO_ID, Collective, name_skipped, run_round, skipped_arrays
 from lightning_chips.metrics import PromptEncoder
 from lightning_chips.scoring import RoundContext, Scorer, build_scorer
 from lightning_chips.selection import MODES, Mode, Selection, budget_for, select, write_round_file
@@ -61,13 +41,15 @@ class DataSelectionCallback(Callback):
     draws the next epoch's batches from it; write ``save_dir/round_{r:04d}.npz`` atomically; log the selected
     fraction, the overlap with the previous round and score quantiles, and print a one-line summary.
 
-    Pool pairs that fail to load or to pass the checks (:class:`~lightning_chips.data.checks.CheckedPairs`) are
-    skipped: never selected, counted in the summary line and in :attr:`history` (``"skipped"``,
+    Pool pairs that fail to load or to pass the checks (:class:`~lightning_chips.data.checks.CheckedPairs`), and
+    pairs whose id an earlier pair of the pool already has (the first is kept), are skipped: never selected,
+    counted in the summary line and in :attr:`history` (``"skipped"``,
     ``"target_skipped"``), listed in :attr:`skipped`, and named in the round file (``bad_indices``, ``bad_ids``
     with :data:`NO_ID` for a pair without an id, ``bad_reasons``). A streaming pool
     (:class:`~lightning_chips.data.WebDatasetDataModule`) has no indices: its skipped samples are
-    :class:`~lightning_chips.data.webdataset.BadShardSample` s, named in the round file by ``bad_ids`` (the uid,
-    or :data:`NO_ID` when the json gives none), ``bad_keys``, ``bad_shards`` and ``bad_reasons``, and a shard
+    :class:`~lightning_chips.data.checks.SkippedSample` s with shard and key, named in the round file by
+    ``bad_ids`` (the uid, or :data:`NO_ID` when the json gives none), ``bad_keys``, ``bad_shards`` and
+    ``bad_reasons``, and a shard
     that could not be read to the end is listed in :attr:`shard_errors`, in the round file
     (``unreadable_shards``, ``shard_errors``) and in :attr:`history` (``"unreadable_shards"``). Under DDP every
     rank agrees that its part of a round succeeded before each all-gather, so an exception on one rank ends the
@@ -171,7 +153,7 @@ class DataSelectionCallback(Callback):
         self.last_step = 0
         self.last_epoch = 0  # completed epochs at the last selection
         self.history: list[dict[str, float]] = []
-        self.skipped: list[BadPair | BadShardSample] = []  # the last round's pool pairs that could not be used
+        self.skipped: list[SkippedSample] = []  # the last round's pool pairs that could not be used
         self.shard_errors: dict[str, str] = {}  # streaming pools: the last round's unreadable shards -> error
         self._restored = False
 
@@ -199,17 +181,14 @@ class DataSelectionCallback(Callback):
         if stage != "fit":
             return
         datamodule = trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "pool_dataloader") or not hasattr(datamodule, "selection"):
+        if not isinstance(datamodule, SelectablePool):
             raise ValueError(
-                "DataSelectionCallback needs a lightning_chips.data.ScoredSubsetDataModule (or a data module with "
-                "`pool`, `selection`, `pool_dataloader()` and `target_dataloader()`); pass it as "
-                "`trainer.fit(model, datamodule=...)`."
+                "DataSelectionCallback needs a data module it can select from: a lightning_chips.data."
+                "ScoredSubsetDataModule or WebDatasetDataModule (or one of your own implementing lightning_chips.data."
+                "pool.SelectablePool), passed as `trainer.fit(model, datamodule=...)`; got "
+                f"{type(datamodule).__name__ if datamodule is not None else 'none'}."
             )
         resolve_adapter(pl_module, self.adapter)  # fail before training if the CLIP cannot be reached
-        pool = getattr(datamodule, "pool", None)
-        pool_ids = getattr(pool, "ids", None)  # the built-in and real datasets list their ids without decoding
-        if pool_ids is not None and not getattr(datamodule, "streaming", False) and len(pool_ids) == len(pool):
-            check_unique(np.asarray(pool_ids, dtype=np.int64), "the pool (checked before training)")
         target = self.target if self.target is not None else getattr(datamodule, "target", None)
         if self.scorer.requires_target and (target is None or len(target) == 0):
             raise ValueError(
@@ -235,68 +214,33 @@ class DataSelectionCallback(Callback):
     def run_round(self, trainer: Trainer, pl_module: LightningModule, *, at_epoch_end: bool = False) -> Selection:
         """Score the pool with the current model and install the new selection (all ranks).
 
-        Pool pairs that fail to load or to pass the checks (``batch["bad"]`` of the data module's scoring
-        loaders; for a streaming pool, the skipped samples of the shard reports in ``batch["reports"]``) are
+        The scoring is :func:`lightning_chips.engine.run_round` (the same steps as ``lightning-chips score``); this
+        method adds the round's context, the selection, the round file, the logged metrics and the summary line.
+        Pool pairs that could not be used (failed to load or the checks, a duplicate id after its first pair) are
         skipped: never selected, counted in the summary line and :attr:`history` (``"skipped"``), and named in the
-        round file. Each is counted once per round: a streaming pool's bad samples are counted from the scoring
-        pass over each rank's shards, not again from the pool sample pass that reads some of the same shards.
-        Under DDP the ranks agree that each local step succeeded before every all-gather: an exception on one
-        rank is raised there, and the others raise a ``RuntimeError`` naming that rank and its error instead of
-        waiting at the gather.
+        round file. Under DDP the ranks agree that each local step succeeded before every gather: an exception on
+        one rank is raised there, and the others raise a ``RuntimeError`` naming that rank and its error.
         """
         start = time.perf_counter()
         datamodule = trainer.datamodule
         adapter = resolve_adapter(pl_module, self.adapter)
-        rank, world = trainer.global_rank, trainer.world_size
-        show = self.progress and trainer.is_global_zero
-        device = pl_module.device
         r = self.round
         collate_tokenizer = getattr(getattr(datamodule, "collate", None), "tokenizer", None)
         tokenizer = collate_tokenizer or resolve_tokenizer(None, None, pl_module)
         lr = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else 1.0
         self.context = RoundContext(round=r, learning_rate=lr, text_encoder=PromptEncoder(adapter, tokenizer),
                                     seed=self.seed)  # fmt: skip
-
-        bad: dict[int, BadPair] = {}  # this rank's pool pairs that could not be used, by dataset index
-        target_bad: dict[int, BadPair] = {}
-        stream_bad: list[BadShardSample] = []  # streaming pools: this rank's skipped samples and unreadable shards
-        shard_errors: dict[str, str] = {}
-        target = None
-        if self.scorer.requires_target:
-            target_set = self.target if self.target is not None else datamodule.target
-            own = shard_indices(np.arange(len(target_set)), rank, world)
-            local = agree(
-                trainer, r, "the target features",
-                lambda: extract_skipping_bad(adapter, datamodule.target_dataloader(target_set, own), target_bad,
-                                             device=device, progress=show, description=f"round {r}: target"),
-            )  # fmt: skip
-            target = gather_features(pl_module, local)
-        streaming = bool(getattr(datamodule, "streaming", False))
-        if streaming:
-            own_ids, own_scores, own_labels = self._score_stream(trainer, pl_module, adapter, target, show,
-                                                                 stream_bad, shard_errors)  # fmt: skip
-            own_indices, n = own_ids.numpy(), None  # a stream has no positions: the ids stand in for them
-        else:
-            own_ids, own_scores, own_labels, own_indices = self._score_map_style(
-                trainer, pl_module, adapter, target, show, bad
-            )
-            n = None
-
-        scores = gather_rows(pl_module, own_scores).numpy()
-        ids = gather_rows(pl_module, own_ids).numpy()
-        indices = gather_rows(pl_module, torch.as_tensor(own_indices)).numpy()
-        labels = None if own_labels is None else gather_rows(pl_module, own_labels).numpy()
-        skipped: list[BadPair] | list[BadShardSample]
-        if streaming:
-            skipped, shard_errors = gather_stream_bad(trainer, stream_bad, shard_errors)
-        else:
-            skipped = gather_bad(trainer, bad)
-        target_skipped = gather_bad(trainer, target_bad)
-        n = len(ids) if n is None else n
-        check_unique(ids, f"round {r}")
+        collective = Collective(trainer)
+        result = run_round(
+            self.scorer, adapter, datamodule, self.context, target=self.target, pool_sample=self.pool_sample,
+            collective=collective, device=pl_module.device, progress=self.progress,
+            precision=trainer.precision_plugin.forward_context,
+        )  # fmt: skip
+        skipped, shard_errors = result.skipped, result.shard_errors
+        n = len(result.ids)
         selection = select(
-            ids, scores, fraction=self.fraction, mode=self.mode, labels=labels, indices=indices,
-            temperature=self.temperature, round=r, method=type(self.scorer).__name__,
+            result.ids, result.scores, fraction=self.fraction, mode=self.mode, labels=result.labels,
+            indices=result.indices, temperature=self.temperature, round=r, method=type(self.scorer).__name__,
         )  # fmt: skip
         previous = self.selection
         self.selection = selection
@@ -304,29 +248,29 @@ class DataSelectionCallback(Callback):
         datamodule.selection = selection
         self.last_step, self.last_epoch = trainer.global_step, trainer.current_epoch + int(at_epoch_end)
         self.round = r + 1
-        metrics = self._metrics(selection, previous, scores, n)
+        metrics = self._metrics(selection, previous, result.scores, n)
         metrics["skipped"] = float(len(skipped))
-        metrics["target_skipped"] = float(len(target_skipped))
-        if streaming:
+        metrics["target_skipped"] = float(len(result.target_skipped))
+        if not result.positional:
             metrics["unreadable_shards"] = float(len(shard_errors))
         self.history.append(metrics)
 
         def write() -> None:  # rank 0 writes; the others learn whether it could
             if trainer.is_global_zero:
-                arrays = stream_bad_arrays(skipped, shard_errors) if streaming else bad_arrays(skipped)
-                self._write(trainer, selection, ids, scores, arrays)
+                arrays = skipped_arrays(skipped, shard_errors, result.positional)
+                self._write(trainer, selection, result.ids, result.scores, arrays)
 
-        agree(trainer, r, "the round file", write)
+        collective.agree(r, "the round file", write)
         if trainer.is_global_zero:
             if self.log:
                 for logger in trainer.loggers:
                     logger.log_metrics({f"selection/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
             overlap = "n/a" if previous is None else f"{metrics['overlap']:.1%}"
-            for what, found in (("pool", skipped), ("target", target_skipped)):
+            for what, found in (("pool", skipped), ("target", result.target_skipped)):
                 if found:
                     rank_zero_warn(
                         f"[lightning-chips] round {r}: skipped {len(found)} {what} pairs that could not be used "
-                        f"(never selected; the round file lists them all): {name_bad(found)}"
+                        f"(never selected; the round file lists them all): {name_skipped(found)}"
                     )
             if shard_errors:
                 named = "; ".join(f"{url}: {error}" for url, error in list(shard_errors.items())[:5])
@@ -344,129 +288,6 @@ class DataSelectionCallback(Callback):
                 f"{metrics['score_q90']:.4g}; {self.scorer.summary()}; {time.perf_counter() - start:.1f}s"
             )
         return selection
-
-    def _score_map_style(self, trainer: Trainer, pl_module: LightningModule, adapter: CLIPAdapter,
-                         target: PairFeatures | None, show: bool, bad: dict[int, BadPair]) -> tuple:  # fmt: skip
-        """Score this rank's contiguous share of a map-style pool; its bad pairs go to ``bad``. Returns the ids,
-        scores, labels and dataset indices of the pairs that were scored."""
-        datamodule, device, r = trainer.datamodule, pl_module.device, self.round
-        rank, world = trainer.global_rank, trainer.world_size
-        n = len(datamodule.pool)
-        all_indices = np.arange(n, dtype=np.int64)
-        own_indices = shard_indices(all_indices, rank, world)
-        whole = self.pool_sample is None or self.pool_sample >= n
-        if whole:
-            own_features = agree(
-                trainer, r, "the pool features",
-                lambda: extract_skipping_bad(adapter, datamodule.pool_dataloader(own_indices), bad, device=device,
-                                             progress=show, description=f"round {r}: pool"),
-            )  # fmt: skip
-            sample = gather_features(pl_module, own_features)
-            check_unique(sample.ids.numpy(), f"round {r}")  # before any scoring work
-        else:
-            generator = np.random.default_rng([self.seed, r])
-            sample_idx = np.sort(generator.choice(n, size=self.pool_sample, replace=False))
-            local = agree(
-                trainer, r, "the pool sample features",
-                lambda: extract_skipping_bad(adapter, datamodule.pool_dataloader(shard_indices(sample_idx, rank,
-                                                                                               world)),
-                                             {}, device=device, progress=show, description=f"round {r}: pool sample"),
-            )  # fmt: skip
-            sample = gather_features(pl_module, local)
-
-        def score_own() -> tuple:
-            prepare_scorer(self.scorer, adapter.endpoint(), target, sample, self.context, device)
-            if whole:
-                own_scores = torch.cat([score_batch(self.scorer, b.to(device)) for b in own_features.batches(4096)])
-                return own_features.ids, own_scores, own_features.labels
-            parts, ids, labels = [], [], []
-            stream = iter_features(adapter, skip_bad(datamodule.pool_dataloader(own_indices), bad), device=device,
-                                   progress=show, description=f"round {r}: scoring")  # fmt: skip
-            for batch in stream:
-                parts.append(score_batch(self.scorer, batch))
-                ids.append(batch.ids.cpu())
-                labels.append(None if batch.labels is None else batch.labels.cpu())
-            if not parts:
-                raise ValueError(all_bad_message(f"rank {rank}'s share of the pool", bad))
-            own_labels = None if any(x is None for x in labels) else torch.cat(labels)
-            return torch.cat(ids), torch.cat(parts), own_labels
-
-        own_ids, own_scores, own_labels = agree(trainer, r, "the pool scores", score_own)
-        scored = own_indices[~np.isin(own_indices, np.fromiter(bad, dtype=np.int64, count=len(bad)))]
-        if len(scored) != len(own_ids):
-            raise RuntimeError(
-                f"Round {r}: {len(own_ids)} pool pairs were scored on rank {rank} but {len(scored)} were expected "
-                f"({len(own_indices)} in its share, {len(bad)} bad); does the pool dataloader drop items?"
-            )
-        return own_ids, own_scores, own_labels, scored
-
-    def _score_stream(self, trainer: Trainer, pl_module: LightningModule, adapter: CLIPAdapter,
-                      target: PairFeatures | None, show: bool, bad: list[BadShardSample],
-                      errors: dict[str, str]) -> tuple:  # fmt: skip
-        """Score this rank's shards of a streaming (WebDataset) pool; the pool sample is read alike on every rank
-        (``pool_sample`` pairs from shards in a seeded order), or gathered from all ranks when it is None.
-
-        The skipped samples of this rank's shards (from the scoring loader's shard reports) go to ``bad`` and the
-        shards' read errors to ``errors``; the pool sample pass is not counted (its shards are scored too).
-        """
-        datamodule, device, r, rank = trainer.datamodule, pl_module.device, self.round, trainer.global_rank
-        reports: list[ShardReport] = []
-
-        def account(scored: int) -> None:
-            """This rank's shard reports into ``bad`` and ``errors``; their pairs must be the ones scored."""
-            for report in reports:
-                bad.extend(report.bad_samples())
-                if report.error:
-                    errors[report.url] = report.error
-            read = sum(report.samples for report in reports)
-            if reports and read != scored:
-                raise RuntimeError(
-                    f"Round {r}: {scored} pool pairs were scored on rank {rank} but its shard reports count {read}; "
-                    "does the pool dataloader drop items?"
-                )
-
-        def scoring_pass(description: str) -> Iterator[PairFeatures]:
-            loader = skip_reports(datamodule.pool_dataloader(), reports)
-            return iter_features(adapter, loader, device=device, progress=show, description=description)
-
-        if self.pool_sample is None:
-
-            def extract_own() -> PairFeatures:
-                parts = [f.to("cpu") for f in scoring_pass(f"round {r}: pool")]
-                account(sum(len(p) for p in parts))
-                if not parts:
-                    what = f"rank {rank}'s shards of the pool"
-                    if bad:
-                        raise ValueError(f"Every sample of {what} was skipped ({len(bad)}: {name_bad(bad)}).")
-                    raise ValueError(f"No pool pairs to extract features from in {what}: are there fewer shards "
-                                     "than ranks?")  # fmt: skip
-                return PairFeatures.cat(parts)
-
-            own_features = agree(trainer, r, "the pool features", extract_own)
-            sample = gather_features(pl_module, own_features)
-
-            def score_all() -> tuple:
-                prepare_scorer(self.scorer, adapter.endpoint(), target, sample, self.context, device)
-                scores = torch.cat([score_batch(self.scorer, b.to(device)) for b in own_features.batches(4096)])
-                return own_features.ids.cpu(), scores, own_features.labels
-
-            return agree(trainer, r, "the pool scores", score_all)
-
-        def score_sampled() -> tuple:
-            batches = datamodule.pool_sample(self.pool_sample, r, seed=self.seed)
-            sample = extract_features(adapter, batches, device=device, progress=show,
-                                      description=f"round {r}: pool sample")  # fmt: skip
-            prepare_scorer(self.scorer, adapter.endpoint(), target, sample, self.context, device)
-            parts, ids = [], []
-            for batch in scoring_pass(f"round {r}: scoring"):
-                parts.append(score_batch(self.scorer, batch))
-                ids.append(batch.ids.cpu())
-            account(sum(len(i) for i in ids))
-            if not parts:
-                return torch.zeros(0, dtype=torch.int64), torch.zeros(0), None
-            return torch.cat(ids), torch.cat(parts), None
-
-        return agree(trainer, r, "the pool scores", score_sampled)
 
     def _metrics(self, selection: Selection, previous: Selection | None, scores: np.ndarray, n: int) -> dict:
         q10, q50, q90 = np.quantile(scores, [0.1, 0.5, 0.9])

@@ -1,66 +1,266 @@
-"""The scoring steps of a selection round, shared by :class:`~lightning_chips.DataSelectionCallback` and
-``lightning-chips score`` (:mod:`lightning_chips.offline`): both prepare and score through these functions, so a
-round behaves the same through either entry point (docs/selection.md, "One round").
+"""One selection round, written once: :class:`~lightning_chips.DataSelectionCallback` runs :func:`run_round`, and
+``lightning-chips score`` (:mod:`lightning_chips.offline`) runs :func:`prepare_round` and then :func:`score_batch`
+per batch of its predict pass, so a round behaves the same through every entry point (docs/selection.md,
+"One round").
 
-* :func:`prepare_scorer`: ``scorer.prepare`` on the target and the pool sample in id order (the prepared state
-  depends on which pairs were given, not on the order they were read in), on the scoring device, outside inference
-  mode and with autograd on (some scorers train in ``prepare``: CLIP-powered's adapters, the plausibility
-  reference).
-* :func:`score_batch`: one batch's scores as float32 on the CPU; NaN or inf is a ``FloatingPointError`` naming the
-  scorer, the round and the first ids, whichever entry point scores.
+A round reads its pool through :class:`~lightning_chips.data.pool.SelectablePool` (``(batch, skipped)`` streams)
+and talks to the other ranks through a :class:`Collective` (single process: no communication):
 
-Below them, the DDP side of a callback round: :func:`agree` (the ranks agree that a local step succeeded before
-every all-gather, so a failure on one rank is an error on all instead of a hang), the gathers of rows, features
-and bad-sample lists, and the bookkeeping of bad samples (skipped from the scoring loaders, named in round files).
-The callers keep what differs between them: the callback its schedule, state and round files; ``score`` its
-per-shard part files and merge.
+1. the target features (this rank's share, gathered) and the pool sample features (this rank's part, gathered;
+   duplicate ids kept once);
+2. :func:`prepare_scorer`: ``scorer.prepare`` on both in id order, on the scoring device, outside inference mode
+   and with autograd on (some scorers train in ``prepare``);
+3. this rank's share of the pool, extracted and scored (:func:`score_batch`: float32, autocast off; NaN or inf is a
+   ``FloatingPointError`` naming the scorer, the round and the first ids);
+4. ids, scores, labels and pool positions gathered in pool order (dataset index; for shards, shard then position),
+   duplicate ids kept at their first position and the others skipped, every skipped sample gathered.
+
+Feature extraction runs inside ``precision`` (the trainer's precision plugin's forward context), scoring in
+float32. Before every gather the ranks :meth:`Collective.agree` that their part succeeded, so an error on one rank
+is an error on all, not a hang.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Trainer
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from lightning_chips.adapters import CLIPAdapter
-from lightning_chips.data.checks import BadPair, describe_error
-from lightning_chips.data.webdataset import BadShardSample, ShardReport
+from lightning_chips.data.checks import SkippedSample, describe_error
+from lightning_chips.data.pool import PoolItem, SelectablePool
 from lightning_chips.endpoint import EndPoint
 from lightning_chips.features import PairFeatures, iter_features
 from lightning_chips.scoring import RoundContext, Scorer
 
 __all__ = [
+    "DUPLICATE_REASON",
     "NO_ID",
-    "agree",
-    "all_bad_message",
-    "bad_arrays",
-    "check_unique",
-    "describe_bad",
-    "extract_skipping_bad",
-    "gather_bad",
-    "gather_features",
-    "gather_objects",
-    "gather_rows",
-    "gather_stream_bad",
-    "name_bad",
-    "shard_indices",
-    "skip_bad",
-    "skip_reports",
-    "stream_bad_arrays",
+    "Collective",
+    "RoundScores",
+    "name_skipped",
+    "prepare_round",
     "prepare_scorer",
+    "run_round",
     "score_batch",
+    "skipped_arrays",
 ]
 
 _T = TypeVar("_T")
 
 NO_ID: int = int(np.iinfo(np.int64).min)
-"""``bad_ids`` entry of a round file for a bad pair that has no usable id (its ``bad_indices`` entry names it)."""
+"""``bad_ids`` entry of a round file for a skipped pair that has no usable id."""
+
+DUPLICATE_REASON = "duplicate id: an earlier pair of the pool has this id (that one is scored, this one skipped)"
+"""The reason of a pool pair skipped because an earlier pair (in pool order) has the same id."""
 
 
+# --------------------------------------------------------------------------------------------------------------
+# the ranks of a round
+# --------------------------------------------------------------------------------------------------------------
+class Collective:
+    """How the ranks of a round agree and gather; without a trainer (or with one rank) nothing is communicated.
+
+    Args:
+        trainer: the Trainer whose strategy joins the ranks (``fit`` or ``predict``), or None for one process.
+    """
+
+    def __init__(self, trainer: Trainer | None = None) -> None:
+        self.trainer = trainer if trainer is not None and trainer.world_size > 1 else None
+        self.rank = 0 if trainer is None else trainer.global_rank
+        self.world = 1 if trainer is None else trainer.world_size
+
+    def agree(self, round_: int, what: str, fn: Callable[[], _T]) -> _T:
+        """Run this rank's part of a round, then agree with every rank that all parts succeeded (before the next
+        gather, so no rank waits for one that has failed). The failing rank re-raises its own error; the others
+        raise a ``RuntimeError`` naming the failed ranks and their errors."""
+        error: Exception | None = None
+        result: Any = None
+        try:
+            result = fn()
+        except Exception as exc:  # re-raised below, after the other ranks know
+            error = exc
+        if self.trainer is not None:
+            strategy = self.trainer.strategy
+            flag = torch.tensor([int(error is not None)], device=strategy.root_device)
+            failed = torch.nonzero(strategy.all_gather(flag).reshape(-1)).reshape(-1).tolist()
+            messages = self.objects(None if error is None else describe_error(error)) if failed else []
+            if failed and error is None:
+                detail = "; ".join(f"rank {i}: {messages[i]}" for i in failed)
+                raise RuntimeError(
+                    f"Selection round {round_} stopped on rank {self.rank}: rank(s) {failed} failed while computing "
+                    f"{what} ({detail}); see that rank's traceback."
+                )
+        if error is not None:
+            raise error
+        return result
+
+    def objects(self, mine: _T) -> list[_T]:
+        """Every rank's ``mine`` (picklable), in rank order."""
+        if self.trainer is None:
+            return [mine]
+        everyone: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(everyone, mine)
+        return everyone
+
+    def cat(self, values: Tensor) -> Tensor:
+        """Every rank's ``values`` concatenated along dim 0 in rank order, on the CPU (lengths may differ; the
+        other dims and the dtype must agree)."""
+        if self.trainer is None:
+            return values.cpu()
+        strategy = self.trainer.strategy
+        device = strategy.root_device
+        lengths = strategy.all_gather(torch.tensor([values.shape[0]], device=device)).reshape(-1).tolist()
+        padded = torch.zeros(max(lengths), *values.shape[1:], dtype=values.dtype, device=device)
+        padded[: values.shape[0]] = values.to(device)
+        gathered = strategy.all_gather(padded).reshape(len(lengths), max(lengths), *values.shape[1:])
+        return torch.cat([gathered[i, :n] for i, n in enumerate(lengths)]).cpu()
+
+    def skipped(self, mine: Sequence[SkippedSample]) -> tuple[list[SkippedSample], dict[str, str]]:
+        """Every rank's skipped pairs, each once, in pool order, and the unreadable shards (URL -> error)."""
+        merged = {_skip_key(s): s for part in self.objects(list(mine)) for s in part}
+        ordered = [merged[k] for k in sorted(merged)]
+        pairs = [s for s in ordered if s.kind == "pair"]
+        return pairs, {s.shard: s.reason for s in ordered if s.kind == "shard" and s.shard is not None}
+
+
+def _skip_key(s: SkippedSample) -> tuple:
+    return (s.kind, -1 if s.index is None else s.index, s.shard or "", s.key or "", NO_ID if s.id is None else s.id)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# rows: features or scores of pool pairs with where they are in the pool
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Rows:
+    """Pairs read in a pass: their features (or None once scored), scores, pool positions and order keys."""
+
+    ids: Tensor
+    index: Tensor  # dataset index (map-style pools) or the id (shard pools)
+    order: Tensor  # pool order: the dataset index, or a shard pool's order key, or the read order
+    labels: Tensor | None
+    features: PairFeatures | None = None
+    scores: Tensor | None = None
+
+    def take(self, rows: Tensor) -> _Rows:
+        return _Rows(
+            self.ids[rows], self.index[rows], self.order[rows], None if self.labels is None else self.labels[rows],
+            None if self.features is None else self.features.index(rows),
+            None if self.scores is None else self.scores[rows],
+        )  # fmt: skip
+
+    @staticmethod
+    def cat(parts: list[_Rows]) -> _Rows:
+        def join(name: str) -> Tensor | None:
+            values = [getattr(p, name) for p in parts]
+            return None if any(v is None for v in values) else torch.cat(values)
+
+        features = [p.features for p in parts]
+        return _Rows(
+            torch.cat([p.ids for p in parts]), torch.cat([p.index for p in parts]), torch.cat([p.order for p in parts]),
+            join("labels"), None if any(f is None for f in features) else PairFeatures.cat(features),  # type: ignore[arg-type]
+            join("scores"),
+        )  # fmt: skip
+
+    def keep_first(self, positional: bool = False) -> tuple[_Rows, list[SkippedSample]]:
+        """The rows in pool order with each id once (its first row); the other rows as skipped samples (with their
+        dataset index when ``positional``)."""
+        rows = self.take(torch.argsort(self.order, stable=True))
+        ids = rows.ids.numpy()
+        keep = np.zeros(len(ids), dtype=bool)
+        keep[np.unique(ids, return_index=True)[1]] = True
+        duplicates = [
+            SkippedSample(DUPLICATE_REASON, id=int(ids[i]), index=int(rows.index[i]) if positional else None)
+            for i in np.flatnonzero(~keep)
+        ]  # fmt: skip
+        return rows.take(torch.from_numpy(np.flatnonzero(keep))), duplicates
+
+
+def _gather_rows(collective: Collective, mine: _Rows | None, *, features: bool) -> _Rows:
+    """Every rank's rows (a rank without any sends none), in rank order."""
+    shapes = collective.objects(None if mine is None else (
+        mine.labels is not None,
+        None if mine.features is None else (mine.features.image.shape[1], mine.features.text.shape[1]),
+    ))  # fmt: skip
+    present = [s for s in shapes if s is not None]
+    if not present:
+        empty = torch.zeros(0, dtype=torch.int64)
+        return _Rows(empty, empty, empty, None, None, torch.zeros(0))
+    with_labels = all(s[0] for s in present)
+    if mine is None:
+        empty = torch.zeros(0, dtype=torch.int64)
+        dims = present[0][1]
+        mine = _Rows(empty, empty, empty, empty if with_labels else None,
+                     PairFeatures(empty, torch.zeros(0, dims[0]), torch.zeros(0, dims[1]), None) if dims else None,
+                     torch.zeros(0))  # fmt: skip
+    labels = collective.cat(mine.labels) if with_labels and mine.labels is not None else None
+    gathered_features = None
+    if features and mine.features is not None:
+        f = mine.features
+        gathered_features = PairFeatures(collective.cat(f.ids), collective.cat(f.image), collective.cat(f.text),
+                                          labels)  # fmt: skip
+    return _Rows(collective.cat(mine.ids), collective.cat(mine.index), collective.cat(mine.order), labels,
+                 gathered_features, None if mine.scores is None else collective.cat(mine.scores))  # fmt: skip
+
+
+def _iter_rows(
+    adapter: CLIPAdapter,
+    items: Iterable[PoolItem],
+    sink: list[SkippedSample],
+    *,
+    device: torch.device | str,
+    progress: bool,
+    description: str,
+    precision: Callable[[], contextlib.AbstractContextManager],
+) -> Iterator[_Rows]:
+    """The features of each batch of ``items`` with its pool positions; skipped samples go to ``sink``."""
+    pending: deque[tuple[Tensor, Tensor]] = deque()
+    read = 0
+
+    def batches() -> Iterator[dict[str, Any]]:
+        nonlocal read
+        for batch, skipped in items:
+            sink.extend(skipped)
+            if batch is None or len(batch["id"]) == 0:
+                continue
+            ids = torch.as_tensor(batch["id"], dtype=torch.int64)
+            if "index" in batch:
+                index = torch.as_tensor(batch.pop("index"), dtype=torch.int64)
+                order = index
+            elif "order" in batch:
+                index, order = ids, torch.as_tensor(batch.pop("order"), dtype=torch.int64)
+            else:
+                index, order = ids, torch.arange(read, read + len(ids), dtype=torch.int64)
+            read += len(ids)
+            pending.append((index, order))
+            yield batch
+
+    with precision():
+        for features in iter_features(adapter, batches(), device=device, progress=progress, description=description):
+            index, order = pending.popleft()
+            labels = None if features.labels is None else features.labels.cpu()
+            yield _Rows(features.ids.cpu(), index, order, labels, features)
+
+
+def _extract(adapter: CLIPAdapter, items: Iterable[PoolItem], sink: list[SkippedSample],
+             **kwargs: Any) -> _Rows | None:  # fmt: skip
+    parts = [rows for rows in _iter_rows(adapter, items, sink, **kwargs)]
+    for rows in parts:
+        rows.features = rows.features.to("cpu")  # type: ignore[union-attr]
+    return _Rows.cat(parts) if parts else None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# prepare and score
+# --------------------------------------------------------------------------------------------------------------
 def _ordinary(features: PairFeatures) -> PairFeatures:
     """A copy made outside inference mode (inference tensors cannot enter autograd)."""
     labels = None if features.labels is None else features.labels.clone()
@@ -87,12 +287,13 @@ def prepare_scorer(
 
 
 def score_batch(scorer: Scorer, batch: PairFeatures) -> Tensor:
-    """``[B]`` float32 CPU scores of a batch of pool pairs.
+    """``[B]`` float32 CPU scores of a batch of pool pairs (computed with autocast off).
 
     Raises:
         FloatingPointError: NaN or inf scores, naming the scorer, the round and the first ids (a diverged model).
     """
-    scores = scorer.score(batch).float().cpu()
+    with torch.autocast(batch.image.device.type, enabled=False):
+        scores = scorer.score(batch).float().cpu()
     finite = torch.isfinite(scores)
     if not bool(finite.all()):
         first = batch.ids.cpu()[~finite][:5].tolist()
@@ -103,173 +304,224 @@ def score_batch(scorer: Scorer, batch: PairFeatures) -> Tensor:
     return scores
 
 
-# --------------------------------------------------------------------------------------------------------------
-# the DDP side of a round: agreement before every gather, gathers, bad-sample bookkeeping
-# --------------------------------------------------------------------------------------------------------------
-def shard_indices(indices: np.ndarray, rank: int, world: int) -> np.ndarray:
-    """Contiguous shard ``rank`` of ``world`` (sizes differ by at most one)."""
-    return np.array_split(indices, world)[rank]
+def _target_features(scorer: Scorer, adapter: CLIPAdapter, pool: SelectablePool, target: Dataset | None,
+                     collective: Collective, round_: int, **kwargs: Any) -> tuple[PairFeatures | None,
+                                                                                   list[SkippedSample]]:  # fmt: skip
+    if not scorer.requires_target:
+        return None, []
+    sink: list[SkippedSample] = []
+    items = pool.target_batches(target, collective.rank, collective.world)
+    own = collective.agree(
+        round_,
+        "the target features",
+        lambda: _extract(adapter, items, sink, description=f"round {round_}: target", **kwargs),
+    )
+    rows = _gather_rows(collective, own, features=True)
+    skipped, _ = collective.skipped(sink)
+    if rows.features is None or len(rows.ids) == 0:
+        raise ValueError(f"Every pair of the target failed to load or to pass the checks ({len(skipped)} pairs: "
+                         f"{name_skipped(skipped)}).")  # fmt: skip
+    return rows.keep_first()[0].features, skipped
 
 
-def gather_rows(pl_module: LightningModule, values: Tensor) -> Tensor:
-    """Concatenate per-rank tensors of different lengths along dim 0 (rank order), on the CPU."""
-    trainer = pl_module.trainer
-    if trainer.world_size == 1:
-        return values.cpu()
-    device = pl_module.device
-    lengths = trainer.strategy.all_gather(torch.tensor([values.shape[0]], device=device)).reshape(-1).tolist()
-    padded = torch.zeros(max(lengths), *values.shape[1:], dtype=values.dtype, device=device)
-    padded[: values.shape[0]] = values.to(device)
-    gathered = trainer.strategy.all_gather(padded).reshape(len(lengths), max(lengths), *values.shape[1:])
-    return torch.cat([gathered[i, :n] for i, n in enumerate(lengths)]).cpu()
+def _sample_features(adapter: CLIPAdapter, pool: SelectablePool, size: int | None, context: RoundContext,
+                     collective: Collective, **kwargs: Any) -> PairFeatures:  # fmt: skip
+    r = context.round
+    items = pool.pool_sample_batches(size, r, context.seed, collective.rank, collective.world)  # type: ignore[arg-type]
+    own = collective.agree(
+        r,
+        "the pool sample features",
+        lambda: _extract(adapter, items, [], description=f"round {r}: pool sample", **kwargs),
+    )
+    rows = _gather_rows(collective, own, features=True)
+    if rows.features is None or len(rows.ids) == 0:
+        raise ValueError(f"Round {r}: the pool sample holds no usable pair (every pair read failed to load).")
+    return rows.keep_first()[0].features  # type: ignore[return-value]
 
 
-def gather_features(pl_module: LightningModule, features: PairFeatures) -> PairFeatures:
-    """All ranks' features, concatenated in rank order (shards are contiguous, so in index order)."""
-    return PairFeatures(
-        gather_rows(pl_module, features.ids),
-        gather_rows(pl_module, features.image),
-        gather_rows(pl_module, features.text),
-        None if features.labels is None else gather_rows(pl_module, features.labels),
+def prepare_round(
+    scorer: Scorer,
+    adapter: CLIPAdapter,
+    pool: SelectablePool,
+    context: RoundContext,
+    *,
+    target: Dataset | None = None,
+    pool_sample: int | None = None,
+    collective: Collective | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> list[SkippedSample]:
+    """Steps 1-2 of a round: extract the target and the pool sample (``pool_sample`` pairs drawn with
+    ``(context.seed, context.round)``; None: every pair of the pool) and prepare ``scorer`` on them. Returns the
+    target pairs that were skipped. ``lightning-chips score`` runs this, then :func:`score_batch` per batch."""
+    collective = collective or Collective()
+    device = device if device is not None else next(adapter.module.parameters()).device
+    kwargs = {"device": device, "progress": progress and collective.rank == 0, "precision": precision}
+    target_features, target_skipped = _target_features(scorer, adapter, pool, target, collective, context.round,
+                                                       **kwargs)  # fmt: skip
+    sample = _sample_features(adapter, pool, pool_sample, context, collective, **kwargs)
+    collective.agree(
+        context.round,
+        "the prepared scorer",
+        lambda: prepare_scorer(scorer, adapter.endpoint(), target_features, sample, context, device),
+    )
+    return target_skipped
+
+
+@dataclass
+class RoundScores:
+    """What a round scored, the same on every rank.
+
+    Attributes:
+        ids: ``[N]`` int64 ids of the scored pairs, in pool order (dataset index; shard, then position).
+        scores: ``[N]`` float32 scores.
+        labels: ``[N]`` int64 labels when every batch had them, else None.
+        indices: ``[N]`` dataset indices (map-style pools) or the ids (shard pools).
+        skipped: the pool pairs that were not scored (failed to load or the checks, duplicate ids), in pool order.
+        shard_errors: shards that could not be read to the end (URL -> error).
+        target_skipped: the target pairs that were skipped.
+        positional: whether the pool is map-style (pairs have dataset indices).
+    """
+
+    ids: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray | None
+    indices: np.ndarray
+    skipped: list[SkippedSample]
+    shard_errors: dict[str, str]
+    target_skipped: list[SkippedSample]
+    positional: bool
+
+
+def run_round(
+    scorer: Scorer,
+    adapter: CLIPAdapter,
+    pool: SelectablePool,
+    context: RoundContext,
+    *,
+    target: Dataset | None = None,
+    pool_sample: int | None = None,
+    collective: Collective | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> RoundScores:
+    """Score every pair of ``pool`` for one round (steps 1-4 of the module docstring), on every rank.
+
+    With ``pool_sample=None`` (or at least the pool's size) the whole pool is the sample: its features are
+    extracted once, gathered for ``prepare`` and scored from memory (``O(N d)`` features per rank). Otherwise the
+    sample is drawn with ``(context.seed, context.round)`` and the pool streams through the towers (memory: one
+    batch).
+
+    Raises:
+        ValueError: when no pool pair or no target pair could be used.
+        FloatingPointError: on NaN or inf scores.
+
+    Example::
+
+        >>> scores = run_round(CHIPS(), resolve_adapter(model), datamodule, RoundContext(round=0))  # doctest: +SKIP
+        >>> select(scores.ids, scores.scores, fraction=0.3)  # doctest: +SKIP
+    """
+    collective = collective or Collective()
+    device = device if device is not None else next(adapter.module.parameters()).device
+    r, rank, world = context.round, collective.rank, collective.world
+    kwargs = {"device": device, "progress": progress and rank == 0, "precision": precision}
+    size = pool.pool_size()
+    sink: list[SkippedSample] = []
+    if pool_sample is not None and (size is None or pool_sample < size):
+        target_skipped = prepare_round(
+            scorer,
+            adapter,
+            pool,
+            context,
+            target=target,
+            pool_sample=pool_sample,
+            collective=collective,
+            device=device,
+            progress=progress,
+            precision=precision,
+        )
+
+        def score_stream() -> _Rows | None:
+            parts = []
+            for rows in _iter_rows(adapter, pool.scoring_batches(rank, world), sink,
+                                   description=f"round {r}: scoring", **kwargs):  # fmt: skip
+                rows.scores = score_batch(scorer, rows.features)  # type: ignore[arg-type]
+                rows.features = None
+                parts.append(rows)
+            return _Rows.cat(parts) if parts else None
+
+        own = collective.agree(r, "the pool scores", score_stream)
+    else:
+        target_features, target_skipped = _target_features(scorer, adapter, pool, target, collective, r, **kwargs)
+        items = pool.scoring_batches(rank, world)
+        own = collective.agree(
+            r, "the pool features", lambda: _extract(adapter, items, sink, description=f"round {r}: pool", **kwargs)
+        )
+        everything = _gather_rows(collective, own, features=True)
+        if len(everything.ids) == 0:
+            skipped, _ = collective.skipped(sink)
+            raise ValueError(_nothing_scored(skipped))
+        sample = everything.keep_first()[0].features
+
+        def score_own() -> _Rows | None:
+            prepare_scorer(scorer, adapter.endpoint(), target_features, sample, context, device)  # type: ignore[arg-type]
+            if own is None:
+                return None
+            own.scores = torch.cat([score_batch(scorer, b.to(device)) for b in own.features.batches(4096)])  # type: ignore[union-attr]
+            own.features = None
+            return own
+
+        own = collective.agree(r, "the pool scores", score_own)
+    rows = _gather_rows(collective, own, features=False)
+    skipped, shard_errors = collective.skipped(sink)
+    if len(rows.ids) == 0:
+        raise ValueError(_nothing_scored(skipped))
+    positional = size is not None  # a pool that knows its size is map-style: its pairs have dataset indices
+    kept, duplicates = rows.keep_first(positional)
+    return RoundScores(
+        ids=kept.ids.numpy(),
+        scores=kept.scores.numpy(),  # type: ignore[union-attr]
+        labels=None if kept.labels is None else kept.labels.numpy(),
+        indices=kept.index.numpy(),
+        skipped=sorted(skipped + duplicates, key=_skip_key),
+        shard_errors=shard_errors,
+        target_skipped=target_skipped,
+        positional=positional,
     )
 
 
-def bad_arrays(skipped: Sequence[BadPair]) -> dict[str, np.ndarray]:
-    """A map-style round file's bad pairs: ``bad_indices``, ``bad_ids`` (:data:`NO_ID` for a pair without an id)
-    and ``bad_reasons``."""
-    return {
-        "bad_indices": np.array([b.index for b in skipped], dtype=np.int64),
-        "bad_ids": np.array([NO_ID if b.id is None else b.id for b in skipped], dtype=np.int64),
-        "bad_reasons": np.array([b.reason for b in skipped], dtype=str),
+def _nothing_scored(skipped: Sequence[SkippedSample]) -> str:
+    if skipped:
+        return (f"Every pair of the pool failed to load or to pass the checks ({len(skipped)} pairs: "
+                f"{name_skipped(skipped)}).")  # fmt: skip
+    return "No pool pairs to score: the pool is empty (or has fewer shards than ranks)."
+
+
+# --------------------------------------------------------------------------------------------------------------
+# skipped samples in messages and round files
+# --------------------------------------------------------------------------------------------------------------
+def name_skipped(skipped: Sequence[SkippedSample], limit: int = 5) -> str:
+    """The first ``limit`` skipped samples in one line."""
+    named = "; ".join(s.describe() for s in skipped[:limit])
+    return named + ("; ..." if len(skipped) > limit else "")
+
+
+def skipped_arrays(skipped: Sequence[SkippedSample], shard_errors: dict[str, str],
+                   positional: bool) -> dict[str, np.ndarray]:  # fmt: skip
+    """The round-file arrays naming a round's skipped pairs, one entry each: ``bad_ids`` (:data:`NO_ID` when the
+    pair has no id), ``bad_reasons``, and ``bad_indices`` (map-style pools) or ``bad_keys`` / ``bad_shards`` (shard
+    pools, ``""`` for a duplicate id) with ``unreadable_shards`` / ``shard_errors``."""
+    arrays = {
+        "bad_ids": np.array([NO_ID if s.id is None else s.id for s in skipped], dtype=np.int64),
+        "bad_reasons": np.array([s.reason for s in skipped], dtype=str),
     }
-
-
-def stream_bad_arrays(skipped: Sequence[BadShardSample], shard_errors: dict[str, str]) -> dict[str, np.ndarray]:
-    """A streaming round file's skipped samples, one entry each: ``bad_ids`` (the uid, :data:`NO_ID` when the json
-    gives none), ``bad_keys`` (the tar key), ``bad_shards`` (the shard URL), ``bad_reasons``; and its shards that
-    could not be read to the end: ``unreadable_shards`` (URLs) with their ``shard_errors``."""
-    return {
-        "bad_ids": np.array([NO_ID if b.id is None else b.id for b in skipped], dtype=np.int64),
-        "bad_keys": np.array([b.key for b in skipped], dtype=str),
-        "bad_shards": np.array([b.shard for b in skipped], dtype=str),
-        "bad_reasons": np.array([b.reason for b in skipped], dtype=str),
-        "unreadable_shards": np.array(list(shard_errors), dtype=str),
-        "shard_errors": np.array(list(shard_errors.values()), dtype=str),
-    }
-
-
-def skip_reports(batches: Iterable[Any], sink: list[ShardReport]) -> Iterator[Any]:
-    """The batches of a streaming scoring loader without their shard reports (``batch["reports"]`` of a
-    :class:`~lightning_chips.data.webdataset.ShardCollate`), which go to ``sink``; a batch of reports only is left
-    out."""
-    for batch in batches:
-        if isinstance(batch, dict) and "reports" in batch:
-            sink.extend(batch.pop("reports"))
-            if len(batch["id"]) == 0:
-                continue
-        yield batch
-
-
-def skip_bad(batches: Iterable[Any], sink: dict[int, BadPair]) -> Iterator[Any]:
-    """The batches of a scoring loader without their bad pairs, which go to ``sink`` (by dataset index); a batch
-    of bad pairs only is left out."""
-    for batch in batches:
-        found = batch.pop("bad", None) if isinstance(batch, dict) else None
-        if found:
-            sink.update({b.index: b for b in found})
-            if len(batch["id"]) == 0:
-                continue
-        yield batch
-
-
-def extract_skipping_bad(
-    adapter: CLIPAdapter, loader: Iterable[Any], sink: dict[int, BadPair], **kwargs: Any
-) -> PairFeatures:
-    """:func:`~lightning_chips.features.extract_features` of a scoring loader, its bad pairs into ``sink``."""
-    parts = [f.to("cpu") for f in iter_features(adapter, skip_bad(loader, sink), **kwargs)]
-    if not parts:
-        if sink:
-            raise ValueError(all_bad_message(kwargs.get("description", "the pairs"), sink))
-        raise ValueError(f"No batches to extract {kwargs.get('description', 'features')} from: the loader is empty.")
-    return PairFeatures.cat(parts)
-
-
-def name_bad(bad: Sequence[BadPair | BadShardSample], limit: int = 5) -> str:
-    named = "; ".join(describe_bad(b) for b in bad[:limit])
-    return named + ("; ..." if len(bad) > limit else "")
-
-
-def describe_bad(bad: BadPair | BadShardSample) -> str:
-    if isinstance(bad, BadShardSample):
-        return f"uid {bad.id} (key {bad.key} of {bad.shard}): {bad.reason}"
-    return f"id {bad.id} (index {bad.index}): {bad.reason}"
-
-
-def all_bad_message(what: str, bad: dict[int, BadPair]) -> str:
-    pairs = [bad[i] for i in sorted(bad)]
-    return f"Every pair of {what} failed to load or to pass the checks ({len(pairs)} pairs: {name_bad(pairs)})."
-
-
-def check_unique(ids: np.ndarray, where: str) -> None:
-    unique, counts = np.unique(ids, return_counts=True)
-    if (counts > 1).any():
-        dup = unique[counts > 1][:5].tolist()
-        raise ValueError(
-            f"Pool ids must be unique; duplicated ids in {where}: {dup} ({int((counts > 1).sum())} ids in all). "
-            "Give every pool item its own int64 'id'."
-        )
-
-
-def agree(trainer: Trainer, round_: int, what: str, fn: Callable[[], _T]) -> _T:
-    """Run this rank's part of a round, then agree with every rank that all parts succeeded (before the next
-    collective, so no rank waits at a gather for one that has failed).
-
-    The failing rank re-raises its own error; the others raise a ``RuntimeError`` naming the failed ranks and
-    their errors.
-    """
-    error: Exception | None = None
-    result: Any = None
-    try:
-        result = fn()
-    except Exception as exc:  # re-raised below, after the other ranks know
-        error = exc
-    if trainer.world_size > 1:
-        flag = torch.tensor([int(error is not None)], device=trainer.strategy.root_device)
-        failed = torch.nonzero(trainer.strategy.all_gather(flag).reshape(-1)).reshape(-1).tolist()
-        if failed:
-            messages: list[Any] = [None] * trainer.world_size
-            torch.distributed.all_gather_object(messages, None if error is None else describe_error(error))
-            if error is None:
-                detail = "; ".join(f"rank {i}: {messages[i]}" for i in failed)
-                raise RuntimeError(
-                    f"Selection round {round_} stopped on rank {trainer.global_rank}: rank(s) {failed} failed while "
-                    f"computing {what} ({detail}); see that rank's traceback."
-                )
-    if error is not None:
-        raise error
-    return result
-
-
-def gather_objects(trainer: Trainer, mine: _T) -> list[_T]:
-    """Every rank's ``mine`` (picklable), in rank order."""
-    if trainer.world_size == 1:
-        return [mine]
-    everyone: list[Any] = [None] * trainer.world_size
-    torch.distributed.all_gather_object(everyone, mine)
-    return everyone
-
-
-def gather_bad(trainer: Trainer, bad: dict[int, BadPair]) -> list[BadPair]:
-    """Every rank's bad pairs, sorted by dataset index (the same list on every rank)."""
-    merged = {b.index: b for part in gather_objects(trainer, [bad[i] for i in sorted(bad)]) for b in part}
-    return [merged[i] for i in sorted(merged)]
-
-
-def gather_stream_bad(trainer: Trainer, bad: list[BadShardSample],
-                       errors: dict[str, str]) -> tuple[list[BadShardSample], dict[str, str]]:  # fmt: skip
-    """Every rank's skipped stream samples, sorted by shard URL and key, and its unreadable shards (URL -> error),
-    sorted by URL: the same on every rank, whatever the number of dataloader workers."""
-    everyone = gather_objects(trainer, (bad, errors))
-    merged = sorted((b for part, _ in everyone for b in part), key=lambda b: (b.shard, b.key))
-    unreadable = {url: error for _, part in everyone for url, error in part.items()}
-    return merged, dict(sorted(unreadable.items()))
+    if positional:
+        arrays["bad_indices"] = np.array([-1 if s.index is None else s.index for s in skipped], dtype=np.int64)
+        return arrays
+    arrays["bad_keys"] = np.array([s.key or "" for s in skipped], dtype=str)
+    arrays["bad_shards"] = np.array([s.shard or "" for s in skipped], dtype=str)
+    arrays["unreadable_shards"] = np.array(list(shard_errors), dtype=str)
+    arrays["shard_errors"] = np.array(list(shard_errors.values()), dtype=str)
+    return arrays

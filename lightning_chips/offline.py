@@ -2,8 +2,10 @@
 
 ``score_pool`` is a ``Trainer.predict`` pass, so Lightning's strategies spread it over devices and nodes (DDP):
 
-1. every rank reads the target pairs and the same seeded pool sample, and calls ``scorer.prepare`` (identical
-   state on every rank, no communication);
+1. :func:`lightning_chips.engine.prepare_round`, as a callback round does: every rank extracts its share of the
+   target and of the pool sample (the first ``pool_sample`` pairs of the shards in an order seeded by
+   ``(seed, 0)``, the sample of a callback's round 0 with that seed), the shares are gathered, and every rank
+   prepares the scorer on the same pairs;
 2. rank ``r`` streams its shards (``shards[r::world]``; a worker reads ``shards_of_rank[w::workers]``), scores
    each batch and, when a shard ends, writes ``parts/<shard>.npz`` (ids, scores, skipped samples) atomically;
 3. each rank writes ``scores-rank{r}.npz`` from its parts; rank 0 merges every part into the id-sorted
@@ -35,16 +37,12 @@ from torch.utils.data import DataLoader
 
 from lightning_chips.adapters import CLIPAdapter, resolve_adapter
 from lightning_chips.data.datamodule import clip_normalize, resolve_tokenizer
+from lightning_chips.data.pool import ShardPool
 from lightning_chips.data.subset import PairCollate
 from lightning_chips.data.target import ListDataset, load_target_pairs
-from lightning_chips.data.webdataset import (
-    ShardCollate,
-    ShardReport,
-    WebDatasetPairs,
-    expand_shards,
-)
-from lightning_chips.engine import prepare_scorer, score_batch
-from lightning_chips.features import PairFeatures, extract_features, iter_features
+from lightning_chips.data.webdataset import ShardReport, WebDatasetPairs, expand_shards
+from lightning_chips.engine import Collective, prepare_round, score_batch
+from lightning_chips.features import iter_features
 from lightning_chips.io import (
     CorruptFileError,
     OutputLock,
@@ -158,27 +156,22 @@ class _PoolScoring(LightningModule):
         self.scored_now = 0
         self.started = 0.0
 
-    # -- data ---------------------------------------------------------------------------------------------------
+    # -- data -----------------------------------------------------------------------------------------------------
     def _adapter(self) -> CLIPAdapter:
         return resolve_adapter(self.model, self.config["adapter"])
 
-    def _collate(self) -> PairCollate:
-        return ShardCollate(resolve_tokenizer(None, None, self.model), clip_normalize())
+    def _pool(self) -> ShardPool:
+        """The pool as the round engine reads it (the same :class:`~lightning_chips.data.pool.ShardPool` a
+        :class:`~lightning_chips.data.WebDatasetDataModule` scores through)."""
+        c = self.config
+        pairs = WebDatasetPairs(c["urls"], image_size=c["image_size"], uid_field=c["uid_field"])
+        target = None if c["target_pairs"] is None else ListDataset(c["target_pairs"])
+        collate = PairCollate(resolve_tokenizer(None, None, self.model), clip_normalize())
+        return ShardPool(pairs, target, collate, c["batch_size"], c["num_workers"], c["worker_start_method"],
+                         skip=c["done"])  # fmt: skip
 
     def predict_dataloader(self) -> DataLoader:
-        c = self.config
-        self.pool = WebDatasetPairs(c["urls"], image_size=c["image_size"], uid_field=c["uid_field"], reports=True,
-                                    skip=c["done"]).bind(self.global_rank, self.trainer.world_size)  # fmt: skip
-        shards = self.pool.shards_of_rank()
-        workers = min(c["num_workers"], len(shards))
-        return DataLoader(
-            self.pool,
-            batch_size=c["batch_size"],
-            num_workers=workers,
-            collate_fn=self._collate(),
-            multiprocessing_context=c["worker_start_method"] if workers > 0 else None,
-            persistent_workers=False,
-        )
+        return self._pool().scoring_loader(self.global_rank, self.trainer.world_size)
 
     # -- prepare ------------------------------------------------------------------------------------------------
     def on_predict_start(self) -> None:
@@ -188,15 +181,12 @@ class _PoolScoring(LightningModule):
         adapter = self._adapter()
         text_encoder = PromptEncoder(adapter, resolve_tokenizer(None, None, self.model))
         context = RoundContext(learning_rate=c["learning_rate"], text_encoder=text_encoder, seed=c["seed"])
-        collate = PairCollate(resolve_tokenizer(None, None, self.model), clip_normalize())
-        target = None
-        with self.trainer.precision_plugin.forward_context():  # the same precision as the scoring pass
-            if c["target_pairs"] is not None:
-                loader = DataLoader(ListDataset(c["target_pairs"]), batch_size=c["batch_size"], collate_fn=collate)
-                target = extract_features(adapter, loader, device=self.device, description="target")
-            sample = self._pool_sample(adapter, collate)
-        prepare_scorer(self.scorer, adapter.endpoint(), target, sample, context, self.device)
-        rank_zero_info(f"[lightning-chips] score: prepared {self.scorer.summary()} on {len(sample)} pool pairs")
+        self.target_skipped = prepare_round(
+            self.scorer, adapter, self._pool(), context, pool_sample=c["pool_sample"],
+            collective=Collective(self.trainer), device=self.device,
+            precision=self.trainer.precision_plugin.forward_context,
+        )  # fmt: skip
+        rank_zero_info(f"[lightning-chips] score: prepared {self.scorer.summary()}")
 
     def _check_same_weights(self) -> None:
         """Every rank must score with the same weights (predict does not broadcast them as DDP training does)."""
@@ -209,14 +199,6 @@ class _PoolScoring(LightningModule):
                 "The ranks hold different model weights (randomly initialised without a common seed?); load "
                 "pretrained weights, or set `--seed_everything` so every rank builds the same model."
             )
-
-    def _pool_sample(self, adapter: CLIPAdapter, collate: PairCollate) -> PairFeatures:
-        """The first ``pool_sample`` valid pairs of the pool's shards in a seeded order (the whole pool when
-        ``pool_sample`` is None); every rank reads the same ones."""
-        c = self.config
-        reader = WebDatasetPairs(c["urls"], image_size=c["image_size"], uid_field=c["uid_field"])
-        batches = reader.sample_batches(c["pool_sample"], c["seed"], c["batch_size"], collate)
-        return extract_features(adapter, batches, device=self.device, description="pool sample")
 
     # -- score --------------------------------------------------------------------------------------------------
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:

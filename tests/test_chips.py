@@ -14,7 +14,7 @@ from torch.func import grad, vmap
 from lightning_chips.adapters import EndPoint, resolve_adapter
 from lightning_chips.data import TwoDomainPairs
 from lightning_chips.features import PairFeatures, extract_features
-from lightning_chips.functional import bank_loss, chips_prepare, chips_scores
+from lightning_chips.functional import ChipsArguments, bank_loss, chips_prepare, chips_scores
 from lightning_chips.scoring import CHIPS, build_scorer
 
 from .conftest import TINY_VIT
@@ -227,6 +227,29 @@ def test_memory_state_is_independent_of_pool_size():
 def test_bad_arguments_are_rejected_eagerly(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CHIPS(**kwargs)
+    with pytest.raises(ValueError, match=match):  # the one place they are validated
+        ChipsArguments(**kwargs)
+    pool_v, pool_t, target_v, target_t, ep = _problem(n=20)
+    with pytest.raises(ValueError, match=match):  # the functional forms too, before any work
+        chips_scores(pool_v, pool_t, target_v, target_t, ep, **kwargs)
+
+
+def test_one_arguments_object_drives_the_scorer_and_the_functional_forms():
+    pool_v, pool_t, target_v, target_t, ep = _problem(n=120)
+    args = ChipsArguments(bank_size=40, curvature_samples=80, sketch_dim=48, alpha=0.5, seed=3)
+    scorer = CHIPS(bank_size=40, curvature_samples=80, sketch_dim=48, alpha=0.5, seed=3)
+    assert scorer.arguments == args and scorer.alpha == 0.5 and scorer.components == args.components
+    by_object = chips_scores(pool_v, pool_t, target_v, target_t, ep, args).utility
+    by_keywords = chips_scores(pool_v, pool_t, target_v, target_t, ep, bank_size=40, curvature_samples=80,
+                               sketch_dim=48, alpha=0.5, seed=3).utility  # fmt: skip
+    assert torch.equal(by_object, by_keywords)
+    ids = torch.arange(120)
+    scorer.prepare(ep, PairFeatures(ids[:12], target_v, target_t), PairFeatures(ids, pool_v, pool_t))
+    torch.testing.assert_close(scorer.score(PairFeatures(ids, pool_v, pool_t)), by_object, rtol=1e-12, atol=1e-12)
+    overridden = chips_scores(pool_v, pool_t, target_v, target_t, ep, args, alpha=0.9).utility
+    assert not torch.equal(overridden, by_object)  # a keyword overrides the object's field
+    with pytest.raises(TypeError, match="Unknown CHIPS argument.*'alpah'"):
+        chips_scores(pool_v, pool_t, target_v, target_t, ep, alpah=0.5)
 
 
 def test_empty_target_is_an_error():

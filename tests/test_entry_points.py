@@ -1,6 +1,6 @@
 """One round, three entry points: the callback over a map-style pool, the callback over the same pairs as
-WebDataset shards, and ``lightning-chips score`` give the same scores and the same selection (docs/selection.md,
-"One round")."""
+WebDataset shards, and ``lightning-chips score`` give the same scores and the same selection, with bad samples,
+duplicate ids and NaN scores (docs/selection.md, "One round")."""
 
 from __future__ import annotations
 
@@ -48,9 +48,10 @@ def _module() -> OpenCLIPModule:
     return OpenCLIPModule(model_config=copy.deepcopy(TINY_VIT), lr=1e-3)
 
 
-def _fit_round_zero(module, datamodule, scorer: Scorer, save: Path) -> tuple[np.ndarray, np.ndarray]:
-    callback = DataSelectionCallback(scorer, fraction=0.3, every_n_epochs=1, pool_sample=None, save_dir=str(save),
-                                     progress=False)  # fmt: skip
+def _fit_round_zero(module, datamodule, scorer: Scorer, save: Path,
+                    pool_sample: int | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    callback = DataSelectionCallback(scorer, fraction=0.3, every_n_epochs=1, pool_sample=pool_sample,
+                                     save_dir=str(save), progress=False)  # fmt: skip
     trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, callbacks=[callback], logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     trainer.fit(module, datamodule=datamodule)
@@ -58,34 +59,34 @@ def _fit_round_zero(module, datamodule, scorer: Scorer, save: Path) -> tuple[np.
         return f["ids"], f["scores"]
 
 
-@pytest.mark.parametrize("name", list(SCORERS))
-def test_map_style_streaming_and_offline_rounds_agree(data, tmp_path, name):
-    pool_pairs = [p for p in WebDatasetPairs(str(data / "pool"), image_size=32)]  # the valid pairs, decoded
-    target_pairs = [p for p in WebDatasetPairs(str(data / "target"), image_size=32)]
+def _three_entry_points(pool: Path, target: Path, scorer, out: Path, pool_sample: int | None = None,
+                       map_style: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+    """Round 0's ids and scores through the map-style callback (the shards' valid pairs in shard order as a list),
+    the streaming callback and ``score``."""
     results = {}
-    results["map-style"] = _fit_round_zero(
-        _module(),
-        ScoredSubsetDataModule(
-            ListDataset(pool_pairs), ListDataset(target_pairs), batch_size=8, steps_per_round=1, eval_batch_size=16
-        ),  # fmt: skip
-        SCORERS[name](),
-        tmp_path / "map",
-    )
+    if map_style:
+        pool_pairs = list(WebDatasetPairs(str(pool), image_size=32))  # the valid pairs, decoded, in pool order
+        target_pairs = list(WebDatasetPairs(str(target), image_size=32))
+        results["map-style"] = _fit_round_zero(
+            _module(), ScoredSubsetDataModule(ListDataset(pool_pairs), ListDataset(target_pairs), batch_size=8,
+                                              steps_per_round=1, eval_batch_size=16),
+            scorer(), out / "map", pool_sample,
+        )  # fmt: skip
     results["streaming"] = _fit_round_zero(
-        _module(),
-        WebDatasetDataModule(
-            str(data / "pool"), str(data / "target"), batch_size=8, steps_per_round=1, num_workers=0, eval_batch_size=16
-        ),  # fmt: skip
-        SCORERS[name](),
-        tmp_path / "stream",
-    )
-    offline = read_scores(score_pool(_module(), SCORERS[name](), str(data / "pool"), str(tmp_path / "offline"),
-                                     target=str(data / "target"), batch_size=16, num_workers=0, pool_sample=None,
+        _module(), WebDatasetDataModule(str(pool), str(target), batch_size=8, steps_per_round=1, num_workers=0,
+                                        eval_batch_size=16),
+        scorer(), out / "stream", pool_sample,
+    )  # fmt: skip
+    offline = read_scores(score_pool(_module(), scorer(), str(pool), str(out / "offline"), target=str(target),
+                                     batch_size=16, num_workers=0, pool_sample=pool_sample,
                                      trainer=pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
                                                         enable_model_summary=False)))  # fmt: skip
     results["offline"] = (offline["ids"], offline["scores"])
+    return results
+
+
+def _assert_agree(results: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
     reference_ids, reference = results["offline"]
-    assert len(reference_ids) == len(pool_pairs)
     chosen = set(select(reference_ids, reference, fraction=0.3).ids.tolist())
     for entry, (ids, scores) in results.items():
         order = np.argsort(ids)
@@ -93,6 +94,46 @@ def test_map_style_streaming_and_offline_rounds_agree(data, tmp_path, name):
         np.testing.assert_allclose(scores[order], reference, rtol=1e-4, atol=1e-5 * np.abs(reference).max(),
                                    err_msg=entry)  # fmt: skip
         assert set(select(ids, scores, fraction=0.3).ids.tolist()) == chosen, entry
+
+
+@pytest.mark.parametrize("name", list(SCORERS))
+def test_map_style_streaming_and_offline_rounds_agree(data, tmp_path, name):
+    results = _three_entry_points(data / "pool", data / "target", SCORERS[name], tmp_path)
+    assert len(results["offline"][0]) == 46  # 48 pairs, one undecodable image, one missing caption
+    _assert_agree(results)
+
+
+def test_a_sampled_pool_sample_is_the_same_through_the_streaming_callback_and_score(data, tmp_path):
+    """``pool_sample=20`` draws the same pairs (shards in the order seeded by ``(seed, 0)``) for the streaming
+    callback's round 0 and ``score``; the prepared CHIPS, and so every score, is the same."""
+    results = _three_entry_points(data / "pool", data / "target", SCORERS["chips"], tmp_path, pool_sample=20,
+                                  map_style=False)  # fmt: skip
+    _assert_agree(results)
+    whole = _three_entry_points(data / "pool", data / "target", SCORERS["chips"], tmp_path / "whole",
+                                map_style=False)  # fmt: skip
+    assert not np.allclose(whole["offline"][1], results["offline"][1])  # the sample matters: the check can fail
+
+
+def test_duplicate_ids_keep_their_first_pair_through_every_entry_point(data, tmp_path):
+    """Two later pairs repeat the uids of earlier pairs of other shards (different images and captions): every
+    entry point scores each uid once, with the first pair's score (= the score of a pool without the repeats),
+    and the selections agree."""
+    write_pool(tmp_path / "pool", num_pairs=40, per_shard=10, duplicate_uids={25: 3, 33: 12})
+    results = _three_entry_points(tmp_path / "pool", data / "target", SCORERS["chips"], tmp_path / "dup")
+    _assert_agree(results)
+    write_pool(tmp_path / "clean", num_pairs=40, per_shard=10)
+    clean = list(WebDatasetPairs(str(tmp_path / "clean"), image_size=32))
+    without = ListDataset([p for i, p in enumerate(clean) if i not in (25, 33)])
+    target = ListDataset(list(WebDatasetPairs(str(data / "target"), image_size=32)))
+    ids, scores = _fit_round_zero(_module(), ScoredSubsetDataModule(without, target, batch_size=8, steps_per_round=1,
+                                                                    eval_batch_size=16),
+                                  SCORERS["chips"](), tmp_path / "without")  # fmt: skip
+    order = np.argsort(ids)
+    np.testing.assert_array_equal(ids[order], results["offline"][0])
+    np.testing.assert_allclose(scores[order], results["offline"][1], rtol=1e-4,
+                               atol=1e-5 * np.abs(scores).max())  # fmt: skip
+    with np.load(tmp_path / "dup" / "stream" / "round_0000.npz") as f:
+        assert sorted(f["bad_ids"].tolist()) == [10**12 + 3, 10**12 + 12]
 
 
 class _Diverged(Scorer):

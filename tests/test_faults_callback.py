@@ -28,6 +28,7 @@ from lightning_chips import DataSelectionCallback, OpenCLIPModule, ScoredSubsetD
 from lightning_chips.callback import NO_ID
 from lightning_chips.data import ImageCaptionFolder
 from lightning_chips.data.checks import CheckedPairs
+from lightning_chips.engine import DUPLICATE_REASON
 from lightning_chips.scoring import CLIPScore, Random
 from lightning_chips.selection import write_round_file
 
@@ -102,16 +103,19 @@ USER_REASONS = {
 
 
 def test_bad_items_of_a_user_pool_are_named_in_scoring_batches_and_workers_survive():
-    """Through the data module's scoring loader with 2 worker processes: every bad item is a BadPair with its
-    index, id (when it has one) and reason in ``batch["bad"]``, the other items are in the tensors, the long
-    caption is kept (tokenized to the context length), and an item that is not a dict is an error naming its
-    index."""
+    """Through the data module's scoring batches with 2 worker processes: every bad item is a SkippedSample with its
+    index, id (when it has one) and reason beside its batch, the other items are in the tensors with their dataset
+    indices, the long caption is kept (tokenized to the context length), and an item that is not a dict is an
+    error naming its index."""
     pool = UserPool(24, USER_FAULTS)
     data = ScoredSubsetDataModule(pool, batch_size=4, eval_batch_size=6, num_workers=2, context_length=16)
     ids, bad = [], []
-    for batch in data.pool_dataloader():
+    for batch, skipped in data.scoring_batches(0, 1):
+        bad += skipped
+        if batch is None:
+            continue
         ids += batch["id"].tolist()
-        bad += batch.get("bad", [])
+        assert batch["id"].tolist() == [int(pool.base.ids[i]) for i in batch["index"].tolist()]
         assert batch["text"].shape[1:] == (16,) and len(batch["image"]) == len(batch["id"])
     assert {b.index: b.reason.split(" (")[0][: len(USER_REASONS[b.index])] for b in bad} == USER_REASONS
     # an item that failed to load has no id to tell (its index names it); an item that loaded but failed a check does
@@ -260,37 +264,26 @@ class ListPool(Dataset):
         return {**self.base[index], "id": self.item_ids[index]}
 
 
-class ShiftedIds(TwoDomainPairs):
-    """Built-in pairs whose listed ids repeat (the ``ids`` attribute is read before any item)."""
-
-    def __init__(self, n: int) -> None:
-        super().__init__(n)
-        ids = self.ids.copy()
-        ids[5] = ids[2]
-        self.ids, self.reads = ids, 0
-
-    def __getitem__(self, index: int) -> dict:
-        self.reads += 1
-        return super().__getitem__(index)
-
-
-def test_duplicated_pool_ids_are_an_error_naming_them_before_any_training_step(tmp_path):
-    record = Record()
-    listed = ShiftedIds(40)
-    data = ScoredSubsetDataModule(listed, batch_size=8, steps_per_round=2)
-    match = rf"duplicated ids in the pool \(checked before training\): \[{listed.ids[2]}\]"
-    with pytest.raises(ValueError, match=match):
-        _trainer(tmp_path, [DataSelectionCallback(Random(), fraction=0.5, save_dir=""), record], 2).fit(
-            _module(), datamodule=data
-        )
-    assert listed.reads == 0 and record.steps == []  # found from the listed ids, before reading any item
-
-    unlisted = ListPool([7, 8, 9, 7, 10, 11, 8, 12] * 2)
-    data = ScoredSubsetDataModule(unlisted, batch_size=4, steps_per_round=2, context_length=16)
+def test_duplicated_pool_ids_keep_their_first_pair_and_the_others_are_skipped_and_named(tmp_path):
+    """A pool whose ids repeat: the first pair of each id (in dataset order) is scored, the later ones are skipped
+    (never selected, counted, named in the round file with their index and the reason), whatever the order."""
+    ids = [7, 8, 9, 7, 10, 11, 8, 12] * 2
+    data = ScoredSubsetDataModule(ListPool(ids), batch_size=4, steps_per_round=2, context_length=16)
     callback = DataSelectionCallback(Random(), fraction=0.5, save_dir=str(tmp_path / "rounds"))
-    with pytest.raises(ValueError, match=r"duplicated ids in round 0: \[7, 8, 9, 10, 11\]"):
-        _trainer(tmp_path, [callback, record], 2).fit(_module(), datamodule=data)
-    assert record.steps == [] and not (tmp_path / "rounds").exists() and callback.selection is None
+    _trainer(tmp_path, [callback], 2).fit(_module(), datamodule=data)
+    first = {}
+    for index, uid in enumerate(ids):
+        first.setdefault(uid, index)
+    later = sorted(set(range(len(ids))) - set(first.values()))
+    assert sorted(callback.selection.indices.tolist()) == sorted(
+        first[int(u)] for u in callback.selection.ids.tolist()
+    )  # a selected id always points at its first pair
+    assert [(s.index, s.id) for s in callback.skipped] == [(i, ids[i]) for i in later]
+    assert all(s.reason == DUPLICATE_REASON for s in callback.skipped)
+    assert callback.history[0]["skipped"] == len(later)
+    with np.load(tmp_path / "rounds" / "round_0000.npz") as f:
+        assert sorted(f["ids"].tolist()) == sorted(first)  # each id scored once
+        assert f["bad_indices"].tolist() == later and f["bad_ids"].tolist() == [ids[i] for i in later]
 
 
 def test_a_pool_smaller_than_one_batch_draws_every_selected_id(tmp_path):

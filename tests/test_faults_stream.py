@@ -21,8 +21,9 @@ import torch
 
 from lightning_chips import DataSelectionCallback, OpenCLIPModule
 from lightning_chips.callback import NO_ID
+from lightning_chips.data.checks import SkippedSample
 from lightning_chips.data.stream import SelectedStream, WebDatasetDataModule, _Live
-from lightning_chips.data.webdataset import BadShardSample, WebDatasetPairs
+from lightning_chips.data.webdataset import WebDatasetPairs
 from lightning_chips.scoring import CLIPScore
 
 from .conftest import TINY_VIT
@@ -126,7 +127,7 @@ def test_bad_samples_of_a_streaming_pool_are_counted_once_named_and_never_traine
     assert [h["skipped"] for h in callback.history] == [len(EXPECTED)] * 2  # counted once per round, not per pass
     assert [h["unreadable_shards"] for h in callback.history] == [1, 1]
     assert caplog.text.count(f"skipped {len(EXPECTED)} bad pairs, 1 unreadable shards") == 2
-    assert all(isinstance(b, BadShardSample) for b in callback.skipped)
+    assert all(isinstance(b, SkippedSample) for b in callback.skipped)
     _assert_names_every_bad_sample({b.key: (b.id, b.reason, os.path.basename(b.shard)) for b in callback.skipped})
     assert [os.path.basename(url) for url in callback.shard_errors] == ["c.tar"]
 
@@ -202,7 +203,7 @@ def test_bad_samples_met_by_the_training_stream_before_the_first_selection_are_c
     with pytest.warns(UserWarning) as warned:
         trainer.fit(module, datamodule=data)
 
-    assert list(data.skipped) == ["pool"] and all(isinstance(b, BadShardSample) for b in data.skipped["pool"])
+    assert list(data.skipped) == ["pool"] and all(isinstance(b, SkippedSample) for b in data.skipped["pool"])
     assert len(data.skipped["pool"]) == len(EXPECTED)  # each once, though the stream cycled over the shards
     _assert_names_every_bad_sample({b.key: (b.id, b.reason, os.path.basename(b.shard)) for b in data.skipped["pool"]})
     assert {os.path.basename(url): error.split(" (")[0] for url, error in data.shard_errors.items()} == {

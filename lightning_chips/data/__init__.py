@@ -1,7 +1,7 @@
 """Datasets and data modules: the built-in two-domain data, scored subsets of map-style pools, WebDataset pools."""
 
 from lightning_chips.data.builtin import CLASSNAMES, DOMAINS, TEMPLATES, TwoDomainPairs
-from lightning_chips.data.checks import BadPair, BadSample, CheckedPairs
+from lightning_chips.data.checks import BadSample, CheckedPairs, SkippedSample
 from lightning_chips.data.datamodule import TwoDomainDataModule, clip_normalize, resolve_tokenizer
 from lightning_chips.data.sampler import ScoredSubsetSampler
 from lightning_chips.data.stream import SelectedStream, WebDatasetDataModule
@@ -9,7 +9,6 @@ from lightning_chips.data.subset import PairCollate, ScoredSubsetDataModule
 from lightning_chips.data.webdataset import ImageCaptionFolder, ShardReport, WebDatasetPairs, expand_shards
 
 __all__ = [
-    "BadPair",
     "BadSample",
     "CLASSNAMES",
     "CheckedPairs",
@@ -18,6 +17,7 @@ __all__ = [
     "ImageCaptionFolder",
     "SelectedStream",
     "ShardReport",
+    "SkippedSample",
     "WebDatasetDataModule",
     "WebDatasetPairs",
     "expand_shards",

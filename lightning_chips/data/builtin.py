@@ -37,13 +37,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import lru_cache
-from numbers import Integral
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
+from lightning_chips.data.labelled import LabelledPairs
 from lightning_chips.data.validation import check_fraction, check_int, fix_articles, readonly
 
 __all__ = [
@@ -275,7 +274,7 @@ def _target_field(
     return glow(d), None
 
 
-class TwoDomainPairs(Dataset):
+class TwoDomainPairs(LabelledPairs):
     """Deterministic, procedurally rendered image-caption pairs from a *general* and a *target* domain.
 
     Nothing is downloaded or read from disk. The metadata of all samples (domain, class, caption attributes, caption,
@@ -366,18 +365,7 @@ class TwoDomainPairs(Dataset):
             raise ValueError(f"split must be one of 'train', 'val' or 'test', got {split!r}.")
         self.split: str = split
         self.seed: int = check_int("seed", seed, 0, None, "e.g. seed=0")
-        if tokenizer is not None and not callable(tokenizer):
-            raise ValueError(
-                f"tokenizer must be None or a callable mapping a list of captions to a tensor of token ids "
-                f"(e.g. open_clip.get_tokenizer('ViT-B-32')), got {type(tokenizer).__name__}."
-            )
-        if transform is not None and not callable(transform):
-            raise ValueError(
-                f"transform must be None or a callable taking and returning a [3, S, S] image tensor, "
-                f"got {type(transform).__name__}."
-            )
-        self.tokenizer = tokenizer
-        self.transform = transform
+        self.set_callables(tokenizer, transform)
         self.id_offset: int = SPLIT_ID_OFFSETS[split]
         self._split_code = _SPLIT_CODES[split]
         self._build_metadata()
@@ -394,34 +382,13 @@ class TwoDomainPairs(Dataset):
         """Zero-shot prompt templates of ``domain`` (``str.format`` strings with one ``{}``)."""
         return TEMPLATES[_check_domain(domain)]
 
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        """Return one sample.
-
-        Returns:
-            ``{"image": float32 [3, S, S] tensor in [0, 1] (then transform), "text": caption or token ids,
-            "id": int, "label": int, "domain": int, "noisy": bool}``.
-        """
-        i = self._index(index)
-        image = self.render(i)
-        if self.transform is not None:
-            image = self.transform(image)
-        caption = self.captions[i]
-        text: str | torch.Tensor = caption if self.tokenizer is None else self.tokenizer([caption])[0]
-        return {
-            "image": image,
-            "text": text,
-            "id": int(self.ids[i]),
-            "label": int(self.labels[i]),
-            "domain": int(self.domains[i]),
-            "noisy": bool(self.noisy[i]),
-        }
-
     def clean_caption(self, index: int) -> str:
         """The true caption of sample ``index`` (equal to ``captions[index]`` unless the sample is noisy)."""
         return self._clean_captions[self._index(index)]
+
+    def load_image(self, index: int) -> torch.Tensor:
+        """The image of sample ``index`` (:meth:`render`)."""
+        return self.render(index)
 
     def render(self, index: int) -> torch.Tensor:
         """Render sample ``index`` as a float32 ``[3, S, S]`` tensor in ``[0, 1]`` (before ``transform``)."""
@@ -442,16 +409,6 @@ class TwoDomainPairs(Dataset):
 
     # ------------------------------------------------------------------------------------------------------------
     # internals
-    def _index(self, index: int) -> int:
-        if isinstance(index, bool) or not isinstance(index, Integral):
-            raise TypeError(f"index must be an integer, got {type(index).__name__}.")
-        i = int(index)
-        if i < 0:
-            i += self.num_samples
-        if not 0 <= i < self.num_samples:
-            raise IndexError(f"index {index} is out of range for a dataset of {self.num_samples} samples.")
-        return i
-
     def _build_metadata(self) -> None:
         n = self.num_samples
         rng = np.random.default_rng(np.random.SeedSequence([_TAG_META, self.seed, self._split_code]))

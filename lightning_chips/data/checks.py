@@ -13,7 +13,7 @@ import re
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 __all__ = [
-    "BadPair",
+    "SkippedSample",
     "BadSample",
     "CheckedPairs",
     "check_pair",
@@ -37,7 +37,7 @@ _INT64 = np.iinfo(np.int64)
 class BadSample(ValueError):
     """Raised by a dataset's ``__getitem__`` (or a check) for a sample that cannot be used.
 
-    :class:`CheckedPairs` turns it into a :class:`BadPair` with this ``reason`` (and ``id``, when known), so the
+    :class:`CheckedPairs` turns it into a :class:`SkippedSample` with this ``reason`` (and ``id``, when known), so the
     pair is skipped and reported rather than ending the job.
 
     Args:
@@ -51,12 +51,34 @@ class BadSample(ValueError):
 
 
 @dataclass(frozen=True)
-class BadPair:
-    """A pool item that was skipped: its dataset index, its id (None when it has none) and the reason."""
+class SkippedSample:
+    """A pair a selection round, a scoring pass or a training stream could not use, or the unread rest of a shard:
+    the one record of a skipped sample, whatever the pool.
 
-    index: int
-    id: int | None
+    A map-style pool names the pair by ``index`` (its dataset index); a shard pool by ``shard`` (the URL) and
+    ``key`` (the tar key). ``id`` is the pair's id when it has a usable one. ``kind="shard"`` is not a pair: the
+    rest of ``shard`` could not be read, and ``reason`` is the read error.
+
+    Example::
+
+        >>> SkippedSample("empty caption", id=7, index=3)
+        SkippedSample(reason='empty caption', id=7, index=3, key=None, shard=None, kind='pair')
+    """
+
     reason: str
+    id: int | None = None
+    index: int | None = None
+    key: str | None = None
+    shard: str | None = None
+    kind: Literal["pair", "shard"] = "pair"
+
+    def describe(self) -> str:
+        """One phrase naming the sample and the reason, for messages."""
+        if self.kind == "shard":
+            return f"shard {self.shard}: {self.reason}"
+        if self.shard is not None:
+            return f"uid {self.id} (key {self.key} of {self.shard}): {self.reason}"
+        return f"id {self.id} (index {self.index}): {self.reason}"
 
 
 def describe_error(exc: BaseException) -> str:
@@ -130,10 +152,10 @@ def parse_id(value: Any, name: str = "id") -> int:
     return int(value)
 
 
-def check_pair(item: Any, index: int) -> dict[str, Any] | BadPair:
+def check_pair(item: Any, index: int) -> dict[str, Any] | SkippedSample:
     """Validate one map-style pool item ``{"image": Tensor[C, H, W], "text": str | bytes | token ids, "id": int,
-    ...}``: the item with its caption decoded and stripped and its id an int, or the :class:`BadPair` that says why
-    it is unusable (missing or non-int64 id, missing / empty / non-UTF-8 caption, missing image, NaN or inf
+    ...}``: the item with its caption decoded and stripped and its id an int, or the :class:`SkippedSample` that says
+    why it is unusable (missing or non-int64 id, missing / empty / non-UTF-8 caption, missing image, NaN or inf
     pixels). A very long caption is kept: the tokenizer truncates it to the context length.
 
     Raises:
@@ -149,31 +171,32 @@ def check_pair(item: Any, index: int) -> dict[str, Any] | BadPair:
     try:
         uid = parse_id(item.get("id"))
     except BadSample as bad:
-        return BadPair(index, None, bad.reason)
+        return SkippedSample(bad.reason, index=index)
     text = item["text"]
     if text is None or isinstance(text, str | bytes | bytearray):
         try:
             text = decode_caption(text)
         except BadSample as bad:
-            return BadPair(index, uid, bad.reason)
+            return SkippedSample(bad.reason, id=uid, index=index)
     elif not isinstance(text, Tensor | np.ndarray | list | tuple):
-        return BadPair(index, uid, f"caption must be a str, bytes or token ids, got {type(text).__name__}")
+        kind = type(text).__name__
+        return SkippedSample(f"caption must be a str, bytes or token ids, got {kind}", id=uid, index=index)
     image = item["image"]
     if image is None:
-        return BadPair(index, uid, "missing image")
+        return SkippedSample("missing image", id=uid, index=index)
     if not isinstance(image, Tensor):
         raise TypeError(
             f"Pool item {index} (id {uid}) has an image of type {type(image).__name__}; it must be a [3, H, W] "
             "float tensor (apply a transform such as lightning_chips.data.webdataset.image_transform)."
         )
     if image.is_floating_point() and not bool(torch.isfinite(image).all()):
-        return BadPair(index, uid, "image has NaN or inf pixels")
+        return SkippedSample("image has NaN or inf pixels", id=uid, index=index)
     return {**item, "text": text, "id": uid}
 
 
 class CheckedPairs(Dataset):
     """A map-style pool whose items are checked: item ``i`` is the dataset's item ``i`` (validated by
-    :func:`check_pair`), or a :class:`BadPair` when loading or validating it failed.
+    :func:`check_pair`), or a :class:`SkippedSample` when loading or validating it failed.
 
     Loading runs with PIL's decompression-bomb warning raised as an error, so an image over the limit is refused
     by the user's own loading code too. A :class:`BadSample` raised by the dataset gives its reason; any other
@@ -184,18 +207,18 @@ class CheckedPairs(Dataset):
         dataset: the map-style dataset of ``{"image", "text", "id", ...}`` items.
 
     Attributes:
-        skipped: ``{index: BadPair}`` of the bad pairs met in training and evaluation batches, in the main
+        skipped: ``{index: SkippedSample}`` of the bad pairs met in training and evaluation batches, in the main
             process (filled by :class:`~lightning_chips.data.SelectionDataLoader`).
     """
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
-        self.skipped: dict[int, BadPair] = {}
+        self.skipped: dict[int, SkippedSample] = {}
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> dict[str, Any] | BadPair:
+    def __getitem__(self, index: int) -> dict[str, Any] | SkippedSample:
         from PIL import Image
 
         try:
@@ -203,9 +226,9 @@ class CheckedPairs(Dataset):
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 item = self.dataset[index]
         except BadSample as bad:
-            return BadPair(int(index), bad.id, bad.reason)
+            return SkippedSample(bad.reason, id=bad.id, index=int(index))
         except Exception as exc:  # the user's loader failed on this sample: skip it and say why
-            return BadPair(int(index), None, f"failed to load: {describe_error(exc)}")
+            return SkippedSample(f"failed to load: {describe_error(exc)}", index=int(index))
         return check_pair(item, int(index))
 
     def __repr__(self) -> str:

@@ -9,22 +9,21 @@ with a seeded shuffle buffer.
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from typing_extensions import override
 
+from lightning_chips.data.checks import SkippedSample
 from lightning_chips.data.datamodule import clip_normalize, resolve_tokenizer
+from lightning_chips.data.pool import PoolItem, ShardPool
 from lightning_chips.data.subset import LazyIterator, PairCollate, SelectionDataLoader
 from lightning_chips.data.target import ListDataset, load_target_pairs
 from lightning_chips.data.webdataset import (
-    BadShardSample,
-    ShardCollate,
     ShardReport,
     WebDatasetPairs,
     iter_raw_samples,
@@ -157,11 +156,11 @@ class _StreamSkips:
     is warned about once, at the end of the epoch it was first met in."""
 
     def __init__(self) -> None:
-        self.bad: dict[tuple[str, str], BadShardSample] = {}
+        self.bad: dict[tuple[str, str], SkippedSample] = {}
         self.errors: dict[str, str] = {}
         self.rank, self.world_size = 0, 1
         self.epoch_fn: Callable[[], int] = lambda: 0
-        self._new_bad: list[BadShardSample] = []
+        self._new_bad: list[SkippedSample] = []
         self._new_errors: dict[str, str] = {}
         self._epoch: int | None = None
 
@@ -183,7 +182,7 @@ class _StreamSkips:
         where = f"rank {self.rank}, " if self.world_size > 1 else ""
         parts = []
         if self._new_bad:
-            named = "; ".join(f"uid {b.id} (key {b.key} of {b.shard}): {b.reason}" for b in self._new_bad[:5])
+            named = "; ".join(b.describe() for b in self._new_bad[:5])
             more = "; ..." if len(self._new_bad) > 5 else ""
             parts.append(f"skipped {len(self._new_bad)} pool samples that could not be used (their places in the "
                          f"batches went to other pairs): {named}{more}")  # fmt: skip
@@ -354,7 +353,7 @@ class WebDatasetDataModule(LightningDataModule):
                    multiprocessing_context=self.worker_start_method if workers > 0 else None, **kwargs)  # fmt: skip
 
     @property
-    def skipped(self) -> dict[str, list[BadShardSample]]:
+    def skipped(self) -> dict[str, list[SkippedSample]]:
         """The pool samples this rank's training stream met that could not be used, so far: ``{"pool": [...]}``
         (each once, sorted by shard and key; empty when there were none), like
         :attr:`~lightning_chips.data.ScoredSubsetDataModule.skipped`.
@@ -392,36 +391,29 @@ class WebDatasetDataModule(LightningDataModule):
                                               collate.normalize), _StreamLoader, skips=self._skips)  # fmt: skip
         return self._train_loader
 
-    def pool_dataloader(self, indices: Sequence[int] | None = None) -> DataLoader:
-        """This rank's shards, unshuffled, for a scoring pass (``indices`` are not supported: shards stream).
-
-        Each shard's :class:`~lightning_chips.data.webdataset.ShardReport` (its skipped samples and read error)
-        comes in ``batch["reports"]`` of the batch that holds the shard's last pair (a batch may hold reports
-        only: its ``"id"`` is then empty), and each pair's shard index in ``batch["shard"]``; the selection
-        round counts and names the skipped samples from them.
-        """
-        if indices is not None:
-            raise ValueError("A WebDataset pool streams its shards; it cannot be indexed.")
+    # -- the SelectablePool contract (lightning_chips.data.pool): what a selection round reads ----------------------
+    def scoring_pool(self) -> ShardPool:
+        """The :class:`~lightning_chips.data.pool.ShardPool` that serves this module's selection rounds."""
         pool, collate = self._require_setup()
-        reporting = copy.copy(pool)
-        reporting.reports = True
-        return self._loader(reporting, self.eval_batch_size, ShardCollate(collate.tokenizer, collate.normalize))
+        return ShardPool(pool, self.target, collate, self.eval_batch_size, self.num_workers, self.worker_start_method)
 
-    def pool_sample(self, size: int | None, round: int, seed: int | None = None) -> Iterator[dict[str, Any]]:
-        """Batches of the first ``size`` valid pool pairs, shards in an order seeded by ``(seed, round)`` (``seed``:
-        the selection's, e.g. :class:`~lightning_chips.DataSelectionCallback`'s; default this data module's);
-        every rank reads the same ones."""
-        pool, collate = self._require_setup()
-        return pool.sample_batches(size, [self.seed if seed is None else seed, round], self.eval_batch_size, collate)
+    def pool_size(self) -> None:
+        return None  # a stream's length is known only once it is read
 
-    def target_dataloader(self, target: Dataset | None = None, indices: Sequence[int] | None = None) -> DataLoader:
-        """Unshuffled loader over the target set (or the given one)."""
-        _, collate = self._require_setup()
-        target = target if target is not None else self.target
-        if target is None:
-            raise ValueError("No target set: pass `target` to WebDatasetDataModule or to DataSelectionCallback.")
-        data = target if indices is None else Subset(target, list(indices))
-        return DataLoader(data, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate)
+    def target_batches(self, target: Dataset | None, rank: int, world: int) -> Iterator[PoolItem]:
+        """This rank's share of the target set (or the given one)."""
+        return self.scoring_pool().target_batches(target, rank, world)
+
+    def pool_sample_batches(self, size: int | None, round: int, seed: int, rank: int,
+                            world: int) -> Iterator[PoolItem]:  # fmt: skip
+        """This rank's batches (round-robin) of the first ``size`` valid pool pairs, the shards read in an order
+        seeded by ``(seed, round)``."""
+        return self.scoring_pool().pool_sample_batches(size, round, seed, rank, world)
+
+    def scoring_batches(self, rank: int, world: int) -> Iterator[PoolItem]:
+        """This rank's shards (``shards[rank::world]``), unshuffled, their skipped samples and read errors
+        alongside."""
+        return self.scoring_pool().scoring_batches(rank, world)
 
     @override
     def val_dataloader(self) -> DataLoader | list:

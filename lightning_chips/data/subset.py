@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -12,10 +12,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from typing_extensions import override
 
-from lightning_chips.data.checks import BadPair, CheckedPairs
+from lightning_chips.data.checks import CheckedPairs, SkippedSample
 from lightning_chips.data.datamodule import clip_normalize, resolve_tokenizer
 from lightning_chips.data.sampler import ScoredSubsetSampler
 from lightning_chips.selection import Selection
+
+if TYPE_CHECKING:
+    from lightning_chips.data.pool import MapPool, PoolItem
 
 __all__ = ["PairCollate", "ScoredSubsetDataModule", "SelectionDataLoader"]
 
@@ -23,7 +26,7 @@ __all__ = ["PairCollate", "ScoredSubsetDataModule", "SelectionDataLoader"]
 class PairCollate:
     """Collate ``{"image", "text", "id", ...}`` items; string captions are tokenized as a batch.
 
-    :class:`~lightning_chips.data.checks.BadPair` items (pairs of a :class:`~lightning_chips.data.checks.
+    :class:`~lightning_chips.data.checks.SkippedSample` items (pairs of a :class:`~lightning_chips.data.checks.
     CheckedPairs` pool that failed to load) are left out of the tensors and listed in ``batch["bad"]``; a batch of
     bad pairs only is ``{"id": <empty>, "bad": [...]}``. Picklable, so it works in dataloader worker processes.
     """
@@ -39,9 +42,9 @@ class PairCollate:
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if not items:
             raise ValueError("Cannot collate an empty batch.")
-        bad = [item for item in items if isinstance(item, BadPair)]
+        bad = [item for item in items if isinstance(item, SkippedSample)]
         if bad:
-            items = [item for item in items if not isinstance(item, BadPair)]
+            items = [item for item in items if not isinstance(item, SkippedSample)]
             batch = PairCollate.__call__(self, items) if items else {"id": torch.empty(0, dtype=torch.int64)}
             batch["bad"] = bad
             return batch
@@ -100,7 +103,7 @@ class SelectionDataLoader(DataLoader):
 def _fill_bad_slots(batch: dict[str, Any], dataset: Any) -> dict[str, Any]:
     """Record ``batch["bad"]`` and fill its slots with copies of the batch's valid pairs (see
     :class:`SelectionDataLoader`)."""
-    bad: list[BadPair] = batch.pop("bad")
+    bad: list[SkippedSample] = batch.pop("bad")
     named = ", ".join(f"index {b.index} (id {b.id}): {b.reason}" for b in bad[:5])
     checked = dataset.dataset if isinstance(dataset, Subset) else dataset
     if isinstance(checked, CheckedPairs):
@@ -128,8 +131,9 @@ def _fill_bad_slots(batch: dict[str, Any], dataset: Any) -> dict[str, Any]:
 class ScoredSubsetDataModule(LightningDataModule):
     """A pool to select from, a target set to select for, and training batches drawn from the live selection.
 
-    Pair it with :class:`~lightning_chips.DataSelectionCallback`: the callback scores the pool (through
-    :meth:`pool_dataloader` / :meth:`target_dataloader`) and hands each new :class:`Selection` to
+    Pair it with :class:`~lightning_chips.DataSelectionCallback`: the callback scores the pool (through the
+    :class:`~lightning_chips.data.pool.SelectablePool` methods :meth:`target_batches`, :meth:`pool_sample_batches`,
+    :meth:`scoring_batches`) and hands each new :class:`Selection` to
     :attr:`selection`; the training sampler (:class:`ScoredSubsetSampler`) draws ``steps_per_round`` batches per
     epoch from it, so one Lightning epoch is one selection round. Before any selection the whole pool is
     sampled.
@@ -142,8 +146,8 @@ class ScoredSubsetDataModule(LightningDataModule):
     **Bad samples.** Every dataset is read through :class:`~lightning_chips.data.checks.CheckedPairs`: an item
     whose loading raises (an undecodable, empty or over-limit image, ...) or that fails the checks of
     :func:`~lightning_chips.data.checks.check_pair` (missing id, empty or non-UTF-8 caption) is a
-    :class:`~lightning_chips.data.checks.BadPair`. The scoring passes (:meth:`pool_dataloader`,
-    :meth:`target_dataloader`) hand them over in ``batch["bad"]``; the callback skips them, never selects them
+    :class:`~lightning_chips.data.checks.SkippedSample`. The scoring passes hand them over beside each batch
+    (``(batch, skipped)``); the callback skips them, never selects them
     and names them in the round file. In training and evaluation batches (before the first selection, or in
     ``val`` / ``test``) a bad pair's slot is filled with a copy of a valid pair of the batch and recorded in
     :attr:`skipped` with a warning. An item that is not a dict with ``image`` and ``text`` is a ``TypeError``
@@ -245,7 +249,7 @@ class ScoredSubsetDataModule(LightningDataModule):
         return self._checked[id(dataset)]
 
     @property
-    def skipped(self) -> dict[str, list[BadPair]]:
+    def skipped(self) -> dict[str, list[SkippedSample]]:
         """The bad pairs met in training and evaluation batches so far, per dataset (``"pool"``, ``"target"``,
         ``"val"``, ``"test"``); the scoring rounds' bad pairs are in the callback's round files and history."""
         names = {"pool": self.pool, "target": self.target, "val": self.val, "test": self.test}
@@ -286,18 +290,30 @@ class ScoredSubsetDataModule(LightningDataModule):
         return cls(data, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate,
                    num_workers=self.num_workers)  # fmt: skip
 
-    def pool_dataloader(self, indices: Sequence[int] | None = None) -> DataLoader:
-        """Unshuffled loader over the pool (or ``indices`` of it) for a scoring pass; the pairs of a batch that
-        failed to load are in ``batch["bad"]`` (:class:`~lightning_chips.data.checks.BadPair`), not in its
-        tensors."""
-        return self._eval_loader(self.pool, indices)
+    # -- the SelectablePool contract (lightning_chips.data.pool): what a selection round reads ----------------------
+    def scoring_pool(self) -> MapPool:
+        """The :class:`~lightning_chips.data.pool.MapPool` that serves this module's selection rounds."""
+        from lightning_chips.data.pool import MapPool  # pool.py builds on this module's collate
 
-    def target_dataloader(self, target: Dataset | None = None, indices: Sequence[int] | None = None) -> DataLoader:
-        """Unshuffled loader over the target set (or the given one); bad pairs as in :meth:`pool_dataloader`."""
-        target = target if target is not None else self.target
-        if target is None:
-            raise ValueError("No target set: pass `target` to ScoredSubsetDataModule or to DataSelectionCallback.")
-        return self._eval_loader(target, indices)
+        return MapPool(self.pool, self.target, self._require_setup(), self.eval_batch_size, self.num_workers,
+                       checked=self.checked)  # fmt: skip
+
+    def pool_size(self) -> int:
+        return len(self.pool)  # type: ignore[arg-type]
+
+    def target_batches(self, target: Dataset | None, rank: int, world: int) -> Iterator[PoolItem]:
+        """This rank's share of the target set (or the given one), bad pairs alongside (see
+        :class:`~lightning_chips.data.pool.SelectablePool`)."""
+        return self.scoring_pool().target_batches(target, rank, world)
+
+    def pool_sample_batches(self, size: int | None, round: int, seed: int, rank: int,
+                            world: int) -> Iterator[PoolItem]:  # fmt: skip
+        """This rank's part of ``size`` pool pairs drawn with ``numpy.random.default_rng([seed, round])``."""
+        return self.scoring_pool().pool_sample_batches(size, round, seed, rank, world)
+
+    def scoring_batches(self, rank: int, world: int) -> Iterator[PoolItem]:
+        """This rank's contiguous share of the pool, unshuffled, bad pairs alongside."""
+        return self.scoring_pool().scoring_batches(rank, world)
 
     @override
     def val_dataloader(self) -> DataLoader | list:

@@ -18,7 +18,8 @@ or whose uid is missing is skipped and recorded with its key and reason in the s
 truncated or unreadable shard ends with an ``error`` in its report and the samples read before the damage are
 kept. With ``reports=True`` the dataset yields each :class:`ShardReport` right after the shard's last sample,
 so a consumer (the offline ``score`` pass, a streaming selection round) knows when a shard is complete;
-:meth:`ShardReport.bad_samples` names each skipped sample as a :class:`BadShardSample` (shard, key, uid, reason).
+:meth:`ShardReport.bad_samples` names each skipped sample as a
+:class:`~lightning_chips.data.checks.SkippedSample` (shard, key, uid, reason).
 """
 
 from __future__ import annotations
@@ -36,12 +37,18 @@ import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
-from lightning_chips.data.checks import BadSample, decode_caption, decode_image, describe_error, parse_id
+from lightning_chips.data.checks import (
+    BadSample,
+    SkippedSample,
+    decode_caption,
+    decode_image,
+    describe_error,
+    parse_id,
+)
 from lightning_chips.data.subset import PairCollate
 
 __all__ = [
     "IMAGE_EXTENSIONS",
-    "BadShardSample",
     "ImageCaptionFolder",
     "ShardCollate",
     "ShardReport",
@@ -102,17 +109,6 @@ def _is_remote(url: str) -> bool:
     return url.startswith("pipe:") or "://" in url
 
 
-@dataclass(frozen=True)
-class BadShardSample:
-    """A sample of a shard that was skipped: the shard's URL, the sample's tar key, its uid (None when its json
-    gives none) and the reason (see :mod:`lightning_chips.data.checks`)."""
-
-    shard: str
-    key: str
-    id: int | None
-    reason: str
-
-
 @dataclass
 class ShardReport:
     """What reading one shard gave: valid pairs, skipped samples (key and reason) and a read error, if any."""
@@ -131,11 +127,18 @@ class ShardReport:
         self.bad.append((key, reason))
         self.bad_ids.append(uid)
 
-    def bad_samples(self) -> list[BadShardSample]:
+    def bad_samples(self) -> list[SkippedSample]:
         """The skipped samples of this shard, in reading order (an entry of :attr:`bad` added without
         :meth:`skip` has no uid)."""
         ids = self.bad_ids + [None] * (len(self.bad) - len(self.bad_ids))
-        return [BadShardSample(self.url, key, uid, reason) for (key, reason), uid in zip(self.bad, ids, strict=False)]
+        return [SkippedSample(reason, id=uid, key=key, shard=self.url)
+                for (key, reason), uid in zip(self.bad, ids, strict=False)]  # fmt: skip
+
+    def skipped(self) -> list[SkippedSample]:
+        """:meth:`bad_samples`, then the unread rest of the shard (``kind="shard"``) when it could not be read to
+        the end."""
+        rest = [] if self.error is None else [SkippedSample(self.error, shard=self.url, kind="shard")]
+        return self.bad_samples() + rest
 
     def as_dict(self) -> dict[str, Any]:
         return {

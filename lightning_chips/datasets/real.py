@@ -54,16 +54,15 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
-from numbers import Integral
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from lightning_chips.data.builtin import SPLIT_ID_OFFSETS
+from lightning_chips.data.labelled import LabelledPairs
 from lightning_chips.data.validation import check_fraction, check_int, fix_articles, readonly
 
 __all__ = [
@@ -204,8 +203,9 @@ def _install_hint(what: str, command: str) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------
 # shared machinery
-class _RealPairs(Dataset):
-    """Map-style pairs over one split of a real dataset: metadata arrays + lazy image decoding.
+class _RealPairs(LabelledPairs):
+    """Map-style pairs over one split of a real dataset: metadata arrays + lazy image decoding (the item contract
+    of :class:`~lightning_chips.data.labelled.LabelledPairs`).
 
     Subclasses set the full-split metadata in ``__init__`` and implement :meth:`_load_image` (a float32
     ``[3, S, S]`` tensor in ``[0, 1]`` for a position in the full split).
@@ -230,18 +230,7 @@ class _RealPairs(Dataset):
         self.image_size: int = check_int("image_size", image_size, 8, None, "e.g. image_size=64")
         self.noise_fraction: float = check_fraction("noise_fraction", noise_fraction)
         self.seed: int = check_int("seed", seed, 0, None, "e.g. seed=0")
-        if tokenizer is not None and not callable(tokenizer):
-            raise ValueError(
-                f"tokenizer must be None or a callable mapping a list of captions to a tensor of token ids "
-                f"(e.g. open_clip.get_tokenizer('ViT-B-32')), got {type(tokenizer).__name__}."
-            )
-        if transform is not None and not callable(transform):
-            raise ValueError(
-                f"transform must be None or a callable taking and returning a [3, S, S] image tensor, "
-                f"got {type(transform).__name__}."
-            )
-        self.tokenizer = tokenizer
-        self.transform = transform
+        self.set_callables(tokenizer, transform)
         self.domain: int = REAL_DOMAINS.index(self.dataset)
         self.id_offset: int = DATASET_ID_OFFSETS[self.dataset] + SPLIT_ID_OFFSETS[split]
 
@@ -326,26 +315,6 @@ class _RealPairs(Dataset):
         new._select(self._rows_of(indices))
         return new
 
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        """Return one pair ``{"image", "text", "id", "label", "domain", "noisy"}`` (the image decoded now)."""
-        i = self._index(index)
-        image = self.load_image(i)
-        if self.transform is not None:
-            image = self.transform(image)
-        caption = self.captions[i]
-        text: str | torch.Tensor = caption if self.tokenizer is None else self.tokenizer([caption])[0]
-        return {
-            "image": image,
-            "text": text,
-            "id": int(self.ids[i]),
-            "label": int(self.labels[i]),
-            "domain": self.domain,
-            "noisy": bool(self.noisy[i]),
-        }
-
     def load_image(self, index: int) -> torch.Tensor:
         """The image of pair ``index`` as a float32 ``[3, S, S]`` tensor in ``[0, 1]`` (before ``transform``)."""
         return self._load_image(int(self.positions[self._index(index)]))
@@ -359,15 +328,6 @@ class _RealPairs(Dataset):
             f"{type(self).__name__}(split={self.split!r}, pairs={len(self)}, image_size={self.image_size}, "
             f"noise_fraction={self.noise_fraction}, seed={self.seed})"
         )
-
-    def _index(self, index: int) -> int:
-        if isinstance(index, bool) or not isinstance(index, Integral):
-            raise TypeError(f"index must be an integer, got {type(index).__name__}.")
-        n = len(self.positions)
-        i = int(index) + n if int(index) < 0 else int(index)
-        if not 0 <= i < n:
-            raise IndexError(f"index {index} is out of range for a dataset of {n} pairs.")
-        return i
 
     def _load_image(self, position: int) -> torch.Tensor:
         raise NotImplementedError

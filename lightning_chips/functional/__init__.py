@@ -1,6 +1,7 @@
 """Pure tensor math (no Lightning): end-point gradients, sketches, CHIPS, baselines."""
 
 from lightning_chips.functional.chips import (
+    ChipsArguments,
     ChipsScores,
     ChipsState,
     chips_prepare,
@@ -40,6 +41,7 @@ from lightning_chips.functional.sketch import (
 )
 
 __all__ = [
+    "ChipsArguments",
     "ChipsScores",
     "ChipsState",
     "EndPointSketch",

@@ -49,9 +49,10 @@ pool pair costs one factored inner product ``g . v = h_v^T V_v d_v + h_t^T V_t d
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +76,7 @@ from lightning_chips.functional.sketch import SketchKind, SketchLayout
 __all__ = [
     "ALL_COMPONENTS",
     "COMPONENTS",
+    "ChipsArguments",
     "ChipsScores",
     "ChipsState",
     "chips_prepare",
@@ -215,38 +217,124 @@ def curvature_atoms(
     return EndPointGrads.cat(parts), torch.cat(weights)
 
 
-def validate_chips_arguments(
-    alpha: float,
-    beta: float,
-    components: Sequence[str],
-    bank_size: int,
-    curvature_samples: int,
-    relative_damping: float = 1e-3,
-    plausibility_power: float = 10.0,
-    reference_steps: int = 50,
-    reference_lr: float = 1e-3,
-) -> None:
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"`alpha` (curvature mixing) must be in [0, 1], got {alpha}.")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"`beta` (text share of the relevance weight) must be in [0, 1], got {beta}.")
-    if isinstance(components, str):
-        raise ValueError(
-            f"`components` must be a sequence of names such as ('alignment',), got the string {components!r}."
-        )
-    unknown = set(components) - set(ALL_COMPONENTS)
-    if unknown or not components:
-        raise ValueError(f"`components` must be a non-empty subset of {ALL_COMPONENTS}, got {tuple(components)}.")
-    if not (math.isfinite(relative_damping) and relative_damping > 0):
-        raise ValueError(f"`relative_damping` must be a finite number > 0, got {relative_damping}.")
-    if not (math.isfinite(plausibility_power) and plausibility_power > 0):
-        raise ValueError(f"`plausibility_power` must be a finite number > 0, got {plausibility_power}.")
-    if isinstance(reference_steps, bool) or not isinstance(reference_steps, int) or reference_steps < 0:
-        raise ValueError(f"`reference_steps` must be an integer >= 0, got {reference_steps!r}.")
-    if not (math.isfinite(reference_lr) and reference_lr > 0):
-        raise ValueError(f"`reference_lr` must be a finite number > 0, got {reference_lr}.")
-    if bank_size < 1 or curvature_samples < 1:
-        raise ValueError(f"`bank_size` and `curvature_samples` must be >= 1, got {bank_size}, {curvature_samples}.")
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_SKETCHES = ("gaussian", "rademacher")
+_LAYOUTS = ("khatri_rao", "kronecker", "tensorsketch")
+
+
+@dataclass(frozen=True)
+class ChipsArguments:
+    """Every setting of a CHIPS round, validated once when built (:func:`chips_prepare`, :func:`chips_scores` and
+    :class:`~lightning_chips.scoring.CHIPS` take one instead of repeating sixteen keywords).
+
+    Args:
+        alpha: curvature mixing ``M = (1 - alpha) Phi_pos + alpha Phi_neg + lambda I`` (paper: 0.7).
+        beta: text share of the relevance weight.
+        sketch_dim: JL sketch dimension ``k`` (paper: 512); ``None`` = exact (dense solve; small models).
+        sketch: ``"gaussian"`` or ``"rademacher"`` sketch entries.
+        sketch_layout: ``"khatri_rao"`` (default), ``"kronecker"`` or ``"tensorsketch"`` (:mod:`.sketch`).
+        solver: ``"sketch"`` (paper) or ``"kernel"`` (exact Woodbury solve over the curvature atoms).
+        damping: absolute ``lambda``; ``None`` = ``relative_damping * trace(M_0) / k``.
+        relative_damping: ``rho`` of that rule (theta-space: the same regularisation for both solvers).
+        bank_size: negatives in the bank (``>= N``: the whole pool sample, each pair excluded from its own).
+        curvature_samples: pool pairs for ``Phi_pos`` / ``Phi_neg`` (``>= N``: the whole pool sample).
+        negatives_per_sample: softmax-sampled GGN atoms per sample and direction for ``Phi_neg``.
+        components: factors of the utility, a subset of :data:`ALL_COMPONENTS` (default: the paper's three).
+        plausibility_power: ``gamma`` of ``w_P = max(pi_theta, pi_ref)^gamma``.
+        reference_steps: Adam steps adapting the reference end point to the target set (0: ``pi_ref = pi_theta``).
+        reference_lr: their learning rate.
+        seed: seed of the bank, the curvature sample, the negative draws and the sketch.
+        dtype: compute precision, ``"float64"`` (default) or ``"float32"`` (or the torch dtype).
+        exact_when_small: with ``dim(theta) <= sketch_dim`` solve exactly instead of sketching (``False`` forces
+            the sketch, e.g. to study its error).
+
+    Raises:
+        ValueError: on a value out of range, naming the argument and what to pass.
+
+    Example::
+
+        >>> args = ChipsArguments(sketch_dim=256, components=("alignment", "learnability"))
+        >>> args.replace(alpha=0.6).alpha
+        0.6
+    """
+
+    alpha: float = 0.7
+    beta: float = 0.5
+    sketch_dim: int | None = 512
+    sketch: SketchKind = "gaussian"
+    sketch_layout: SketchLayout = "khatri_rao"
+    solver: Solver = "sketch"
+    damping: float | None = None
+    relative_damping: float = 1e-3
+    bank_size: int = 1024
+    curvature_samples: int = 8192
+    negatives_per_sample: int = 4
+    components: tuple[str, ...] = COMPONENTS
+    plausibility_power: float = 10.0
+    reference_steps: int = 50
+    reference_lr: float = 1e-3
+    seed: int = 0
+    dtype: str | torch.dtype = "float64"
+    exact_when_small: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"`alpha` (curvature mixing) must be in [0, 1], got {self.alpha}.")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"`beta` (text share of the relevance weight) must be in [0, 1], got {self.beta}.")
+        if isinstance(self.components, str):
+            raise ValueError(
+                f"`components` must be a sequence of names such as ('alignment',), got the string {self.components!r}."
+            )
+        object.__setattr__(self, "components", tuple(self.components))
+        unknown = set(self.components) - set(ALL_COMPONENTS)
+        if unknown or not self.components:
+            raise ValueError(f"`components` must be a non-empty subset of {ALL_COMPONENTS}, got {self.components}.")
+        if self.sketch_dim is not None and self.sketch_dim < 3:
+            raise ValueError(f"`sketch_dim` must be >= 3 or None (exact), got {self.sketch_dim}.")
+        if self.sketch not in _SKETCHES:
+            raise ValueError(f"`sketch` must be 'gaussian' or 'rademacher', got {self.sketch!r}.")
+        if self.sketch_layout not in _LAYOUTS:
+            raise ValueError(f"`sketch_layout` must be one of {_LAYOUTS}, got {self.sketch_layout!r}.")
+        if self.solver not in ("sketch", "kernel"):
+            raise ValueError(f"`solver` must be 'sketch' or 'kernel', got {self.solver!r}.")
+        if self.damping is not None and not (math.isfinite(self.damping) and self.damping > 0):
+            raise ValueError(f"`damping` must be > 0 or None (relative rule), got {self.damping}.")
+        if not (math.isfinite(self.relative_damping) and self.relative_damping > 0):
+            raise ValueError(f"`relative_damping` must be a finite number > 0, got {self.relative_damping}.")
+        if self.bank_size < 1 or self.curvature_samples < 1:
+            raise ValueError(
+                f"`bank_size` and `curvature_samples` must be >= 1, got {self.bank_size}, {self.curvature_samples}."
+            )
+        if self.negatives_per_sample < 0:
+            raise ValueError(f"`negatives_per_sample` must be >= 0, got {self.negatives_per_sample}.")
+        if not (math.isfinite(self.plausibility_power) and self.plausibility_power > 0):
+            raise ValueError(f"`plausibility_power` must be a finite number > 0, got {self.plausibility_power}.")
+        steps = self.reference_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"`reference_steps` must be an integer >= 0, got {steps!r}.")
+        if not (math.isfinite(self.reference_lr) and self.reference_lr > 0):
+            raise ValueError(f"`reference_lr` must be a finite number > 0, got {self.reference_lr}.")
+        if self.dtype not in _DTYPES and self.dtype not in _DTYPES.values():
+            raise ValueError(f"`dtype` must be one of {sorted(_DTYPES)}, got {self.dtype!r}.")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype] if isinstance(self.dtype, str) else self.dtype
+
+    def replace(self, **changes: object) -> ChipsArguments:
+        """A copy with ``changes`` (validated)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @staticmethod
+    def of(arguments: ChipsArguments | None, changes: dict[str, object]) -> ChipsArguments:
+        """``arguments`` (default: the defaults) with keyword ``changes``; an unknown keyword is a ``TypeError``
+        naming it."""
+        known = {f.name for f in dataclasses.fields(ChipsArguments)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise TypeError(f"Unknown CHIPS argument(s) {unknown}; the arguments are {sorted(known)}.")
+        return (arguments or ChipsArguments()).replace(**changes) if changes else (arguments or ChipsArguments())
 
 
 def chips_prepare(
@@ -256,44 +344,27 @@ def chips_prepare(
     pool_image: Tensor,
     pool_text: Tensor,
     pool_ids: Tensor | None = None,
-    *,
-    alpha: float = 0.7,
-    beta: float = 0.5,
-    sketch_dim: int | None = 512,
-    sketch: SketchKind = "gaussian",
-    sketch_layout: SketchLayout = "khatri_rao",
-    solver: Solver = "sketch",
-    damping: float | None = None,
-    bank_size: int = 1024,
-    curvature_samples: int = 8192,
-    negatives_per_sample: int = 4,
-    seed: int = 0,
-    components: Sequence[str] = COMPONENTS,
-    dtype: torch.dtype = torch.float64,
-    exact_when_small: bool = True,
-    relative_damping: float = 1e-3,
-    plausibility_power: float = 10.0,
-    reference_steps: int = 50,
-    reference_lr: float = 1e-3,
+    arguments: ChipsArguments | None = None,
+    **changes: Any,
 ) -> ChipsState:
     """Prepare a CHIPS round from the target pairs and a sample of the pool (all pre-projection features).
 
-    The bank is ``bank_size`` pool pairs drawn with ``seed`` (all of them when ``bank_size >= N``); the
-    curvature is estimated on ``curvature_samples`` pool pairs drawn with ``seed + 1``. A pool pair that is in
+    ``arguments`` holds the settings (:class:`ChipsArguments`; keyword ``changes`` such as ``alpha=0.6`` override
+    its fields). The bank is ``bank_size`` pool pairs drawn with ``seed`` (all of them when ``bank_size >= N``);
+    the curvature is estimated on ``curvature_samples`` pool pairs drawn with ``seed + 1``. A pool pair that is in
     the bank is never its own negative (matched by ``pool_ids``, default ``arange(N)``). With ``"plausibility"`` in
     ``components`` the reference end point is adapted to the target set here, with the bank as negatives.
     """
-    validate_chips_arguments(
-        alpha, beta, components, bank_size, curvature_samples, relative_damping, plausibility_power, reference_steps,
-        reference_lr,
-    )  # fmt: skip
+    args = ChipsArguments.of(arguments, changes)
+    alpha, beta, seed, components = args.alpha, args.beta, args.seed, args.components
+    bank_size = args.bank_size
     if len(target_image) == 0:
         raise ValueError("The target set is empty: CHIPS needs at least one target pair to align with.")
     if len(pool_image) < 2:
         raise ValueError("CHIPS needs at least 2 pool pairs (one as a sample, one as its negative).")
     device = pool_image.device
     ep, target_image, target_text, pool_image, pool_text, pool_ids = round_inputs(
-        endpoint, target_image, target_text, pool_image, pool_text, pool_ids, dtype
+        endpoint, target_image, target_text, pool_image, pool_text, pool_ids, args.torch_dtype
     )
     n = len(pool_image)
 
@@ -301,22 +372,23 @@ def chips_prepare(
     # Target gradient u: mean bank-loss gradient of the target pairs (not pool members: nothing excluded).
     u = bank.mean_gradient(target_image, target_text, ep)
 
-    curv_idx = subsample(n, curvature_samples, seed + 1, device)
+    curv_idx = subsample(n, args.curvature_samples, seed + 1, device)
     c_image, c_text = pool_image[curv_idx], pool_text[curv_idx]
     c_stats = bank.stats(c_image, c_text, ep, pool_ids[curv_idx])
     atoms, weights = curvature_atoms(
         c_image, c_text, c_stats, bank.image, bank.text, ep, alpha=alpha,
-        negatives_per_sample=negatives_per_sample, generator=torch.Generator().manual_seed(int(seed) + 2),
+        negatives_per_sample=args.negatives_per_sample, generator=torch.Generator().manual_seed(int(seed) + 2),
     )  # fmt: skip
     direction, lam, k = solve_direction(
-        atoms, weights, u, solver=solver, sketch_dim=sketch_dim, sketch=sketch, damping=damping, seed=seed + 3,
-        exact_when_small=exact_when_small, sketch_layout=sketch_layout, relative_damping=relative_damping,
+        atoms, weights, u, solver=args.solver, sketch_dim=args.sketch_dim, sketch=args.sketch, damping=args.damping,
+        seed=seed + 3, exact_when_small=args.exact_when_small, sketch_layout=args.sketch_layout,
+        relative_damping=args.relative_damping,
     )  # fmt: skip
     reference = reference_bank = None
     if "plausibility" in components:
         bank_idx = subsample(n, bank_size, seed, device)  # the bank's rows, as make_bank drew them
         reference = adapt_endpoint(ep, target_image, target_text, pool_image[bank_idx], pool_text[bank_idx],
-                                   steps=reference_steps, lr=reference_lr)  # fmt: skip
+                                   steps=args.reference_steps, lr=args.reference_lr)  # fmt: skip
         reference_bank = (reference.embed_image(pool_image[bank_idx]), reference.embed_text(pool_text[bank_idx]))
     return ChipsState(
         endpoint=ep,
@@ -331,7 +403,7 @@ def chips_prepare(
         num_atoms=len(atoms),
         reference=reference,
         reference_bank=reference_bank,
-        plausibility_power=plausibility_power,
+        plausibility_power=args.plausibility_power,
     )
 
 
@@ -372,26 +444,10 @@ def chips_scores(
     target_image: Tensor,
     target_text: Tensor,
     endpoint: EndPoint,
+    arguments: ChipsArguments | None = None,
     *,
-    alpha: float = 0.7,
-    beta: float = 0.5,
-    sketch_dim: int | None = 512,
-    sketch: SketchKind = "gaussian",
-    sketch_layout: SketchLayout = "khatri_rao",
-    solver: Solver = "sketch",
-    damping: float | None = None,
-    bank_size: int = 1024,
-    curvature_samples: int = 8192,
-    negatives_per_sample: int = 4,
-    seed: int = 0,
-    components: Sequence[str] = COMPONENTS,
     batch_size: int = 4096,
-    dtype: torch.dtype = torch.float64,
-    exact_when_small: bool = True,
-    relative_damping: float = 1e-3,
-    plausibility_power: float = 10.0,
-    reference_steps: int = 50,
-    reference_lr: float = 1e-3,
+    **changes: Any,
 ) -> ChipsScores:
     """CHIPS scores of every pool pair (docs/methods.md, CHIPS), from pre-projection features.
 
@@ -401,28 +457,9 @@ def chips_scores(
         target_image: ``[T, d_v]`` target image features.
         target_text: ``[T, d_t]`` target text features.
         endpoint: the CLIP's end point (:func:`lightning_chips.adapters.resolve_adapter`).
-        alpha: curvature mixing ``M = (1 - alpha) Phi_pos + alpha Phi_neg + lambda I`` (paper: 0.7).
-        beta: text share of the relevance weight.
-        sketch_dim: JL sketch dimension ``k``; ``None`` = exact (dense solve; small models).
-        sketch: ``"gaussian"`` or ``"rademacher"`` sketch entries.
-        sketch_layout: ``"khatri_rao"`` (default), ``"kronecker"`` or ``"tensorsketch"`` (:mod:`.sketch`).
-        solver: ``"sketch"`` (paper) or ``"kernel"`` (exact Woodbury solve over the curvature atoms).
-        damping: absolute ``lambda``; ``None`` = ``relative_damping * trace(M_0) / k``.
-        bank_size: negatives in the bank (``>= N``: the whole pool, each pair excluded from its own negatives).
-        curvature_samples: pool pairs for ``Phi_pos`` / ``Phi_neg`` (``>= N``: the whole pool).
-        negatives_per_sample: softmax-sampled GGN atoms per sample and direction for ``Phi_neg``.
-        seed: seed of the bank, the curvature sample, the negative draws and the sketch.
-        components: factors of the utility, a subset of :data:`ALL_COMPONENTS` (default: the paper's three;
-            add ``"plausibility"`` for the noise gate ``w_P``).
+        arguments: the settings (:class:`ChipsArguments`, default: the paper's); keyword ``changes`` (``alpha=0.6``,
+            ``sketch_dim=None``, ...) override its fields.
         batch_size: pool pairs scored at once (scores do not depend on it).
-        dtype: compute dtype.
-        exact_when_small: with ``dim(theta) <= sketch_dim`` solve exactly instead of sketching (``False``
-            forces the sketch, e.g. to study its error).
-        relative_damping: ``rho`` of the damping rule ``lambda = rho * trace(M_0) / k`` (theta-space: the same
-            regularisation for the sketch and the kernel solver).
-        plausibility_power: ``gamma`` of ``w_P = max(pi_theta, pi_ref)^gamma``.
-        reference_steps: Adam steps adapting the reference end point to the target set (0: ``pi_ref = pi_theta``).
-        reference_lr: their learning rate.
 
     Returns:
         :class:`ChipsScores` with ``utility``, ``alignment``, ``learnability``, ``relevance``, ``plausibility``
@@ -439,13 +476,8 @@ def chips_scores(
         >>> out.utility.shape
         torch.Size([50])
     """
-    state = chips_prepare(
-        endpoint, target_image, target_text, pool_image, pool_text, alpha=alpha, beta=beta, sketch_dim=sketch_dim,
-        sketch=sketch, solver=solver, damping=damping, bank_size=bank_size, curvature_samples=curvature_samples,
-        negatives_per_sample=negatives_per_sample, seed=seed, components=components, dtype=dtype,
-        exact_when_small=exact_when_small, sketch_layout=sketch_layout, relative_damping=relative_damping,
-        plausibility_power=plausibility_power, reference_steps=reference_steps, reference_lr=reference_lr,
-    )  # fmt: skip
+    state = chips_prepare(endpoint, target_image, target_text, pool_image, pool_text, None,
+                          ChipsArguments.of(arguments, changes))  # fmt: skip
     ids = torch.arange(len(pool_image), device=pool_image.device)
     parts = [
         chips_score_batch(state, pool_image[i : i + batch_size], pool_text[i : i + batch_size], ids[i : i + batch_size])

@@ -2,28 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-import torch
 from torch import Tensor
 
 from lightning_chips.endpoint import EndPoint
 from lightning_chips.features import PairFeatures
 from lightning_chips.functional.chips import (
     COMPONENTS,
+    ChipsArguments,
     ChipsScores,
     ChipsState,
     chips_prepare,
     chips_score_batch,
-    validate_chips_arguments,
 )
 from lightning_chips.scoring.base import RoundContext, Scorer, check_prepare_inputs
 
 __all__ = ["CHIPS", "ROBUST_COMPONENTS"]
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-_LAYOUTS = ("khatri_rao", "kronecker", "tensorsketch")
+_FIELDS = frozenset(f.name for f in dataclasses.fields(ChipsArguments))
 
 ROBUST_COMPONENTS: tuple[str, ...] = (*COMPONENTS, "plausibility")
 """The paper's utility times the plausibility weight: ``CHIPS(components=ROBUST_COMPONENTS)``."""
@@ -73,6 +72,9 @@ class CHIPS(Scorer):
         seed: seed of the bank, curvature sample, negative draws and sketch.
         dtype: ``"float64"`` (default) or ``"float32"`` compute precision.
 
+    The settings are held, validated once, in :attr:`arguments` (a
+    :class:`~lightning_chips.functional.chips.ChipsArguments`) and read as attributes (``scorer.alpha``).
+
     Raises:
         ValueError: on an argument out of range, naming it and what to pass.
 
@@ -107,36 +109,21 @@ class CHIPS(Scorer):
         seed: int = 0,
         dtype: Literal["float32", "float64"] = "float64",
     ) -> None:
-        validate_chips_arguments(
-            alpha, beta, components, bank_size, curvature_samples, relative_damping, plausibility_power,
-            reference_steps, reference_lr,
+        self.arguments = ChipsArguments(
+            alpha=alpha, beta=beta, sketch_dim=sketch_dim, sketch=sketch, sketch_layout=sketch_layout, solver=solver,
+            damping=damping, relative_damping=relative_damping, bank_size=bank_size,
+            curvature_samples=curvature_samples, negatives_per_sample=negatives_per_sample,
+            components=tuple(components), plausibility_power=plausibility_power, reference_steps=reference_steps,
+            reference_lr=reference_lr, seed=seed, dtype=dtype,
         )  # fmt: skip
-        if sketch_dim is not None and sketch_dim < 3:
-            raise ValueError(f"`sketch_dim` must be >= 3 or None (exact), got {sketch_dim}.")
-        if sketch not in ("gaussian", "rademacher"):
-            raise ValueError(f"`sketch` must be 'gaussian' or 'rademacher', got {sketch!r}.")
-        if sketch_layout not in _LAYOUTS:
-            raise ValueError(f"`sketch_layout` must be one of {_LAYOUTS}, got {sketch_layout!r}.")
-        if solver not in ("sketch", "kernel"):
-            raise ValueError(f"`solver` must be 'sketch' or 'kernel', got {solver!r}.")
-        if damping is not None and damping <= 0:
-            raise ValueError(f"`damping` must be > 0 or None (relative rule), got {damping}.")
-        if negatives_per_sample < 0:
-            raise ValueError(f"`negatives_per_sample` must be >= 0, got {negatives_per_sample}.")
-        if dtype not in _DTYPES:
-            raise ValueError(f"`dtype` must be one of {sorted(_DTYPES)}, got {dtype!r}.")
-        self.alpha, self.beta = alpha, beta
-        self.sketch_dim, self.sketch, self.sketch_layout, self.solver = sketch_dim, sketch, sketch_layout, solver
-        self.damping, self.relative_damping = damping, relative_damping
-        self.bank_size, self.curvature_samples = bank_size, curvature_samples
-        self.negatives_per_sample = negatives_per_sample
-        self.components = tuple(components)
-        self.plausibility_power, self.reference_steps, self.reference_lr = (
-            plausibility_power, reference_steps, reference_lr,
-        )  # fmt: skip
-        self.seed = seed
-        self.dtype = dtype
         self.state: ChipsState | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        """The settings read as attributes (``scorer.alpha``, ``scorer.components``, ...)."""
+        arguments = self.__dict__.get("arguments")
+        if arguments is not None and name in _FIELDS:
+            return getattr(arguments, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def prepare(
         self,
@@ -155,23 +142,7 @@ class CHIPS(Scorer):
             pool_sample.image.to(device),
             pool_sample.text.to(device),
             pool_sample.ids.to(device),
-            alpha=self.alpha,
-            beta=self.beta,
-            sketch_dim=self.sketch_dim,
-            sketch=self.sketch,
-            sketch_layout=self.sketch_layout,
-            solver=self.solver,
-            damping=self.damping,
-            relative_damping=self.relative_damping,
-            bank_size=self.bank_size,
-            curvature_samples=self.curvature_samples,
-            negatives_per_sample=self.negatives_per_sample,
-            seed=self.seed,
-            components=self.components,
-            plausibility_power=self.plausibility_power,
-            reference_steps=self.reference_steps,
-            reference_lr=self.reference_lr,
-            dtype=_DTYPES[self.dtype],
+            self.arguments,
         )
 
     def score_components(self, batch: PairFeatures) -> ChipsScores:

@@ -1,0 +1,251 @@
+"""The contract between a pool and a selection round: :class:`SelectablePool`, and its two implementations.
+
+A round (:func:`lightning_chips.engine.run_round`, used by :class:`~lightning_chips.DataSelectionCallback` and
+``lightning-chips score``) reads a pool through three streams of ``(batch, skipped)`` items:
+
+* :meth:`SelectablePool.target_batches`: this rank's share of the target set;
+* :meth:`SelectablePool.pool_sample_batches`: this rank's part of the round's pool sample (the pairs
+  ``Scorer.prepare`` sees; the round gathers the parts of every rank);
+* :meth:`SelectablePool.scoring_batches`: this rank's share of the pool, to score.
+
+``batch`` is a collated dict ``{"image", "text" (token ids), "id"[, "label"]}`` plus where its pairs are in the
+pool (``"index"``: dataset indices of a map-style pool; ``"order"``: for a shard pool, the shard's place in the
+shard list times 2**40 plus the pair's place in the shard), or ``None`` when an item only carries skipped
+samples. Pool order decides which pair of a repeated id is kept (the first). ``skipped`` lists the
+:class:`~lightning_chips.data.checks.SkippedSample` s found since the previous item, the one record of a pair that
+could not be used (and of a shard that could not be read to the end). How a pool finds them (a
+:class:`~lightning_chips.data.checks.CheckedPairs` view of map-style data, the
+:class:`~lightning_chips.data.webdataset.ShardReport` of each shard) stays inside it.
+
+:class:`MapPool` serves map-style datasets (:class:`~lightning_chips.data.ScoredSubsetDataModule`);
+:class:`ShardPool` serves WebDataset shards (:class:`~lightning_chips.data.WebDatasetDataModule` and
+``lightning-chips score``). A data module of one's own is selectable when it has ``selection`` and ``target``
+attributes and these methods (``isinstance(dm, SelectablePool)`` checks it).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_chips.data.checks import CheckedPairs, SkippedSample
+from lightning_chips.data.subset import PairCollate
+from lightning_chips.data.webdataset import ShardCollate, ShardReport, WebDatasetPairs
+from lightning_chips.selection import Selection
+
+__all__ = ["MapPool", "PoolItem", "SelectablePool", "ShardPool", "shard_indices"]
+
+PoolItem = tuple[dict[str, Any] | None, list[SkippedSample]]
+"""One item of a pool's scoring streams: a collated batch (or None) and the samples skipped since the last item."""
+
+
+SHARD_STRIDE = 1 << 40
+"""A shard pool's order key of a pair: ``shard * SHARD_STRIDE + position in the shard``."""
+
+
+class _ShardOrder:
+    """Adds ``batch["order"]`` (see :data:`SHARD_STRIDE`) from ``batch["shard"]``, counting positions per shard
+    over every batch it sees (so it must see every batch of the shards it counts)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        order = []
+        for s in torch.as_tensor(batch.pop("shard")).tolist():
+            order.append(s * SHARD_STRIDE + self.counts.get(s, 0))
+            self.counts[s] = self.counts.get(s, 0) + 1
+        batch["order"] = torch.tensor(order, dtype=torch.int64)
+        return batch
+
+
+def shard_indices(indices: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """Contiguous share ``rank`` of ``world`` of ``indices`` (sizes differ by at most one)."""
+    return np.array_split(np.asarray(indices, dtype=np.int64), world)[rank]
+
+
+@runtime_checkable
+class SelectablePool(Protocol):
+    """What a selection round needs from a data module (see the module docstring for the batch contract).
+
+    Attributes:
+        selection: the :class:`~lightning_chips.selection.Selection` in force (None before the first round); the
+            round sets it, and the training loader draws from it.
+        target: the target set, or None.
+    """
+
+    selection: Selection | None
+    target: Dataset | None
+
+    def pool_size(self) -> int | None:
+        """The number of pool pairs when it is known without reading the pool (map-style), else None."""
+        ...
+
+    def target_batches(self, target: Dataset | None, rank: int, world: int) -> Iterable[PoolItem]:
+        """This rank's share of ``target`` (default: the pool's own target set)."""
+        ...
+
+    def pool_sample_batches(self, size: int | None, round: int, seed: int, rank: int,
+                            world: int) -> Iterable[PoolItem]:  # fmt: skip
+        """This rank's part of a sample of ``size`` pool pairs drawn with ``(seed, round)`` (None: every pair); the
+        parts of all ranks make the same sample whatever the number of ranks."""
+        ...
+
+    def scoring_batches(self, rank: int, world: int) -> Iterable[PoolItem]:
+        """This rank's share of the whole pool, each pair once, its skipped samples alongside."""
+        ...
+
+
+class _Indexed(Dataset):
+    """``indices`` of a :class:`CheckedPairs` view, each valid item with its dataset ``"index"``."""
+
+    def __init__(self, checked: CheckedPairs, indices: np.ndarray) -> None:
+        self.checked, self.indices = checked, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> dict[str, Any] | SkippedSample:
+        index = int(self.indices[position])
+        item = self.checked[index]
+        return item if isinstance(item, SkippedSample) else {**item, "index": index}
+
+
+def map_batches(checked: CheckedPairs, indices: np.ndarray, collate: PairCollate, batch_size: int,
+                num_workers: int = 0) -> Iterator[PoolItem]:  # fmt: skip
+    """``(batch, skipped)`` items of ``indices`` of a checked map-style dataset, in index order."""
+    loader = DataLoader(_Indexed(checked, indices), batch_size=batch_size, shuffle=False, collate_fn=collate,
+                        num_workers=num_workers)  # fmt: skip
+    for batch in loader:
+        skipped = list(batch.pop("bad", ()))
+        yield (batch if len(batch["id"]) else None), skipped
+
+
+class MapPool:
+    """:class:`SelectablePool` streams of a map-style pool (and target): contiguous shares per rank, bad pairs
+    found by :class:`~lightning_chips.data.checks.CheckedPairs`, and a pool sample of indices drawn with
+    ``numpy.random.default_rng([seed, round])``.
+
+    Args:
+        pool: the map-style pool.
+        target: the target set (None: the caller passes one to :meth:`target_batches`).
+        collate: the :class:`~lightning_chips.data.PairCollate` that tokenizes and normalises.
+        batch_size: pairs per batch.
+        num_workers: dataloader workers.
+        checked: the :class:`CheckedPairs` view of a dataset (a data module passes its cached one).
+    """
+
+    def __init__(self, pool: Dataset, target: Dataset | None, collate: PairCollate, batch_size: int,
+                 num_workers: int = 0, checked: Callable[[Dataset], CheckedPairs] = CheckedPairs) -> None:  # fmt: skip
+        self.pool, self.target, self.collate = pool, target, collate
+        self.batch_size, self.num_workers, self.checked = batch_size, num_workers, checked
+
+    def pool_size(self) -> int:
+        return len(self.pool)  # type: ignore[arg-type]
+
+    def _batches(self, dataset: Dataset, indices: np.ndarray) -> Iterator[PoolItem]:
+        return map_batches(self.checked(dataset), indices, self.collate, self.batch_size, self.num_workers)
+
+    def target_batches(self, target: Dataset | None, rank: int, world: int) -> Iterator[PoolItem]:
+        target = _require_target(target, self.target)
+        return self._batches(target, shard_indices(np.arange(len(target)), rank, world))  # type: ignore[arg-type]
+
+    def pool_sample_batches(self, size: int | None, round: int, seed: int, rank: int,
+                            world: int) -> Iterator[PoolItem]:  # fmt: skip
+        n = self.pool_size()
+        if size is None or size >= n:
+            chosen = np.arange(n)
+        else:
+            chosen = np.sort(np.random.default_rng([seed, round]).choice(n, size=size, replace=False))
+        return self._batches(self.pool, shard_indices(chosen, rank, world))
+
+    def scoring_batches(self, rank: int, world: int) -> Iterator[PoolItem]:
+        return self._batches(self.pool, shard_indices(np.arange(self.pool_size()), rank, world))
+
+
+class ShardPool:
+    """:class:`SelectablePool` streams of a WebDataset pool: rank ``r`` scores ``shards[r::world]``, its skipped
+    samples and unreadable shards from each shard's :class:`~lightning_chips.data.webdataset.ShardReport`; the
+    pool sample is the first ``size`` valid pairs of all shards in an order seeded by ``(seed, round)``, its
+    batches dealt round-robin to the ranks.
+
+    Args:
+        pairs: the pool's :class:`~lightning_chips.data.webdataset.WebDatasetPairs`.
+        target: the (map-style) target set, read through :class:`~lightning_chips.data.checks.CheckedPairs`.
+        collate: the :class:`~lightning_chips.data.PairCollate` that tokenizes and normalises.
+        batch_size: pairs per batch.
+        num_workers: dataloader workers of the scoring pass (at most one per shard of the rank).
+        worker_start_method: ``"spawn"`` / ``"forkserver"`` / ``"fork"`` workers (default: the platform's).
+        skip: shards not to score (``lightning-chips score`` resuming).
+    """
+
+    def __init__(
+        self,
+        pairs: WebDatasetPairs,
+        target: Dataset | None,
+        collate: PairCollate,
+        batch_size: int,
+        num_workers: int = 0,
+        worker_start_method: str | None = None,
+        skip: Sequence[str] = (),
+    ) -> None:
+        self.pairs, self.target, self.collate = pairs, target, collate
+        self.batch_size, self.num_workers, self.worker_start_method = batch_size, num_workers, worker_start_method
+        self.skip = tuple(skip)
+        self._checked: dict[int, CheckedPairs] = {}
+
+    def pool_size(self) -> None:
+        return None
+
+    def target_batches(self, target: Dataset | None, rank: int, world: int) -> Iterator[PoolItem]:
+        target = _require_target(target, self.target)
+        checked = self._checked.setdefault(id(target), CheckedPairs(target))
+        share = shard_indices(np.arange(len(checked)), rank, world)
+        return map_batches(checked, share, self.collate, self.batch_size)
+
+    def pool_sample_batches(self, size: int | None, round: int, seed: int, rank: int,
+                            world: int) -> Iterator[PoolItem]:  # fmt: skip
+        reporting = copy.copy(self.pairs)
+        reporting.reports = True  # each pair says its shard: the sample's pool order
+        order = _ShardOrder()
+        for i, batch in enumerate(reporting.sample_batches(size, [seed, round], self.batch_size, self.collate)):
+            batch = order(batch)  # every rank counts every batch, and keeps its own
+            if i % world == rank:
+                yield batch, []
+
+    def scoring_loader(self, rank: int, world: int) -> DataLoader:
+        """The DataLoader of this rank's shards: batches with ``"shard"`` (index of each pair's shard in
+        ``pairs.urls``) and ``"reports"`` (the :class:`ShardReport` of each shard that ended in the batch)."""
+        reporting = copy.copy(self.pairs)
+        reporting.reports, reporting.skip = True, frozenset(self.skip)
+        reporting.bind(rank, world)
+        workers = min(self.num_workers, len(reporting.shards_of_rank()))
+        return DataLoader(reporting, batch_size=self.batch_size, num_workers=workers,
+                          collate_fn=ShardCollate(self.collate.tokenizer, self.collate.normalize),
+                          multiprocessing_context=self.worker_start_method if workers > 0 else None)  # fmt: skip
+
+    def scoring_batches(self, rank: int, world: int) -> Iterator[PoolItem]:
+        scored, read, order = 0, 0, _ShardOrder()  # a shard is read by one worker of one rank, in order
+        for batch in self.scoring_loader(rank, world):
+            reports: list[ShardReport] = batch.pop("reports")
+            read += sum(report.samples for report in reports)
+            scored += len(batch["id"])
+            skipped = [s for report in reports for s in report.skipped()]
+            yield (order(batch) if len(batch["id"]) else None), skipped
+        if read != scored:
+            raise RuntimeError(
+                f"Rank {rank} read {scored} pool pairs but its shard reports count {read}: a shard's pairs were "
+                "lost between the reader and the collate."
+            )
+
+
+def _require_target(target: Dataset | None, default: Dataset | None) -> Dataset:
+    target = target if target is not None else default
+    if target is None:
+        raise ValueError("No target set: pass `target` to the data module or to DataSelectionCallback.")
+    return target
