@@ -18,6 +18,9 @@ and talks to the other ranks through a :class:`Collective` (single process: no c
 Feature extraction runs inside ``precision`` (the trainer's precision plugin's forward context), scoring in
 float32. Before every gather the ranks :meth:`Collective.agree` that their part succeeded, so an error on one rank
 is an error on all, not a hang.
+
+One module (over 500 lines) because it is one thing: the steps of a round and the rank bookkeeping they need
+(rows with their pool positions, gathers, duplicates, skipped samples), which only a round uses.
 """
 
 from __future__ import annotations

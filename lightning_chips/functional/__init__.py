@@ -19,7 +19,7 @@ from lightning_chips.functional.endpoint import (
     bank_stats,
     endpoint_per_sample_grads,
 )
-from lightning_chips.functional.influence import grad_dot, tracin, trak
+from lightning_chips.functional.influence import grad_dot, tracin_scores, trak_scores
 from lightning_chips.functional.influence_full import (
     GradientProjection,
     endpoint_parameter_names,
@@ -57,8 +57,8 @@ __all__ = [
     "clipcov_order",
     "clipcov_select",
     "grad_dot",
-    "tracin",
-    "trak",
+    "tracin_scores",
+    "trak_scores",
     "negclip_loss",
     "normsim",
     "chips_score_batch",

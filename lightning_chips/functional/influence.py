@@ -40,9 +40,7 @@ __all__ = [
     "grad_dot",
     "influence_prepare",
     "influence_score_batch",
-    "tracin",
     "tracin_scores",
-    "trak",
     "trak_scores",
 ]
 
@@ -226,6 +224,3 @@ def grad_dot(
                               sketch_dim=sketch_dim, bank_size=bank_size, seed=seed, dtype=dtype)  # fmt: skip
     return _all_scores(state, pool_image.to(dtype), pool_text.to(dtype), batch_size)[0]
 
-
-tracin = tracin_scores
-trak = trak_scores
