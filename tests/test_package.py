@@ -66,3 +66,23 @@ def test_the_real_datasets_are_optional():
             "print('lightning_chips.datasets' in sys.modules)")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def test_a_module_over_500_lines_says_why_it_is_one_thing():
+    """Long modules are allowed only when they are one cohesive thing, and their docstring says which."""
+    unexplained = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text()
+        if text.count("\n") > 500:
+            doc = ast.get_docstring(ast.parse(text)) or ""
+            if "One module" not in doc:
+                unexplained.append(f"{path.relative_to(PACKAGE)} ({text.count(chr(10))} lines)")
+    assert unexplained == []
+
+
+def test_the_round_reads_data_modules_through_the_pool_contract_only():
+    """The callback and the engine know data modules only as ``SelectablePool`` (no duck-typed loader names)."""
+    for name in ("callback.py", "engine.py"):
+        text = (PACKAGE / name).read_text()
+        for duck in ("pool_dataloader", "target_dataloader", 'getattr(datamodule, "streaming"', 'batch["reports"]'):
+            assert duck not in text, (name, duck)
