@@ -20,8 +20,8 @@ from typing_extensions import override
 
 from lightning_chips.adapters import CLIPAdapter, resolve_adapter
 from lightning_chips.data.checks import SkippedSample
-from lightning_chips.data.datamodule import resolve_tokenizer
 from lightning_chips.data.pool import SelectablePool
+from lightning_chips.data.preprocess import resolve_tokenizer
 from lightning_chips.engine import NO_ID, Collective, name_skipped, run_round, skipped_arrays
 from lightning_chips.metrics import PromptEncoder
 from lightning_chips.scoring import RoundContext, Scorer, build_scorer

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from typing_extensions import override
 
 from lightning_chips.adapters import CLIPAdapter, resolve_adapter
 from lightning_chips.data.builtin import CLASSNAMES, TEMPLATES, TwoDomainPairs
-from lightning_chips.data.datamodule import clip_normalize, resolve_tokenizer
+from lightning_chips.data.preprocess import model_image_input, resolve_tokenizer
 from lightning_chips.data.subset import PairCollate
 from lightning_chips.metrics import RetrievalRecallAtK, ZeroShotAccuracy, build_zero_shot_classifier
 
@@ -109,7 +110,7 @@ class ZeroShotEvaluation(Callback):
         batch_size: int = 256,
         num_workers: int = 0,
         normalize: str = "clip",
-        tokenizer: str | None = None,
+        tokenizer: str | Callable[[list[str]], Tensor] | None = None,
         retrieval_k: Sequence[int] = (1, 5, 10),
         adapter: CLIPAdapter | None = None,
     ) -> None:
@@ -147,7 +148,7 @@ class ZeroShotEvaluation(Callback):
         """Run every task with the module's current weights; returns the flat metric dict (all ranks)."""
         adapter = resolve_adapter(pl_module, self.adapter)
         tokenizer = resolve_tokenizer(self.tokenizer_name, None, pl_module)
-        collate = PairCollate(tokenizer, clip_normalize() if self.normalize == "clip" else None)
+        collate = PairCollate(tokenizer, model_image_input(pl_module, normalize=self.normalize == "clip"))
         device = next(adapter.module.parameters()).device
         module = adapter.module
         was_training = module.training

@@ -36,8 +36,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightning_chips.adapters import CLIPAdapter, resolve_adapter
-from lightning_chips.data.datamodule import clip_normalize, resolve_tokenizer
 from lightning_chips.data.pool import ShardPool
+from lightning_chips.data.preprocess import model_image_input, resolve_tokenizer
 from lightning_chips.data.subset import PairCollate
 from lightning_chips.data.target import ListDataset, load_target_pairs
 from lightning_chips.data.webdataset import ShardReport, WebDatasetPairs, expand_shards
@@ -166,7 +166,7 @@ class _PoolScoring(LightningModule):
         c = self.config
         pairs = WebDatasetPairs(c["urls"], image_size=c["image_size"], uid_field=c["uid_field"])
         target = None if c["target_pairs"] is None else ListDataset(c["target_pairs"])
-        collate = PairCollate(resolve_tokenizer(None, None, self.model), clip_normalize())
+        collate = PairCollate(resolve_tokenizer(None, None, self.model), model_image_input(self.model))
         return ShardPool(pairs, target, collate, c["batch_size"], c["num_workers"], c["worker_start_method"],
                          skip=c["done"])  # fmt: skip
 

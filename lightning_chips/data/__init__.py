@@ -2,7 +2,8 @@
 
 from lightning_chips.data.builtin import CLASSNAMES, DOMAINS, TEMPLATES, TwoDomainPairs
 from lightning_chips.data.checks import BadSample, CheckedPairs, SkippedSample
-from lightning_chips.data.datamodule import TwoDomainDataModule, clip_normalize, resolve_tokenizer
+from lightning_chips.data.datamodule import TwoDomainDataModule
+from lightning_chips.data.preprocess import ImageInput, clip_normalize, model_image_input, resolve_tokenizer
 from lightning_chips.data.sampler import ScoredSubsetSampler
 from lightning_chips.data.stream import SelectedStream, WebDatasetDataModule
 from lightning_chips.data.subset import PairCollate, ScoredSubsetDataModule
@@ -15,6 +16,7 @@ __all__ = [
     "DOMAINS",
     "TEMPLATES",
     "ImageCaptionFolder",
+    "ImageInput",
     "SelectedStream",
     "ShardReport",
     "SkippedSample",
@@ -27,5 +29,6 @@ __all__ = [
     "TwoDomainDataModule",
     "TwoDomainPairs",
     "clip_normalize",
+    "model_image_input",
     "resolve_tokenizer",
 ]

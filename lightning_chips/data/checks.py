@@ -152,6 +152,12 @@ def parse_id(value: Any, name: str = "id") -> int:
     return int(value)
 
 
+def _is_pil(image: Any) -> bool:
+    from PIL import Image
+
+    return isinstance(image, Image.Image)
+
+
 def check_pair(item: Any, index: int) -> dict[str, Any] | SkippedSample:
     """Validate one map-style pool item ``{"image": Tensor[C, H, W], "text": str | bytes | token ids, "id": int,
     ...}``: the item with its caption decoded and stripped and its id an int, or the :class:`SkippedSample` that says
@@ -184,12 +190,12 @@ def check_pair(item: Any, index: int) -> dict[str, Any] | SkippedSample:
     image = item["image"]
     if image is None:
         return SkippedSample("missing image", id=uid, index=index)
-    if not isinstance(image, Tensor):
+    if not isinstance(image, Tensor | np.ndarray) and not _is_pil(image):
         raise TypeError(
-            f"Pool item {index} (id {uid}) has an image of type {type(image).__name__}; it must be a [3, H, W] "
-            "float tensor (apply a transform such as lightning_chips.data.webdataset.image_transform)."
+            f"Pool item {index} (id {uid}) has an image of type {type(image).__name__}; it must be a PIL image, a "
+            "uint8 image or a [3, H, W] float tensor in [0, 1] (the data module applies the model's preprocessing)."
         )
-    if image.is_floating_point() and not bool(torch.isfinite(image).all()):
+    if isinstance(image, Tensor) and image.is_floating_point() and not bool(torch.isfinite(image).all()):
         return SkippedSample("image has NaN or inf pixels", id=uid, index=index)
     return {**item, "text": text, "id": uid}
 

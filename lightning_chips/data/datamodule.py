@@ -2,62 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 from lightning.pytorch import LightningDataModule
-from torch import Tensor
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_chips.data.builtin import TwoDomainPairs
+from lightning_chips.data.preprocess import model_image_input, resolve_tokenizer
 
-__all__ = ["TwoDomainDataModule", "clip_normalize", "resolve_tokenizer"]
-
-# open_clip's OPENAI_DATASET_MEAN / STD, the normalisation every open_clip model expects by default.
-_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class _Normalize:
-    """Picklable per-channel normalisation of a [3, H, W] tensor (works in spawned dataloader workers)."""
-
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        self.mean, self.std = mean, std
-
-    def __call__(self, image: Tensor) -> Tensor:
-        mean = image.new_tensor(self.mean)[:, None, None]
-        std = image.new_tensor(self.std)[:, None, None]
-        return (image - mean) / std
-
-
-def clip_normalize() -> Callable[[Tensor], Tensor]:
-    """The CLIP image normalisation (open_clip's OpenAI mean / std) as a picklable transform."""
-    return _Normalize(_CLIP_MEAN, _CLIP_STD)
-
-
-def resolve_tokenizer(
-    tokenizer: str | None, context_length: int | None, module: Any = None
-) -> Callable[[list[str]], Tensor]:
-    """Pick the tokenizer for a data module.
-
-    Order: an open_clip model name given as ``tokenizer``; the attached LightningModule's ``get_tokenizer()``
-    (e.g. :class:`~lightning_chips.models.OpenCLIPModule`, so data and model agree on the context length);
-    open_clip's default BPE tokenizer with ``context_length`` (77 when None).
-    """
-    import open_clip
-
-    if tokenizer is not None:
-        return open_clip.get_tokenizer(tokenizer, context_length=context_length)
-    if module is not None and callable(getattr(module, "get_tokenizer", None)):
-        found = module.get_tokenizer()
-        if context_length is not None and getattr(found, "context_length", context_length) != context_length:
-            raise ValueError(
-                f"`context_length={context_length}` disagrees with the model's tokenizer "
-                f"({found.context_length}); leave it unset to use the model's."
-            )
-        return found
-    return open_clip.tokenizer.SimpleTokenizer(context_length=context_length or 77)
+__all__ = ["TwoDomainDataModule"]
 
 
 class TwoDomainDataModule(LightningDataModule):
@@ -144,7 +96,7 @@ class TwoDomainDataModule(LightningDataModule):
             split=split,
             seed=hp.seed,
             tokenizer=resolve_tokenizer(hp.tokenizer, hp.context_length, module),
-            transform=clip_normalize(),
+            transform=model_image_input(module),
         )
 
     @override

@@ -226,7 +226,7 @@ class ShardPool:
         reporting.bind(rank, world)
         workers = min(self.num_workers, len(reporting.shards_of_rank()))
         return DataLoader(reporting, batch_size=self.batch_size, num_workers=workers,
-                          collate_fn=ShardCollate(self.collate.tokenizer, self.collate.normalize),
+                          collate_fn=ShardCollate(self.collate.tokenizer, self.collate.image),
                           multiprocessing_context=self.worker_start_method if workers > 0 else None)  # fmt: skip
 
     def scoring_batches(self, rank: int, world: int) -> Iterator[PoolItem]:

@@ -15,12 +15,13 @@ from typing import Any, Literal
 
 import numpy as np
 from lightning.pytorch import LightningDataModule
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from typing_extensions import override
 
 from lightning_chips.data.checks import SkippedSample
-from lightning_chips.data.datamodule import clip_normalize, resolve_tokenizer
 from lightning_chips.data.pool import PoolItem, ShardPool
+from lightning_chips.data.preprocess import model_image_input, resolve_tokenizer
 from lightning_chips.data.subset import LazyIterator, PairCollate, SelectionDataLoader
 from lightning_chips.data.target import ListDataset, load_target_pairs
 from lightning_chips.data.webdataset import (
@@ -262,7 +263,8 @@ class WebDatasetDataModule(LightningDataModule):
         image_size: image side; default: the model's ``image_size``.
         uid_field: the int64 id's field in each sample's ``.json``.
         worker_start_method: ``"spawn"`` / ``"forkserver"`` / ``"fork"`` dataloader workers.
-        tokenizer: an open_clip model name whose tokenizer to use (default: the model's).
+        tokenizer: an open_clip model name or a callable (default: the model's ``get_tokenizer()``; a model without
+            one needs this).
         context_length: tokenizer context length (default: the model's).
 
     Example::
@@ -289,7 +291,7 @@ class WebDatasetDataModule(LightningDataModule):
         image_size: int | None = None,
         uid_field: str = "uid",
         worker_start_method: Literal["fork", "spawn", "forkserver"] | None = None,
-        tokenizer: str | None = None,
+        tokenizer: str | Callable[[list[str]], Tensor] | None = None,
         context_length: int | None = None,
     ) -> None:
         super().__init__()
@@ -327,7 +329,7 @@ class WebDatasetDataModule(LightningDataModule):
         self._skips.rank, self._skips.world_size = self.rank, self.world_size
         if self.collate is None:
             tokenizer = resolve_tokenizer(self.tokenizer_name, self.context_length, module)
-            self.collate = PairCollate(tokenizer, clip_normalize())
+            self.collate = PairCollate(tokenizer, model_image_input(module, image_size=image_size))
         if self.pool is None:
             self.pool = WebDatasetPairs(self.pool_spec, image_size=image_size, uid_field=self.uid_field)
         self.pool.bind(self.rank, self.world_size)
@@ -388,7 +390,7 @@ class WebDatasetDataModule(LightningDataModule):
                                     seed=self.seed, shuffle_buffer=self.shuffle_buffer, reports=True)  # fmt: skip
             self._skips.epoch_fn = epoch_fn
             self._train_loader = self._loader(stream, self.batch_size, _StreamCollate(collate.tokenizer,
-                                              collate.normalize), _StreamLoader, skips=self._skips)  # fmt: skip
+                                              collate.image), _StreamLoader, skips=self._skips)  # fmt: skip
         return self._train_loader
 
     # -- the SelectablePool contract (lightning_chips.data.pool): what a selection round reads ----------------------

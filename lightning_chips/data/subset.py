@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from typing_extensions import override
 
 from lightning_chips.data.checks import CheckedPairs, SkippedSample
-from lightning_chips.data.datamodule import clip_normalize, resolve_tokenizer
+from lightning_chips.data.preprocess import model_image_input, resolve_tokenizer
 from lightning_chips.data.sampler import ScoredSubsetSampler
 from lightning_chips.selection import Selection
 
@@ -26,6 +26,9 @@ __all__ = ["PairCollate", "ScoredSubsetDataModule", "SelectionDataLoader"]
 class PairCollate:
     """Collate ``{"image", "text", "id", ...}`` items; string captions are tokenized as a batch.
 
+    ``image`` turns each item's image into the model's input (an
+    :class:`~lightning_chips.data.preprocess.ImageInput`: PIL, uint8 or float images, the model's preprocess and
+    normalisation) before the batch is stacked; None stacks the images as they are.
     :class:`~lightning_chips.data.checks.SkippedSample` items (pairs of a :class:`~lightning_chips.data.checks.
     CheckedPairs` pool that failed to load) are left out of the tensors and listed in ``batch["bad"]``; a batch of
     bad pairs only is ``{"id": <empty>, "bad": [...]}``. Picklable, so it works in dataloader worker processes.
@@ -34,10 +37,10 @@ class PairCollate:
     def __init__(
         self,
         tokenizer: Callable[[list[str]], Tensor] | None = None,
-        normalize: Callable[[Tensor], Tensor] | None = None,
+        image: Callable[[Any], Tensor] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
-        self.normalize = normalize
+        self.image = image
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if not items:
@@ -49,15 +52,15 @@ class PairCollate:
             batch["bad"] = bad
             return batch
         texts = [item["text"] for item in items]
-        rest = default_collate([{k: v for k, v in item.items() if k != "text"} for item in items])
+        images = [item["image"] if self.image is None else self.image(item["image"]) for item in items]
+        rest = default_collate([{k: v for k, v in item.items() if k not in ("text", "image")} for item in items])
+        rest["image"] = torch.stack([torch.as_tensor(image) for image in images])
         if isinstance(texts[0], str):
             if self.tokenizer is None:
                 raise ValueError("The pool yields caption strings but no tokenizer is set; pass one to the datamodule.")
             rest["text"] = self.tokenizer(texts)
         else:
             rest["text"] = torch.stack([torch.as_tensor(t) for t in texts])
-        if self.normalize is not None:
-            rest["image"] = torch.stack([self.normalize(img) for img in rest["image"]])
         return rest
 
 
@@ -138,9 +141,12 @@ class ScoredSubsetDataModule(LightningDataModule):
     epoch from it, so one Lightning epoch is one selection round. Before any selection the whole pool is
     sampled.
 
-    Items are dicts ``{"image": Tensor[3, H, W], "text": str | LongTensor, "id": int[, "label": int]}``; string
-    captions are tokenized per batch with the model's tokenizer (``get_tokenizer()``, e.g.
-    :class:`~lightning_chips.models.OpenCLIPModule`), an open_clip ``tokenizer`` name, or open_clip's default.
+    Items are dicts ``{"image", "text": str | LongTensor, "id": int[, "label": int]}``. The image may be a PIL
+    image, a uint8 image, or a float ``[3, H, W]`` tensor in [0, 1]: the data module applies the model's own
+    open_clip preprocessing (:mod:`lightning_chips.data.preprocess`); a float tensor outside [0, 1] is taken as
+    already normalised and passes through unchanged, with a warning. String captions are tokenized per batch with
+    the model's tokenizer (``get_tokenizer()``, e.g. :class:`~lightning_chips.models.OpenCLIPModule`) or the
+    ``tokenizer`` given; a model without ``get_tokenizer()`` needs ``tokenizer``.
     A directory of images and captions is :class:`~lightning_chips.data.ImageCaptionFolder` (``lazy=True``).
 
     **Bad samples.** Every dataset is read through :class:`~lightning_chips.data.checks.CheckedPairs`: an item
@@ -164,8 +170,14 @@ class ScoredSubsetDataModule(LightningDataModule):
         eval_batch_size: batch size of the scoring and evaluation passes (default: ``batch_size``).
         seed: seed of the training draws (with the round and the epoch).
         persistent_workers: keep training workers alive across rounds (they still see each new selection).
-        normalize: ``"clip"`` applies open_clip's mean/std to images in [0, 1]; ``"none"`` leaves them.
-        tokenizer: an open_clip model name whose tokenizer to use (default: the model's).
+        transform: PIL image -> normalised tensor, for items whose image is a PIL image (or uint8); default: the
+            model's open_clip preprocess (the training augmentation for training batches, the evaluation transform
+            for scoring and evaluation, as ``open_clip.create_model_and_transforms`` gives them).
+        normalize: ``"clip"`` normalises float images in [0, 1] with the model's mean / std (an image with values
+            outside [0, 1] is taken as already normalised and passes through, with a warning); ``"none"`` leaves
+            float images as they are.
+        tokenizer: an open_clip model name or a callable (default: the model's ``get_tokenizer()``; a model without
+            one needs this).
         context_length: tokenizer context length (default: the model's).
 
     Example::
@@ -188,8 +200,9 @@ class ScoredSubsetDataModule(LightningDataModule):
         eval_batch_size: int | None = None,
         seed: int = 0,
         persistent_workers: bool = True,
+        transform: Callable[[Any], Tensor] | None = None,
         normalize: Literal["clip", "none"] = "clip",
-        tokenizer: str | None = None,
+        tokenizer: str | Callable[[list[str]], Tensor] | None = None,
         context_length: int | None = None,
     ) -> None:
         super().__init__()
@@ -214,11 +227,12 @@ class ScoredSubsetDataModule(LightningDataModule):
         self.num_workers, self.persistent_workers = num_workers, persistent_workers
         self.eval_batch_size = eval_batch_size or batch_size
         self.seed = seed
-        self.normalize = normalize
+        self.normalize, self.transform = normalize, transform
         self.tokenizer_name, self.context_length = tokenizer, context_length
         self.selection: Selection | None = None
         self._checked: dict[int, CheckedPairs] = {}
         self.collate: PairCollate | None = None
+        self.train_collate: PairCollate | None = None
         self.sampler: ScoredSubsetSampler | None = None
         self._train_loader: DataLoader | None = None
 
@@ -229,7 +243,11 @@ class ScoredSubsetDataModule(LightningDataModule):
         module = trainer.lightning_module if trainer is not None else None
         if self.collate is None:
             tokenizer = resolve_tokenizer(self.tokenizer_name, self.context_length, module)
-            self.collate = PairCollate(tokenizer, clip_normalize() if self.normalize == "clip" else None)
+            normalize = self.normalize == "clip"
+            self.collate = PairCollate(tokenizer, model_image_input(module, self.transform, normalize=normalize))
+            self.train_collate = PairCollate(
+                tokenizer, model_image_input(module, self.transform, train=True, normalize=normalize)
+            )
         accumulate = getattr(trainer, "accumulate_grad_batches", 1) if trainer is not None else 1
         if self.sampler is None:
             self.sampler = ScoredSubsetSampler(
@@ -269,7 +287,8 @@ class ScoredSubsetDataModule(LightningDataModule):
     # -- loaders ----------------------------------------------------------------------------------------------
     @override
     def train_dataloader(self) -> DataLoader:
-        collate = self._require_setup()
+        self._require_setup()
+        collate = self.train_collate
         if self._train_loader is None:
             self._train_loader = SelectionDataLoader(
                 self.checked(self.pool),

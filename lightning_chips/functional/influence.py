@@ -223,4 +223,3 @@ def grad_dot(
     state = influence_prepare(endpoint, target_image, target_text, pool_image, pool_text, method="dot",
                               sketch_dim=sketch_dim, bank_size=bank_size, seed=seed, dtype=dtype)  # fmt: skip
     return _all_scores(state, pool_image.to(dtype), pool_text.to(dtype), batch_size)[0]
-
