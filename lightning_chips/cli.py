@@ -18,51 +18,97 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from typing import Any
 
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
-
-__all__ = ["LightningChipsCLI", "build_cli", "main", "offline_parser", "run_offline"]
+__all__ = ["build_cli", "main", "offline_parser", "run_offline"]
 
 OFFLINE_COMMANDS = ("score", "select")
 
+HELP = """usage: lightning-chips [-h] {fit,validate,test,predict,score,select} ...
 
-class LightningChipsCLI(LightningCLI):
-    """LightningCLI with lightning-chips defaults: subclass mode for model and data, overwrite the saved config,
-    and a one-line summary of the final metrics after ``fit``."""
+Data selection for CLIP continual pre-training, as a PyTorch Lightning plugin.
 
-    def after_fit(self) -> None:
-        self._print_summary("fit")
+subcommands:
+  fit        train from a YAML config, e.g. with DataSelectionCallback: lightning-chips fit --config CONFIG
+  validate   one evaluation epoch over the validation set
+  test       one evaluation epoch over the test set
+  predict    run the model's predict step over the predict set
+  score      score every pair of a WebDataset pool offline (DDP through --trainer.*; re-running resumes)
+  select     keep the top --fraction / --count of a scores file; --reshard copies those pairs into new shards
 
-    def after_validate(self) -> None:
-        self._print_summary("validate")
+Run `lightning-chips SUBCOMMAND --help` for its options. score and select also take:
+  --verbose  show the traceback of an error (by default a user error is one line and exit code 2)
+  --strict   (score) exit with code 3 when samples were skipped or shards could not be read
+"""
 
-    def after_test(self) -> None:
-        self._print_summary("test")
-
-    def _print_summary(self, stage: str) -> None:
-        metrics = {
-            name: float(value)
-            for name, value in self.trainer.callback_metrics.items()
-            if getattr(value, "numel", lambda: 1)() == 1
-        }
-        shown = {name: value for name, value in metrics.items() if not name.startswith("train/lr")}
-        if not shown:
-            return
-        text = ", ".join(f"{name}={value:.4f}" for name, value in sorted(shown.items()) if math.isfinite(value))
-        rank_zero_info(f"[lightning-chips] {stage} finished after {self.trainer.global_step} steps: {text}")
+EXIT_USER_ERROR = 2
+EXIT_STRICT = 3
 
 
-def build_cli(args: list[str] | None = None, *, run: bool = True) -> LightningChipsCLI:
-    """Parse ``args`` (default: the command line) and, with ``run=True``, execute the subcommand.
+@functools.cache
+def _cli_class() -> type:
+    """:class:`LightningChipsCLI`, built on first use (Lightning is imported then, not for ``--help``)."""
+    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.utilities import rank_zero_info
+
+    class LightningChipsCLI(LightningCLI):
+        """LightningCLI with lightning-chips defaults: subclass mode for model and data, overwrite the saved
+        config, and a one-line summary of the final metrics after ``fit``, ``validate`` and ``test``."""
+
+        def after_fit(self) -> None:
+            self._print_summary("fit")
+
+        def after_validate(self) -> None:
+            self._print_summary("validate")
+
+        def after_test(self) -> None:
+            self._print_summary("test")
+
+        def _print_summary(self, stage: str) -> None:
+            metrics = {
+                name: float(value)
+                for name, value in self.trainer.callback_metrics.items()
+                if getattr(value, "numel", lambda: 1)() == 1
+            }
+            shown = {name: value for name, value in metrics.items() if not name.startswith("train/lr")}
+            if not shown:
+                return
+            text = ", ".join(f"{name}={value:.4f}" for name, value in sorted(shown.items()) if math.isfinite(value))
+            rank_zero_info(f"[lightning-chips] {stage} finished after {self.trainer.global_step} steps: {text}")
+
+    LightningChipsCLI.__module__ = __name__
+    return LightningChipsCLI
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LightningChipsCLI":
+        return _cli_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _import_components() -> None:
+    """Import the modules whose classes a config names by short name (``OpenCLIPModule``, ``CHIPS``, ...):
+    jsonargparse resolves a short class name among the subclasses imported so far."""
+    import lightning_chips.callback  # noqa: F401
+    import lightning_chips.data  # noqa: F401
+    import lightning_chips.evaluation  # noqa: F401
+    import lightning_chips.models  # noqa: F401
+    import lightning_chips.scoring  # noqa: F401
+
+
+def build_cli(args: list[str] | None = None, *, run: bool = True) -> Any:
+    """Parse ``args`` (default: the command line) and, with ``run=True``, execute the subcommand; returns the
+    :class:`LightningChipsCLI` (a ``LightningCLI`` with subclass mode for model and data).
 
     With ``run=False`` no subcommand is expected and the trainer, model and data are only instantiated.
     """
-    return LightningChipsCLI(
+    from lightning.pytorch import LightningDataModule, LightningModule
+
+    _import_components()
+    return _cli_class()(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
@@ -86,6 +132,9 @@ def _scorer_names_to_class_paths(args: list[str]) -> list[str]:
         if isinstance(value, str) and value.lower() in SCORERS:
             cls = SCORERS[value.lower()]
             return f"{cls.__module__}.{cls.__qualname__}"
+        if isinstance(value, str) and "." not in value and not value.lstrip().startswith(("{", "[")):
+            raise ValueError(f"Unknown scorer {value!r}: use a registered name ({', '.join(sorted(SCORERS))}) or a "
+                             "class path such as my_package.MyScorer.")  # fmt: skip
         if isinstance(value, dict) and "class_path" in value:
             return {**value, "class_path": resolve(value["class_path"])}
         return value
@@ -117,9 +166,12 @@ def _scorer_names_to_class_paths(args: list[str]) -> list[str]:
 def offline_parser(command: str) -> Any:
     """The jsonargparse parser of ``lightning-chips score`` or ``lightning-chips select``."""
     from jsonargparse import ActionConfigFile, ArgumentParser
+    from lightning.pytorch import LightningModule, Trainer
 
     from lightning_chips import offline, reshard
     from lightning_chips.scoring import Scorer
+
+    _import_components()
 
     if command == "score":
         parser = ArgumentParser(
@@ -168,10 +220,59 @@ def run_offline(command: str, args: list[str]) -> Any:
     return reshard.select_subset(**kwargs)
 
 
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """What a user's input causes (a missing shard, an empty target, a bad fraction, a damaged or locked output):
+    reported as one line. Anything else is a bug and keeps its traceback."""
+    from lightning_chips.io import OutputLockedError
+
+    return (ValueError, TypeError, OSError, LookupError, OutputLockedError)
+
+
+def _strict_failures(scores: Any) -> str | None:
+    """What makes a ``score --strict`` run fail: skipped samples or unreadable shards in its manifest."""
+    import json
+    from pathlib import Path
+
+    manifest = json.loads((Path(scores).parent / "manifest.json").read_text())
+    problems = []
+    if manifest.get("skipped"):
+        problems.append(f"{manifest['skipped']} samples were skipped")
+    if manifest.get("unreadable_shards"):
+        problems.append(f"{len(manifest['unreadable_shards'])} shards could not be read to the end")
+    return " and ".join(problems) or None
+
+
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``lightning-chips`` console script and of ``python -m lightning_chips``."""
+    """Entry point of the ``lightning-chips`` console script and of ``python -m lightning_chips``.
+
+    ``score`` and ``select`` report a user error (see :func:`_user_error_types`) as one line on stderr and exit
+    with code 2 (``--verbose``: the traceback); ``score --strict`` exits with code 3 when the run skipped samples or
+    met unreadable shards (after writing its outputs).
+    """
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] in OFFLINE_COMMANDS:
-        run_offline(argv[0], argv[1:])
+    if not argv or argv[0] in ("-h", "--help"):
+        print(HELP, end="")
         return
-    build_cli(args)
+    if argv[0] not in OFFLINE_COMMANDS:
+        build_cli(argv)
+        return
+    command, rest = argv[0], argv[1:]
+    verbose, strict = "--verbose" in rest, "--strict" in rest
+    rest = [a for a in rest if a not in ("--verbose", "--strict")]
+    if strict and command != "score":
+        rest.append("--strict")  # let the parser name the unknown option
+    try:
+        result = run_offline(command, rest)
+    except _user_error_types() as exc:
+        if verbose:
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"lightning-chips {command}: error: {message}", file=sys.stderr)
+        print(f"  (run `lightning-chips {command} --help` for the options, or add --verbose for the traceback)",
+              file=sys.stderr)  # fmt: skip
+        raise SystemExit(EXIT_USER_ERROR) from None
+    if strict:
+        failed = _strict_failures(result)
+        if failed:
+            print(f"lightning-chips {command}: --strict: {failed} (see manifest.json)", file=sys.stderr)
+            raise SystemExit(EXIT_STRICT)

@@ -293,7 +293,7 @@ def _write_merged(output: Path, config: dict[str, Any], seconds: float, scored_n
         "scorer": config["scorer"],
         "model_fingerprint": config["model_fingerprint"],
         "run": config["run"],
-        "pool": urls,
+        "pool": [_relative_to(url, output) for url in urls],  # local shards relative to this folder
         "pool_sample": config["pool_sample"],
         "seed": config["seed"],
         "image_size": config["image_size"],
@@ -316,6 +316,14 @@ def _write_merged(output: Path, config: dict[str, Any], seconds: float, scored_n
         f"({scored_now} scored now, the rest resumed), {bad} samples skipped, {len(errors)} unreadable shards, "
         f"{seconds:.1f}s -> {output / SCORES}"
     )
+
+
+def _relative_to(url: str, folder: Path) -> str:
+    """A local shard path relative to ``folder`` (so the output folder and the pool can move together); remote
+    URLs unchanged."""
+    if "://" in url or url.startswith("pipe:"):
+        return url
+    return os.path.relpath(os.path.abspath(url), os.path.abspath(folder))
 
 
 def _target_digest(pairs: list[dict] | None) -> str:

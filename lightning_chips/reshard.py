@@ -76,6 +76,13 @@ def select_subset(
             pool = manifest.get("pool") if isinstance(manifest, dict) else None
             if not (isinstance(pool, list) and pool and all(isinstance(u, str) for u in pool)):
                 raise CorruptFileError(f"{manifest_path} is damaged: it names no pool shards. {fix}")
+            pool = [_from_manifest(u, manifest_path.parent) for u in pool]
+            missing = [u for u in pool if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
+            if missing:
+                raise FileNotFoundError(
+                    f"{len(missing)} pool shards that {manifest_path} lists do not exist (first: {missing[0]}; "
+                    "relative paths are read from the manifest's folder). Pass --pool with the shards' new place."
+                )
         urls = expand_shards(pool)  # a missing shard is an error here, before any output
     chosen = select(ids, values, fraction=fraction, count=count, method=str(loaded.get("method", ""))).ids
     chosen = np.sort(np.asarray(chosen, dtype=np.int64))
@@ -96,6 +103,14 @@ _FAULT: Any = None
 def _fault(step: str) -> None:
     if _FAULT is not None:
         _FAULT(step)
+
+
+def _from_manifest(url: str, folder: Path) -> str:
+    """A pool entry of a scores manifest: remote URLs and absolute paths as they are, relative paths from the
+    manifest's folder (where ``score`` writes them relative to)."""
+    if "://" in url or url.startswith("pipe:") or os.path.isabs(url):
+        return url
+    return os.path.normpath(os.path.join(folder, url))
 
 
 def _reshard_folder(pattern: str) -> Path:
