@@ -45,8 +45,10 @@ def _module() -> OpenCLIPModule:
 def _open_clip_preprocess(module: OpenCLIPModule):
     """The evaluation preprocess open_clip.create_model_and_transforms builds for this model."""
     cfg = open_clip.get_model_preprocess_cfg(module.model)
-    return open_clip.image_transform(cfg["size"], is_train=False, mean=cfg.get("mean"), std=cfg.get("std"),
-                                     resize_mode=cfg.get("resize_mode"), interpolation=cfg.get("interpolation"))  # fmt: skip
+    return open_clip.image_transform(
+        cfg["size"], is_train=False, mean=cfg.get("mean"), std=cfg.get("std"), resize_mode=cfg.get("resize_mode"),
+        interpolation=cfg.get("interpolation"),
+    )  # fmt: skip
 
 
 class _Scored(pl.Callback):
