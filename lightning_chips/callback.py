@@ -75,7 +75,8 @@ class DataSelectionCallback(Callback):
         seed: seed of the pool sample (with the round).
         save_dir: where round files go (default: ``<trainer.log_dir>/selection``); ``""`` disables them.
         log: log selection metrics to the trainer's loggers.
-        progress: show progress bars for the scoring passes (rank 0).
+        progress: show progress bars for the scoring passes (rank 0; never when the trainer has
+            ``enable_progress_bar=False``).
         adapter: an explicit :class:`~lightning_chips.adapters.CLIPAdapter` for a model
             :func:`~lightning_chips.adapters.resolve_adapter` does not know.
 
@@ -156,6 +157,7 @@ class DataSelectionCallback(Callback):
         self.skipped: list[SkippedSample] = []  # the last round's pool pairs that could not be used
         self.shard_errors: dict[str, str] = {}  # streaming pools: the last round's unreadable shards -> error
         self._restored = False
+        self._fit_started: float | None = None
 
     @property
     def state_key(self) -> str:
@@ -198,6 +200,7 @@ class DataSelectionCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._fit_started = time.perf_counter()
         if self._restored and self.selection is not None:
             trainer.datamodule.selection = self.selection
         elif self.selection is None and self.warmup_steps == 0:
@@ -233,7 +236,8 @@ class DataSelectionCallback(Callback):
         collective = Collective(trainer)
         result = run_round(
             self.scorer, adapter, datamodule, self.context, target=self.target, pool_sample=self.pool_sample,
-            collective=collective, device=pl_module.device, progress=self.progress,
+            collective=collective, device=pl_module.device,
+            progress=self.progress and trainer.progress_bar_callback is not None,
             precision=trainer.precision_plugin.forward_context,
         )  # fmt: skip
         skipped, shard_errors = result.skipped, result.shard_errors
@@ -265,7 +269,6 @@ class DataSelectionCallback(Callback):
             if self.log:
                 for logger in trainer.loggers:
                     logger.log_metrics({f"selection/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
-            overlap = "n/a" if previous is None else f"{metrics['overlap']:.1%}"
             for what, found in (("pool", skipped), ("target", result.target_skipped)):
                 if found:
                     rank_zero_warn(
@@ -278,14 +281,19 @@ class DataSelectionCallback(Callback):
                     f"[lightning-chips] round {r}: {len(shard_errors)} pool shards could not be read to the end (the "
                     f"pairs before the damage were scored; the round file lists them): {named}"
                 )
-            skipped_text = f", skipped {len(skipped)} bad pairs" if skipped else ""
+            seconds = time.perf_counter() - start
+            fit_so_far = time.perf_counter() - (self._fit_started or start)
+            kept_before = "" if previous is None else f"; {metrics['overlap']:.1%} of them were kept last round too"
+            skipped_text = (f"; {len(skipped)} pairs skipped (unreadable, failed checks or duplicate ids; the round "
+                            "file lists them)" if skipped else "")  # fmt: skip
             if shard_errors:
-                skipped_text += f", {len(shard_errors)} unreadable shards"
+                skipped_text += f"; {len(shard_errors)} shards could not be read to the end"
             rank_zero_info(
-                f"[lightning-chips] round {r} at step {trainer.global_step}: selected {len(selection)}/{n} "
-                f"({metrics['fraction']:.1%}) by {selection.method}{skipped_text}, overlap with previous round "
-                f"{overlap}, score q10/q50/q90 = {metrics['score_q10']:.4g}/{metrics['score_q50']:.4g}/"
-                f"{metrics['score_q90']:.4g}; {self.scorer.summary()}; {time.perf_counter() - start:.1f}s"
+                f"[lightning-chips] round {r} at step {trainer.global_step}: kept {len(selection):,} of {n:,} pool "
+                f"pairs ({metrics['fraction']:.1%}) by {selection.method}{kept_before}{skipped_text}; the round took "
+                f"{seconds:.1f}s ({seconds / max(fit_so_far, seconds):.0%} of the fit so far); score q10/q50/q90 = "
+                f"{metrics['score_q10']:.4g}/{metrics['score_q50']:.4g}/{metrics['score_q90']:.4g}; "
+                f"{self.scorer.summary()}"
             )
         return selection
 

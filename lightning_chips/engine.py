@@ -246,8 +246,10 @@ def _iter_rows(
             pending.append((index, order))
             yield batch
 
+    total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
     with precision():
-        for features in iter_features(adapter, batches(), device=device, progress=progress, description=description):
+        for features in iter_features(adapter, batches(), device=device, progress=progress, description=description,
+                                      total=total):  # fmt: skip
             index, order = pending.popleft()
             labels = None if features.labels is None else features.labels.cpu()
             yield _Rows(features.ids.cpu(), index, order, labels, features)

@@ -91,13 +91,15 @@ def iter_features(
     device: torch.device | str | None = None,
     progress: bool = False,
     description: str = "features",
+    total: int | None = None,
 ) -> Iterator[PairFeatures]:
     """Yield the :class:`PairFeatures` of each batch of ``{"image", "text", "id"[, "label"]}`` dicts.
 
     Runs the adapter's towers in eval mode under ``torch.no_grad`` (the module's mode is restored afterwards);
     features stay on the model's device. Tokens go through :meth:`CLIPAdapter.trim_tokens` first (open_clip's
     causal text towers skip the padding after the batch's longest caption: same features, less compute). A
-    streaming consumer (a scorer) keeps memory bounded by one batch.
+    streaming consumer (a scorer) keeps memory bounded by one batch. The progress bar shows ``total`` batches (default:
+    ``len(batches)`` when it has one) with an ETA.
     """
     module = adapter.module
     was_training = module.training
@@ -107,7 +109,9 @@ def iter_features(
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(batches, desc=description, leave=False, dynamic_ncols=True)
+        if total is None and hasattr(batches, "__len__"):
+            total = len(batches)  # type: ignore[arg-type]
+        iterator = tqdm(batches, desc=description, leave=False, dynamic_ncols=True, total=total, unit="batch")
     module.eval()
     try:
         for batch in iterator:

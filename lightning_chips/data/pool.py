@@ -38,7 +38,7 @@ from lightning_chips.data.subset import PairCollate
 from lightning_chips.data.webdataset import ShardCollate, ShardReport, WebDatasetPairs
 from lightning_chips.selection import Selection
 
-__all__ = ["MapPool", "PoolItem", "SelectablePool", "ShardPool", "shard_indices"]
+__all__ = ["MapBatches", "MapPool", "PoolItem", "SelectablePool", "ShardPool", "shard_indices"]
 
 PoolItem = tuple[dict[str, Any] | None, list[SkippedSample]]
 """One item of a pool's scoring streams: a collated batch (or None) and the samples skipped since the last item."""
@@ -71,7 +71,8 @@ def shard_indices(indices: np.ndarray, rank: int, world: int) -> np.ndarray:
 
 @runtime_checkable
 class SelectablePool(Protocol):
-    """What a selection round needs from a data module (see the module docstring for the batch contract).
+    """What a selection round needs from a data module (see the module docstring for the batch contract). A stream
+    with a ``__len__`` (its number of items) gets a progress bar with a total and an ETA.
 
     Attributes:
         selection: the :class:`~lightning_chips.selection.Selection` in force (None before the first round); the
@@ -116,14 +117,28 @@ class _Indexed(Dataset):
         return item if isinstance(item, SkippedSample) else {**item, "index": index}
 
 
+class MapBatches:
+    """``(batch, skipped)`` items of ``indices`` of a checked map-style dataset, in index order; its length is the
+    number of batches (progress bars show a total and an ETA)."""
+
+    def __init__(self, checked: CheckedPairs, indices: np.ndarray, collate: PairCollate, batch_size: int,
+                 num_workers: int = 0) -> None:  # fmt: skip
+        self.loader = DataLoader(_Indexed(checked, indices), batch_size=batch_size, shuffle=False,
+                                 collate_fn=collate, num_workers=num_workers)  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[PoolItem]:
+        for batch in self.loader:
+            skipped = list(batch.pop("bad", ()))
+            yield (batch if len(batch["id"]) else None), skipped
+
+
 def map_batches(checked: CheckedPairs, indices: np.ndarray, collate: PairCollate, batch_size: int,
-                num_workers: int = 0) -> Iterator[PoolItem]:  # fmt: skip
-    """``(batch, skipped)`` items of ``indices`` of a checked map-style dataset, in index order."""
-    loader = DataLoader(_Indexed(checked, indices), batch_size=batch_size, shuffle=False, collate_fn=collate,
-                        num_workers=num_workers)  # fmt: skip
-    for batch in loader:
-        skipped = list(batch.pop("bad", ()))
-        yield (batch if len(batch["id"]) else None), skipped
+                num_workers: int = 0) -> MapBatches:  # fmt: skip
+    """:class:`MapBatches` of ``indices`` of a checked map-style dataset."""
+    return MapBatches(checked, indices, collate, batch_size, num_workers)
 
 
 class MapPool:
@@ -148,15 +163,15 @@ class MapPool:
     def pool_size(self) -> int:
         return len(self.pool)  # type: ignore[arg-type]
 
-    def _batches(self, dataset: Dataset, indices: np.ndarray) -> Iterator[PoolItem]:
+    def _batches(self, dataset: Dataset, indices: np.ndarray) -> MapBatches:
         return map_batches(self.checked(dataset), indices, self.collate, self.batch_size, self.num_workers)
 
-    def target_batches(self, target: Dataset | None, rank: int, world: int) -> Iterator[PoolItem]:
+    def target_batches(self, target: Dataset | None, rank: int, world: int) -> MapBatches:
         target = _require_target(target, self.target)
         return self._batches(target, shard_indices(np.arange(len(target)), rank, world))  # type: ignore[arg-type]
 
     def pool_sample_batches(self, size: int | None, round: int, seed: int, rank: int,
-                            world: int) -> Iterator[PoolItem]:  # fmt: skip
+                            world: int) -> MapBatches:  # fmt: skip
         n = self.pool_size()
         if size is None or size >= n:
             chosen = np.arange(n)
@@ -164,7 +179,7 @@ class MapPool:
             chosen = np.sort(np.random.default_rng([seed, round]).choice(n, size=size, replace=False))
         return self._batches(self.pool, shard_indices(chosen, rank, world))
 
-    def scoring_batches(self, rank: int, world: int) -> Iterator[PoolItem]:
+    def scoring_batches(self, rank: int, world: int) -> MapBatches:
         return self._batches(self.pool, shard_indices(np.arange(self.pool_size()), rank, world))
 
 
@@ -202,7 +217,7 @@ class ShardPool:
     def pool_size(self) -> None:
         return None
 
-    def target_batches(self, target: Dataset | None, rank: int, world: int) -> Iterator[PoolItem]:
+    def target_batches(self, target: Dataset | None, rank: int, world: int) -> MapBatches:
         target = _require_target(target, self.target)
         checked = self._checked.setdefault(id(target), CheckedPairs(target))
         share = shard_indices(np.arange(len(checked)), rank, world)

@@ -22,7 +22,7 @@ from typing_extensions import override
 from lightning_chips.data.checks import SkippedSample
 from lightning_chips.data.pool import PoolItem, ShardPool
 from lightning_chips.data.preprocess import model_image_input, resolve_tokenizer
-from lightning_chips.data.subset import LazyIterator, PairCollate, SelectionDataLoader
+from lightning_chips.data.subset import LazyIterator, PairCollate, SelectionDataLoader, hide_unset_loaders
 from lightning_chips.data.target import ListDataset, load_target_pairs
 from lightning_chips.data.webdataset import (
     ShardReport,
@@ -318,6 +318,7 @@ class WebDatasetDataModule(LightningDataModule):
         self._train_loader: DataLoader | None = None
         self._skips = _StreamSkips()
         self.rank, self.world_size = 0, 1
+        hide_unset_loaders(self, val=val)
 
     @override
     def setup(self, stage: str) -> None:

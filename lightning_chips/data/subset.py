@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -131,6 +132,16 @@ def _fill_bad_slots(batch: dict[str, Any], dataset: Any) -> dict[str, Any]:
     return batch
 
 
+def hide_unset_loaders(datamodule: LightningDataModule, **sets: object) -> None:
+    """Make ``NAME_dataloader`` read as not overridden for each ``NAME`` whose set is None, so Lightning neither
+    runs that loop nor warns "You passed in a `val_dataloader` but have no `validation_step`" for a data module
+    without a validation set (Lightning checks whether the method is overridden, not what it returns)."""
+    for name, value in sets.items():
+        if value is None:
+            method = f"{name}_dataloader"
+            setattr(datamodule, method, functools.partial(getattr(LightningDataModule, method), datamodule))
+
+
 class ScoredSubsetDataModule(LightningDataModule):
     """A pool to select from, a target set to select for, and training batches drawn from the live selection.
 
@@ -235,6 +246,7 @@ class ScoredSubsetDataModule(LightningDataModule):
         self.train_collate: PairCollate | None = None
         self.sampler: ScoredSubsetSampler | None = None
         self._train_loader: DataLoader | None = None
+        hide_unset_loaders(self, val=val, test=test)
 
     # -- setup ------------------------------------------------------------------------------------------------
     @override
