@@ -90,7 +90,8 @@ def test_fit_from_the_command_line_prints_the_final_validation_loss(tmp_path):
     ]
     assert len(summary) == 1 and "val/loss=" in summary[0], result.stderr[-3000:]
     rounds = [line for line in (result.stdout + result.stderr).splitlines() if "[lightning-chips] round" in line]
-    assert len(rounds) == 1 and "kept 77 of 256 pool pairs" in rounds[0]  # one-shot at step 0; the next is due at step 100
+    # one-shot at step 0; the next is due at step 100
+    assert len(rounds) == 1 and "kept 77 of 256 pool pairs" in rounds[0]
     assert (tmp_path / "config.yaml").exists()  # the run's config is saved next to it
 
 

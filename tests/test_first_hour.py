@@ -22,8 +22,10 @@ class NoValidation(OpenCLIPModule):
 
 def _fit(module, data, *, progress: bool, epochs: int = 2) -> None:
     callback = DataSelectionCallback("random", fraction=0.25, every_n_epochs=1, save_dir="")
-    pl.Trainer(accelerator="cpu", max_epochs=epochs, limit_train_batches=2, logger=False, enable_checkpointing=False,
-               enable_model_summary=False, enable_progress_bar=progress, callbacks=[callback]).fit(module, datamodule=data)  # fmt: skip
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, limit_train_batches=2, logger=False,
+                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
+                         callbacks=[callback])  # fmt: skip
+    trainer.fit(module, datamodule=data)
 
 
 def _data(**kwargs) -> ScoredSubsetDataModule:
