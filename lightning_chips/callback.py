@@ -73,7 +73,9 @@ class DataSelectionCallback(Callback):
         mode: ``"topk"``, ``"weighted"`` or ``"stratified"`` (see :func:`~lightning_chips.selection.select`).
         temperature: sampling temperature of ``mode="weighted"``.
         seed: seed of the pool sample (with the round).
-        save_dir: where round files go (default: ``<trainer.log_dir>/selection``); ``""`` disables them.
+        save_dir: where round files go (default: ``<trainer.log_dir>/selection``, inside the logger's versioned
+            folder); ``""`` disables them. A fresh fit refuses a folder that holds round files of an earlier run.
+        overwrite: let a fresh fit overwrite the round files of an earlier run in ``save_dir``.
         log: log selection metrics to the trainer's loggers.
         progress: show progress bars for the scoring passes (rank 0; never when the trainer has
             ``enable_progress_bar=False``).
@@ -109,6 +111,7 @@ class DataSelectionCallback(Callback):
         log: bool = True,
         progress: bool = True,
         adapter: CLIPAdapter | None = None,
+        overwrite: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(scorer, str):
@@ -147,6 +150,7 @@ class DataSelectionCallback(Callback):
         self.log = log
         self.progress = progress
         self.adapter = adapter
+        self.overwrite = overwrite
 
         self.round = 0  # the index the next selection round gets
         self.context = RoundContext(seed=seed)  # the context of the last (or running) round
@@ -201,6 +205,7 @@ class DataSelectionCallback(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._fit_started = time.perf_counter()
+        self._check_round_dir(trainer)  # here, not in setup: a resumed fit's state is restored by now
         if self._restored and self.selection is not None:
             trainer.datamodule.selection = self.selection
         elif self.selection is None and self.warmup_steps == 0:
@@ -308,11 +313,31 @@ class DataSelectionCallback(Callback):
             "score_q90": float(q90),
         }
 
+    def round_dir(self, trainer: Trainer) -> Path | None:
+        """Where round files go: ``save_dir``, or ``<trainer.log_dir>/selection`` (a logger's versioned folder, so
+        re-runs do not collide); None when ``save_dir=""``."""
+        if self.save_dir == "":
+            return None
+        return Path(self.save_dir) if self.save_dir is not None else Path(trainer.log_dir or ".") / "selection"
+
+    def _check_round_dir(self, trainer: Trainer) -> None:
+        """A fresh fit must not overwrite the round files of an earlier one (a resumed fit continues its own)."""
+        directory = self.round_dir(trainer)
+        found = sorted(p.name for p in directory.glob("round_*.npz")) if directory and directory.is_dir() else []
+        if trainer.world_size > 1:
+            found = trainer.strategy.broadcast(found, src=0)  # rank 0 writes: its view decides
+        if found and not self.overwrite and not self._restored:
+            raise ValueError(
+                f"{directory} already holds round files of an earlier run ({', '.join(found[:3])}"
+                f"{', ...' if len(found) > 3 else ''}). Pass another `save_dir` (or leave it unset: round files then go "
+                "to the logger's versioned folder), resume that run with `ckpt_path`, or pass `overwrite=True`."
+            )
+
     def _write(self, trainer: Trainer, selection: Selection, ids: np.ndarray, scores: np.ndarray,
                bad_arrays: dict[str, np.ndarray]) -> None:  # fmt: skip
-        if self.save_dir == "":
+        directory = self.round_dir(trainer)
+        if directory is None:
             return
-        directory = Path(self.save_dir) if self.save_dir is not None else Path(trainer.log_dir or ".") / "selection"
         write_round_file(
             directory / f"round_{selection.round:04d}.npz", ids, scores, selection.contains(ids),
             round=selection.round, method=selection.method, fraction=self.fraction, **bad_arrays,

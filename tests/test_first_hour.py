@@ -62,3 +62,23 @@ def test_progress_bars_have_totals_and_follow_the_trainer(capsys):
     assert "round 0: pool" in shown and "3/3" in shown  # 40 pairs in batches of 16: 3 batches, with the total
     _fit(_module(), _data(), progress=False, epochs=1)
     assert "round 0: pool" not in capsys.readouterr().err
+
+
+def test_a_rerun_never_overwrites_an_earlier_runs_round_files(tmp_path):
+    def fit(**kwargs):
+        callback = DataSelectionCallback("random", fraction=0.25, **kwargs)
+        trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, enable_checkpointing=False,
+                             enable_model_summary=False, enable_progress_bar=False, callbacks=[callback],
+                             logger=pl.loggers.CSVLogger(tmp_path / "logs"))  # fmt: skip
+        trainer.fit(_module(), datamodule=_data())
+
+    fit()
+    fit()  # the default folder is inside the logger's version folder
+    versions = sorted(p.parent.parent.name for p in (tmp_path / "logs").rglob("round_0000.npz"))
+    assert versions == ["version_0", "version_1"]
+    fit(save_dir=str(tmp_path / "rounds"))
+    before = (tmp_path / "rounds" / "round_0000.npz").read_bytes()
+    with pytest.raises(ValueError, match="already holds round files of an earlier run.*overwrite=True"):
+        fit(save_dir=str(tmp_path / "rounds"))
+    assert (tmp_path / "rounds" / "round_0000.npz").read_bytes() == before
+    fit(save_dir=str(tmp_path / "rounds"), overwrite=True)
