@@ -267,7 +267,7 @@ class DataSelectionCallback(Callback):
         def write() -> None:  # rank 0 writes; the others learn whether it could
             if trainer.is_global_zero:
                 arrays = skipped_arrays(skipped, shard_errors, result.positional)
-                self._write(trainer, selection, result.ids, result.scores, arrays)
+                self._write(trainer, selection, result.ids, result.scores, arrays, result.uids)
 
         collective.agree(r, "the round file", write)
         if trainer.is_global_zero:
@@ -329,17 +329,18 @@ class DataSelectionCallback(Callback):
         if found and not self.overwrite and not self._restored:
             raise ValueError(
                 f"{directory} already holds round files of an earlier run ({', '.join(found[:3])}"
-                f"{', ...' if len(found) > 3 else ''}). Pass another `save_dir` (or leave it unset: round files then go "
-                "to the logger's versioned folder), resume that run with `ckpt_path`, or pass `overwrite=True`."
+                f"{', ...' if len(found) > 3 else ''}). Pass another `save_dir` (or leave it unset: round files then "
+                "go to the logger's versioned folder), resume that run with `ckpt_path`, or pass `overwrite=True`."
             )
 
     def _write(self, trainer: Trainer, selection: Selection, ids: np.ndarray, scores: np.ndarray,
-               bad_arrays: dict[str, np.ndarray]) -> None:  # fmt: skip
+               bad_arrays: dict[str, np.ndarray], uids: np.ndarray | None = None) -> None:  # fmt: skip
         directory = self.round_dir(trainer)
         if directory is None:
             return
         write_round_file(
-            directory / f"round_{selection.round:04d}.npz", ids, scores, selection.contains(ids),
+            directory / f"round_{selection.round:04d}.npz", ids if uids is None else uids, scores,
+            selection.contains(ids),
             round=selection.round, method=selection.method, fraction=self.fraction, **bad_arrays,
         )  # fmt: skip
 

@@ -42,6 +42,7 @@ from lightning_chips.data.checks import SkippedSample, describe_error
 from lightning_chips.data.pool import PoolItem, SelectablePool
 from lightning_chips.endpoint import EndPoint
 from lightning_chips.features import PairFeatures, iter_features
+from lightning_chips.ids import Id, id_keys, ids_array
 from lightning_chips.scoring import RoundContext, Scorer
 
 __all__ = [
@@ -152,12 +153,14 @@ class _Rows:
     labels: Tensor | None
     features: PairFeatures | None = None
     scores: Tensor | None = None
+    uids: list[Id] | None = None  # the ids as given, when they are strings (``ids`` holds their keys)
 
     def take(self, rows: Tensor) -> _Rows:
         return _Rows(
             self.ids[rows], self.index[rows], self.order[rows], None if self.labels is None else self.labels[rows],
             None if self.features is None else self.features.index(rows),
             None if self.scores is None else self.scores[rows],
+            None if self.uids is None else [self.uids[i] for i in rows.tolist()],
         )  # fmt: skip
 
     @staticmethod
@@ -167,10 +170,11 @@ class _Rows:
             return None if any(v is None for v in values) else torch.cat(values)
 
         features = [p.features for p in parts]
+        uids = None if all(p.uids is None for p in parts) else [u for p in parts for u in _uids_of(p)]
         return _Rows(
             torch.cat([p.ids for p in parts]), torch.cat([p.index for p in parts]), torch.cat([p.order for p in parts]),
             join("labels"), None if any(f is None for f in features) else PairFeatures.cat(features),  # type: ignore[arg-type]
-            join("scores"),
+            join("scores"), uids,
         )  # fmt: skip
 
     def keep_first(self, positional: bool = False) -> tuple[_Rows, list[SkippedSample]]:
@@ -180,11 +184,17 @@ class _Rows:
         ids = rows.ids.numpy()
         keep = np.zeros(len(ids), dtype=bool)
         keep[np.unique(ids, return_index=True)[1]] = True
+        given = _uids_of(rows)
         duplicates = [
-            SkippedSample(DUPLICATE_REASON, id=int(ids[i]), index=int(rows.index[i]) if positional else None)
+            SkippedSample(DUPLICATE_REASON, id=given[i], index=int(rows.index[i]) if positional else None)
             for i in np.flatnonzero(~keep)
         ]  # fmt: skip
         return rows.take(torch.from_numpy(np.flatnonzero(keep))), duplicates
+
+
+def _uids_of(rows: _Rows) -> list[Id]:
+    """The ids of ``rows`` as given (int ids are their keys)."""
+    return rows.uids if rows.uids is not None else rows.ids.tolist()
 
 
 def _gather_rows(collective: Collective, mine: _Rows | None, *, features: bool) -> _Rows:
@@ -210,8 +220,16 @@ def _gather_rows(collective: Collective, mine: _Rows | None, *, features: bool) 
         f = mine.features
         gathered_features = PairFeatures(collective.cat(f.ids), collective.cat(f.image), collective.cat(f.text),
                                           labels)  # fmt: skip
-    return _Rows(collective.cat(mine.ids), collective.cat(mine.index), collective.cat(mine.order), labels,
+    uids = collective.objects(mine.uids)
+    gathered_uids = None
+    if any(u is not None for u in uids):  # string ids somewhere: every rank's ids as given, in rank order
+        gathered_uids = [u for part, n in zip(uids, collective.objects(len(mine.ids)), strict=True)
+                         for u in (part if part is not None else [None] * n)]  # fmt: skip
+    rows = _Rows(collective.cat(mine.ids), collective.cat(mine.index), collective.cat(mine.order), labels,
                  gathered_features, None if mine.scores is None else collective.cat(mine.scores))  # fmt: skip
+    if gathered_uids is not None:
+        rows.uids = [k if u is None else u for u, k in zip(gathered_uids, rows.ids.tolist(), strict=True)]
+    return rows
 
 
 def _iter_rows(
@@ -225,7 +243,7 @@ def _iter_rows(
     precision: Callable[[], contextlib.AbstractContextManager],
 ) -> Iterator[_Rows]:
     """The features of each batch of ``items`` with its pool positions; skipped samples go to ``sink``."""
-    pending: deque[tuple[Tensor, Tensor]] = deque()
+    pending: deque[tuple[Tensor, Tensor, list[Id] | None]] = deque()
     read = 0
 
     def batches() -> Iterator[dict[str, Any]]:
@@ -234,6 +252,9 @@ def _iter_rows(
             sink.extend(skipped)
             if batch is None or len(batch["id"]) == 0:
                 continue
+            uids = list(batch["id"]) if isinstance(batch["id"], list | tuple) else None  # string ids
+            if uids is not None:
+                batch["id"] = torch.from_numpy(id_keys(uids))
             ids = torch.as_tensor(batch["id"], dtype=torch.int64)
             if "index" in batch:
                 index = torch.as_tensor(batch.pop("index"), dtype=torch.int64)
@@ -243,16 +264,16 @@ def _iter_rows(
             else:
                 index, order = ids, torch.arange(read, read + len(ids), dtype=torch.int64)
             read += len(ids)
-            pending.append((index, order))
+            pending.append((index, order, uids))
             yield batch
 
     total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
     with precision():
         for features in iter_features(adapter, batches(), device=device, progress=progress, description=description,
                                       total=total):  # fmt: skip
-            index, order = pending.popleft()
+            index, order, uids = pending.popleft()
             labels = None if features.labels is None else features.labels.cpu()
-            yield _Rows(features.ids.cpu(), index, order, labels, features)
+            yield _Rows(features.ids.cpu(), index, order, labels, features, uids=uids)
 
 
 def _extract(adapter: CLIPAdapter, items: Iterable[PoolItem], sink: list[SkippedSample],
@@ -387,6 +408,8 @@ class RoundScores:
         shard_errors: shards that could not be read to the end (URL -> error).
         target_skipped: the target pairs that were skipped.
         positional: whether the pool is map-style (pairs have dataset indices).
+        uids: the ids as given (a string array) when the pool has string ids, else None (``ids`` are then the
+            ids themselves); ``ids`` always holds the int64 keys (:mod:`lightning_chips.ids`).
     """
 
     ids: np.ndarray
@@ -397,6 +420,7 @@ class RoundScores:
     shard_errors: dict[str, str]
     target_skipped: list[SkippedSample]
     positional: bool
+    uids: np.ndarray | None = None
 
 
 def run_round(
@@ -494,6 +518,7 @@ def run_round(
         shard_errors=shard_errors,
         target_skipped=target_skipped,
         positional=positional,
+        uids=None if kept.uids is None else ids_array(kept.uids),
     )
 
 
@@ -518,8 +543,14 @@ def skipped_arrays(skipped: Sequence[SkippedSample], shard_errors: dict[str, str
     """The round-file arrays naming a round's skipped pairs, one entry each: ``bad_ids`` (:data:`NO_ID` when the
     pair has no id), ``bad_reasons``, and ``bad_indices`` (map-style pools) or ``bad_keys`` / ``bad_shards`` (shard
     pools, ``""`` for a duplicate id) with ``unreadable_shards`` / ``shard_errors``."""
+    given = [s.id for s in skipped]
+    strings = any(isinstance(i, str) for i in given)
     arrays = {
-        "bad_ids": np.array([NO_ID if s.id is None else s.id for s in skipped], dtype=np.int64),
+        "bad_ids": (
+            np.array(["" if i is None else str(i) for i in given], dtype=str)
+            if strings
+            else np.array([NO_ID if i is None else i for i in given], dtype=np.int64)
+        ),  # fmt: skip
         "bad_reasons": np.array([s.reason for s in skipped], dtype=str),
     }
     if positional:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from lightning_chips.adapters import CLIPAdapter, resolve_adapter
 from lightning_chips.data.builtin import CLASSNAMES, TEMPLATES, TwoDomainPairs
 from lightning_chips.data.preprocess import model_image_input, resolve_tokenizer
 from lightning_chips.data.subset import PairCollate
+from lightning_chips.ids import id_keys
 from lightning_chips.metrics import RetrievalRecallAtK, ZeroShotAccuracy, build_zero_shot_classifier
 
 __all__ = ["BuiltinZeroShotTask", "RetrievalTask", "ZeroShotEvaluation", "ZeroShotTask"]
@@ -162,11 +164,11 @@ class ZeroShotEvaluation(Callback):
                     metric = ZeroShotAccuracy(classifier).to(device)
                     for batch in loader:
                         images = adapter.encode_image(batch["image"].to(device))
-                        metric.update(images, batch["label"].to(device), ids=batch["id"].to(device))
+                        metric.update(images, batch["label"].to(device), ids=_id_tensor(batch["id"]).to(device))
                 else:
                     metric = RetrievalRecallAtK(self.retrieval_k).to(device)
                     for batch in loader:
-                        ids = batch["id"].to(device)
+                        ids = _id_tensor(batch["id"]).to(device)
                         images = adapter.encode_image(batch["image"].to(device))
                         texts = adapter.encode_text(batch["text"].to(device))
                         # images are identified by their id, captions by their dataset index
@@ -194,3 +196,8 @@ class ZeroShotEvaluation(Callback):
             pl_module.log(key, value, rank_zero_only=True)
         shown = {k: v for k, v in results.items() if k.endswith("/acc1") or k.endswith("recall@1")}
         rank_zero_info("[lightning-chips] zero-shot: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items())))
+
+
+def _id_tensor(ids: Any) -> Tensor:
+    """A batch's ids as an int64 tensor of keys (string ids: :func:`lightning_chips.ids.id_keys`)."""
+    return torch.from_numpy(id_keys(ids)) if isinstance(ids, list | tuple) else torch.as_tensor(ids)

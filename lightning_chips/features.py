@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from lightning_chips.adapters import CLIPAdapter
+from lightning_chips.ids import id_keys
 
 __all__ = ["PairFeatures", "extract_features", "iter_features"]
 
@@ -121,8 +122,11 @@ def iter_features(
                 image = adapter.image_features(images).float()
                 text = adapter.text_features(tokens).float()
             labels = batch.get("label")
+            ids = batch["id"]
+            if isinstance(ids, list | tuple):  # string ids: their int64 keys (lightning_chips.ids)
+                ids = id_keys(ids)
             yield PairFeatures(
-                torch.as_tensor(batch["id"], dtype=torch.int64, device=image.device),
+                torch.as_tensor(ids, dtype=torch.int64, device=image.device),
                 image,
                 text,
                 None if labels is None else torch.as_tensor(labels, dtype=torch.int64, device=image.device),

@@ -43,6 +43,7 @@ from lightning_chips.data.target import ListDataset, load_target_pairs
 from lightning_chips.data.webdataset import ShardReport, WebDatasetPairs, expand_shards
 from lightning_chips.engine import Collective, prepare_round, score_batch
 from lightning_chips.features import iter_features
+from lightning_chips.ids import id_key, ids_array
 from lightning_chips.io import (
     CorruptFileError,
     OutputLock,
@@ -83,9 +84,13 @@ def _part_name(url: str) -> str:
     return f"{base}-{hashlib.sha1(url.encode()).hexdigest()[:10]}.npz"
 
 
-def _write_part(path: Path, url: str, ids: np.ndarray, scores: np.ndarray, report: ShardReport, run: str) -> None:
+def _write_part(path: Path, url: str, ids: np.ndarray, scores: np.ndarray, report: ShardReport, run: str,
+                uids: np.ndarray | None = None) -> None:  # fmt: skip
+    """A shard's part: int64 keys as ``ids``, the string ids as ``uids`` when the pool has them."""
+    extra = {} if uids is None else {"uids": uids}
     atomic_savez(
         path,
+        **extra,
         ids=ids.astype(np.int64),
         scores=scores.astype(np.float32),
         url=np.asarray(url),
@@ -102,7 +107,9 @@ def _read_part(path: Path) -> dict[str, Any]:
         report = json.loads(str(f["report"]))
     except ValueError as exc:
         raise CorruptFileError(f"{path} is damaged: its shard report is not JSON ({exc}). {_PART_FIX}") from exc
-    return {"ids": f["ids"], "scores": f["scores"], "url": str(f["url"]), "run": str(f["run"]), "report": report}
+    uids = f["uids"] if "uids" in f else None
+    return {"ids": f["ids"], "scores": f["scores"], "url": str(f["url"]), "run": str(f["run"]), "report": report,
+            "uids": uids}  # fmt: skip
 
 
 def _completed_shards(parts: Path, urls: Sequence[str], run: str) -> set[str]:
@@ -127,8 +134,8 @@ def _completed_shards(parts: Path, urls: Sequence[str], run: str) -> set[str]:
 
 
 def read_scores(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a ``scores.npz`` (or a directory holding one): ``ids`` (sorted int64), ``scores`` (float32) and the
-    metadata strings."""
+    """Load a ``scores.npz`` (or a directory holding one): ``ids`` (sorted: int64, or strings for a pool with string
+    ids), ``scores`` (float32) and the metadata strings."""
     path = Path(path)
     if path.is_dir():
         path = path / SCORES
@@ -138,7 +145,7 @@ def read_scores(path: str | os.PathLike) -> dict[str, Any]:
     if arrays["ids"].shape != arrays["scores"].shape or arrays["ids"].ndim != 1:
         raise CorruptFileError(f"{path} is damaged: {arrays['ids'].shape} ids but {arrays['scores'].shape} scores. "
                                f"{_SCORES_FIX}")  # fmt: skip
-    return {key: (value if value.dtype.kind in "if" else str(value)) for key, value in arrays.items()}
+    return {key: (value if value.dtype.kind in "if" or value.ndim else str(value)) for key, value in arrays.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -152,7 +159,7 @@ class _PoolScoring(LightningModule):
         self.model = model
         self.scorer = scorer
         self.config = config
-        self.buffers: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
+        self.buffers: dict[int, tuple[list[Tensor], list[Tensor], list]] = {}
         self.scored_now = 0
         self.started = 0.0
 
@@ -206,14 +213,17 @@ class _PoolScoring(LightningModule):
         scores = torch.zeros(0)
         if len(batch["id"]):
             shard = batch.pop("shard").cpu()
+            given = list(batch["id"]) if isinstance(batch["id"], list | tuple) else None  # string ids
             (features,) = iter_features(self._adapter(), [batch], device=self.device)
             scores = score_batch(self.scorer, features)
             ids = features.ids.cpu()
+            uids = given if given is not None else ids.tolist()
             for s in shard.unique().tolist():
                 mask = shard == s
-                got_ids, got_scores = self.buffers.setdefault(s, ([], []))
+                got_ids, got_scores, got_uids = self.buffers.setdefault(s, ([], [], []))
                 got_ids.append(ids[mask])
                 got_scores.append(scores[mask])
+                got_uids.extend(u for u, m in zip(uids, mask.tolist(), strict=True) if m)
             self.scored_now += len(ids)
         for report in reports:
             self._finish_shard(report)
@@ -222,12 +232,13 @@ class _PoolScoring(LightningModule):
     def _finish_shard(self, report: ShardReport) -> None:
         c = self.config
         index = c["urls"].index(report.url)
-        got_ids, got_scores = self.buffers.pop(index, ([], []))
+        got_ids, got_scores, got_uids = self.buffers.pop(index, ([], [], []))
         ids = torch.cat(got_ids).numpy() if got_ids else np.zeros(0, np.int64)
         scores = torch.cat(got_scores).numpy() if got_scores else np.zeros(0, np.float32)
         if len(ids) != report.samples:
             raise RuntimeError(f"Shard {report.url}: {report.samples} pairs read but {len(ids)} scored.")
-        _write_part(Path(c["output"]) / PARTS / _part_name(report.url), report.url, ids, scores, report, c["run"])
+        _write_part(Path(c["output"]) / PARTS / _part_name(report.url), report.url, ids, scores, report, c["run"],
+                    ids_array(got_uids) if any(isinstance(u, str) for u in got_uids) else None)  # fmt: skip
         if c["after_shard"] is not None:
             c["after_shard"](report)
 
@@ -238,7 +249,8 @@ class _PoolScoring(LightningModule):
         output = Path(c["output"])
         rank, world = self.global_rank, self.trainer.world_size
         mine = c["urls"][rank::world]
-        ids, scores, _ = _merge_parts(output, mine, c["run"])
+        ids, scores, _, uids = _merge_parts(output, mine, c["run"])
+        ids, scores = _as_given(ids, scores, uids)
         atomic_savez(output / f"scores-rank{rank}.npz", ids=ids, scores=scores, rank=np.asarray(rank))
         scored_now = int(self.trainer.strategy.reduce(torch.tensor(float(self.scored_now), device=self.device),
                                                       reduce_op="sum"))  # fmt: skip
@@ -248,10 +260,12 @@ class _PoolScoring(LightningModule):
         self.trainer.strategy.barrier("lightning_chips_score_done")
 
 
-def _merge_parts(output: Path, urls: Sequence[str], run: str) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """Id-sorted scores of the parts of ``urls`` (a uid in several shards keeps its first shard's score) and the
-    shard reports. A part that another run wrote is an error naming it: the merge never mixes runs."""
-    all_ids, all_scores, reports = [], [], []
+def _merge_parts(output: Path, urls: Sequence[str], run: str) -> tuple[np.ndarray, np.ndarray, list[dict],
+                                                                       np.ndarray | None]:  # fmt: skip
+    """Key-sorted scores of the parts of ``urls`` (a uid in several shards keeps its first shard's score), the
+    shard reports, and the string ids of those keys when the pool has string ids (else None). A part that
+    another run wrote is an error naming it: the merge never mixes runs."""
+    all_ids, all_scores, all_uids, reports, has_uids = [], [], [], [], []
     for url in urls:
         path = output / PARTS / _part_name(url)
         if not path.exists():
@@ -264,19 +278,32 @@ def _merge_parts(output: Path, urls: Sequence[str], run: str) -> tuple[np.ndarra
             )
         all_ids.append(part["ids"])
         all_scores.append(part["scores"])
+        all_uids.append(part["uids"] if part["uids"] is not None else part["ids"].astype(str))
+        has_uids.append(part["uids"] is not None)
         reports.append(part["report"])
     ids = np.concatenate(all_ids) if all_ids else np.zeros(0, np.int64)
     scores = np.concatenate(all_scores) if all_scores else np.zeros(0, np.float32)
     unique, first = np.unique(ids, return_index=True)  # first occurrence in shard order
-    return unique, scores[first], reports
+    uids = np.concatenate(all_uids)[first] if any(has_uids) else None
+    return unique, scores[first], reports, uids
+
+
+def _as_given(keys: np.ndarray, scores: np.ndarray, uids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Ids as users read them, sorted (int64 ids, or the string ids of a pool that has them), with their scores."""
+    if uids is None:
+        return keys, scores
+    order = np.argsort(uids, kind="stable")
+    return uids[order], scores[order]
 
 
 def _write_merged(output: Path, config: dict[str, Any], seconds: float, scored_now: int) -> None:
     urls = config["urls"]
-    ids, scores, reports = _merge_parts(output, urls, config["run"])
+    keys, scores, reports, uids = _merge_parts(output, urls, config["run"])
     all_ids = np.concatenate([_read_part(output / PARTS / _part_name(u))["ids"] for u in urls])
     values, counts = np.unique(all_ids, return_counts=True)
-    duplicated = values[counts > 1]
+    duplicated_keys = values[counts > 1]
+    duplicated = duplicated_keys if uids is None else uids[np.searchsorted(keys, duplicated_keys)]
+    ids, scores = _as_given(keys, scores, uids)
     bad = sum(len(r["bad"]) for r in reports)
     errors = [r for r in reports if r["error"]]
     atomic_savez(
@@ -332,7 +359,7 @@ def _target_digest(pairs: list[dict] | None) -> str:
         return "none"
     digest = hashlib.blake2b(digest_size=8)
     for pair in pairs:
-        digest.update(np.int64(pair["id"]).tobytes() + pair["text"].encode())
+        digest.update(np.int64(id_key(pair["id"])).tobytes() + pair["text"].encode())
         digest.update(pair["image"].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 

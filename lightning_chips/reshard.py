@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_chips.data.checks import parse_id
 from lightning_chips.data.webdataset import ShardReport, expand_shards, iter_raw_samples
+from lightning_chips.ids import id_key, id_keys
 from lightning_chips.io import CorruptFileError, OutputLock, atomic_save, atomic_write_json, load_json
 from lightning_chips.offline import MANIFEST, read_scores
 from lightning_chips.selection import select
@@ -60,7 +62,8 @@ def select_subset(
     if maxcount < 1:
         raise ValueError(f"`maxcount` (samples per output shard) must be >= 1, got {maxcount}.")
     loaded = read_scores(scores)
-    ids, values = np.asarray(loaded["ids"], np.int64), np.asarray(loaded["scores"])
+    ids, values = np.asarray(loaded["ids"]), np.asarray(loaded["scores"])
+    keys = id_keys(ids)  # string ids are selected by their keys (lightning_chips.ids)
     if count is not None and not 1 <= count <= len(ids):
         raise ValueError(f"`count` must be in [1, {len(ids)}] (the scored pairs), got {count}.")
     if not np.isfinite(values).all():
@@ -84,8 +87,8 @@ def select_subset(
                     "relative paths are read from the manifest's folder). Pass --pool with the shards' new place."
                 )
         urls = expand_shards(pool)  # a missing shard is an error here, before any output
-    chosen = select(ids, values, fraction=fraction, count=count, method=str(loaded.get("method", ""))).ids
-    chosen = np.sort(np.asarray(chosen, dtype=np.int64))
+    chosen_keys = select(keys, values, fraction=fraction, count=count, method=str(loaded.get("method", ""))).ids
+    chosen = np.sort(ids[np.isin(keys, chosen_keys)])  # as given: int64 or strings
     output = Path(output)
     message = f"[lightning-chips] select: {len(chosen)}/{len(ids)} uids -> {output}"
     if urls is not None:
@@ -168,7 +171,7 @@ def reshard_samples(
 
     folder = _reshard_folder(pattern)
     parent, name = folder.parent, folder.name
-    wanted = np.unique(np.asarray(uids, dtype=np.int64))
+    wanted = np.unique(id_keys(uids))
     urls = expand_shards(pool)
     parent.mkdir(parents=True, exist_ok=True)
     with OutputLock(parent / f".{name}.lock", what="lightning-chips select --reshard"):
@@ -189,7 +192,7 @@ def reshard_samples(
                     report = ShardReport(url)
                     for key, raw in iter_raw_samples(url, report):
                         try:
-                            uid = int(json.loads(raw["json"])[uid_field])
+                            uid = id_key(parse_id(json.loads(raw["json"])[uid_field]))
                         except Exception:
                             continue
                         pos = int(np.searchsorted(wanted, uid))
@@ -212,10 +215,12 @@ def reshard_samples(
             os.rename(tmp, folder)  # the commit point: the set is visible, complete
             published = True
             _fault("published")
-        except BaseException:
+        except BaseException as exc:
             if old is not None and not published and not folder.exists():
                 os.rename(old, folder)  # an error (not a kill) before the commit: put the previous set back
                 old = None
+            if isinstance(exc, OSError) and not published:  # say which output could not be written
+                raise OSError(exc.errno, f"could not write the reshard set {folder}: {exc.strerror or exc}") from exc
             raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

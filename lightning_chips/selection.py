@@ -190,7 +190,8 @@ def select(
 def write_round_file(
     path: str | os.PathLike, ids: np.ndarray, scores: np.ndarray, selected: np.ndarray, **meta: object
 ) -> Path:
-    """Atomically write ``ids`` (sorted), ``scores`` and the ``selected`` mask (+ metadata) to ``path`` (.npz).
+    """Atomically write ``ids`` (sorted; int64, or strings for a pool with string ids), ``scores`` and the
+    ``selected`` mask (+ metadata) to ``path`` (.npz).
 
     Written to a temporary file in the same directory and renamed, so a crash never leaves a half-written file.
     """
@@ -200,9 +201,11 @@ def write_round_file(
         raise ValueError(
             f"ids, scores and selected must have one entry per pair, got {n}, {len(scores)}, {len(selected)}."
         )
-    order = np.argsort(ids, kind="stable")
+    given = np.asarray(ids)
+    given = given.astype(str) if given.dtype.kind in "UO" else given.astype(np.int64)
+    order = np.argsort(given, kind="stable")
     arrays = {
-        "ids": np.asarray(ids, dtype=np.int64)[order],
+        "ids": given[order],
         "scores": np.asarray(scores, dtype=np.float32)[order],
         "selected": np.asarray(selected, dtype=bool)[order],
     }

@@ -32,18 +32,21 @@ def write_pool(
     split: str = "train",
     prefix: str = "pool",
     duplicate_uids: dict[int, int] | None = None,
-) -> dict[int, dict]:
+    string_uids: bool = False,
+) -> dict[int | str, dict]:
     """Shards ``prefix-%06d.tar`` of built-in pairs with uid = ``uid_offset + index``; returns the valid pairs
     by uid (``{"png": bytes, "text": str}``, the first pair of a repeated uid). ``corrupt_image`` /
     ``missing_caption`` are pair indices; ``duplicate_uids`` maps a pair index to the index whose uid it repeats
-    (a different pair under the same uid)."""
+    (a different pair under the same uid); ``string_uids`` makes every uid the string ``f"u-{uid}"``."""
     directory.mkdir(parents=True, exist_ok=True)
     data = TwoDomainPairs(num_pairs, target_fraction=target_fraction, split=split, image_size=32)
     valid = {}
     with wds.ShardWriter(str(directory / f"{prefix}-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
         for i in range(num_pairs):
             item = data[i]
-            uid = uid_offset + (duplicate_uids or {}).get(i, i)
+            uid: int | str = uid_offset + (duplicate_uids or {}).get(i, i)
+            if string_uids:
+                uid = f"u-{uid}"
             sample = {"__key__": f"s{i:06d}", "json": json.dumps({"uid": uid}).encode()}
             sample["png"] = b"\x89PNG not really an image" if i == corrupt_image else png_bytes(item["image"])
             if i != missing_caption:

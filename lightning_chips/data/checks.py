@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 _INT64 = np.iinfo(np.int64)
+_MAX_ID_LENGTH = 1024
 
 
 class BadSample(ValueError):
@@ -45,7 +46,7 @@ class BadSample(ValueError):
         id: the sample's id, when it is known.
     """
 
-    def __init__(self, reason: str, id: int | None = None) -> None:
+    def __init__(self, reason: str, id: int | str | None = None) -> None:
         super().__init__(reason)
         self.reason, self.id = reason, id
 
@@ -66,7 +67,7 @@ class SkippedSample:
     """
 
     reason: str
-    id: int | None = None
+    id: int | str | None = None
     index: int | None = None
     key: str | None = None
     shard: str | None = None
@@ -131,13 +132,14 @@ def decode_image(data: bytes, transform: Callable[[Any], Tensor]) -> Tensor:
         raise BadSample(f"undecodable image: {describe_error(exc)}") from None
 
 
-def parse_id(value: Any, name: str = "id") -> int:
-    """A sample id as a Python int: an int64 integer (Python, NumPy, a one-element integer tensor) or a string of
-    digits.
+def parse_id(value: Any, name: str = "id") -> int | str:
+    """A sample id: an int64 integer (Python, NumPy, a one-element integer tensor, or a string of its canonical
+    digits, ``"42"``) as an int, or any other non-empty string (a DataComp uid, a WebDataset key) as that string
+    (:mod:`lightning_chips.ids`).
 
     Raises:
-        BadSample: ``"missing <name>"`` when ``value`` is None, ``"missing <name> (<name>=... is not an int64)"``
-            otherwise.
+        BadSample: ``"missing <name>"`` when ``value`` is None, ``"missing <name> (<name>=... is not an int64 or a
+            string)"`` otherwise.
     """
     if value is None:
         raise BadSample(f"missing {name}")
@@ -145,10 +147,17 @@ def parse_id(value: Any, name: str = "id") -> int:
         value = value.item()
     if isinstance(value, np.integer):
         value = int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value)
+    if isinstance(value, np.str_):
+        value = str(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if not text or len(text) > _MAX_ID_LENGTH:
+            raise BadSample(f"missing {name} ({name}={value!r:.60} is empty or longer than {_MAX_ID_LENGTH})")
+        if text.lstrip("-").isdigit() and str(int(text)) == text and _INT64.min <= int(text) <= _INT64.max:
+            return int(text)
+        return text
     if isinstance(value, bool) or not isinstance(value, int) or not _INT64.min <= value <= _INT64.max:
-        raise BadSample(f"missing {name} ({name}={value!r:.60} is not an int64)")
+        raise BadSample(f"missing {name} ({name}={value!r:.60} is not an int64 or a string)")
     return int(value)
 
 

@@ -46,6 +46,7 @@ from lightning_chips.data.checks import (
     parse_id,
 )
 from lightning_chips.data.subset import PairCollate
+from lightning_chips.ids import id_key, id_keys
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -119,10 +120,10 @@ class ShardReport:
     error: str | None = None
     filtered: int = 0
     """Valid pairs left out because they are not in the selection (not an error)."""
-    bad_ids: list[int | None] = field(default_factory=list)
+    bad_ids: list[int | str | None] = field(default_factory=list)
     """The uid of each entry of :attr:`bad` (None when the sample's json gives none); see :meth:`skip`."""
 
-    def skip(self, key: str, reason: str, uid: int | None = None) -> None:
+    def skip(self, key: str, reason: str, uid: int | str | None = None) -> None:
         """Record a skipped sample: its key, the reason and its uid (when its json has one)."""
         self.bad.append((key, reason))
         self.bad_ids.append(uid)
@@ -183,8 +184,8 @@ def decode_pair(
     is unusable (``"undecodable image: ..."``, ``"missing caption"``, ``"missing uid"``, ...; see
     :mod:`lightning_chips.data.checks`)."""
     uid = _parse_uid(raw.get("json"), uid_field)
-    if isinstance(uid, str):
-        return uid
+    if isinstance(uid, Reason):
+        return str(uid)
     try:
         caption = decode_caption(raw.get("txt"))
         ext = next((e for e in image_extensions if e in raw), None)
@@ -196,20 +197,30 @@ def decode_pair(
     return {"image": image, "text": caption, "id": uid}
 
 
-def _parse_uid(data: bytes | None, uid_field: str) -> int | str:
+class Reason(str):
+    """Why a sample is unusable (what :func:`_parse_uid` returns instead of a uid, which may itself be a string)."""
+
+
+def _parse_uid(data: bytes | None, uid_field: str) -> int | str | Reason:
+    """The uid (``uid_field`` of the json: an int64 or a string, see :func:`~lightning_chips.data.checks.parse_id`)
+    or the :class:`Reason` there is none."""
     if data is None:
-        return "missing uid (no json member)"
+        return Reason("missing uid (no json member)")
     try:
         meta = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        return "missing uid (json does not parse)"
+        return Reason("missing uid (json does not parse)")
     value = meta.get(uid_field) if isinstance(meta, dict) else None
     if value is None:
-        return f"missing uid (no {uid_field!r} in json)"
+        return Reason(f"missing uid (no {uid_field!r} in json)")
     try:
         return parse_id(value, name="uid")
     except BadSample:
-        return f"missing uid ({uid_field}={value!r} is not an int64)"
+        return Reason(f"missing uid ({uid_field}={value!r:.60} is not an int64 or a string)")
+
+
+def _known(uid: int | str | Reason) -> int | str | None:
+    return None if isinstance(uid, Reason) else uid
 
 
 def _split_member(name: str) -> tuple[str, str] | None:
@@ -261,8 +272,7 @@ def iter_raw_samples(
             raise RuntimeError(f"Shard {url} is unreadable: {message}") from exc
         report.error = f"truncated or unreadable after {report.samples + len(report.bad)} samples ({message})"
         if key is not None:
-            uid = _parse_uid(members.get("json"), uid_field)
-            report.skip(key, "cut off by the shard's read error", None if isinstance(uid, str) else uid)
+            report.skip(key, "cut off by the shard's read error", _known(_parse_uid(members.get("json"), uid_field)))
 
 
 class WebDatasetPairs(IterableDataset):
@@ -304,7 +314,7 @@ class WebDatasetPairs(IterableDataset):
         self.uid_field = uid_field
         self.image_extensions = tuple(e.lower() for e in image_extensions)
         self.reports = reports
-        self.selection = None if selection is None else np.unique(np.asarray(selection, dtype=np.int64))
+        self.selection = None if selection is None else np.unique(id_keys(selection))
         self.skip = frozenset(skip)
         self.rank, self.world_size = 0, 1
 
@@ -335,10 +345,9 @@ class WebDatasetPairs(IterableDataset):
         for key, raw in iter_raw_samples(url, report, self.uid_field):
             pair = decode_pair(raw, self.transform, uid_field=self.uid_field, image_extensions=self.image_extensions)
             if isinstance(pair, str):
-                uid = _parse_uid(raw.get("json"), self.uid_field)
-                report.skip(key, pair, None if isinstance(uid, str) else uid)
+                report.skip(key, pair, _known(_parse_uid(raw.get("json"), self.uid_field)))
                 continue
-            if self.selection is not None and not _contains(self.selection, pair["id"]):
+            if self.selection is not None and not _contains(self.selection, id_key(pair["id"])):
                 report.filtered += 1
                 continue
             report.samples += 1
@@ -377,12 +386,11 @@ class WebDatasetPairs(IterableDataset):
         if self.selection is None:
             return True
         uid = _parse_uid(raw.get("json"), self.uid_field)
-        return not isinstance(uid, str) and _contains(self.selection, uid)
+        return not isinstance(uid, Reason) and _contains(self.selection, id_key(uid))
 
-    def uid(self, raw: dict[str, bytes]) -> int | None:
+    def uid(self, raw: dict[str, bytes]) -> int | str | None:
         """A raw sample's uid (``uid_field`` of its json), or None when it gives none."""
-        uid = _parse_uid(raw.get("json"), self.uid_field)
-        return None if isinstance(uid, str) else uid
+        return _known(_parse_uid(raw.get("json"), self.uid_field))
 
     def decode_or_reason(self, raw: dict[str, bytes]) -> dict[str, Any] | str:
         """Decode one raw sample with this pool's transform, or return the reason it is unusable."""
@@ -398,7 +406,7 @@ class WebDatasetPairs(IterableDataset):
         import copy
 
         clone = copy.copy(self)
-        clone.selection = None if ids is None else np.unique(np.asarray(ids, dtype=np.int64))
+        clone.selection = None if ids is None else np.unique(id_keys(ids))
         return clone
 
     def __repr__(self) -> str:
@@ -506,8 +514,8 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         if not self.lazy:
             return self.pairs[index]
         uid = self._ids[index]
-        if isinstance(uid, str):
-            raise BadSample(uid)
+        if isinstance(uid, Reason):
+            raise BadSample(str(uid))
         try:
             raw = self._read(self.files[index], uid)
         except OSError as exc:
