@@ -400,7 +400,8 @@ class RoundScores:
     """What a round scored, the same on every rank.
 
     Attributes:
-        ids: ``[N]`` int64 ids of the scored pairs, in pool order (dataset index; shard, then position).
+        ids: ``[N]`` int64 ids (keys of string ids) of the scored pairs, in pool order (dataset index; shard, then
+            position).
         scores: ``[N]`` float32 scores.
         labels: ``[N]`` int64 labels when every batch had them, else None.
         indices: ``[N]`` dataset indices (map-style pools) or the ids (shard pools).

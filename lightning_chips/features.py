@@ -17,7 +17,7 @@ __all__ = ["PairFeatures", "extract_features", "iter_features"]
 
 @dataclass
 class PairFeatures:
-    """Pre-projection features of image-text pairs with their stable int64 ids.
+    """Pre-projection features of image-text pairs with their stable int64 ids (the keys of string ids).
 
     Attributes:
         ids: ``[N]`` int64 sample ids (stable per sample: dataset index or a uid).

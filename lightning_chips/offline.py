@@ -15,6 +15,9 @@
 Re-running with the same arguments skips the shards whose part exists (a killed run resumes where it stopped);
 a part written for another model, scorer, target or pool sample is an error, not silently mixed in. Memory per
 rank is one batch, the prepared scorer and the scores of the shards in flight; the merge holds the score arrays.
+
+One module (over 500 lines) because it is one thing: the ``score`` pass, from its run identity and lock through
+the predict task to the part files and their merge.
 """
 
 from __future__ import annotations
@@ -400,7 +403,7 @@ def score_pool(
             order; ``None`` = the whole pool (needed by set-level scorers such as ClipCov; holds O(N d) features).
         seed: seed of the pool sample's shard order.
         image_size: image side; default: the model's ``image_size``.
-        uid_field: the int64 id's field in each sample's ``.json``.
+        uid_field: the id's field in each sample's ``.json`` (an int64 or a string).
         trainer: the Trainer that runs the pass (devices, nodes, strategy, precision); default: one device.
         adapter: an explicit :class:`~lightning_chips.adapters.CLIPAdapter` for a model the resolver cannot read.
         after_shard: called with each :class:`~lightning_chips.data.webdataset.ShardReport` once its part is

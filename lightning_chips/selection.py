@@ -22,7 +22,7 @@ class Selection:
     """The pairs one selection round keeps.
 
     Attributes:
-        ids: sorted int64 ids of the selected pairs.
+        ids: sorted int64 ids (keys of string ids, :mod:`lightning_chips.ids`) of the selected pairs.
         indices: dataset indices of the selected pairs, aligned with ``ids``.
         weights: sampling probabilities aligned with ``ids`` (mode ``"weighted"``), or None for uniform.
         round: the selection round.

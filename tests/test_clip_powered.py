@@ -97,11 +97,12 @@ def test_scorer_is_the_closed_form_and_runs_in_a_selection_fit(tmp_path):
         ClipCov(classes="zeroshot", classnames=names),
     ):
         data = ScoredSubsetDataModule(TwoDomainPairs(120), batch_size=8, steps_per_round=2)
-        callback = DataSelectionCallback(chosen, fraction=0.25, every_n_epochs=1, save_dir=str(tmp_path))
+        save = tmp_path / type(chosen).__name__
+        callback = DataSelectionCallback(chosen, fraction=0.25, every_n_epochs=1, save_dir=str(save))
         pl.Trainer(accelerator="cpu", max_epochs=2, callbacks=[callback], logger=False, enable_checkpointing=False,
                    enable_progress_bar=False, enable_model_summary=False).fit(
             OpenCLIPModule(model_config=copy.deepcopy(TINY_VIT)), datamodule=data)  # fmt: skip
-        rounds = np.load(tmp_path / "round_0001.npz")
+        rounds = np.load(save / "round_0001.npz")
         assert rounds["selected"].sum() == 30
 
 

@@ -208,7 +208,7 @@ def test_bad_pairs_of_a_folder_pool_are_skipped_counted_named_and_never_trained_
     caplog.set_level(logging.INFO)
     with pytest.warns(UserWarning, match="could not be used"):
         callback, data = _folder_fit(tmp_path / "run", tmp_path / "pool", 3, record, target=target)
-    assert f"skipped {len(expected)} bad pairs" in caplog.text
+    assert f"{len(expected)} pairs skipped (unreadable, failed checks" in caplog.text
     bad_uids = {uid for uid in expected if uid != NO_ID}
     assert len(record.steps) == 18
     for _, ids, _ in record.steps:

@@ -126,7 +126,8 @@ def test_bad_samples_of_a_streaming_pool_are_counted_once_named_and_never_traine
 
     assert [h["skipped"] for h in callback.history] == [len(EXPECTED)] * 2  # counted once per round, not per pass
     assert [h["unreadable_shards"] for h in callback.history] == [1, 1]
-    assert caplog.text.count(f"skipped {len(EXPECTED)} bad pairs, 1 unreadable shards") == 2
+    summary = f"{len(EXPECTED)} pairs skipped (unreadable, failed checks or duplicate ids; the round file lists them); "
+    assert caplog.text.count(summary + "1 shards could not be read to the end") == 2
     assert all(isinstance(b, SkippedSample) for b in callback.skipped)
     _assert_names_every_bad_sample({b.key: (b.id, b.reason, os.path.basename(b.shard)) for b in callback.skipped})
     assert [os.path.basename(url) for url in callback.shard_errors] == ["c.tar"]

@@ -59,7 +59,7 @@ def test_each_round_says_in_words_what_was_kept_and_how_long_it_took(caplog):
 def test_progress_bars_have_totals_and_follow_the_trainer(capsys):
     _fit(_module(), _data(), progress=True, epochs=1)
     shown = capsys.readouterr().err
-    assert "round 0: pool" in shown and "3/3" in shown  # 40 pairs in batches of 16: 3 batches, with the total
+    assert "round 0: pool" in shown and "/3 [" in shown  # 40 pairs in batches of 16: 3 batches, with the total
     _fit(_module(), _data(), progress=False, epochs=1)
     assert "round 0: pool" not in capsys.readouterr().err
 

@@ -61,7 +61,7 @@ def test_reads_every_valid_pair_once_and_reports_the_bad_ones(tmp_path):
         ({"txt": b"a cat"}, "missing uid (no json member)"),
         ({"txt": b"a cat", "json": b"{not json"}, "missing uid (json does not parse)"),
         ({"txt": b"a cat", "json": b'{"id": 3}'}, "missing uid (no 'uid' in json)"),
-        ({"txt": b"a cat", "json": b'{"uid": 1.5}'}, "missing uid (uid=1.5 is not an int64)"),
+        ({"txt": b"a cat", "json": b'{"uid": 1.5}'}, "missing uid (uid=1.5 is not an int64 or a string)"),
         ({"txt": b"a cat", "json": b'{"uid": 18446744073709551615}'}, "is not an int64"),
         ({"json": b'{"uid": 1}'}, "missing caption"),
         ({"txt": b"   \n", "json": b'{"uid": 1}'}, "empty caption"),

@@ -261,7 +261,7 @@ class WebDatasetDataModule(LightningDataModule):
         seed: seed of the training stream and of the pool sample's shard order.
         shuffle_buffer: undecoded samples held (per worker) to shuffle the training stream.
         image_size: image side; default: the model's ``image_size``.
-        uid_field: the int64 id's field in each sample's ``.json``.
+        uid_field: the id's field in each sample's ``.json`` (an int64 or a string).
         worker_start_method: ``"spawn"`` / ``"forkserver"`` / ``"fork"`` dataloader workers.
         tokenizer: an open_clip model name or a callable (default: the model's ``get_tokenizer()``; a model without
             one needs this).

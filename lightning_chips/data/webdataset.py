@@ -283,7 +283,7 @@ class WebDatasetPairs(IterableDataset):
         urls: shards (see :func:`expand_shards`): brace pattern, ``::``-joined specs, list, directory or glob.
         image_size: side of the square images (resize + centre crop); ignored when ``transform`` is given.
         transform: PIL image -> tensor, instead of the default :func:`image_transform`.
-        uid_field: the int64 id's field in each sample's ``.json``.
+        uid_field: the id's field in each sample's ``.json`` (an int64 or a string).
         image_extensions: image members to look for, in order.
         reports: also yield each shard's :class:`ShardReport` after its last sample, and give each pair a
             ``"shard"`` field (the index of its shard in :attr:`urls`).
@@ -447,7 +447,7 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         root: the directory.
         image_size: side of the square images (resize + centre crop); ignored when ``transform`` is given.
         transform: PIL image -> tensor, instead of the default :func:`image_transform`.
-        uid_field: the int64 id's field in each ``NAME.json``.
+        uid_field: the id's field in each ``NAME.json`` (an int64 or a string).
         lazy: read and decode each pair when it is asked for, instead of all of them now.
 
     Example::
