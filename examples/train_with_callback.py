@@ -45,8 +45,9 @@ def run(name: str, scorer: Scorer, max_epochs: int, fraction: float, out: Path) 
         batch_size=64,
         steps_per_round=50,
     )
-    select = DataSelectionCallback(scorer, fraction=fraction, every_n_steps=100, save_dir=str(out / name),
-                                   overwrite=True)  # this script owns its output folder
+    select = DataSelectionCallback(
+        scorer, fraction=fraction, every_n_steps=100, save_dir=str(out / name), overwrite=True
+    )  # this script owns its output folder
     trainer = pl.Trainer(max_epochs=max_epochs, accelerator="cpu", callbacks=[select], logger=False,
                          enable_checkpointing=False, default_root_dir=str(out))  # fmt: skip
     start = time.perf_counter()
