@@ -186,6 +186,9 @@ def offline_parser(command: str) -> Any:
         parser.add_subclass_arguments(Scorer, "scorer", required=True, help="A registry name or a class path.")
         parser.add_function_arguments(offline.score_pool, skip={"model", "scorer", "trainer", "adapter", "after_shard"})
         parser.add_class_arguments(Trainer, "trainer", help="Trainer options: devices, num_nodes, strategy, ...")
+        parser.add_argument("--verbose", action="store_true", help="Show the traceback of an error.")
+        parser.add_argument("--strict", action="store_true",
+                            help="Exit with code 3 when samples were skipped or shards could not be read.")  # fmt: skip
         parser.set_defaults(
             {"trainer.logger": False, "trainer.enable_checkpointing": False, "trainer.enable_model_summary": False}
         )
@@ -197,6 +200,7 @@ def offline_parser(command: str) -> Any:
         )
         parser.add_argument("--config", action=ActionConfigFile, help="A YAML file with any of these options.")
         parser.add_function_arguments(reshard.select_subset)
+        parser.add_argument("--verbose", action="store_true", help="Show the traceback of an error.")
     else:
         raise ValueError(f"Unknown offline command {command!r}; use one of {OFFLINE_COMMANDS}.")
     return parser
@@ -213,6 +217,8 @@ def run_offline(command: str, args: list[str]) -> Any:
         from lightning.pytorch import seed_everything
 
         seed_everything(seed, verbose=False)
+    for flag in ("verbose", "strict"):  # handled by main(); listed in --help
+        cfg.pop(flag, None)
     init = parser.instantiate_classes(cfg)
     kwargs = {k: v for k, v in vars(init).items() if k != "config" and not k.startswith("__")}
     if command == "score":

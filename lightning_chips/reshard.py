@@ -53,6 +53,20 @@ def select_subset(
     a damaged file is a :class:`~lightning_chips.io.CorruptFileError` that names it. The reshard set is written
     before ``output``, so a failed reshard leaves no subset file either.
 
+    Args:
+        scores: a ``scores.npz`` of ``lightning-chips score``, or its output folder.
+        output: the ``.npy`` file the selected uids are written to (sorted; int64 or strings, as in the pool).
+        fraction: the share of the scored pairs to keep, in (0, 1] (give this or ``count``).
+        count: the number of pairs to keep (give this or ``fraction``).
+        reshard: a pattern for new shards holding the selected samples, e.g. ``subset/shard-%06d.tar`` (a folder of
+            their own); None writes only ``output``.
+        pool: the shards to copy from (default: the pool the scores' ``manifest.json`` records, relative paths read
+            from the manifest's folder).
+        maxcount: samples per new shard.
+
+    Returns:
+        The selected uids.
+
     Example::
 
         >>> select_subset("scores/chips/scores.npz", "subset.npy", fraction=0.3, reshard="subset/%06d.tar")

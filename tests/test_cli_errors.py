@@ -102,3 +102,14 @@ def test_reshard_finds_the_pool_from_the_manifest_wherever_it_runs_and_names_the
     _one_line_error(moved, "select", str(work / "scores" / "manifest.json"), "--pool")
     assert not (elsewhere / "again.npy").exists() and not (elsewhere / "again").exists()
     assert not [p for p in os.listdir(elsewhere) if p.startswith(".again")]  # no partial output
+
+
+@pytest.mark.parametrize("command", ["score", "select"])
+def test_every_option_of_the_offline_commands_says_what_it_does(command):
+    from lightning_chips.cli import offline_parser
+
+    parser = offline_parser(command)
+    silent = [a.option_strings[0] for a in parser._actions if a.option_strings and len((a.help or "").split()) < 2]
+    assert silent == []
+    names = {a.option_strings[0] for a in parser._actions if a.option_strings}
+    assert "--verbose" in names and ("--strict" in names) == (command == "score")
