@@ -267,7 +267,10 @@ def _iter_rows(
             pending.append((index, order, uids))
             yield batch
 
-    total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
+    try:
+        total: int | None = len(items)  # type: ignore[arg-type]
+    except TypeError:  # a stream of unknown length
+        total = None
     with precision():
         for features in iter_features(adapter, batches(), device=device, progress=progress, description=description,
                                       total=total):  # fmt: skip

@@ -110,8 +110,11 @@ def iter_features(
     if progress:
         from tqdm.auto import tqdm
 
-        if total is None and hasattr(batches, "__len__"):
-            total = len(batches)  # type: ignore[arg-type]
+        if total is None:
+            try:
+                total = len(batches)  # type: ignore[arg-type]
+            except TypeError:  # a stream of unknown length
+                total = None
         iterator = tqdm(batches, desc=description, leave=False, dynamic_ncols=True, total=total, unit="batch")
     module.eval()
     try:

@@ -152,3 +152,20 @@ def test_one_skipped_sample_record_names_map_style_and_shard_samples():
     assert pair.describe() == "id 7 (index 3): empty caption"
     assert sample.describe() == "uid 9 (key k1 of a.tar): undecodable image"
     assert shard.describe() == "shard b.tar: truncated"
+
+
+def test_a_shard_pool_knows_its_length_from_img2dataset_stats_and_only_then(tmp_path):
+    import json
+
+    write_pool(tmp_path / "pool", num_pairs=30, per_shard=8)
+    shards = ShardPool(WebDatasetPairs(str(tmp_path / "pool"), image_size=16), None, _collate(), batch_size=4)
+    with pytest.raises(TypeError):
+        len(shards.scoring_batches(0, 1))  # no stats: unknown, never a guess
+    counts = {}
+    for tar in sorted((tmp_path / "pool").glob("*.tar")):
+        counts[tar] = sum(1 for _ in WebDatasetPairs(str(tar), image_size=16))
+        (tmp_path / "pool" / f"{tar.stem}_stats.json").write_text(json.dumps({"successes": counts[tar]}))
+    assert sum(counts.values()) == 30
+    assert len(shards.scoring_batches(0, 1)) == 8  # ceil(30 / 4) batches: the progress bar's total
+    batches = [b for b, _ in shards.scoring_batches(0, 1) if b is not None]
+    assert sum(len(b["id"]) for b in batches) == 30

@@ -38,7 +38,7 @@ from lightning_chips.data.subset import PairCollate
 from lightning_chips.data.webdataset import ShardCollate, ShardReport, WebDatasetPairs
 from lightning_chips.selection import Selection
 
-__all__ = ["MapBatches", "MapPool", "PoolItem", "SelectablePool", "ShardPool", "shard_indices"]
+__all__ = ["MapBatches", "MapPool", "PoolItem", "SelectablePool", "ShardBatches", "ShardPool", "shard_indices"]
 
 PoolItem = tuple[dict[str, Any] | None, list[SkippedSample]]
 """One item of a pool's scoring streams: a collated batch (or None) and the samples skipped since the last item."""
@@ -183,6 +183,21 @@ class MapPool:
         return self._batches(self.pool, shard_indices(np.arange(self.pool_size()), rank, world))
 
 
+class ShardBatches:
+    """A shard pool's scoring items, with an (estimated) length in batches when the sample counts are known."""
+
+    def __init__(self, items: Iterator[PoolItem], batches: int | None) -> None:
+        self.items, self.batches = items, batches
+
+    def __iter__(self) -> Iterator[PoolItem]:
+        return self.items
+
+    def __len__(self) -> int:
+        if self.batches is None:
+            raise TypeError("the number of batches of this shard pool is unknown")
+        return self.batches
+
+
 class ShardPool:
     """:class:`SelectablePool` streams of a WebDataset pool: rank ``r`` scores ``shards[r::world]``, its skipped
     samples and unreadable shards from each shard's :class:`~lightning_chips.data.webdataset.ShardReport`; the
@@ -244,7 +259,14 @@ class ShardPool:
                           collate_fn=ShardCollate(self.collate.tokenizer, self.collate.image),
                           multiprocessing_context=self.worker_start_method if workers > 0 else None)  # fmt: skip
 
-    def scoring_batches(self, rank: int, world: int) -> Iterator[PoolItem]:
+    def scoring_batches(self, rank: int, world: int) -> ShardBatches:
+        """This rank's shards as ``(batch, skipped)`` items; sized (a progress bar total, in batches) when the
+        shards' sample counts are known (img2dataset's ``NAME_stats.json``)."""
+        reading = copy.copy(self.pairs).bind(rank, world)
+        known = reading.known_samples([u for u in reading.shards_of_rank() if u not in self.skip])
+        return ShardBatches(self._scoring_items(rank, world), None if known is None else -(-known // self.batch_size))
+
+    def _scoring_items(self, rank: int, world: int) -> Iterator[PoolItem]:
         scored, read, order = 0, 0, _ShardOrder()  # a shard is read by one worker of one rank, in order
         for batch in self.scoring_loader(rank, world):
             reports: list[ShardReport] = batch.pop("reports")

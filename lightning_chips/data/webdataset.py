@@ -330,6 +330,19 @@ class WebDatasetPairs(IterableDataset):
         rank = self.rank if rank is None else rank
         return [u for u in self.urls[rank :: self.world_size] if u not in self.skip]
 
+    def known_samples(self, shards: Sequence[str]) -> int | None:
+        """The number of samples in ``shards`` when every local shard has the ``NAME_stats.json`` img2dataset
+        writes beside ``NAME.tar`` (its ``"successes"``), else None (a tar has no index: counting means reading)."""
+        total = 0
+        for url in shards:
+            base = url[: -len(next((s for s in SHARD_SUFFIXES if url.endswith(s)), ""))] or url
+            try:
+                with open(f"{base}_stats.json", "rb") as f:
+                    total += int(json.load(f)["successes"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+        return total
+
     def __iter__(self) -> Iterator[dict[str, Any] | ShardReport]:
         shards = self.shards_of_rank()
         info = get_worker_info()
