@@ -16,10 +16,17 @@ from lightning_chips.scoring import TRAK, Dot, RoundContext, TracIn, build_score
 
 from .test_chips import _problem
 
-dattri = pytest.importorskip("dattri")
-from dattri.algorithm.tracin import TracInAttributor  # noqa: E402
-from dattri.algorithm.trak import TRAKAttributor  # noqa: E402
-from dattri.task import AttributionTask  # noqa: E402
+
+
+def _dattri():
+    """dattri's attributors; only the tests that compare with dattri skip without it."""
+    pytest.importorskip("dattri")
+    from dattri.algorithm.tracin import TracInAttributor
+    from dattri.algorithm.trak import TRAKAttributor
+    from dattri.task import AttributionTask
+
+    return TracInAttributor, TRAKAttributor, AttributionTask
+
 
 # dattri applies its default random projection (512 dims) unless told otherwise: `projector_kwargs=None` does not
 # disable it. The identity projection makes the comparison exact.
@@ -59,7 +66,7 @@ def _setup(n=60, t=4, seed=0):
         return p_corr[0] if single else p_corr
 
     head = Head(ep)
-    task = AttributionTask(loss_func=loss_func, model=head, checkpoints=head.state_dict())
+    task = _dattri()[2](loss_func=loss_func, model=head, checkpoints=head.state_dict())
     train = DataLoader(TensorDataset(pool_v, pool_t, own), batch_size=16, shuffle=False)
     test = DataLoader(TensorDataset(target_v, target_t, none), batch_size=16, shuffle=False)
     return pool_v, pool_t, target_v, target_t, ep, task, train, test, correct_probability
@@ -83,7 +90,7 @@ def _assert_rank_agreement(ours, theirs):
 def test_dot_and_tracin_agree_with_dattri():
     pool_v, pool_t, target_v, target_t, ep, task, train, test, _ = _setup()
     lr = 0.3
-    attributor = TracInAttributor(task=task, weight_list=torch.tensor([lr]), normalized_grad=False,
+    attributor = _dattri()[0](task=task, weight_list=torch.tensor([lr]), normalized_grad=False,
                                   projector_kwargs=IDENTITY)  # fmt: skip
     theirs = attributor.attribute(train, test)
     ours = _ours_per_target("dot", pool_v, pool_t, target_v, target_t, ep)
@@ -97,7 +104,7 @@ def test_dot_and_tracin_agree_with_dattri():
 def test_trak_agrees_with_dattri_with_identity_projection():
     pool_v, pool_t, target_v, target_t, ep, task, train, test, correct_probability = _setup()
     lam = 0.05
-    attributor = TRAKAttributor(task=task, correct_probability_func=correct_probability, projector_kwargs=IDENTITY,
+    attributor = _dattri()[1](task=task, correct_probability_func=correct_probability, projector_kwargs=IDENTITY,
                                 regularization=lam)  # fmt: skip
     attributor.cache(train)
     theirs = attributor.attribute(test)

@@ -170,10 +170,17 @@ def test_endpoint_names_resolve_views_of_resnet_heads():
     }  # fmt: skip
 
 
-dattri = pytest.importorskip("dattri")
-from dattri.algorithm.tracin import TracInAttributor  # noqa: E402
-from dattri.algorithm.trak import TRAKAttributor  # noqa: E402
-from dattri.task import AttributionTask  # noqa: E402
+
+
+def _dattri():
+    """dattri's attributors; only the tests that compare with dattri skip without it."""
+    pytest.importorskip("dattri")
+    from dattri.algorithm.tracin import TracInAttributor
+    from dattri.algorithm.trak import TRAKAttributor
+    from dattri.task import AttributionTask
+
+    return TracInAttributor, TRAKAttributor, AttributionTask
+
 
 IDENTITY = {"proj_type": "identity"}  # dattri keeps its 512-dim random projection with projector_kwargs=None
 
@@ -198,7 +205,7 @@ def _dattri_setup(n: int = 40, t: int = 4):
         p_corr = 0.5 * (a.softmax(1)[:, 0] + b.softmax(1)[:, 0])
         return p_corr[0] if single else p_corr
 
-    task = AttributionTask(loss_func=lambda params, data: loss(params, *data), model=model,
+    task = _dattri()[2](loss_func=lambda params, data: loss(params, *data), model=model,
                            checkpoints=model.state_dict())  # fmt: skip
     train = DataLoader(TensorDataset(pool_images, pool_tokens, bank.exclusion(ids)), batch_size=16, shuffle=False)
     none = torch.zeros(t, n, dtype=torch.bool)
@@ -216,7 +223,7 @@ def _assert_rank_agreement(ours, theirs):
 def test_full_parameter_dot_and_tracin_agree_with_dattri():
     model, data, task, train, test, _ = _dattri_setup()
     lr = 0.3
-    attributor = TracInAttributor(task=task, weight_list=torch.tensor([lr]), normalized_grad=False,
+    attributor = _dattri()[0](task=task, weight_list=torch.tensor([lr]), normalized_grad=False,
                                   projector_kwargs=dict(IDENTITY))  # fmt: skip
     theirs = attributor.attribute(train, test)
     ours = full_parameter_influence(model, *data, per_target=True, bank_size=40)
@@ -229,7 +236,7 @@ def test_full_parameter_dot_and_tracin_agree_with_dattri():
 def test_full_parameter_trak_agrees_with_dattri_with_identity_projection():
     model, data, task, train, test, correct_probability = _dattri_setup()
     lam = 1e-3
-    attributor = TRAKAttributor(task=task, correct_probability_func=correct_probability,
+    attributor = _dattri()[1](task=task, correct_probability_func=correct_probability,
                                 projector_kwargs=dict(IDENTITY), regularization=lam)  # fmt: skip
     attributor.cache(train)
     theirs = attributor.attribute(test)
