@@ -79,3 +79,30 @@ def test_chips_selection_is_identical_on_both_ranks(tmp_path):
         assert rank0["selections"][epoch] == rank1["selections"][epoch]
         assert len(rank0["selections"][epoch]) == 75  # round(0.25 * 300)
         assert set(rank0["batches"][epoch]) | set(rank1["batches"][epoch]) <= set(rank0["selections"][epoch])
+
+
+GRAD_SCRIPT = Path(__file__).parent / "scripts" / "ddp_grad_step.py"
+
+
+def _step(tmp_path: Path, devices: int, gather_with_grad: bool):
+    import torch
+
+    out = tmp_path / f"weights{devices}_{int(gather_with_grad)}.pt"
+    result = subprocess.run([sys.executable, str(GRAD_SCRIPT), str(out), str(devices), str(int(gather_with_grad))],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out)
+
+
+@pytest.mark.ddp
+def test_ddp_gradient_is_the_single_process_gradient_of_the_global_batch_with_gather_with_grad(tmp_path):
+    """One SGD step on 2 ranks x 16 pairs gives the weights of one process on the 32 pairs (docs/selection.md,
+    "Resuming and DDP"), because the loss back-propagates through the cross-rank gather; without it each rank's
+    gradient misses the terms of its features as the other rank's negatives, and the weights differ."""
+    import torch
+
+    single = _step(tmp_path, 1, True)
+    ddp = _step(tmp_path, 2, True)
+    torch.testing.assert_close(ddp, single, rtol=0, atol=1e-6)
+    without = _step(tmp_path, 2, False)
+    assert (without - single).abs().max() > 100 * (ddp - single).abs().max() + 1e-5  # measurably different

@@ -17,7 +17,6 @@ from lightning_chips.scoring import TRAK, Dot, RoundContext, TracIn, build_score
 from .test_chips import _problem
 
 
-
 def _dattri():
     """dattri's attributors; only the tests that compare with dattri skip without it."""
     pytest.importorskip("dattri")

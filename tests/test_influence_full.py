@@ -170,8 +170,6 @@ def test_endpoint_names_resolve_views_of_resnet_heads():
     }  # fmt: skip
 
 
-
-
 def _dattri():
     """dattri's attributors; only the tests that compare with dattri skip without it."""
     pytest.importorskip("dattri")
