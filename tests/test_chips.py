@@ -15,6 +15,7 @@ from lightning_chips.adapters import EndPoint, resolve_adapter
 from lightning_chips.data import TwoDomainPairs
 from lightning_chips.features import PairFeatures, extract_features
 from lightning_chips.functional import ChipsArguments, bank_loss, chips_prepare, chips_scores
+from lightning_chips.functional.chips import ALL_COMPONENTS, COMPONENTS
 from lightning_chips.scoring import CHIPS, build_scorer
 
 from .conftest import TINY_VIT
@@ -200,15 +201,35 @@ def test_streaming_scorer_matches_the_functional_on_a_real_open_clip_model():
     assert "k=" in scorer.summary() and streamed.shape == (96,)
 
 
-def test_memory_state_is_independent_of_pool_size():
-    pool_v, pool_t, target_v, target_t, ep = _problem(n=600)
-    scorer = CHIPS(sketch_dim=64, bank_size=50, curvature_samples=100)
-    ids = torch.arange(600)
-    scorer.prepare(ep, PairFeatures(ids[:12], target_v, target_t), PairFeatures(ids, pool_v, pool_t))
-    state = scorer.state
-    held = [state.bank.image, state.bank.text, state.bank.ids, state.mu_image, state.mu_text]
-    held += [t for t in (state.direction.image_proj, state.direction.text_proj) if t is not None]
-    assert sum(t.numel() for t in held) < 50 * 30 * 3 + 2 * 30 + 16 * 30 + 50
+def _held_elements(obj, seen=None) -> int:
+    """Elements of every tensor reachable from ``obj`` (dataclass fields, attributes, tuples, lists, dicts)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.numel()
+    if isinstance(obj, list | tuple):
+        return sum(_held_elements(x, seen) for x in obj)
+    if isinstance(obj, dict):
+        return sum(_held_elements(x, seen) for x in obj.values())
+    if hasattr(obj, "__dict__") and not isinstance(obj, type):
+        return sum(_held_elements(x, seen) for x in vars(obj).values())
+    return 0
+
+
+@pytest.mark.parametrize("components", [COMPONENTS, ALL_COMPONENTS])
+def test_the_prepared_state_holds_the_same_memory_whatever_the_pool_size(components):
+    """The state a round keeps for scoring millions of pairs (bank, direction, mean embeddings, the reference end
+    point) does not grow with the pool sample: 10 x more pool pairs, the same number of held elements."""
+    held = []
+    for n in (300, 3000):
+        pool_v, pool_t, target_v, target_t, ep = _problem(n=n)
+        scorer = CHIPS(sketch_dim=64, bank_size=50, curvature_samples=100, components=components, reference_steps=2)
+        ids = torch.arange(n)
+        scorer.prepare(ep, PairFeatures(ids[:12], target_v, target_t), PairFeatures(ids, pool_v, pool_t))
+        held.append(_held_elements(scorer.state))
+    assert held[0] == held[1] > 0
 
 
 @pytest.mark.parametrize(
