@@ -179,26 +179,46 @@ def test_missing_target_and_wrong_datamodule_fail_before_training(tmp_path):
 
 
 def test_tracin_accumulates_over_the_rounds_of_a_fit(tmp_path):
-    from lightning_chips.scoring import TracIn
+    """Each round's TracIn score is the sum over this and every earlier round of ``lr_round * g^T u`` (recorded
+    beside the scorer), not only this round's term."""
+    from lightning_chips.scoring import Dot, TracIn
 
-    callback = DataSelectionCallback(TracIn(bank_size=48), fraction=0.3, every_n_epochs=1, save_dir=str(tmp_path))
+    class Recording(TracIn):
+        terms: list[dict[int, float]] = []
+
+        def prepare(self, endpoint, target, pool_sample, context=None) -> None:
+            super().prepare(endpoint, target, pool_sample, context)
+            self.terms.append({})
+
+        def score(self, batch):
+            term = float(self.learning_rate) * Dot.score(self, batch).double().cpu()
+            self.terms[-1].update(zip(batch.ids.tolist(), term.tolist(), strict=True))
+            return super().score(batch)
+
+    callback = DataSelectionCallback(Recording(bank_size=48), fraction=0.3, every_n_epochs=1, save_dir=str(tmp_path))
     _trainer(tmp_path, [callback]).fit(_module(), datamodule=_data())
-    files = [np.load(tmp_path / f"round_{r:04d}.npz") for r in range(3)]
-    state = callback.state_dict()["scorer"]
-    assert len(state["ids"]) == POOL  # every pair has a running total
-    # round 2's totals are round 1's plus a new (lr-weighted) term: they differ, and so does the selection
-    assert not np.allclose(files[1]["scores"], files[2]["scores"])
-    assert callback.scorer.learning_rate > 0
+    terms = Recording.terms
+    assert len(terms) == 3 and callback.scorer.learning_rate > 0
+    for r in range(3):
+        with np.load(tmp_path / f"round_{r:04d}.npz") as f:
+            expected = [sum(terms[k][int(i)] for k in range(r + 1)) for i in f["ids"]]
+            np.testing.assert_allclose(f["scores"], expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose([terms[0][i] for i in terms[0]], 0)  # round 0's term is there to be carried
+    assert len(callback.state_dict()["scorer"]["ids"]) == POOL  # every pair has a running total
 
 
 def test_pool_sample_prepares_on_a_sample_and_streams_the_whole_pool(tmp_path):
     record = Record()
     callback = DataSelectionCallback(_chips(), fraction=0.3, every_n_epochs=1, pool_sample=100, save_dir=str(tmp_path))
-    _trainer(tmp_path, [callback, record], max_epochs=2).fit(_module(), datamodule=_data())
+    datamodule = _data()
+    _trainer(tmp_path, [callback, record], max_epochs=2).fit(_module(), datamodule=datamodule)
     _check_batches_follow_selection(record, 2)
     data = np.load(tmp_path / "round_0001.npz")
     assert len(data["ids"]) == POOL and data["selected"].sum() == round(0.3 * POOL)  # every pair was scored
-    assert callback.scorer.state.bank.ids.numel() == 48  # the bank came from the 100-pair sample
+    # the last round's bank is 48 pairs of its 100-pair sample (drawn with the callback's seed and the round)
+    sample = set(datamodule.pool.ids[np.random.default_rng([0, 1]).choice(POOL, size=100, replace=False)].tolist())
+    bank = set(callback.scorer.state.bank.ids.tolist())
+    assert len(bank) == 48 and bank <= sample
 
     from lightning_chips.scoring import ClipCov
 

@@ -58,6 +58,7 @@ def test_quick_run_covers_every_scenario_and_method_with_their_compositions(tmp_
                 for run in runs:
                     for key, _ in bench.COLUMNS:
                         assert 0.0 <= run[key] <= 1.0 and math.isfinite(run[key]), (scenario, method, key, run[key])
+                    assert ("selected" in run) == (method in bench.METHODS), (scenario, method)  # selections say
                     if "selected" in run:  # every selection of a fixed budget holds that budget
                         assert run["selected"] == round(0.3 * size), (scenario, method)
                         assert 0.0 <= run["mismatched_share"] + run["uninformative_share"] <= 1.0
