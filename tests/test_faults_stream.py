@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -152,11 +151,9 @@ def test_ddp_ranks_hold_the_same_gathered_bad_samples_of_their_own_shards(faulty
     samples: after each round both ranks hold the full gathered list of bad samples and the truncated shard, the
     same selection (no bad uid in it) and rank 0's round file names all of them."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    start = time.monotonic()
     done = subprocess.run([sys.executable, str(SCRIPT), str(faulty_pool), str(tmp_path)], capture_output=True,
                           text=True, timeout=240, env=env)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert time.monotonic() - start < 240
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["skipped"] == ranks[1]["skipped"]
     assert ranks[0]["shard_errors"] == ranks[1]["shard_errors"] == ["c.tar"]
