@@ -40,6 +40,7 @@ from tests.conftest import TINY_VIT  # noqa: E402
 
 SCORERS = {
     "clipscore": lambda: build_scorer("clipscore"),
+    "negclip": lambda: build_scorer("negclip"),
     "chips: alignment only": lambda: CHIPS(bank_size=256, components=("alignment",)),
     "chips (paper)": lambda: CHIPS(bank_size=256),
     "chips + plausibility": lambda: CHIPS(bank_size=256, components=ROBUST_COMPONENTS),
