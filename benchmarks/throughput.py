@@ -640,7 +640,7 @@ def section(result: dict) -> str:
     agree = result.get("agreement", {})
     agree_txt = ", ".join(f"{k} {v:.3f}" for k, v in agree.items())
     return (
-        f"{SECTION}\n\n"
+        f"{heading(a)}\n\n"
         "`benchmarks/throughput.py`: one process, the same built-in pairs (`TwoDomainPairs`, CLIP-normalised, at the\n"
         "model's image size), the same model, batch size and threads; repetitions alternate between the methods\n"
         "(order reversed every other repetition) after one warm-up of each; medians. Forward-only = image and text\n"
@@ -682,11 +682,18 @@ def section(result: dict) -> str:
     )
 
 
+def heading(args: dict) -> str:
+    """The section heading of a run: one section per model and pool size, so runs at several sizes coexist."""
+    return f"{SECTION}: {args['model']}, {args['pool']} pool pairs"
+
+
 def write_section(path: Path, text: str) -> None:
-    """Replace the ``## Throughput vs dattri`` section of ``path`` (or append it), keeping every other section."""
+    """Replace the section of ``path`` whose heading is ``text``'s first line (or append it), keeping every other
+    section."""
+    title = text.splitlines()[0].rstrip()
     old = path.read_text() if path.exists() else "# Benchmarks\n"
     lines = old.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == title), None)
     if start is None:
         new = old.rstrip("\n") + "\n\n" + text
     else:
@@ -780,7 +787,7 @@ def main(argv: list[str] | None = None) -> None:
         "--write",
         type=Path,
         default=None,
-        help=f"replace/append the '{SECTION}' section of this file",
+        help=f"replace/append this run's '{SECTION}: MODEL, N pool pairs' section of this file",
     )
     parser.add_argument("--memory-probe", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -850,7 +857,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"load average before {result['load_before']}, after {result['load_after']}; wall {result['wall_s']:.0f} s")
     if args.write is not None:
         write_section(args.write, section(result))
-        print(f"wrote the '{SECTION}' section of {args.write}")
+        print(f"wrote the '{heading(vars(args))}' section of {args.write}")
 
 
 if __name__ == "__main__":

@@ -71,9 +71,10 @@ def test_throughput_benchmark_runs_on_the_tiny_model(throughput, tmp_path):
     assert "| 16 |" in table and "| 64 |" in table
     # --write replaces its own section and keeps the others.
     doc = tmp_path / "benchmarks.md"
-    doc.write_text("# Benchmarks\n\n## A\ntext a\n\n## Throughput vs dattri\nSTALE-TEXT\n\n## B\ntext b\n")
+    title = "## Throughput vs dattri: tiny-vit, 12 pool pairs"
+    doc.write_text(f"# Benchmarks\n\n## A\ntext a\n\n{title}\nSTALE-TEXT\n\n## B\ntext b\n")
     throughput.write_section(doc, throughput.section(result))
     throughput.write_section(doc, throughput.section(result))
     text = doc.read_text()
-    assert text.count("## Throughput vs dattri") == 1 and "STALE-TEXT" not in text
+    assert text.count(title) == 1 and "STALE-TEXT" not in text
     assert "## A\ntext a" in text and "## B\ntext b" in text and text.index("## A") < text.index("## B")
