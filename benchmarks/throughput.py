@@ -618,6 +618,13 @@ def verdict(result: dict) -> str:
     parts = []
     ratio = t["chips"] / t["forward"]
     parts.append(f"CHIPS / forward-only = {ratio:.3f} ({'meets' if ratio <= 1.10 else 'misses'} the 1.10 x target)")
+    stages = t.get("chips_stages")
+    if stages and ratio > 1.10:  # say where the time goes
+        parts.append(
+            f"CHIPS's time beyond the feature pass is prepare {stages[1]:.2f} s (once per round: bank, target "
+            f"gradient, curvature atoms and their sketch; it does not grow with the pool, so its share falls as "
+            f"the pool or the per-pair forward cost grows) and streaming score {stages[2]:.2f} s"
+        )
     if "trak_trimmed" in t:  # the headline: equal inputs (the same cut tokens for both)
         speed = t["trak_trimmed"] / t["chips"]
         parts.append(f"dattri TRAK / CHIPS on equal inputs = {speed:.2f} "
