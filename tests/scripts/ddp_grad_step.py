@@ -8,7 +8,7 @@ import sys
 
 import lightning.pytorch as pl
 import torch
-from tiny import TINY
+from tiny import TINY, teardown
 from torch.utils.data import DataLoader, Subset
 
 from lightning_chips import OpenCLIPModule, TwoDomainPairs
@@ -53,13 +53,6 @@ def main() -> None:
     trainer.fit(module, datamodule=FixedBatch())
     if trainer.global_rank == 0:
         torch.save(torch.cat([p.detach().reshape(-1) for p in module.model.parameters()]), out)
-
-
-def teardown() -> None:
-    """Wait for every rank, then tear the gloo group down (a rank exiting while gloo threads live gets SIGABRT)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import sys
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from tiny import teardown
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_chips.metrics import RetrievalRecallAtK, ZeroShotAccuracy
@@ -149,13 +150,6 @@ def main() -> None:
     if trainer.global_rank == 0:
         with open(out, "w") as f:
             json.dump(module.results, f)
-
-
-def teardown() -> None:
-    """Wait for every rank, then tear the gloo group down (a rank exiting while gloo threads live gets SIGABRT)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

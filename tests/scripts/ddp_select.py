@@ -9,7 +9,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from tiny import TINY
+from tiny import TINY, teardown
 
 from lightning_chips import DataSelectionCallback, OpenCLIPModule, ScoredSubsetDataModule, TwoDomainPairs
 from lightning_chips.scoring import CHIPS, Random
@@ -58,13 +58,6 @@ def main() -> None:
     torch.save(params, out / f"rank{trainer.global_rank}_of{devices}.pt")
     with open(out / f"rank{trainer.global_rank}_of{devices}.json", "w") as f:
         json.dump({"batches": record.batches, "selections": record.selections}, f)
-
-
-def teardown() -> None:
-    """Wait for every rank, then tear the gloo group down (a rank exiting while gloo threads live gets SIGABRT)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -7,8 +7,7 @@ import json
 import sys
 
 import lightning.pytorch as pl
-import torch
-from tiny import TINY
+from tiny import TINY, teardown
 
 from lightning_chips.data import TwoDomainDataModule
 from lightning_chips.models import OpenCLIPModule
@@ -31,13 +30,6 @@ def main() -> None:
     if trainer.global_rank == 0:
         with open(out, "w") as f:
             json.dump({"val_loss": metrics["val/loss"], "world_size": trainer.world_size}, f)
-
-
-def teardown() -> None:
-    """Wait for every rank, then tear the gloo group down (a rank exiting while gloo threads live gets SIGABRT)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
