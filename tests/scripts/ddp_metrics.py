@@ -16,7 +16,6 @@ import sys
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from tiny import teardown
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_chips.metrics import RetrievalRecallAtK, ZeroShotAccuracy
@@ -153,5 +152,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from tiny import teardown  # the scripts' folder is on sys.path when run as a script
+
     main()
     teardown()
