@@ -135,12 +135,6 @@ class MapBatches:
             yield (batch if len(batch["id"]) else None), skipped
 
 
-def map_batches(checked: CheckedPairs, indices: np.ndarray, collate: PairCollate, batch_size: int,
-                num_workers: int = 0) -> MapBatches:  # fmt: skip
-    """:class:`MapBatches` of ``indices`` of a checked map-style dataset."""
-    return MapBatches(checked, indices, collate, batch_size, num_workers)
-
-
 class MapPool:
     """:class:`SelectablePool` streams of a map-style pool (and target): contiguous shares per rank, bad pairs
     found by :class:`~lightning_chips.data.checks.CheckedPairs`, and a pool sample of indices drawn with
@@ -164,7 +158,7 @@ class MapPool:
         return len(self.pool)  # type: ignore[arg-type]
 
     def _batches(self, dataset: Dataset, indices: np.ndarray) -> MapBatches:
-        return map_batches(self.checked(dataset), indices, self.collate, self.batch_size, self.num_workers)
+        return MapBatches(self.checked(dataset), indices, self.collate, self.batch_size, self.num_workers)
 
     def target_batches(self, target: Dataset | None, rank: int, world: int) -> MapBatches:
         target = _require_target(target, self.target)
@@ -236,7 +230,7 @@ class ShardPool:
         target = _require_target(target, self.target)
         checked = self._checked.setdefault(id(target), CheckedPairs(target))
         share = shard_indices(np.arange(len(checked)), rank, world)
-        return map_batches(checked, share, self.collate, self.batch_size)
+        return MapBatches(checked, share, self.collate, self.batch_size)
 
     def pool_sample_batches(self, size: int | None, round: int, seed: int, rank: int,
                             world: int) -> Iterator[PoolItem]:  # fmt: skip
