@@ -6,7 +6,9 @@ gathers, skipped samples) is :func:`lightning_chips.engine.run_round`, which ``l
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,9 @@ from lightning_chips.adapters import CLIPAdapter, resolve_adapter
 from lightning_chips.data.checks import SkippedSample
 from lightning_chips.data.pool import SelectablePool
 from lightning_chips.data.preprocess import resolve_tokenizer
-from lightning_chips.engine import NO_ID, Collective, name_skipped, run_round, skipped_arrays
+from lightning_chips.engine import NO_ID, Collective, RoundScores, name_skipped, run_round, skipped_arrays
+from lightning_chips.groups import GroupColumn, check_group_by
+from lightning_chips.io import atomic_writer
 from lightning_chips.metrics import PromptEncoder
 from lightning_chips.scoring import RoundContext, Scorer, build_scorer
 from lightning_chips.selection import MODES, Mode, Selection, budget_for, select, write_round_file
@@ -40,6 +44,16 @@ class DataSelectionCallback(Callback):
     (ties broken by id); hand it to the :class:`~lightning_chips.data.ScoredSubsetDataModule`, whose sampler
     draws the next epoch's batches from it; write ``save_dir/round_{r:04d}.npz`` atomically; log the selected
     fraction, the overlap with the previous round and score quantiles, and print a one-line summary.
+
+    **Reports.** With ``group_by`` (metadata fields of the pool's items, or of a WebDataset sample's json), the
+    round file keeps each pair's group (:mod:`lightning_chips.groups`) and the loggers get each group's share of
+    the pool and of the selection and the share of it kept (``selection/group/FIELD=VALUE/{pool,selected,kept}``,
+    the :data:`MAX_LOGGED_GROUPS` largest groups per field); the summary line names a starved group. Every round
+    logs a score histogram (TensorBoard natively; a PNG beside the round file otherwise). With ``gallery=k`` the
+    round also reads back its top-k and bottom-k pairs and the k that entered and left the selection, writes them
+    to ``round_{r:04d}_gallery.npz``, and logs each gallery as an image grid to the loggers that take images
+    (TensorBoard, W&B, MLflow; PNG files beside the round file for the others). ``lightning-chips report
+    RUN_DIR`` turns the round files into one HTML page.
 
     Pool pairs that fail to load or to pass the checks (:class:`~lightning_chips.data.checks.CheckedPairs`), and
     pairs whose id an earlier pair of the pool already has (the first is kept), are skipped: never selected,
@@ -81,6 +95,10 @@ class DataSelectionCallback(Callback):
             ``enable_progress_bar=False``).
         adapter: an explicit :class:`~lightning_chips.adapters.CLIPAdapter` for a model
             :func:`~lightning_chips.adapters.resolve_adapter` does not know.
+        group_by: metadata fields to report the selection by (e.g. ``["source", "label"]``).
+        gallery: pairs per gallery (top, bottom, entered, left) read back and logged each round; 0 (default)
+            reads nothing and costs nothing.
+        thumbnail_size: side in pixels of the gallery thumbnails.
 
     Raises:
         ValueError: on a fraction outside (0, 1], both or negative schedules, an unknown scorer or mode, or an
@@ -112,8 +130,16 @@ class DataSelectionCallback(Callback):
         progress: bool = True,
         adapter: CLIPAdapter | None = None,
         overwrite: bool = False,
+        group_by: Sequence[str] | None = None,
+        gallery: int = 0,
+        thumbnail_size: int = 64,
     ) -> None:
         super().__init__()
+        group_fields = check_group_by(group_by)
+        if gallery < 0:
+            raise ValueError(f"`gallery` must be >= 0 (pairs per gallery; 0 = none), got {gallery}.")
+        if not 16 <= thumbnail_size <= 512:
+            raise ValueError(f"`thumbnail_size` must be in [16, 512] pixels, got {thumbnail_size}.")
         if isinstance(scorer, str):
             scorer = build_scorer(scorer)
         if not isinstance(scorer, Scorer):
@@ -151,6 +177,9 @@ class DataSelectionCallback(Callback):
         self.progress = progress
         self.adapter = adapter
         self.overwrite = overwrite
+        self.group_by = group_fields
+        self.gallery = gallery
+        self.thumbnail_size = thumbnail_size
 
         self.round = 0  # the index the next selection round gets
         self.context = RoundContext(seed=seed)  # the context of the last (or running) round
@@ -218,6 +247,14 @@ class DataSelectionCallback(Callback):
         if self.should_select(trainer.global_step, trainer.current_epoch):
             self.run_round(trainer, pl_module, at_epoch_end=True)
 
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        directory = self.round_dir(trainer)
+        if not trainer.is_global_zero or directory is None or not any(directory.glob("round_*.npz")):
+            return
+        rank_zero_info(f"[lightning-chips] the round files are in {directory}; see them on one page with: "
+                       f"lightning-chips report {directory}")  # fmt: skip
+
     # -- one round -----------------------------------------------------------------------------------------------
     def run_round(self, trainer: Trainer, pl_module: LightningModule, *, at_epoch_end: bool = False) -> Selection:
         """Score the pool with the current model and install the new selection (all ranks).
@@ -243,7 +280,7 @@ class DataSelectionCallback(Callback):
             self.scorer, adapter, datamodule, self.context, target=self.target, pool_sample=self.pool_sample,
             collective=collective, device=pl_module.device,
             progress=self.progress and trainer.progress_bar_callback is not None,
-            precision=trainer.precision_plugin.forward_context,
+            precision=trainer.precision_plugin.forward_context, group_by=self.group_by,
         )  # fmt: skip
         skipped, shard_errors = result.skipped, result.shard_errors
         n = len(result.ids)
@@ -258,6 +295,8 @@ class DataSelectionCallback(Callback):
         self.last_step, self.last_epoch = trainer.global_step, trainer.current_epoch + int(at_epoch_end)
         self.round = r + 1
         metrics = self._metrics(selection, previous, result.scores, n)
+        selected = selection.contains(result.ids)
+        metrics.update(_group_metrics(result.groups, selected))
         metrics["skipped"] = float(len(skipped))
         metrics["target_skipped"] = float(len(result.target_skipped))
         if not result.positional:
@@ -267,13 +306,14 @@ class DataSelectionCallback(Callback):
         def write() -> None:  # rank 0 writes; the others learn whether it could
             if trainer.is_global_zero:
                 arrays = skipped_arrays(skipped, shard_errors, result.positional)
-                self._write(trainer, selection, result.ids, result.scores, arrays, result.uids)
+                self._write(trainer, selection, result, arrays)
 
         collective.agree(r, "the round file", write)
         if trainer.is_global_zero:
             if self.log:
                 for logger in trainer.loggers:
                     logger.log_metrics({f"selection/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
+            self._log_images(trainer, datamodule, selection, previous, result, selected)
             for what, found in (("pool", skipped), ("target", result.target_skipped)):
                 if found:
                     rank_zero_warn(
@@ -293,6 +333,7 @@ class DataSelectionCallback(Callback):
                             "file lists them)" if skipped else "")  # fmt: skip
             if shard_errors:
                 skipped_text += f"; {len(shard_errors)} shards could not be read to the end"
+            skipped_text += _starved_text(result.groups, selected, metrics["fraction"])
             rank_zero_info(
                 f"[lightning-chips] round {r} at step {trainer.global_step}: kept {len(selection):,} of {n:,} pool "
                 f"pairs ({metrics['fraction']:.1%}) by {selection.method}{kept_before}{skipped_text}; the round took "
@@ -333,16 +374,65 @@ class DataSelectionCallback(Callback):
                 "go to the logger's versioned folder), resume that run with `ckpt_path`, or pass `overwrite=True`."
             )
 
-    def _write(self, trainer: Trainer, selection: Selection, ids: np.ndarray, scores: np.ndarray,
-               bad_arrays: dict[str, np.ndarray], uids: np.ndarray | None = None) -> None:  # fmt: skip
+    def _write(self, trainer: Trainer, selection: Selection, result: RoundScores,
+               bad_arrays: dict[str, np.ndarray]) -> None:  # fmt: skip
         directory = self.round_dir(trainer)
         if directory is None:
             return
+        ids = result.ids if result.uids is None else result.uids
         write_round_file(
-            directory / f"round_{selection.round:04d}.npz", ids if uids is None else uids, scores,
-            selection.contains(ids),
-            round=selection.round, method=selection.method, fraction=self.fraction, **bad_arrays,
+            directory / f"round_{selection.round:04d}.npz", ids, result.scores, selection.contains(result.ids),
+            groups=result.groups, round=selection.round, method=selection.method, fraction=self.fraction,
+            settings=json.dumps(self._settings(trainer, len(result.ids))), **bad_arrays,
         )  # fmt: skip
+
+    def _settings(self, trainer: Trainer, n: int) -> dict[str, Any]:
+        """What a report shows as the run's settings."""
+        return {
+            "scorer": type(self.scorer).__name__, "scorer_summary": self.scorer.summary(), "fraction": self.fraction,
+            "mode": self.mode, "every_n_steps": self.every_n_steps, "every_n_epochs": self.every_n_epochs,
+            "warmup_steps": self.warmup_steps, "pool_sample": self.pool_sample, "seed": self.seed,
+            "group_by": list(self.group_by), "gallery": self.gallery, "pool_pairs_scored": n,
+            "global_step": trainer.global_step, "epoch": trainer.current_epoch, "world_size": trainer.world_size,
+        }  # fmt: skip
+
+    def _log_images(self, trainer: Trainer, datamodule: Any, selection: Selection, previous: Selection | None,
+                    result: RoundScores, selected: np.ndarray) -> None:  # fmt: skip
+        """Rank 0: the score histogram and (with ``gallery``) the galleries, to the loggers that take them and
+        as PNG files beside the round file for the others."""
+        from lightning_chips import gallery as g
+
+        directory = self.round_dir(trainer)
+        r, step = selection.round, trainer.global_step
+        loggers = trainer.loggers if self.log else []
+        pngs: dict[str, np.ndarray] = {}
+        histogram_done = [g.log_histogram(logger, "selection/scores", result.scores, step) for logger in loggers]
+        if loggers and not all(histogram_done):
+            image = g.histogram_image(result.scores, selected, f"round {r}: scores (dark: selected)")
+            if not all([done or g.log_image(lg, "selection/scores", image, step)
+                        for lg, done in zip(loggers, histogram_done, strict=True)]):  # fmt: skip
+                pngs["scores"] = image
+        if self.gallery:
+            given = result.ids if result.uids is None else result.uids
+            before = None if previous is None else previous.contains(result.ids)
+            picked = g.pick_gallery(result.ids, result.scores, selected, before, self.gallery)
+            rows = np.unique(np.concatenate(list(picked.values())))
+            loaded, missing = g.load_pairs(datamodule, [_item(given[i]) for i in rows],
+                                           result.indices[rows] if result.positional else None,
+                                           self.thumbnail_size)  # fmt: skip
+            pairs = g.gallery_pairs(picked, given, result.scores, loaded, missing)
+            if directory is not None:
+                g.write_gallery(g.gallery_path(directory / f"round_{r:04d}.npz"), pairs, self.thumbnail_size)
+            for kind in picked:
+                grid = g.render_grid([p for p in pairs if p.kind == kind], f"round {r}: {kind} {self.gallery}")
+                if not all([g.log_image(logger, f"selection/{kind}", grid, step) for logger in loggers]):
+                    pngs[kind] = grid
+            if missing:
+                rank_zero_warn(f"[lightning-chips] round {r}: {len(missing)} gallery pairs could not be loaded "
+                               f"(listed in the gallery file): {list(missing.items())[:3]}")  # fmt: skip
+        if directory is not None and loggers:
+            for name, image in pngs.items():
+                _write_png(directory / f"round_{r:04d}_{name}.png", g.png_bytes(image))
 
     # -- state -------------------------------------------------------------------------------------------------
     @override
@@ -388,6 +478,43 @@ class DataSelectionCallback(Callback):
                 {k: (v.numpy() if isinstance(v, Tensor) else v) for k, v in sel.items()}
             )
         self._restored = True
+
+
+MAX_LOGGED_GROUPS = 20
+"""Groups per field whose shares are logged each round (the largest in the pool); the round file keeps all."""
+
+
+def _group_metrics(groups: dict[str, GroupColumn], selected: np.ndarray) -> dict[str, float]:
+    metrics = {}
+    for field, column in groups.items():
+        shares = sorted(column.shares(selected), key=lambda s: (-s.pool, s.value))[:MAX_LOGGED_GROUPS]
+        for share in shares:
+            name = f"group/{field}={share.value}"
+            metrics[f"{name}/pool"] = share.pool_share
+            metrics[f"{name}/selected"] = share.selected_share
+            metrics[f"{name}/kept"] = share.kept
+    return metrics
+
+
+def _starved_text(groups: dict[str, GroupColumn], selected: np.ndarray, fraction: float) -> str:
+    """``; starved: field=value kept 0.4% (of 1,280 pairs; 30.0% overall)`` for groups kept at under a tenth of the
+    overall rate (the worst two), or ``""``."""
+    starved = [(share.kept, field, share) for field, column in groups.items() for share in column.shares(selected)
+               if share.pool and share.kept < 0.1 * fraction]  # fmt: skip
+    if not starved:
+        return ""
+    named = ", ".join(f"{field}={s.value} kept {s.kept:.1%} of its {s.pool:,} pairs"
+                      for _, field, s in sorted(starved, key=lambda t: t[0])[:2])  # fmt: skip
+    return f"; starved groups: {named} ({fraction:.1%} overall)"
+
+
+def _item(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+def _write_png(path: Path, data: bytes) -> None:
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 def _is_last_epoch(trainer: Trainer) -> bool:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -42,6 +42,7 @@ from lightning_chips.data.checks import SkippedSample, describe_error
 from lightning_chips.data.pool import PoolItem, SelectablePool
 from lightning_chips.endpoint import EndPoint
 from lightning_chips.features import PairFeatures, iter_features
+from lightning_chips.groups import GroupColumn, GroupEncoder
 from lightning_chips.ids import Id, id_keys, ids_array
 from lightning_chips.scoring import RoundContext, Scorer
 
@@ -154,6 +155,7 @@ class _Rows:
     features: PairFeatures | None = None
     scores: Tensor | None = None
     uids: list[Id] | None = None  # the ids as given, when they are strings (``ids`` holds their keys)
+    groups: Tensor | None = None  # [n, F] keys of the ``group_by`` values (:class:`GroupEncoder`)
 
     def take(self, rows: Tensor) -> _Rows:
         return _Rows(
@@ -161,6 +163,7 @@ class _Rows:
             None if self.features is None else self.features.index(rows),
             None if self.scores is None else self.scores[rows],
             None if self.uids is None else [self.uids[i] for i in rows.tolist()],
+            None if self.groups is None else self.groups[rows],
         )  # fmt: skip
 
     @staticmethod
@@ -174,7 +177,7 @@ class _Rows:
         return _Rows(
             torch.cat([p.ids for p in parts]), torch.cat([p.index for p in parts]), torch.cat([p.order for p in parts]),
             join("labels"), None if any(f is None for f in features) else PairFeatures.cat(features),  # type: ignore[arg-type]
-            join("scores"), uids,
+            join("scores"), uids, join("groups"),
         )  # fmt: skip
 
     def keep_first(self, positional: bool = False) -> tuple[_Rows, list[SkippedSample]]:
@@ -202,6 +205,7 @@ def _gather_rows(collective: Collective, mine: _Rows | None, *, features: bool) 
     shapes = collective.objects(None if mine is None else (
         mine.labels is not None,
         None if mine.features is None else (mine.features.image.shape[1], mine.features.text.shape[1]),
+        0 if mine.groups is None else mine.groups.shape[1],
     ))  # fmt: skip
     present = [s for s in shapes if s is not None]
     if not present:
@@ -227,6 +231,10 @@ def _gather_rows(collective: Collective, mine: _Rows | None, *, features: bool) 
                          for u in (part if part is not None else [None] * n)]  # fmt: skip
     rows = _Rows(collective.cat(mine.ids), collective.cat(mine.index), collective.cat(mine.order), labels,
                  gathered_features, None if mine.scores is None else collective.cat(mine.scores))  # fmt: skip
+    if mine.groups is not None or any(s[2] for s in present):
+        width = next(s[2] for s in present if s[2])
+        own_groups = mine.groups if mine.groups is not None else torch.zeros(0, width, dtype=torch.int64)
+        rows.groups = collective.cat(own_groups)
     if gathered_uids is not None:
         rows.uids = [k if u is None else u for u, k in zip(gathered_uids, rows.ids.tolist(), strict=True)]
     return rows
@@ -241,9 +249,11 @@ def _iter_rows(
     progress: bool,
     description: str,
     precision: Callable[[], contextlib.AbstractContextManager],
+    groups: GroupEncoder | None = None,
 ) -> Iterator[_Rows]:
-    """The features of each batch of ``items`` with its pool positions; skipped samples go to ``sink``."""
-    pending: deque[tuple[Tensor, Tensor, list[Id] | None]] = deque()
+    """The features of each batch of ``items`` with its pool positions (and ``groups`` keys); skipped samples go to
+    ``sink``."""
+    pending: deque[tuple[Tensor, Tensor, list[Id] | None, Tensor | None]] = deque()
     read = 0
 
     def batches() -> Iterator[dict[str, Any]]:
@@ -264,7 +274,7 @@ def _iter_rows(
             else:
                 index, order = ids, torch.arange(read, read + len(ids), dtype=torch.int64)
             read += len(ids)
-            pending.append((index, order, uids))
+            pending.append((index, order, uids, None if groups is None else groups(batch, len(ids))))
             yield batch
 
     try:
@@ -274,9 +284,9 @@ def _iter_rows(
     with precision():
         for features in iter_features(adapter, batches(), device=device, progress=progress, description=description,
                                       total=total):  # fmt: skip
-            index, order, uids = pending.popleft()
+            index, order, uids, keys = pending.popleft()
             labels = None if features.labels is None else features.labels.cpu()
-            yield _Rows(features.ids.cpu(), index, order, labels, features, uids=uids)
+            yield _Rows(features.ids.cpu(), index, order, labels, features, uids=uids, groups=keys)
 
 
 def _extract(adapter: CLIPAdapter, items: Iterable[PoolItem], sink: list[SkippedSample],
@@ -414,6 +424,8 @@ class RoundScores:
         positional: whether the pool is map-style (pairs have dataset indices).
         uids: the ids as given (a string array) when the pool has string ids, else None (``ids`` are then the
             ids themselves); ``ids`` always holds the int64 keys (:mod:`lightning_chips.ids`).
+        groups: the ``group_by`` field -> :class:`~lightning_chips.groups.GroupColumn` of the scored pairs (empty
+            without ``group_by``).
     """
 
     ids: np.ndarray
@@ -425,6 +437,7 @@ class RoundScores:
     target_skipped: list[SkippedSample]
     positional: bool
     uids: np.ndarray | None = None
+    groups: dict[str, GroupColumn] = field(default_factory=dict)
 
 
 def run_round(
@@ -439,13 +452,14 @@ def run_round(
     device: torch.device | str | None = None,
     progress: bool = False,
     precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    group_by: Sequence[str] = (),
 ) -> RoundScores:
     """Score every pair of ``pool`` for one round (steps 1-4 of the module docstring), on every rank.
 
     With ``pool_sample=None`` (or at least the pool's size) the whole pool is the sample: its features are
     extracted once, gathered for ``prepare`` and scored from memory (``O(N d)`` features per rank). Otherwise the
     sample is drawn with ``(context.seed, context.round)`` and the pool streams through the towers (memory: one
-    batch).
+    batch). ``group_by`` names metadata fields kept per scored pair (:mod:`lightning_chips.groups`).
 
     Raises:
         ValueError: when no pool pair or no target pair could be used.
@@ -462,6 +476,7 @@ def run_round(
     kwargs = {"device": device, "progress": progress and rank == 0, "precision": precision}
     size = pool.pool_size()
     sink: list[SkippedSample] = []
+    groups = GroupEncoder(group_by) if group_by else None
     if pool_sample is not None and (size is None or pool_sample < size):
         target_skipped = prepare_round(
             scorer,
@@ -479,7 +494,7 @@ def run_round(
         def score_stream() -> _Rows | None:
             parts = []
             for rows in _iter_rows(adapter, pool.scoring_batches(rank, world), sink,
-                                   description=f"round {r}: scoring", **kwargs):  # fmt: skip
+                                   description=f"round {r}: scoring", groups=groups, **kwargs):  # fmt: skip
                 rows.scores = score_batch(scorer, rows.features)  # type: ignore[arg-type]
                 rows.features = None
                 parts.append(rows)
@@ -490,8 +505,9 @@ def run_round(
         target_features, target_skipped = _target_features(scorer, adapter, pool, target, collective, r, **kwargs)
         items = pool.scoring_batches(rank, world)
         own = collective.agree(
-            r, "the pool features", lambda: _extract(adapter, items, sink, description=f"round {r}: pool", **kwargs)
-        )
+            r, "the pool features",
+            lambda: _extract(adapter, items, sink, description=f"round {r}: pool", groups=groups, **kwargs),
+        )  # fmt: skip
         everything = _gather_rows(collective, own, features=True)
         if len(everything.ids) == 0:
             skipped, _ = collective.skipped(sink)
@@ -513,6 +529,13 @@ def run_round(
         raise ValueError(_nothing_scored(skipped))
     positional = size is not None  # a pool that knows its size is map-style: its pairs have dataset indices
     kept, duplicates = rows.keep_first(positional)
+    columns = {}
+    if groups is not None:
+        merged: list[dict[int, str]] = [{} for _ in group_by]
+        for values in collective.objects(groups.values):
+            for f, seen in enumerate(values):
+                merged[f].update(seen)
+        columns = groups.columns(kept.groups.numpy(), merged)  # type: ignore[union-attr]
     return RoundScores(
         ids=kept.ids.numpy(),
         scores=kept.scores.numpy(),  # type: ignore[union-attr]
@@ -523,6 +546,7 @@ def run_round(
         target_skipped=target_skipped,
         positional=positional,
         uids=None if kept.uids is None else ids_array(kept.uids),
+        groups=columns,
     )
 
 

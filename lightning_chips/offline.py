@@ -46,6 +46,7 @@ from lightning_chips.data.target import ListDataset, load_target_pairs
 from lightning_chips.data.webdataset import ShardReport, WebDatasetPairs, expand_shards
 from lightning_chips.engine import Collective, prepare_round, score_batch
 from lightning_chips.features import iter_features
+from lightning_chips.groups import GroupColumn, batch_values, check_group_by, group_arrays, read_group_arrays
 from lightning_chips.ids import id_key, ids_array
 from lightning_chips.io import (
     CorruptFileError,
@@ -88,9 +89,10 @@ def _part_name(url: str) -> str:
 
 
 def _write_part(path: Path, url: str, ids: np.ndarray, scores: np.ndarray, report: ShardReport, run: str,
-                uids: np.ndarray | None = None) -> None:  # fmt: skip
-    """A shard's part: int64 keys as ``ids``, the string ids as ``uids`` when the pool has them."""
-    extra = {} if uids is None else {"uids": uids}
+                uids: np.ndarray | None = None, groups: dict[str, GroupColumn] | None = None) -> None:  # fmt: skip
+    """A shard's part: int64 keys as ``ids``, the string ids as ``uids`` when the pool has them, the ``group_by``
+    columns (:func:`~lightning_chips.groups.group_arrays`)."""
+    extra = ({} if uids is None else {"uids": uids}) | group_arrays(groups or {})
     atomic_savez(
         path,
         **extra,
@@ -112,7 +114,7 @@ def _read_part(path: Path) -> dict[str, Any]:
         raise CorruptFileError(f"{path} is damaged: its shard report is not JSON ({exc}). {_PART_FIX}") from exc
     uids = f["uids"] if "uids" in f else None
     return {"ids": f["ids"], "scores": f["scores"], "url": str(f["url"]), "run": str(f["run"]), "report": report,
-            "uids": uids}  # fmt: skip
+            "uids": uids, "groups": read_group_arrays(f)}  # fmt: skip
 
 
 def _completed_shards(parts: Path, urls: Sequence[str], run: str) -> set[str]:
@@ -162,7 +164,7 @@ class _PoolScoring(LightningModule):
         self.model = model
         self.scorer = scorer
         self.config = config
-        self.buffers: dict[int, tuple[list[Tensor], list[Tensor], list]] = {}
+        self.buffers: dict[int, tuple[list[Tensor], list[Tensor], list, list[list[str]]]] = {}
         self.scored_now = 0
         self.started = 0.0
 
@@ -221,12 +223,17 @@ class _PoolScoring(LightningModule):
             scores = score_batch(self.scorer, features)
             ids = features.ids.cpu()
             uids = given if given is not None else ids.tolist()
+            fields = self.config["group_by"]
+            values = [batch_values(batch, f, len(ids)) for f in fields]
             for s in shard.unique().tolist():
                 mask = shard == s
-                got_ids, got_scores, got_uids = self.buffers.setdefault(s, ([], [], []))
+                empty: tuple = ([], [], [], [[] for _ in fields])
+                got_ids, got_scores, got_uids, got_groups = self.buffers.setdefault(s, empty)
                 got_ids.append(ids[mask])
                 got_scores.append(scores[mask])
                 got_uids.extend(u for u, m in zip(uids, mask.tolist(), strict=True) if m)
+                for column, vs in zip(got_groups, values, strict=True):
+                    column.extend(v for v, m in zip(vs, mask.tolist(), strict=True) if m)
             self.scored_now += len(ids)
         for report in reports:
             self._finish_shard(report)
@@ -235,13 +242,16 @@ class _PoolScoring(LightningModule):
     def _finish_shard(self, report: ShardReport) -> None:
         c = self.config
         index = c["urls"].index(report.url)
-        got_ids, got_scores, got_uids = self.buffers.pop(index, ([], [], []))
+        fields = c["group_by"]
+        got_ids, got_scores, got_uids, got_groups = self.buffers.pop(index, ([], [], [], [[] for _ in fields]))
         ids = torch.cat(got_ids).numpy() if got_ids else np.zeros(0, np.int64)
         scores = torch.cat(got_scores).numpy() if got_scores else np.zeros(0, np.float32)
         if len(ids) != report.samples:
             raise RuntimeError(f"Shard {report.url}: {report.samples} pairs read but {len(ids)} scored.")
+        groups = {f: GroupColumn.from_values(np.array(v, dtype=str)).capped() for f, v in zip(fields, got_groups,
+                                                                                                 strict=True)}
         _write_part(Path(c["output"]) / PARTS / _part_name(report.url), report.url, ids, scores, report, c["run"],
-                    ids_array(got_uids) if any(isinstance(u, str) for u in got_uids) else None)  # fmt: skip
+                    ids_array(got_uids) if any(isinstance(u, str) for u in got_uids) else None, groups)  # fmt: skip
         if c["after_shard"] is not None:
             c["after_shard"](report)
 
@@ -252,8 +262,8 @@ class _PoolScoring(LightningModule):
         output = Path(c["output"])
         rank, world = self.global_rank, self.trainer.world_size
         mine = c["urls"][rank::world]
-        ids, scores, _, uids = _merge_parts(output, mine, c["run"])
-        ids, scores = _as_given(ids, scores, uids)
+        ids, scores, _, uids, _ = _merge_parts(output, mine, c["run"])
+        ids, scores, _ = _as_given(ids, scores, uids)
         atomic_savez(output / f"scores-rank{rank}.npz", ids=ids, scores=scores, rank=np.asarray(rank))
         scored_now = int(self.trainer.strategy.reduce(torch.tensor(float(self.scored_now), device=self.device),
                                                       reduce_op="sum"))  # fmt: skip
@@ -263,12 +273,15 @@ class _PoolScoring(LightningModule):
         self.trainer.strategy.barrier("lightning_chips_score_done")
 
 
-def _merge_parts(output: Path, urls: Sequence[str], run: str) -> tuple[np.ndarray, np.ndarray, list[dict],
-                                                                       np.ndarray | None]:  # fmt: skip
+_Merged = tuple[np.ndarray, np.ndarray, list[dict], "np.ndarray | None", dict[str, GroupColumn]]
+
+
+def _merge_parts(output: Path, urls: Sequence[str], run: str) -> _Merged:
     """Key-sorted scores of the parts of ``urls`` (a uid in several shards keeps its first shard's score), the
-    shard reports, and the string ids of those keys when the pool has string ids (else None). A part that
-    another run wrote is an error naming it: the merge never mixes runs."""
-    all_ids, all_scores, all_uids, reports, has_uids = [], [], [], [], []
+    shard reports, the string ids of those keys when the pool has string ids (else None), and the ``group_by``
+    columns aligned with the keys. A part that another run wrote is an error naming it: the merge never mixes
+    runs."""
+    all_ids, all_scores, all_uids, reports, has_uids, groups = [], [], [], [], [], []
     for url in urls:
         path = output / PARTS / _part_name(url)
         if not path.exists():
@@ -284,29 +297,36 @@ def _merge_parts(output: Path, urls: Sequence[str], run: str) -> tuple[np.ndarra
         all_uids.append(part["uids"] if part["uids"] is not None else part["ids"].astype(str))
         has_uids.append(part["uids"] is not None)
         reports.append(part["report"])
+        groups.append(part["groups"])
     ids = np.concatenate(all_ids) if all_ids else np.zeros(0, np.int64)
     scores = np.concatenate(all_scores) if all_scores else np.zeros(0, np.float32)
     unique, first = np.unique(ids, return_index=True)  # first occurrence in shard order
     uids = np.concatenate(all_uids)[first] if any(has_uids) else None
-    return unique, scores[first], reports, uids
+    fields = list(groups[0]) if groups else []
+    columns = {f: GroupColumn.cat([g[f] for g in groups]).take(first).capped() for f in fields}
+    return unique, scores[first], reports, uids, columns
 
 
-def _as_given(keys: np.ndarray, scores: np.ndarray, uids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Ids as users read them, sorted (int64 ids, or the string ids of a pool that has them), with their scores."""
+def _as_given(
+    keys: np.ndarray, scores: np.ndarray, uids: np.ndarray | None, groups: dict[str, GroupColumn] | None = None
+) -> tuple[np.ndarray, np.ndarray, dict[str, GroupColumn]]:
+    """Ids as users read them, sorted (int64 ids, or the string ids of a pool that has them), with their scores
+    (and group columns)."""
+    groups = groups or {}
     if uids is None:
-        return keys, scores
+        return keys, scores, groups
     order = np.argsort(uids, kind="stable")
-    return uids[order], scores[order]
+    return uids[order], scores[order], {f: c.take(order) for f, c in groups.items()}
 
 
 def _write_merged(output: Path, config: dict[str, Any], seconds: float, scored_now: int) -> None:
     urls = config["urls"]
-    keys, scores, reports, uids = _merge_parts(output, urls, config["run"])
+    keys, scores, reports, uids, groups = _merge_parts(output, urls, config["run"])
     all_ids = np.concatenate([_read_part(output / PARTS / _part_name(u))["ids"] for u in urls])
     values, counts = np.unique(all_ids, return_counts=True)
     duplicated_keys = values[counts > 1]
     duplicated = duplicated_keys if uids is None else uids[np.searchsorted(keys, duplicated_keys)]
-    ids, scores = _as_given(keys, scores, uids)
+    ids, scores, groups = _as_given(keys, scores, uids, groups)
     bad = sum(len(r["bad"]) for r in reports)
     errors = [r for r in reports if r["error"]]
     atomic_savez(
@@ -317,6 +337,7 @@ def _write_merged(output: Path, config: dict[str, Any], seconds: float, scored_n
         scorer=np.asarray(config["scorer"]),
         model_fingerprint=np.asarray(config["model_fingerprint"]),
         run=np.asarray(config["run"]),
+        **group_arrays(groups),
     )
     manifest = {
         "method": config["method"],
@@ -328,6 +349,7 @@ def _write_merged(output: Path, config: dict[str, Any], seconds: float, scored_n
         "seed": config["seed"],
         "image_size": config["image_size"],
         "uid_field": config["uid_field"],
+        "group_by": list(config["group_by"]),
         "target": config["target_report"],
         "scored": int(len(ids)),
         "skipped": bad,
@@ -385,6 +407,7 @@ def score_pool(
     adapter: CLIPAdapter | None = None,
     after_shard: Any = None,
     learning_rate: float | None = None,
+    group_by: list[str] | None = None,
 ) -> Path:
     """Score every pair of a WebDataset pool with ``scorer`` under ``model``; write ``output/scores.npz``.
 
@@ -411,6 +434,9 @@ def score_pool(
         learning_rate: the learning rate of the checkpoint being scored, which TracIn weights its scores by
             (``eta g^T u``); default the model's ``lr`` (an attribute or hyperparameter, as ``OpenCLIPModule(lr=...)``
             has), else 1.
+        group_by: fields of each sample's json to keep per pair in ``scores.npz`` (``group_fields``,
+            ``group_values_{i}``, ``group_codes_{i}``; :mod:`lightning_chips.groups`), for ``lightning-chips report``'s
+            composition of pool and selection. Part of the run's identity.
 
     Returns:
         The path of ``scores.npz`` (ids sorted, float32 scores, ``method``, ``scorer``, ``model_fingerprint``).
@@ -438,6 +464,7 @@ def score_pool(
     if not (np.isfinite(learning_rate) and learning_rate > 0):
         raise ValueError(f"`learning_rate` must be a finite number > 0, got {learning_rate}.")
     learning_rate = float(learning_rate)
+    group_fields = list(check_group_by(group_by))
     resolved = resolve_adapter(model, adapter)  # fail before any work if the CLIP cannot be reached
     image_size = int(image_size or getattr(model, "image_size", None) or 224)
     urls = expand_shards(pool)
@@ -447,6 +474,8 @@ def score_pool(
     fingerprint = model_fingerprint(resolved.module)
     target_digest = _target_digest(target_pairs)
     run_spec = [fingerprint, repr(scorer), target_digest, pool_sample, seed, image_size, uid_field, learning_rate]
+    if group_fields:  # (without it the identity of earlier runs is unchanged)
+        run_spec.append(group_fields)
     run = hashlib.sha1(json.dumps(run_spec).encode()).hexdigest()[:16]
     out = Path(output)
     trainer = trainer if trainer is not None else Trainer(
@@ -467,7 +496,7 @@ def score_pool(
         return _score_locked(model, scorer, out, urls, run, fingerprint, target_pairs, target_report, trainer, {
             "batch_size": batch_size, "num_workers": num_workers, "worker_start_method": worker_start_method,
             "pool_sample": pool_sample, "seed": seed, "image_size": image_size, "uid_field": uid_field,
-            "adapter": adapter, "after_shard": after_shard, "learning_rate": learning_rate,
+            "adapter": adapter, "after_shard": after_shard, "learning_rate": learning_rate, "group_by": group_fields,
         })  # fmt: skip
     finally:
         if lock is not None:

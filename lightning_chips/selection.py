@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
+from lightning_chips.groups import GroupColumn, group_arrays
 from lightning_chips.io import atomic_savez
 
 __all__ = ["Mode", "Selection", "budget_for", "select", "stratified_quotas", "write_round_file"]
@@ -188,10 +190,17 @@ def select(
 
 
 def write_round_file(
-    path: str | os.PathLike, ids: np.ndarray, scores: np.ndarray, selected: np.ndarray, **meta: object
+    path: str | os.PathLike,
+    ids: np.ndarray,
+    scores: np.ndarray,
+    selected: np.ndarray,
+    *,
+    groups: Mapping[str, GroupColumn] | None = None,
+    **meta: object,
 ) -> Path:
     """Atomically write ``ids`` (sorted; int64, or strings for a pool with string ids), ``scores`` and the
-    ``selected`` mask (+ metadata) to ``path`` (.npz).
+    ``selected`` mask (+ metadata) to ``path`` (.npz). ``groups`` (aligned with ``ids`` as given) are stored as
+    :func:`~lightning_chips.groups.group_arrays`, reordered with the ids.
 
     Written to a temporary file in the same directory and renamed, so a crash never leaves a half-written file.
     """
@@ -209,6 +218,11 @@ def write_round_file(
         "scores": np.asarray(scores, dtype=np.float32)[order],
         "selected": np.asarray(selected, dtype=bool)[order],
     }
+    if groups:
+        for field, column in groups.items():
+            if len(column) != n:
+                raise ValueError(f"group field {field!r} has {len(column)} entries for {n} pairs.")
+        arrays.update(group_arrays(groups, order))
     arrays.update({key: np.asarray(value) for key, value in meta.items()})
     atomic_savez(path, **arrays)
     return path

@@ -54,7 +54,7 @@ class PairCollate:
             return batch
         texts = [item["text"] for item in items]
         images = [item["image"] if self.image is None else self.image(item["image"]) for item in items]
-        rest = default_collate([{k: v for k, v in item.items() if k not in ("text", "image")} for item in items])
+        rest = _collate_rest(items)
         rest["image"] = torch.stack([torch.as_tensor(image) for image in images])
         if isinstance(texts[0], str):
             if self.tokenizer is None:
@@ -63,6 +63,27 @@ class PairCollate:
         else:
             rest["text"] = torch.stack([torch.as_tensor(t) for t in texts])
         return rest
+
+
+def _collate_rest(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The fields of ``items`` other than image and text: ``default_collate`` d when every item has the field and
+    it collates (ids, labels, indices, numbers, strings); otherwise, and always for a WebDataset sample's parsed
+    ``"json"``, a list with one value per item (None where an item lacks it), so metadata of any shape passes
+    through to ``group_by``."""
+    names = list(dict.fromkeys(k for item in items for k in item if k not in ("text", "image")))
+    rest: dict[str, Any] = {}
+    for name in names:
+        values = [item.get(name) for item in items]
+        if name != "json" and all(name in item for item in items):
+            try:
+                rest[name] = default_collate(values)
+                continue
+            except (TypeError, RuntimeError, KeyError):
+                pass
+            if name in ("id", "label", "index", "shard"):  # the fields a round reads must collate
+                rest[name] = default_collate(values)
+        rest[name] = values
+    return rest
 
 
 class LazyIterator:

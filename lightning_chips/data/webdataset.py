@@ -180,12 +180,14 @@ def decode_pair(
     uid_field: str = "uid",
     image_extensions: Sequence[str] = IMAGE_EXTENSIONS,
 ) -> dict[str, Any] | str:
-    """Decode one raw sample (``{extension: bytes}``) into ``{"image", "text", "id"}``, or return the reason it
-    is unusable (``"undecodable image: ..."``, ``"missing caption"``, ``"missing uid"``, ...; see
-    :mod:`lightning_chips.data.checks`)."""
+    """Decode one raw sample (``{extension: bytes}``) into ``{"image", "text", "id", "json"}``, or return the
+    reason it is unusable (``"undecodable image: ..."``, ``"missing caption"``, ``"missing uid"``, ...; see
+    :mod:`lightning_chips.data.checks`). ``"json"`` is the sample's parsed json (its other fields: a source, a
+    label, ...; what ``group_by`` reads)."""
     uid = _parse_uid(raw.get("json"), uid_field)
     if isinstance(uid, Reason):
         return str(uid)
+    meta = json.loads(raw["json"])  # parsed once more: _parse_uid succeeded, so it is a dict
     try:
         caption = decode_caption(raw.get("txt"))
         ext = next((e for e in image_extensions if e in raw), None)
@@ -194,7 +196,7 @@ def decode_pair(
         image = decode_image(raw[ext], transform)
     except BadSample as bad:
         return bad.reason
-    return {"image": image, "text": caption, "id": uid}
+    return {"image": image, "text": caption, "id": uid, "json": meta}
 
 
 class Reason(str):

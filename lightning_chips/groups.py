@@ -1,0 +1,231 @@
+"""Groups of the pool: metadata fields a user names (``group_by=["source", "label"]``) kept per scored pair, so a
+round can say which share of the pool and of the selection each group holds, and whether the scorer starves one.
+
+A field's value for a pair is read from the batch: the item's own field (map-style items ``{"image", "text", "id",
+"source": ...}``), else the field of a WebDataset sample's ``.json``; a pair without it is in the group
+:data:`MISSING`. Values are kept as strings (``"1"``, ``"True"``, ``"web"``). Memory is bounded: one int64 per pair
+and field while scoring (a stable hash of the value, so ranks agree without talking), and at most
+:data:`MAX_GROUP_VALUES` distinct values per field; later new values are counted in :data:`OTHER`.
+
+In a round file (and ``scores.npz``) a field ``i`` of ``group_fields`` is two arrays: ``group_values_{i}`` (the
+distinct values) and ``group_codes_{i}`` (int32 per pair, aligned with ``ids``, indexing the values).
+
+Example::
+
+    >>> import numpy as np
+    >>> column = GroupColumn.from_values(np.array(["web", "book", "web", "web"]))
+    >>> shares = column.shares(np.array([True, True, False, False]))
+    >>> [(s.value, s.pool_share, s.selected_share, round(s.kept, 2)) for s in shares]
+    [('book', 0.25, 0.5, 1.0), ('web', 0.75, 0.5, 0.33)]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_chips.ids import id_key
+
+__all__ = [
+    "MAX_GROUP_VALUES",
+    "MISSING",
+    "OTHER",
+    "GroupColumn",
+    "GroupEncoder",
+    "GroupShare",
+    "check_group_by",
+    "group_arrays",
+    "read_group_arrays",
+]
+
+MISSING = "(missing)"
+"""The group of a pair that has no value for the field."""
+
+OTHER = "(other)"
+"""The group of the values of a field beyond its first :data:`MAX_GROUP_VALUES` distinct ones."""
+
+MAX_GROUP_VALUES = 1024
+"""Distinct values kept per field (per rank while scoring); the rest are counted together in :data:`OTHER`."""
+
+_RESERVED = ("image", "text", "id", "index", "order", "json")
+
+
+def check_group_by(group_by: Sequence[str] | str | None) -> tuple[str, ...]:
+    """Validate ``group_by``: a list of distinct, non-empty field names (a single string is one field)."""
+    if group_by is None:
+        return ()
+    fields = (group_by,) if isinstance(group_by, str) else tuple(group_by)
+    for field in fields:
+        if not isinstance(field, str) or not field:
+            raise ValueError(f"`group_by` must be a list of field names (non-empty strings), got {group_by!r}.")
+        if field in _RESERVED:
+            raise ValueError(f"`group_by` cannot name {field!r}: it is not metadata. Reserved: {_RESERVED}.")
+    if len(set(fields)) != len(fields):
+        raise ValueError(f"`group_by` names a field twice: {list(fields)}.")
+    return fields
+
+
+def _as_text(value: Any) -> str:
+    if value is None:
+        return MISSING
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def batch_values(batch: Mapping[str, Any], field: str, n: int) -> list[str]:
+    """The ``n`` pairs' values of ``field`` in a collated batch, as strings (:data:`MISSING` where absent)."""
+    if field in batch:
+        raw = batch[field]
+        values = raw.tolist() if isinstance(raw, Tensor | np.ndarray) else list(raw)
+    elif isinstance(batch.get("json"), list | tuple):
+        values = [meta.get(field) if isinstance(meta, Mapping) else None for meta in batch["json"]]
+    else:
+        values = [None] * n
+    if len(values) != n:
+        raise ValueError(f"The batch's field {field!r} has {len(values)} values for {n} pairs.")
+    return [_as_text(v) for v in values]
+
+
+class GroupEncoder:
+    """Per pair and field, an int64 key of the value (stable across ranks and runs), and the values seen.
+
+    Args:
+        fields: the field names (see :func:`check_group_by`).
+        max_values: distinct values kept per field; later ones are :data:`OTHER`.
+    """
+
+    def __init__(self, fields: Sequence[str], max_values: int = MAX_GROUP_VALUES) -> None:
+        self.fields = tuple(fields)
+        self.max_values = max_values
+        self.values: list[dict[int, str]] = [{} for _ in self.fields]
+        self._known: list[dict[str, int]] = [{} for _ in self.fields]  # value -> key (OTHER's for late values)
+
+    def __call__(self, batch: Mapping[str, Any], n: int) -> Tensor:
+        """``[n, F]`` keys of the batch's pairs."""
+        keys = torch.empty(n, len(self.fields), dtype=torch.int64)
+        for f, field in enumerate(self.fields):
+            seen, known = self.values[f], self._known[f]
+            column = []
+            for value in batch_values(batch, field, n):
+                key = known.get(value)
+                if key is None:
+                    key = id_key(value)
+                    if len(seen) >= self.max_values and key not in seen:
+                        value, key = OTHER, id_key(OTHER)
+                    seen.setdefault(key, value)
+                    if len(known) < 4 * self.max_values:  # bounded: past it, late values are hashed each time
+                        known[value] = key
+                column.append(key)
+            keys[:, f] = torch.tensor(column, dtype=torch.int64)
+        return keys
+
+    def columns(self, keys: np.ndarray, values: Sequence[dict[int, str]] | None = None) -> dict[str, GroupColumn]:
+        """The :class:`GroupColumn` of each field for ``[N, F]`` keys (``values``: the merged key -> value maps of
+        every rank; default this encoder's)."""
+        values = self.values if values is None else values
+        out = {}
+        for f, field in enumerate(self.fields):
+            unique, codes = np.unique(keys[:, f], return_inverse=True)
+            names = np.array([values[f].get(int(k), OTHER) for k in unique], dtype=str)
+            out[field] = GroupColumn.from_values(names[codes]) if len(unique) else GroupColumn.empty()
+        return out
+
+
+@dataclass(frozen=True)
+class GroupShare:
+    """One group of a field in one round: pairs in the pool and in the selection, and their shares."""
+
+    value: str
+    pool: int
+    selected: int
+    pool_share: float  # share of the pool's pairs in this group
+    selected_share: float  # share of the selection's pairs in this group
+    kept: float  # share of this group's pairs that were selected
+
+
+@dataclass(frozen=True)
+class GroupColumn:
+    """A field's value for each pair: ``values[codes]`` (``values`` sorted, distinct; ``codes`` int32 per pair)."""
+
+    values: np.ndarray
+    codes: np.ndarray
+
+    @classmethod
+    def from_values(cls, per_pair: np.ndarray) -> GroupColumn:
+        values, codes = np.unique(np.asarray(per_pair, dtype=str), return_inverse=True)
+        return cls(values, codes.astype(np.int32).reshape(-1))
+
+    @classmethod
+    def empty(cls) -> GroupColumn:
+        return cls(np.zeros(0, dtype=str), np.zeros(0, dtype=np.int32))
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def labels(self) -> np.ndarray:
+        """The value of each pair."""
+        return self.values[self.codes]
+
+    def take(self, rows: np.ndarray) -> GroupColumn:
+        return GroupColumn(self.values, self.codes[rows])
+
+    def capped(self, max_values: int = MAX_GROUP_VALUES) -> GroupColumn:
+        """This column with at most ``max_values`` values: the most frequent keep theirs, the rest are
+        :data:`OTHER`."""
+        if len(self.values) <= max_values:
+            return self
+        counts = np.bincount(self.codes, minlength=len(self.values))
+        keep = np.zeros(len(self.values), dtype=bool)
+        keep[np.argsort(-counts, kind="stable")[: max_values - 1]] = True
+        return GroupColumn.from_values(np.where(keep[self.codes], self.values[self.codes], OTHER))
+
+    @staticmethod
+    def cat(columns: Sequence[GroupColumn]) -> GroupColumn:
+        """The columns one after another (values merged)."""
+        if not columns:
+            return GroupColumn.empty()
+        values = np.unique(np.concatenate([c.values for c in columns]))
+        codes = [np.searchsorted(values, c.values).astype(np.int32)[c.codes] for c in columns]
+        return GroupColumn(values, np.concatenate(codes).astype(np.int32))
+
+    def shares(self, selected: np.ndarray) -> list[GroupShare]:
+        """Per group (in value order): pool and selection counts and shares, and the share of the group kept."""
+        selected = np.asarray(selected, dtype=bool)
+        if selected.shape != self.codes.shape:
+            raise ValueError(f"`selected` must have one entry per pair ({len(self.codes)}), got {selected.shape}.")
+        pool = np.bincount(self.codes, minlength=len(self.values))
+        chosen = np.bincount(self.codes[selected], minlength=len(self.values))
+        n, k = max(int(pool.sum()), 1), max(int(chosen.sum()), 1)
+        return [
+            GroupShare(str(v), int(p), int(c), float(p / n), float(c / k), float(c / p) if p else 0.0)
+            for v, p, c in zip(self.values, pool, chosen, strict=True)
+        ]
+
+
+def group_arrays(columns: Mapping[str, GroupColumn], order: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The round-file arrays of ``columns`` (codes reordered by ``order`` when given): ``group_fields``,
+    ``group_values_{i}``, ``group_codes_{i}``."""
+    if not columns:
+        return {}
+    arrays: dict[str, np.ndarray] = {"group_fields": np.array(list(columns), dtype=str)}
+    for i, column in enumerate(columns.values()):
+        arrays[f"group_values_{i}"] = np.asarray(column.values, dtype=str)
+        arrays[f"group_codes_{i}"] = (column.codes if order is None else column.codes[order]).astype(np.int32)
+    return arrays
+
+
+def read_group_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, GroupColumn]:
+    """The group columns of a loaded round file or ``scores.npz`` (empty when it has none)."""
+    if "group_fields" not in arrays:
+        return {}
+    fields = [str(f) for f in np.asarray(arrays["group_fields"]).reshape(-1)]
+    return {
+        field: GroupColumn(np.asarray(arrays[f"group_values_{i}"], dtype=str), np.asarray(arrays[f"group_codes_{i}"]))
+        for i, field in enumerate(fields)
+    }
