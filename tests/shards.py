@@ -33,11 +33,14 @@ def write_pool(
     prefix: str = "pool",
     duplicate_uids: dict[int, int] | None = None,
     string_uids: bool = False,
+    json_fields: tuple[str, ...] = (),
 ) -> dict[int | str, dict]:
     """Shards ``prefix-%06d.tar`` of built-in pairs with uid = ``uid_offset + index``; returns the valid pairs
     by uid (``{"png": bytes, "text": str}``, the first pair of a repeated uid). ``corrupt_image`` /
     ``missing_caption`` are pair indices; ``duplicate_uids`` maps a pair index to the index whose uid it repeats
-    (a different pair under the same uid); ``string_uids`` makes every uid the string ``f"u-{uid}"``."""
+    (a different pair under the same uid); ``string_uids`` makes every uid the string ``f"u-{uid}"``;
+    ``json_fields`` copies these fields of each built-in item (``"domain"``, ``"label"``, ``"noisy"``) into its
+    json."""
     directory.mkdir(parents=True, exist_ok=True)
     data = TwoDomainPairs(num_pairs, target_fraction=target_fraction, split=split, image_size=32)
     valid = {}
@@ -47,7 +50,8 @@ def write_pool(
             uid: int | str = uid_offset + (duplicate_uids or {}).get(i, i)
             if string_uids:
                 uid = f"u-{uid}"
-            sample = {"__key__": f"s{i:06d}", "json": json.dumps({"uid": uid}).encode()}
+            meta = {"uid": uid, **{field: item[field] for field in json_fields}}
+            sample = {"__key__": f"s{i:06d}", "json": json.dumps(meta).encode()}
             sample["png"] = b"\x89PNG not really an image" if i == corrupt_image else png_bytes(item["image"])
             if i != missing_caption:
                 sample["txt"] = item["text"].encode()
