@@ -50,8 +50,8 @@ def _datamodule(pool) -> ScoredSubsetDataModule:
 
 def _gallery(path) -> list[g.GalleryPair]:
     f = np.load(path)
-    return [g.GalleryPair(i.item(), str(k), float(s), str(c), t)
-            for i, k, s, c, t in zip(f["ids"], f["kinds"], f["scores"], f["captions"], f["thumbnails"], strict=True)]  # fmt: skip
+    columns = zip(f["ids"], f["kinds"], f["scores"], f["captions"], f["thumbnails"], strict=True)
+    return [g.GalleryPair(i.item(), str(k), float(s), str(c), t) for i, k, s, c, t in columns]
 
 
 def _top_ids(round_file, k):
