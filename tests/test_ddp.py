@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_validate.py"
@@ -70,6 +71,17 @@ def test_ranks_agree_on_the_selection_and_split_the_single_process_sequence(tmp_
         assert interleaved == s
         assert set(s) <= set(single["selections"][epoch])
     assert rank0["selections"]["0"] != rank0["selections"]["1"]  # a new random subset every round
+    # the round files (rank 0's) hold the same scores, groups and galleries as the single process's
+    for r in range(3):
+        name = f"rounds/round_{r:04d}.npz"
+        ddp, one = np.load(tmp_path / "random2" / name), np.load(tmp_path / "random1" / name)
+        for key in ("ids", "scores", "selected", "group_fields", "group_values_0", "group_codes_0", "group_codes_1"):
+            assert np.array_equal(ddp[key], one[key]), key
+        assert len(np.unique(one["group_codes_1"])) == 2  # both noisy and clean pairs are in the pool
+        ddp_gallery = np.load(tmp_path / "random2" / name.replace(".npz", "_gallery.npz"))
+        one_gallery = np.load(tmp_path / "random1" / name.replace(".npz", "_gallery.npz"))
+        for key in ("ids", "kinds", "thumbnails"):
+            assert np.array_equal(ddp_gallery[key], one_gallery[key]), key
 
 
 @pytest.mark.ddp

@@ -47,7 +47,11 @@ def main() -> None:
         devices=devices,
         strategy="ddp" if devices > 1 else "auto",
         max_epochs=3,
-        callbacks=[DataSelectionCallback(scorer, fraction=0.25, every_n_epochs=1, save_dir="", progress=False), record],
+        callbacks=[
+            DataSelectionCallback(scorer, fraction=0.25, every_n_epochs=1, save_dir=str(out / "rounds"), progress=False,
+                                  group_by=["domain", "noisy"], gallery=3, thumbnail_size=16),  # fmt: skip
+            record,
+        ],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
