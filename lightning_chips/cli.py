@@ -14,6 +14,11 @@
         --model OpenCLIPModule --model.model_name ViT-B-16 --model.pretrained vit_b16.pt \
         --scorer chips --scorer.sketch_dim 512 --trainer.devices 8 --trainer.strategy ddp
     lightning-chips select --scores scores/chips --fraction 0.3 --output subset.npy --reshard 'subset/%06d.tar'
+
+``report`` writes one self-contained HTML page over a run's selection rounds (:mod:`lightning_chips.report`)::
+
+    lightning-chips report lightning_logs/version_0
+    lightning-chips report scores/chips --fraction 0.3 --out chips.html
 """
 
 from __future__ import annotations
@@ -25,9 +30,9 @@ from typing import Any
 
 __all__ = ["build_cli", "main", "offline_parser", "run_offline"]
 
-OFFLINE_COMMANDS = ("score", "select")
+OFFLINE_COMMANDS = ("score", "select", "report")
 
-HELP = """usage: lightning-chips [-h] {fit,validate,test,predict,score,select} ...
+HELP = """usage: lightning-chips [-h] {fit,validate,test,predict,score,select,report} ...
 
 Data selection for CLIP continual pre-training, as a PyTorch Lightning plugin.
 
@@ -38,8 +43,9 @@ subcommands:
   predict    run the model's predict step over the predict set
   score      score every pair of a WebDataset pool offline (DDP through --trainer.*; re-running resumes)
   select     keep the top --fraction / --count of a scores file; --reshard copies those pairs into new shards
+  report     one self-contained HTML page over a run's rounds: scores, overlap, groups, galleries, problems
 
-Run `lightning-chips SUBCOMMAND --help` for its options. score and select also take:
+Run `lightning-chips SUBCOMMAND --help` for its options. score, select and report also take:
   --verbose  show the traceback of an error (by default a user error is one line and exit code 2)
   --strict   (score) exit with code 3 when samples were skipped or shards could not be read
 """
@@ -163,8 +169,45 @@ def _scorer_names_to_class_paths(args: list[str]) -> list[str]:
     return out
 
 
+def _report_parser() -> Any:
+    """The parser of ``lightning-chips report`` (no Lightning import: the report reads files only)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(
+        prog="lightning-chips report",
+        description="One self-contained HTML page (no network requests) over the selection rounds of a run: "
+        "settings, score distributions, round-to-round overlap, group composition, galleries and problems.",
+    )
+    parser.add_argument("run_dir", type=str, help="A DataSelectionCallback run (round_0000.npz, ... in it or in "
+                        "its selection/ folder) or a `lightning-chips score` output folder (scores.npz).")  # fmt: skip
+    parser.add_argument("--out", type=str | None, default=None,
+                        help="The HTML file to write (default: RUN_DIR/report.html).")  # fmt: skip
+    parser.add_argument("--pool", type=str | None, default=None,
+                        help="WebDataset shards to read gallery pairs from, for rounds without a gallery file "
+                        "(default for a score folder: the pool its manifest.json names).")  # fmt: skip
+    parser.add_argument("--selection", type=str | None, default=None,
+                        help="(score folder) A .npy of selected ids, as `lightning-chips select --output` "
+                        "writes.")  # fmt: skip
+    parser.add_argument("--fraction", type=float | None, default=None,
+                        help="(score folder) Select the top FRACTION by score (ties by id), instead of "
+                        "--selection.")  # fmt: skip
+    parser.add_argument("--gallery", type=int, default=8,
+                        help="Pairs per gallery kind (top, bottom, entered, left); 0 leaves the galleries "
+                        "out.")  # fmt: skip
+    parser.add_argument("--thumbnail-size", "--thumbnail_size", type=int, default=96,
+                        help="Side in pixels of the thumbnails read from --pool.")  # fmt: skip
+    parser.add_argument("--uid-field", "--uid_field", type=str | None, default=None,
+                        help="The id's field in each shard sample's .json (default: the manifest's, else "
+                        "uid).")  # fmt: skip
+    parser.add_argument("--verbose", action="store_true", help="Show the traceback of an error.")
+    return parser
+
+
 def offline_parser(command: str) -> Any:
-    """The jsonargparse parser of ``lightning-chips score`` or ``lightning-chips select``."""
+    """The jsonargparse parser of ``lightning-chips score``, ``select`` or ``report``."""
+    if command == "report":
+        return _report_parser()
+
     from jsonargparse import ActionConfigFile, ArgumentParser
     from lightning.pytorch import LightningModule, Trainer
 
@@ -207,10 +250,17 @@ def offline_parser(command: str) -> Any:
 
 
 def run_offline(command: str, args: list[str]) -> Any:
-    """Parse ``args`` for ``score`` / ``select`` and run it."""
+    """Parse ``args`` for ``score`` / ``select`` / ``report`` and run it."""
+    parser = offline_parser(command)
+    if command == "report":
+        from lightning_chips.report import build_report
+
+        cfg = vars(parser.parse_args(args))
+        cfg.pop("verbose", None)
+        return build_report(cfg.pop("run_dir"), cfg.pop("out"), **cfg)
+
     from lightning_chips import offline, reshard
 
-    parser = offline_parser(command)
     cfg = parser.parse_args(_scorer_names_to_class_paths(args) if command == "score" else args)
     seed = cfg.pop("seed_everything", None) if command == "score" else None
     if seed is not None:
@@ -251,9 +301,9 @@ def _strict_failures(scores: Any) -> str | None:
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-chips`` console script and of ``python -m lightning_chips``.
 
-    ``score`` and ``select`` report a user error (see :func:`_user_error_types`) as one line on stderr and exit
-    with code 2 (``--verbose``: the traceback); ``score --strict`` exits with code 3 when the run skipped samples or
-    met unreadable shards (after writing its outputs).
+    ``score``, ``select`` and ``report`` report a user error (see :func:`_user_error_types`) as one line on stderr
+    and exit with code 2 (``--verbose``: the traceback); ``score --strict`` exits with code 3 when the run skipped
+    samples or met unreadable shards (after writing its outputs).
     """
     argv = list(sys.argv[1:] if args is None else args)
     if not argv or argv[0] in ("-h", "--help"):

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from lightning_chips.ids import Id, id_key
-from lightning_chips.io import atomic_savez
+from lightning_chips.io import atomic_savez, atomic_writer
 
 __all__ = [
     "KINDS",
@@ -47,6 +47,7 @@ __all__ = [
     "load_pairs",
     "log_histogram",
     "log_image",
+    "log_round_images",
     "pick_gallery",
     "png_bytes",
     "render_grid",
@@ -133,8 +134,10 @@ def fetch_shard_pairs(urls: Sequence[str], wanted: Iterable[Id], *, uid_field: s
                       size: int = 64) -> tuple[dict[Id, tuple[np.ndarray, str]], dict[Id, str]]:  # fmt: skip
     """Read ``wanted`` uids back from WebDataset shards: ``(found: uid -> (thumbnail, caption), missing: uid ->
     reason)``. Reads the shards in order and stops once every uid is found; only the wanted samples' images are
-    decoded. A shard that cannot be read is passed over (its uids end up missing, with the error)."""
-    from lightning_chips.data.webdataset import IMAGE_EXTENSIONS, iter_raw_samples
+    decoded. A shard that cannot be read to the end is passed over: its error is named in the reason of every uid
+    left missing."""
+    from lightning_chips.data.checks import BadSample, parse_id
+    from lightning_chips.data.webdataset import IMAGE_EXTENSIONS, ShardReport, iter_raw_samples
 
     keys = {id_key(uid): uid for uid in wanted}
     found: dict[Id, tuple[np.ndarray, str]] = {}
@@ -143,31 +146,32 @@ def fetch_shard_pairs(urls: Sequence[str], wanted: Iterable[Id], *, uid_field: s
     for url in urls:
         if len(found) + len(missing) == len(keys):
             break
-        try:
-            for _, raw in iter_raw_samples(url, uid_field=uid_field):
-                try:
-                    uid = json.loads(raw.get("json", b"{}")).get(uid_field)
-                    key = id_key(uid) if uid is not None else None
-                except (ValueError, TypeError, AttributeError):
-                    continue
-                if key not in keys or keys[key] in found:
-                    continue
-                given = keys[key]
-                ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
-                try:
-                    if ext is None:
-                        raise ValueError("no image member")
-                    from PIL import Image
+        report = ShardReport(url)
+        for _, raw in iter_raw_samples(url, report, uid_field):
+            try:
+                meta = json.loads(raw.get("json") or b"null")
+                key = id_key(parse_id(meta.get(uid_field) if isinstance(meta, dict) else None, name="uid"))
+            except (ValueError, UnicodeDecodeError, BadSample):
+                continue
+            if key not in keys or keys[key] in found or keys[key] in missing:
+                continue
+            given = keys[key]
+            ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+            if ext is None:
+                missing[given] = f"no image member ({'/'.join(IMAGE_EXTENSIONS)})"
+                continue
+            try:
+                from PIL import Image
 
-                    with Image.open(io.BytesIO(raw[ext])) as image:
-                        found[given] = (thumbnail(image, size), _caption(raw.get("txt", b"")))
-                except Exception as exc:  # an undecodable image is reported, not fatal
-                    missing[given] = f"image not decodable: {type(exc).__name__}: {exc}"
-                if len(found) + len(missing) == len(keys):
-                    break
-        except RuntimeError as exc:
-            errors.append(str(exc))
-    reason = "not found in the pool's shards" + (f" ({'; '.join(errors[:3])})" if errors else "")
+                with Image.open(io.BytesIO(raw[ext])) as image:
+                    found[given] = (thumbnail(image, size), _caption(raw.get("txt", b"")))
+            except Exception as exc:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+                missing[given] = f"undecodable image ({type(exc).__name__}: {exc})"
+            if len(found) + len(missing) == len(keys):
+                break
+        if report.error:
+            errors.append(f"{url}: {report.error}")
+    reason = f"not found in the {len(urls)} pool shards" + (f" ({'; '.join(errors[:3])})" if errors else "")
     for uid in keys.values():
         if uid not in found and uid not in missing:
             missing[uid] = reason
@@ -335,3 +339,52 @@ def gallery_pairs(
             image, caption = loaded.get(uid, (None, ""))
             out.append(GalleryPair(uid, kind, float(scores[row]), caption, image, missing.get(uid, "")))
     return out
+
+
+def log_round_images(
+    loggers: Sequence[Any],
+    round_index: int,
+    round_file: Path | None,
+    datamodule: Any,
+    result: Any,
+    selected: np.ndarray,
+    previous: np.ndarray | None,
+    *,
+    step: int,
+    gallery: int,
+    thumbnail_size: int,
+) -> None:
+    """A round's images (rank 0): the score histogram and, with ``gallery`` > 0, the four galleries, logged to the
+    ``loggers`` that take them and written as PNG files beside ``round_file`` for the others; the gallery file
+    (:func:`write_gallery`) beside ``round_file`` (None: no files). ``result`` is the round's
+    :class:`~lightning_chips.engine.RoundScores`, ``previous`` the last round's selection mask over its ids."""
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    name = f"round {round_index}"
+    pngs: dict[str, np.ndarray] = {}
+    native = [log_histogram(logger, "selection/scores", result.scores, step) for logger in loggers]
+    if loggers and not all(native):
+        image = histogram_image(result.scores, selected, f"{name}: scores (dark: selected)")
+        if not all([done or log_image(lg, "selection/scores", image, step)
+                    for lg, done in zip(loggers, native, strict=True)]):  # fmt: skip
+            pngs["scores"] = image
+    if gallery:
+        given = result.ids if result.uids is None else result.uids
+        picked = pick_gallery(result.ids, result.scores, selected, previous, gallery)
+        rows = np.unique(np.concatenate(list(picked.values())))
+        loaded, missing = load_pairs(datamodule, [given[i].item() for i in rows],
+                                     result.indices[rows] if result.positional else None, thumbnail_size)  # fmt: skip
+        pairs = gallery_pairs(picked, given, result.scores, loaded, missing)
+        if round_file is not None:
+            write_gallery(gallery_path(round_file), pairs, thumbnail_size)
+        for kind in picked:
+            grid = render_grid([p for p in pairs if p.kind == kind], f"{name}: {kind} {gallery}")
+            if not all([log_image(logger, f"selection/{kind}", grid, step) for logger in loggers]):
+                pngs[kind] = grid
+        if missing:
+            rank_zero_warn(f"[lightning-chips] {name}: {len(missing)} gallery pairs could not be loaded (listed in "
+                           f"the gallery file): {list(missing.items())[:3]}")  # fmt: skip
+    if round_file is not None and loggers:
+        for kind, image in pngs.items():
+            with atomic_writer(round_file.with_name(f"{round_file.stem}_{kind}.png")) as f:
+                f.write(png_bytes(image))

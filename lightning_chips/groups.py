@@ -33,6 +33,7 @@ from lightning_chips.ids import id_key
 
 __all__ = [
     "MAX_GROUP_VALUES",
+    "MAX_LOGGED_GROUPS",
     "MISSING",
     "OTHER",
     "GroupColumn",
@@ -40,7 +41,9 @@ __all__ = [
     "GroupShare",
     "check_group_by",
     "group_arrays",
+    "group_metrics",
     "read_group_arrays",
+    "starved_text",
 ]
 
 MISSING = "(missing)"
@@ -229,3 +232,33 @@ def read_group_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, GroupColumn
         field: GroupColumn(np.asarray(arrays[f"group_values_{i}"], dtype=str), np.asarray(arrays[f"group_codes_{i}"]))
         for i, field in enumerate(fields)
     }
+
+
+MAX_LOGGED_GROUPS = 20
+"""Groups per field whose shares are logged each round (the largest in the pool); the round file keeps all."""
+
+
+def group_metrics(groups: Mapping[str, GroupColumn], selected: np.ndarray) -> dict[str, float]:
+    """The logged shares of a round: ``group/FIELD=VALUE/{pool,selected,kept}`` for the :data:`MAX_LOGGED_GROUPS`
+    largest groups of each field."""
+    metrics = {}
+    for field, column in groups.items():
+        shares = sorted(column.shares(selected), key=lambda s: (-s.pool, s.value))[:MAX_LOGGED_GROUPS]
+        for share in shares:
+            name = f"group/{field}={share.value}"
+            metrics[f"{name}/pool"] = share.pool_share
+            metrics[f"{name}/selected"] = share.selected_share
+            metrics[f"{name}/kept"] = share.kept
+    return metrics
+
+
+def starved_text(groups: Mapping[str, GroupColumn], selected: np.ndarray, fraction: float) -> str:
+    """``; starved: field=value kept 0.4% (of 1,280 pairs; 30.0% overall)`` for groups kept at under a tenth of the
+    overall rate (the worst two), or ``""``."""
+    starved = [(share.kept, field, share) for field, column in groups.items() for share in column.shares(selected)
+               if share.pool and share.kept < 0.1 * fraction]  # fmt: skip
+    if not starved:
+        return ""
+    named = ", ".join(f"{field}={s.value} kept {s.kept:.1%} of its {s.pool:,} pairs"
+                      for _, field, s in sorted(starved, key=lambda t: t[0])[:2])  # fmt: skip
+    return f"; starved groups: {named} ({fraction:.1%} overall)"

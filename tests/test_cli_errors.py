@@ -40,7 +40,7 @@ def _score_args(pool: Path, output: Path, *extra: str) -> list[str]:
 def test_help_lists_every_subcommand_with_what_it_does():
     result = _run("--help")
     assert result.returncode == 0
-    for name in ("fit", "validate", "test", "predict", "score", "select"):
+    for name in ("fit", "validate", "test", "predict", "score", "select", "report"):
         assert any(line.split()[:1] == [name] and len(line.split()) > 3 for line in result.stdout.splitlines()), name
     assert "lightning-chips SUBCOMMAND --help" in result.stdout
 
@@ -104,7 +104,7 @@ def test_reshard_finds_the_pool_from_the_manifest_wherever_it_runs_and_names_the
     assert not [p for p in os.listdir(elsewhere) if p.startswith(".again")]  # no partial output
 
 
-@pytest.mark.parametrize("command", ["score", "select"])
+@pytest.mark.parametrize("command", ["score", "select", "report"])
 def test_every_option_of_the_offline_commands_says_what_it_does(command):
     from lightning_chips.cli import offline_parser
 
