@@ -249,6 +249,14 @@ def offline_parser(command: str) -> Any:
     return parser
 
 
+def _underscored(arg: str) -> str:
+    """``--group-by=x`` -> ``--group_by=x``: score and select take the dashed spelling of every option too."""
+    if not arg.startswith("--") or arg == "--":
+        return arg
+    name, eq, value = arg[2:].partition("=")
+    return f"--{name.replace('-', '_')}{eq}{value}"
+
+
 def run_offline(command: str, args: list[str]) -> Any:
     """Parse ``args`` for ``score`` / ``select`` / ``report`` and run it."""
     parser = offline_parser(command)
@@ -261,6 +269,7 @@ def run_offline(command: str, args: list[str]) -> Any:
 
     from lightning_chips import offline, reshard
 
+    args = [_underscored(arg) for arg in args]
     cfg = parser.parse_args(_scorer_names_to_class_paths(args) if command == "score" else args)
     seed = cfg.pop("seed_everything", None) if command == "score" else None
     if seed is not None:

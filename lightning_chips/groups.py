@@ -59,10 +59,11 @@ _RESERVED = ("image", "text", "id", "index", "order", "json")
 
 
 def check_group_by(group_by: Sequence[str] | str | None) -> tuple[str, ...]:
-    """Validate ``group_by``: a list of distinct, non-empty field names (a single string is one field)."""
+    """Validate ``group_by``: a list of distinct, non-empty field names (a string is a comma-separated list, as
+    ``--group-by source,label`` gives)."""
     if group_by is None:
         return ()
-    fields = (group_by,) if isinstance(group_by, str) else tuple(group_by)
+    fields = tuple(f.strip() for f in group_by.split(",")) if isinstance(group_by, str) else tuple(group_by)
     for field in fields:
         if not isinstance(field, str) or not field:
             raise ValueError(f"`group_by` must be a list of field names (non-empty strings), got {group_by!r}.")

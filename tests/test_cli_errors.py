@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -113,3 +114,22 @@ def test_every_option_of_the_offline_commands_says_what_it_does(command):
     assert silent == []
     names = {a.option_strings[0] for a in parser._actions if a.option_strings}
     assert "--verbose" in names and ("--strict" in names) == (command == "score")
+
+
+def test_score_group_by_then_report_from_the_command_line(tmp_path):
+    """`score --group-by domain` (the dashed spelling) keeps the json field; `report --fraction` pages it, with
+    the top-k read back from the manifest's shards."""
+    write_pool(tmp_path / "pool", num_pairs=24, per_shard=8, json_fields=("domain",))
+    scores = tmp_path / "scores"
+    result = _run(*_score_args(tmp_path / "pool", scores, "--group-by", "domain"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    with np.load(scores / "scores.npz") as f:
+        assert f["group_fields"].tolist() == ["domain"]
+        top = f["ids"][np.lexsort((f["ids"], -f["scores"].astype(np.float64)))][:3].tolist()
+    result = _run("report", str(scores), "--fraction", "0.25", "--gallery", "3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "[lightning-chips] report: 1 rounds" in result.stdout + result.stderr
+    page = (scores / "report.html").read_text()
+    shown = re.findall(r'data-kind="top"[^>]*data-id="([^"]+)"|data-id="([^"]+)"[^>]*data-kind="top"', page)
+    assert [int(a or b) for a, b in shown] == top
+    assert "domain" in page
