@@ -404,17 +404,31 @@ def _settings_section(rounds: list[_Summary], run_dir: Path, offline: bool, mani
         if isinstance(manifest.get("shards"), dict | list):
             rows.append(("shards", len(manifest["shards"])))
     text = _table(("setting", "value"), rows)
-    seen: dict[str, list[int]] = {}
+    parsed: list[tuple[int, dict[str, Any] | str]] = []
     for r in rounds:
         if r.settings:
-            seen.setdefault(r.settings, []).append(r.index)
-    for settings, where in seen.items():
-        try:
-            settings = json.dumps(json.loads(settings), indent=1, sort_keys=True)
-        except ValueError:
-            pass
-        label = "scorer" if offline else "settings of round" + "s" * (len(where) > 1) + f" {', '.join(map(str, where))}"
-        text += f"<h3>{_e(label)}</h3><pre>{_e(settings)}</pre>"
+            try:
+                value = json.loads(r.settings)
+            except ValueError:
+                value = r.settings
+            parsed.append((r.index, value if isinstance(value, dict) else str(value)))
+    if not parsed:
+        return text
+    label = "scorer" if offline else "settings"
+    if not all(isinstance(v, dict) for _, v in parsed):  # not JSON objects: shown as they are, once each
+        for value in dict.fromkeys(str(v) for _, v in parsed):
+            text += f"<h3>{_e(label)}</h3><pre>{_e(value)}</pre>"
+        return text
+    keys = list(dict.fromkeys(k for _, v in parsed for k in v))  # type: ignore[union-attr]
+    shown = {k: [json.dumps(v.get(k)) if not isinstance(v.get(k), str) else v.get(k) for _, v in parsed]  # type: ignore[union-attr]
+             for k in keys}  # fmt: skip
+    same = [k for k in keys if len(set(shown[k])) == 1]
+    varying = [k for k in keys if k not in same]
+    text += f"<h3>{_e(label)}</h3>" + _table(("setting", "value"), [(k, shown[k][0]) for k in same])
+    if varying:
+        text += "<h3>settings that change between rounds</h3>" + _table(
+            ("round", *varying), [(i, *(shown[k][j] for k in varying)) for j, (i, _) in enumerate(parsed)]
+        )
     return text
 
 
