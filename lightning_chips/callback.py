@@ -267,8 +267,7 @@ class DataSelectionCallback(Callback):
         except Exception as exc:  # the fit succeeded; a report that cannot be written must not fail it
             rank_zero_warn(f"[lightning-chips] could not write the selection report of {directory}: {exc}")
             return
-        rank_zero_info(f"[lightning-chips] selection report: {page} (open it in a browser; `lightning-chips report "
-                       f"{directory}` writes it again)")  # fmt: skip
+        rank_zero_info(f"[lightning-chips] open the selection report in a browser: {page.resolve().as_uri()}")
 
     # -- one round -----------------------------------------------------------------------------------------------
     def run_round(self, trainer: Trainer, pl_module: LightningModule, *, at_epoch_end: bool = False) -> Selection:

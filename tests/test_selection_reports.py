@@ -18,10 +18,12 @@ from lightning_chips import DataSelectionCallback, OpenCLIPModule, ScoredSubsetD
 from lightning_chips import gallery as g
 from lightning_chips.data import WebDatasetDataModule
 from lightning_chips.groups import MAX_GROUP_VALUES, OTHER, GroupColumn, GroupEncoder, read_group_arrays
+from lightning_chips.report import build_report
 from lightning_chips.scoring import CHIPS
 
 from .conftest import TINY_VIT
 from .shards import write_pool
+from .test_report import Page
 
 K = 4
 
@@ -198,6 +200,9 @@ def test_a_starved_group_is_named_and_logged(tmp_path, caplog):
     f = np.load(tmp_path / "rounds" / "round_0000.npz")
     shares = {s.value: s for s in read_group_arrays(f)["domain"].shares(f["selected"])}
     assert shares["0"].kept == pytest.approx(metrics["group/domain=0/kept"])
+    page = Page(build_report(tmp_path / "rounds"))  # and the report marks it
+    groups = [row for row in page.rows if row["section"] == "groups" and row["cells"][:1] == ["0"]]
+    assert {row["cells"][1]: "starved" in row["class"].split() for row in groups} == {"0": True, "1": False}
 
 
 def test_galleries_off_read_nothing_from_the_pool(tmp_path, monkeypatch):
