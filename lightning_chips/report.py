@@ -322,11 +322,10 @@ def _fill_galleries(rounds: list[_Summary], urls: Sequence[str], uid_field: str,
 
 
 def _png(array: np.ndarray) -> str:
-    from PIL import Image
+    from lightning_chips.gallery import png_bytes
 
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    data = png_bytes(np.ascontiguousarray(array, dtype=np.uint8))
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
 def _plotter() -> Callable[[Callable[[Any], None], tuple[float, float]], str] | None:
