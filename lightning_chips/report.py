@@ -108,18 +108,9 @@ def _load(path: Path) -> dict[str, np.ndarray]:
 
 
 def _groups(arrays: dict[str, np.ndarray], n: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    groups = {}
-    for i, name in enumerate(arrays.get("group_fields", np.array([], dtype=str)).reshape(-1).tolist()):
-        values, codes = arrays.get(f"group_values_{i}"), arrays.get(f"group_codes_{i}")
-        if values is None or codes is None:
-            raise ValueError(f"group field {name!r} lacks group_values_{i} / group_codes_{i}")
-        codes = codes.reshape(-1).astype(np.int64)
-        if len(codes) != n:
-            raise ValueError(f"group_codes_{i} ({name!r}) has {len(codes)} codes for {n} ids")
-        if n and (codes.min() < 0 or codes.max() >= len(values)):
-            raise ValueError(f"group_codes_{i} ({name!r}) holds codes outside [0, {len(values)}) (its values)")
-        groups[str(name)] = (values.reshape(-1).astype(str), codes)
-    return groups
+    from lightning_chips.groups import read_group_arrays
+
+    return {name: (c.values, c.codes.astype(np.int64)) for name, c in read_group_arrays(arrays, n).items()}
 
 
 def _read_round(path: Path, index: int, problems: list[Problem]) -> Round | None:
