@@ -529,6 +529,7 @@ def run_round(
         raise ValueError(_nothing_scored(skipped))
     positional = size is not None  # a pool that knows its size is map-style: its pairs have dataset indices
     kept, duplicates = rows.keep_first(positional)
+    scorer.end_round(kept.ids.clone(), kept.scores.clone())  # type: ignore[union-attr]
     columns = {}
     if groups is not None:
         merged: list[dict[int, str]] = [{} for _ in group_by]

@@ -100,6 +100,12 @@ class Scorer(ABC):
         self.context = context if context is not None else RoundContext()
         return self.context
 
+    def end_round(self, ids: Tensor, scores: Tensor) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Called on every rank once a round's scores are gathered, with the ``[N]`` int64 ids (keys of string ids)
+        and ``[N]`` float32 scores of every scored pool pair of every rank, each id once, in pool order. A scorer that
+        keeps history across rounds (TracIn's running totals) records it here, so every rank holds the whole
+        history and :meth:`state_dict` (saved from rank 0) has it."""
+
     def state_dict(self) -> dict:
         """State that must survive a checkpoint (most scorers have none: they are prepared anew each round)."""
         return {}
