@@ -24,7 +24,15 @@ from lightning_chips.adapters import CLIPAdapter, resolve_adapter
 from lightning_chips.data.checks import SkippedSample
 from lightning_chips.data.pool import SelectablePool
 from lightning_chips.data.preprocess import resolve_tokenizer
-from lightning_chips.engine import NO_ID, Collective, RoundScores, name_skipped, run_round, skipped_arrays
+from lightning_chips.engine import (
+    NO_ID,
+    Collective,
+    RoundScores,
+    check_max_skipped,
+    name_skipped,
+    run_round,
+    skipped_arrays,
+)
 from lightning_chips.gallery import log_round_images
 from lightning_chips.groups import check_group_by, group_metrics, starved_text
 from lightning_chips.metrics import PromptEncoder
@@ -67,7 +75,11 @@ class DataSelectionCallback(Callback):
     that could not be read to the end is listed in :attr:`shard_errors`, in the round file
     (``unreadable_shards``, ``shard_errors``) and in :attr:`history` (``"unreadable_shards"``). Under DDP every
     rank agrees that its part of a round succeeded before each all-gather, so an exception on one rank ends the
-    fit on every rank instead of leaving the others waiting.
+    fit on every rank instead of leaving the others waiting. Over ``max_skipped`` of the pool's pairs skipped
+    (duplicate ids do not count), the round fails on every rank (:class:`~lightning_chips.engine.TooManySkippedError`,
+    with the first loading error's traceback). Rank 0's logging after a round's round file (metrics, histogram,
+    galleries, summary line) and the report at the end of the fit are extras: an exception there is a warning on
+    every rank (:meth:`~lightning_chips.engine.Collective.optional`), and the fit goes on.
 
     Round 0 is scored with the starting model before the first training step (the CHIPS paper's one-shot
     selection) unless ``warmup_steps > 0``, in which case the whole pool is sampled until the first epoch end at
@@ -101,10 +113,12 @@ class DataSelectionCallback(Callback):
         thumbnail_size: side in pixels of the gallery thumbnails.
         report: at the end of the fit, write ``report.html`` beside the round files (``lightning-chips report``'s
             page) and print where it is; otherwise print the command that writes it.
+        max_skipped: the largest share of the pool's pairs, in [0, 1], a round may skip because they failed to
+            load or the checks (default 0.05); above it the round fails (1 = no limit, 0 = none may fail).
 
     Raises:
-        ValueError: on a fraction outside (0, 1], both or negative schedules, an unknown scorer or mode, or an
-            empty target when the scorer needs one.
+        ValueError: on a fraction outside (0, 1], both or negative schedules, an unknown scorer or mode, a
+            ``max_skipped`` outside [0, 1], or an empty target when the scorer needs one.
 
     Example::
 
@@ -136,9 +150,11 @@ class DataSelectionCallback(Callback):
         gallery: int = 0,
         thumbnail_size: int = 64,
         report: bool = False,
+        max_skipped: float = 0.05,
     ) -> None:
         super().__init__()
         group_fields = check_group_by(group_by)
+        check_max_skipped(max_skipped)
         if gallery < 0:
             raise ValueError(f"`gallery` must be >= 0 (pairs per gallery; 0 = none), got {gallery}.")
         if not 16 <= thumbnail_size <= 512:
@@ -184,6 +200,7 @@ class DataSelectionCallback(Callback):
         self.gallery = gallery
         self.thumbnail_size = thumbnail_size
         self.report = report
+        self.max_skipped = float(max_skipped)
 
         self.round = 0  # the index the next selection round gets
         self.context = RoundContext(seed=seed)  # the context of the last (or running) round
@@ -254,20 +271,22 @@ class DataSelectionCallback(Callback):
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         directory = self.round_dir(trainer)
-        if not trainer.is_global_zero or directory is None or not any(directory.glob("round_*.npz")):
+        if directory is None:
             return
-        if not self.report:
-            rank_zero_info(f"[lightning-chips] the round files are in {directory}; see them on one page with: "
-                           f"lightning-chips report {directory}")  # fmt: skip
-            return
-        from lightning_chips.report import build_report
 
-        try:
+        def report() -> None:  # rank 0; the fit succeeded, so a report that cannot be written must not fail it
+            if not any(directory.glob("round_*.npz")):
+                return
+            if not self.report:
+                rank_zero_info(f"[lightning-chips] the round files are in {directory}; see them on one page with: "
+                               f"lightning-chips report {directory}")  # fmt: skip
+                return
+            from lightning_chips.report import build_report
+
             page = build_report(directory)
-        except Exception as exc:  # the fit succeeded; a report that cannot be written must not fail it
-            rank_zero_warn(f"[lightning-chips] could not write the selection report of {directory}: {exc}")
-            return
-        rank_zero_info(f"[lightning-chips] open the selection report in a browser: {page.resolve().as_uri()}")
+            rank_zero_info(f"[lightning-chips] open the selection report in a browser: {page.resolve().as_uri()}")
+
+        Collective(trainer).optional(f"writing the selection report of {directory}", report)
 
     # -- one round -----------------------------------------------------------------------------------------------
     def run_round(self, trainer: Trainer, pl_module: LightningModule, *, at_epoch_end: bool = False) -> Selection:
@@ -294,7 +313,7 @@ class DataSelectionCallback(Callback):
             self.scorer, adapter, datamodule, self.context, target=self.target, pool_sample=self.pool_sample,
             collective=collective, device=pl_module.device,
             progress=self.progress and trainer.progress_bar_callback is not None,
-            precision=trainer.precision_plugin.forward_context, group_by=self.group_by,
+            precision=trainer.precision_plugin.forward_context, group_by=self.group_by, max_skipped=self.max_skipped,
         )  # fmt: skip
         skipped, shard_errors = result.skipped, result.shard_errors
         n = len(result.ids)
@@ -323,7 +342,8 @@ class DataSelectionCallback(Callback):
                 self._write(trainer, selection, result, arrays)
 
         collective.agree(r, "the round file", write)
-        if trainer.is_global_zero:
+
+        def log_round() -> None:  # rank 0's extras, after the round's agreement
             if self.log:
                 for logger in trainer.loggers:
                     logger.log_metrics({f"selection/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
@@ -333,6 +353,8 @@ class DataSelectionCallback(Callback):
                 result, selected, None if previous is None else previous.contains(result.ids), step=trainer.global_step,
                 gallery=self.gallery, thumbnail_size=self.thumbnail_size,
             )  # fmt: skip
+
+        def summarize() -> None:
             for what, found in (("pool", skipped), ("target", result.target_skipped)):
                 if found:
                     rank_zero_warn(
@@ -360,6 +382,14 @@ class DataSelectionCallback(Callback):
                 f"{metrics['score_q10']:.4g}/{metrics['score_q50']:.4g}/{metrics['score_q90']:.4g}; "
                 f"{self.scorer.summary()}"
             )
+
+        def extras() -> None:
+            try:
+                log_round()
+            finally:  # the summary line even when the logging failed
+                summarize()
+
+        collective.optional(f"round {r}'s logging (metrics, score histogram, gallery, summary line)", extras)
         return selection
 
     def _metrics(self, selection: Selection, previous: Selection | None, scores: np.ndarray, n: int) -> dict:
@@ -411,7 +441,8 @@ class DataSelectionCallback(Callback):
             "scorer": type(self.scorer).__name__, "scorer_summary": self.scorer.summary(), "fraction": self.fraction,
             "mode": self.mode, "every_n_steps": self.every_n_steps, "every_n_epochs": self.every_n_epochs,
             "warmup_steps": self.warmup_steps, "pool_sample": self.pool_sample, "seed": self.seed,
-            "group_by": list(self.group_by), "gallery": self.gallery, "pool_pairs_scored": n,
+            "group_by": list(self.group_by), "gallery": self.gallery, "max_skipped": self.max_skipped,
+            "pool_pairs_scored": n,
             "global_step": trainer.global_step, "epoch": trainer.current_epoch, "world_size": trainer.world_size,
         }  # fmt: skip
 

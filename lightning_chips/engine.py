@@ -13,11 +13,14 @@ and talks to the other ranks through a :class:`Collective` (single process: no c
 3. this rank's share of the pool, extracted and scored (:func:`score_batch`: float32, autocast off; NaN or inf is a
    ``FloatingPointError`` naming the scorer, the round and the first ids);
 4. ids, scores, labels and pool positions gathered in pool order (dataset index; for shards, shard then position),
-   duplicate ids kept at their first position and the others skipped, every skipped sample gathered.
+   duplicate ids kept at their first position and the others skipped, every skipped sample gathered; with
+   ``max_skipped``, a round that skipped more than that share of the pool's pairs is a :class:`TooManySkippedError`
+   on every rank.
 
 Feature extraction runs inside ``precision`` (the trainer's precision plugin's forward context), scoring in
 float32. Before every gather the ranks :meth:`Collective.agree` that their part succeeded, so an error on one rank
-is an error on all, not a hang.
+is an error on all, not a hang. Work that is not part of the round (logging, galleries, reports) runs through
+:meth:`Collective.optional`: its failure is a warning on every rank, never an exception or a hang.
 
 One module (over 500 lines) because it is one thing: the steps of a round and the rank bookkeeping they need
 (rows with their pool positions, gathers, duplicates, skipped samples), which only a round uses.
@@ -26,6 +29,8 @@ One module (over 500 lines) because it is one thing: the steps of a round and th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +43,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from lightning_chips.adapters import CLIPAdapter
-from lightning_chips.data.checks import SkippedSample, describe_error
+from lightning_chips.data.checks import SkippedSample, describe_error, format_traceback
 from lightning_chips.data.pool import PoolItem, SelectablePool
 from lightning_chips.endpoint import EndPoint
 from lightning_chips.features import PairFeatures, iter_features
@@ -51,6 +56,9 @@ __all__ = [
     "NO_ID",
     "Collective",
     "RoundScores",
+    "TooManySkippedError",
+    "check_max_skipped",
+    "check_skipped",
     "name_skipped",
     "prepare_round",
     "prepare_scorer",
@@ -66,6 +74,11 @@ NO_ID: int = int(np.iinfo(np.int64).min)
 
 DUPLICATE_REASON = "duplicate id: an earlier pair of the pool has this id (that one is scored, this one skipped)"
 """The reason of a pool pair skipped because an earlier pair (in pool order) has the same id."""
+
+
+class TooManySkippedError(RuntimeError):
+    """A round skipped more of the pool's pairs (failed to load or the checks) than ``max_skipped`` allows: a
+    loading bug or broken data that would bias the selection (see :func:`check_skipped`)."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -107,6 +120,26 @@ class Collective:
         if error is not None:
             raise error
         return result
+
+    def optional(self, what: str, fn: Callable[[], object], *, rank: int | None = 0) -> list[str]:
+        """Run ``fn`` on ``rank`` (every rank when None): work outside a round's agreement (logging, galleries, a
+        report) that must never end the fit. An exception in it is caught, then every rank learns which ranks
+        failed (one object gather, also when none did, so the ranks stay in step) and warns: ``"[lightning-chips]
+        WHAT failed on rank i (Type: message); it was left out and the fit goes on"`` with that rank's traceback.
+        Returns the warnings given (the same list on every rank)."""
+        failure: tuple[str, str] | None = None
+        if rank is None or rank == self.rank:
+            try:
+                fn()
+            except Exception as exc:  # reported to every rank below, never raised
+                failure = (describe_error(exc), format_traceback(exc))
+        messages = []
+        for i, found in enumerate(self.objects(failure)):
+            if found is not None:
+                messages.append(f"[lightning-chips] {what} failed on rank {i} ({found[0]}); it was left out and the "
+                                f"fit goes on. Rank {i}'s traceback:\n{found[1]}")  # fmt: skip
+                warnings.warn(messages[-1], UserWarning, stacklevel=2)
+        return messages
 
     def objects(self, mine: _T) -> list[_T]:
         """Every rank's ``mine`` (picklable), in rank order."""
@@ -255,11 +288,16 @@ def _iter_rows(
     ``sink``."""
     pending: deque[tuple[Tensor, Tensor, list[Id] | None, Tensor | None]] = deque()
     read = 0
+    traced = any(s.traceback for s in sink)
 
     def batches() -> Iterator[dict[str, Any]]:
-        nonlocal read
+        nonlocal read, traced
         for batch, skipped in items:
-            sink.extend(skipped)
+            for s in skipped:  # the first loading error's traceback is kept (for the max_skipped error), no other
+                if s.traceback and traced:
+                    s = dataclasses.replace(s, traceback="")
+                traced = traced or bool(s.traceback)
+                sink.append(s)
             if batch is None or len(batch["id"]) == 0:
                 continue
             uids = list(batch["id"]) if isinstance(batch["id"], list | tuple) else None  # string ids
@@ -418,6 +456,9 @@ class RoundScores:
         scores: ``[N]`` float32 scores.
         labels: ``[N]`` int64 labels when every batch had them, else None.
         indices: ``[N]`` dataset indices (map-style pools) or the ids (shard pools).
+        order: ``[N]`` int64 pool positions: the dataset index (map-style pools), or ``shard * SHARD_STRIDE +
+            position in the shard`` with ``shard`` the index in the pool's shard list
+            (:data:`~lightning_chips.data.pool.SHARD_STRIDE`), so a pair can be read back from its own shard.
         skipped: the pool pairs that were not scored (failed to load or the checks, duplicate ids), in pool order.
         shard_errors: shards that could not be read to the end (URL -> error).
         target_skipped: the target pairs that were skipped.
@@ -438,6 +479,7 @@ class RoundScores:
     positional: bool
     uids: np.ndarray | None = None
     groups: dict[str, GroupColumn] = field(default_factory=dict)
+    order: np.ndarray | None = None
 
 
 def run_round(
@@ -453,6 +495,7 @@ def run_round(
     progress: bool = False,
     precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     group_by: Sequence[str] = (),
+    max_skipped: float | None = None,
 ) -> RoundScores:
     """Score every pair of ``pool`` for one round (steps 1-4 of the module docstring), on every rank.
 
@@ -460,9 +503,13 @@ def run_round(
     extracted once, gathered for ``prepare`` and scored from memory (``O(N d)`` features per rank). Otherwise the
     sample is drawn with ``(context.seed, context.round)`` and the pool streams through the towers (memory: one
     batch). ``group_by`` names metadata fields kept per scored pair (:mod:`lightning_chips.groups`).
+    ``max_skipped`` (a share in [0, 1]; None: no limit) bounds the pool pairs that may fail to load or the checks
+    (:func:`check_skipped`; duplicate ids do not count); the check runs on the gathered lists, so every rank
+    raises the same error, before ``scorer.end_round``.
 
     Raises:
-        ValueError: when no pool pair or no target pair could be used.
+        ValueError: when no pool pair or no target pair could be used, or on a ``max_skipped`` outside [0, 1].
+        TooManySkippedError: when more than ``max_skipped`` of the pool's pairs were skipped.
         FloatingPointError: on NaN or inf scores.
 
     Example::
@@ -470,6 +517,7 @@ def run_round(
         >>> scores = run_round(CHIPS(), resolve_adapter(model), datamodule, RoundContext(round=0))  # doctest: +SKIP
         >>> select(scores.ids, scores.scores, fraction=0.3)  # doctest: +SKIP
     """
+    check_max_skipped(max_skipped)
     collective = collective or Collective()
     device = device if device is not None else next(adapter.module.parameters()).device
     r, rank, world = context.round, collective.rank, collective.world
@@ -528,6 +576,7 @@ def run_round(
     if len(rows.ids) == 0:
         raise ValueError(_nothing_scored(skipped))
     positional = size is not None  # a pool that knows its size is map-style: its pairs have dataset indices
+    check_skipped(skipped, len(rows.ids) + len(skipped), max_skipped, round_=r)
     kept, duplicates = rows.keep_first(positional)
     scorer.end_round(kept.ids.clone(), kept.scores.clone())  # type: ignore[union-attr]
     columns = {}
@@ -548,7 +597,59 @@ def run_round(
         positional=positional,
         uids=None if kept.uids is None else ids_array(kept.uids),
         groups=columns,
+        order=kept.order.numpy(),
     )
+
+
+def check_max_skipped(max_skipped: float | None) -> float | None:
+    """``max_skipped`` validated: None, or a share in [0, 1].
+
+    Raises:
+        ValueError: on anything else (a bool, NaN, a negative share or one above 1).
+    """
+    if max_skipped is None:
+        return None
+    if isinstance(max_skipped, bool) or not isinstance(max_skipped, int | float) or not 0.0 <= max_skipped <= 1.0:
+        raise ValueError(
+            f"`max_skipped` must be a share of the pool's pairs in [0, 1] (0.05: at most 5 % may fail to load; 1: no "
+            f"limit), got {max_skipped!r}."
+        )
+    return float(max_skipped)
+
+
+def check_skipped(skipped: Sequence[SkippedSample], pairs: int, max_skipped: float | None, *, round_: int) -> None:
+    """Refuse a round that skipped more than ``max_skipped`` of the ``pairs`` pool pairs it read.
+
+    ``skipped`` are the pool pairs that failed to load or the checks (duplicate ids and unreadable shard ends are
+    not in it: a pair under a repeated id is still a usable pair, and a shard's unread rest is no pair), ``pairs``
+    every pair read (scored, duplicate or skipped). A share above the limit usually means a bug in the loading
+    code, and skipping that many pairs would bias the selection towards the ones that load.
+
+    Raises:
+        TooManySkippedError: naming the count, the share, the limit, how to raise it, and the first loading error's
+            traceback (map-style pools) or the first reasons (shard pools).
+    """
+    if max_skipped is None or not skipped or len(skipped) <= max_skipped * pairs:
+        return
+    traced = next((s for s in skipped if s.traceback), None)
+    first = (
+        f"The first pair that failed to load, {traced.describe()}, raised:\n{traced.traceback}"
+        if traced is not None
+        else f"The first skipped pairs: {name_skipped(skipped)}."
+    )
+    raise TooManySkippedError(
+        f"Round {round_} skipped {len(skipped):,} of the pool's {pairs:,} pairs ({len(skipped) / pairs:.1%}): they "
+        f"failed to load or to pass the checks, more than max_skipped={max_skipped:g} ({max_skipped:.1%}) allows. "
+        "So many failures usually mean a bug in the dataset's loading code or broken data, and selecting from the "
+        "pairs that load would bias the selection. Fix the data or the loader; if the data is known to be this bad, "
+        f"raise the limit with `max_skipped` (e.g. max_skipped={min(1.0, _ceil_share(len(skipped), pairs)):g}; 1 = "
+        f"no limit). {first}"
+    )
+
+
+def _ceil_share(count: int, total: int) -> float:
+    """The smallest two-decimal share at least ``count / total``."""
+    return -(-count * 100 // total) / 100
 
 
 def _nothing_scored(skipped: Sequence[SkippedSample]) -> str:

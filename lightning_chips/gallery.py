@@ -2,7 +2,8 @@
 selection, as thumbnails with caption, id and score.
 
 :func:`pick_gallery` chooses the pairs from a round's scores and selections; :func:`load_pairs` reads them back
-from the pool (a map-style dataset by index, WebDataset shards by uid through :func:`fetch_shard_pairs`);
+from the pool (a map-style dataset by index, WebDataset shards by uid through :func:`fetch_shard_pairs`, only the
+shards that hold them when their pool positions are known);
 :func:`write_gallery` stores them in ``round_{r:04d}_gallery.npz`` beside the round file (what ``lightning-chips
 report`` shows); :func:`render_grid` draws one gallery as an image for the trainer's loggers, and
 :func:`histogram_image` the round's score histogram for loggers without a native histogram.
@@ -171,18 +172,22 @@ def fetch_shard_pairs(urls: Sequence[str], wanted: Iterable[Id], *, uid_field: s
                 break
         if report.error:
             errors.append(f"{url}: {report.error}")
-    reason = f"not found in the {len(urls)} pool shards" + (f" ({'; '.join(errors[:3])})" if errors else "")
+    where = f"the {len(urls)} pool shards" if len(urls) != 1 else f"its shard {urls[0]}"
+    reason = f"not found in {where}" + (f" ({'; '.join(errors[:3])})" if errors else "")
     for uid in keys.values():
         if uid not in found and uid not in missing:
             missing[uid] = reason
     return found, missing
 
 
-def load_pairs(datamodule: Any, ids: Sequence[Id], indices: Sequence[int] | None,
-               size: int) -> tuple[dict[Id, tuple[np.ndarray, str]], dict[Id, str]]:  # fmt: skip
+def load_pairs(
+    datamodule: Any, ids: Sequence[Id], indices: Sequence[int] | None, size: int, *, order: Sequence[int] | None = None
+) -> tuple[dict[Id, tuple[np.ndarray, str]], dict[Id, str]]:
     """Thumbnails and captions of pool pairs, from a data module's pool: a map-style pool by dataset index, a
-    WebDataset pool by uid (:func:`fetch_shard_pairs`). A pair that fails to load is missing, with the reason."""
-    from lightning_chips.data.pool import MapPool, ShardPool
+    WebDataset pool by uid (:func:`fetch_shard_pairs`). ``order`` (the pairs' pool positions,
+    :attr:`~lightning_chips.engine.RoundScores.order`) names each pair's shard, so only the shards that hold the
+    pairs are read; without it every shard may be. A pair that fails to load is missing, with the reason."""
+    from lightning_chips.data.pool import SHARD_STRIDE, MapPool, ShardPool
 
     pool = datamodule.scoring_pool() if hasattr(datamodule, "scoring_pool") else datamodule
     found: dict[Id, tuple[np.ndarray, str]] = {}
@@ -196,7 +201,10 @@ def load_pairs(datamodule: Any, ids: Sequence[Id], indices: Sequence[int] | None
                 missing[uid] = f"failed to load: {type(exc).__name__}: {exc}"
         return found, missing
     if isinstance(pool, ShardPool):
-        return fetch_shard_pairs(pool.pairs.urls, ids, uid_field=pool.pairs.uid_field, size=size)
+        urls = pool.pairs.urls
+        if order is not None:  # the shards that hold the pairs, in pool order
+            urls = [urls[int(s)] for s in np.unique(np.asarray(order, dtype=np.int64) // SHARD_STRIDE)]
+        return fetch_shard_pairs(urls, ids, uid_field=pool.pairs.uid_field, size=size)
     reason = f"{type(pool).__name__} cannot give pairs back by id (galleries need a ScoredSubsetDataModule or shards)"
     return found, dict.fromkeys(ids, reason)
 
@@ -372,8 +380,10 @@ def log_round_images(
         given = result.ids if result.uids is None else result.uids
         picked = pick_gallery(result.ids, result.scores, selected, previous, gallery)
         rows = np.unique(np.concatenate(list(picked.values())))
+        order = getattr(result, "order", None)
         loaded, missing = load_pairs(datamodule, [given[i].item() for i in rows],
-                                     result.indices[rows] if result.positional else None, thumbnail_size)  # fmt: skip
+                                     result.indices[rows] if result.positional else None, thumbnail_size,
+                                     order=None if order is None else order[rows])  # fmt: skip
         pairs = gallery_pairs(picked, given, result.scores, loaded, missing)
         if round_file is not None:
             write_gallery(gallery_path(round_file), pairs, thumbnail_size)

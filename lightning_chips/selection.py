@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
 
 from lightning_chips.groups import GroupColumn, group_arrays
 from lightning_chips.io import atomic_savez
 
-__all__ = ["Mode", "Selection", "budget_for", "select", "stratified_quotas", "write_round_file"]
+__all__ = ["Mode", "Selection", "budget_for", "draw_weighted", "select", "stratified_quotas", "write_round_file"]
 
 Mode = Literal["topk", "weighted", "stratified"]
 MODES: tuple[str, ...] = ("topk", "weighted", "stratified")
@@ -187,6 +188,31 @@ def select(
         w = np.exp(logits - logits.max())
         weights = w / w.sum()
     return Selection(ids[chosen], indices[chosen], weights, round=round, method=method, num_candidates=n)
+
+
+def draw_weighted(weights: np.ndarray, size: int, generator: torch.Generator) -> np.ndarray:
+    """``size`` positions in ``weights`` drawn with replacement, position ``i`` with probability ``weights[i] /
+    sum(weights)``, for any number of weights (``torch.multinomial`` stops at 2**24 categories).
+
+    Inverse-CDF sampling: ``size`` float64 uniforms from ``generator`` against the float64 cumulative sum of the
+    weights. The draws depend only on the weights and the generator's state, so every rank that seeds the same
+    generator draws the same positions; a zero weight is never drawn.
+
+    Raises:
+        ValueError: on weights that are negative, NaN or inf, or sum to zero.
+
+    Example::
+
+        >>> draw_weighted(np.array([0.0, 1.0, 0.0]), 4, torch.Generator().manual_seed(0)).tolist()
+        [1, 1, 1, 1]
+    """
+    weights = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if len(weights) == 0 or not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError("Sampling weights must be finite, non-negative and not all zero.")
+    cdf = np.cumsum(weights)
+    uniforms = torch.rand(size, generator=generator, dtype=torch.float64).numpy() * cdf[-1]
+    drawn = np.searchsorted(cdf, uniforms, side="right")  # first i with cdf[i] > u: P(i) = w_i / sum(w)
+    return np.minimum(drawn, np.flatnonzero(weights)[-1])  # rounding at the top end: the last drawable position
 
 
 def write_round_file(

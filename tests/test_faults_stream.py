@@ -113,8 +113,10 @@ def test_bad_samples_of_a_streaming_pool_are_counted_once_named_and_never_traine
     data = WebDatasetDataModule(str(faulty_pool), batch_size=4, steps_per_round=2, num_workers=workers,
                                 eval_batch_size=5, shuffle_buffer=4,
                                 worker_start_method="fork" if workers else None)  # fmt: skip
+    # a pool built of faults (over the default 5 % of its pairs bad): no limit
     callback = DataSelectionCallback(CLIPScore(), fraction=0.75, every_n_epochs=1, pool_sample=pool_sample,
-                                     save_dir=str(tmp_path / "rounds"), progress=False)  # fmt: skip
+                                     save_dir=str(tmp_path / "rounds"), progress=False,
+                                     max_skipped=1.0)  # fmt: skip
     record = Record()
     trainer = pl.Trainer(accelerator="cpu", max_epochs=2, callbacks=[callback, record], logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
@@ -193,8 +195,9 @@ def test_bad_samples_met_by_the_training_stream_before_the_first_selection_are_c
     data = WebDatasetDataModule(str(faulty_pool), batch_size=4, steps_per_round=steps, num_workers=workers,
                                 eval_batch_size=8, shuffle_buffer=4,
                                 worker_start_method="fork" if workers else None)  # fmt: skip
+    # a pool built of faults (over the default 5 % of its pairs bad): no limit
     callback = DataSelectionCallback(CLIPScore(), fraction=0.75, every_n_epochs=1, warmup_steps=steps, save_dir="",
-                                     progress=False)  # fmt: skip
+                                     progress=False, max_skipped=1.0)  # fmt: skip
     record = RecordBatches()
     trainer = pl.Trainer(accelerator="cpu", max_epochs=2, callbacks=[callback, record], logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip

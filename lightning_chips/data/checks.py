@@ -10,9 +10,10 @@ applies them, and catches the user's loading errors, for map-style pools
 from __future__ import annotations
 
 import re
+import traceback
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -28,6 +29,7 @@ __all__ = [
     "decode_caption",
     "decode_image",
     "describe_error",
+    "format_traceback",
     "parse_id",
 ]
 
@@ -58,7 +60,9 @@ class SkippedSample:
 
     A map-style pool names the pair by ``index`` (its dataset index); a shard pool by ``shard`` (the URL) and
     ``key`` (the tar key). ``id`` is the pair's id when it has a usable one. ``kind="shard"`` is not a pair: the
-    rest of ``shard`` could not be read, and ``reason`` is the read error.
+    rest of ``shard`` could not be read, and ``reason`` is the read error. ``traceback`` is the formatted traceback
+    of the user's loading error for a map-style pair whose ``__getitem__`` raised (not in its repr or equality; a
+    round keeps only the first one, for the ``max_skipped`` error).
 
     Example::
 
@@ -72,6 +76,7 @@ class SkippedSample:
     key: str | None = None
     shard: str | None = None
     kind: Literal["pair", "shard"] = "pair"
+    traceback: str = field(default="", repr=False, compare=False)
 
     def describe(self) -> str:
         """One phrase naming the sample and the reason, for messages."""
@@ -86,6 +91,12 @@ def describe_error(exc: BaseException) -> str:
     """``"Type: message"`` of an exception, short and without object reprs (which hold memory addresses)."""
     detail = re.sub(r" ?<[^>]*>", "", str(exc))[:120]
     return f"{type(exc).__name__}: {detail}"
+
+
+def format_traceback(exc: BaseException, limit: int = 4000) -> str:
+    """``exc``'s formatted traceback (its last ``limit`` characters: the frames nearest the error)."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
+    return text if len(text) <= limit else "...\n" + text[-limit:]
 
 
 def decode_caption(data: bytes | str | None) -> str:
@@ -215,7 +226,8 @@ class CheckedPairs(Dataset):
 
     Loading runs with PIL's decompression-bomb warning raised as an error, so an image over the limit is refused
     by the user's own loading code too. A :class:`BadSample` raised by the dataset gives its reason; any other
-    exception gives ``"failed to load: <Type>: <message>"``. The collate
+    exception gives ``"failed to load: <Type>: <message>"`` and keeps the formatted traceback (in the skipped
+    sample's ``traceback``). The collate
     (:class:`~lightning_chips.data.PairCollate`) puts the bad pairs of a batch in ``batch["bad"]``.
 
     Args:
@@ -242,8 +254,9 @@ class CheckedPairs(Dataset):
                 item = self.dataset[index]
         except BadSample as bad:
             return SkippedSample(bad.reason, id=bad.id, index=int(index))
-        except Exception as exc:  # the user's loader failed on this sample: skip it and say why
-            return SkippedSample(f"failed to load: {describe_error(exc)}", index=int(index))
+        except Exception as exc:  # the user's loader failed on this sample: skip it and say why (and where)
+            return SkippedSample(f"failed to load: {describe_error(exc)}", index=int(index),
+                                 traceback=format_traceback(exc))  # fmt: skip
         return check_pair(item, int(index))
 
     def __repr__(self) -> str:

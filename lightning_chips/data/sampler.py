@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DistributedSampler, Sampler
 
-from lightning_chips.selection import Selection
+from lightning_chips.selection import Selection, draw_weighted
 
 __all__ = ["ScoredSubsetSampler"]
 
@@ -91,10 +91,8 @@ class ScoredSubsetSampler(DistributedSampler):
             candidates, weights = selection.indices, selection.weights
             if len(candidates) == 0:
                 raise RuntimeError(f"Selection round {selection.round} is empty; nothing to sample.")
-        if weights is not None:
-            probs = torch.as_tensor(weights, dtype=torch.float64)
-            draw = torch.multinomial(probs, total, replacement=True, generator=generator).numpy()
-            return candidates[draw]
+        if weights is not None:  # with replacement by weight, over any selection size
+            return candidates[draw_weighted(weights, total, generator)]
         passes = -(-total // len(candidates))
         order = torch.cat([torch.randperm(len(candidates), generator=generator) for _ in range(passes)])[:total]
         return candidates[order.numpy()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -131,8 +132,8 @@ def _fill_bad_slots(batch: dict[str, Any], dataset: Any) -> dict[str, Any]:
     bad: list[SkippedSample] = batch.pop("bad")
     named = ", ".join(f"index {b.index} (id {b.id}): {b.reason}" for b in bad[:5])
     checked = dataset.dataset if isinstance(dataset, Subset) else dataset
-    if isinstance(checked, CheckedPairs):
-        checked.skipped.update({b.index: b for b in bad})
+    if isinstance(checked, CheckedPairs):  # kept without the loading tracebacks (one per bad pair would add up)
+        checked.skipped.update({b.index: dataclasses.replace(b, traceback="") for b in bad})
     n = len(batch["id"])
     if n == 0:
         raise RuntimeError(

@@ -30,8 +30,9 @@ def main() -> None:
     pool, out = Path(sys.argv[1]), Path(sys.argv[2])
     pl.seed_everything(0)
     data = WebDatasetDataModule(str(pool), batch_size=4, steps_per_round=2, eval_batch_size=5, shuffle_buffer=4)
+    # a pool built of faults (over the default 5 % of its pairs bad): no limit
     callback = DataSelectionCallback(CLIPScore(), fraction=0.75, every_n_epochs=1, save_dir=str(out / "rounds"),
-                                     progress=False)  # fmt: skip
+                                     progress=False, max_skipped=1.0)  # fmt: skip
     record = Record()
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, callbacks=[callback, record],
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
