@@ -104,8 +104,8 @@ def test_map_style_streaming_and_offline_rounds_agree(data, tmp_path, name):
 
 
 def test_a_sampled_pool_sample_is_the_same_through_the_streaming_callback_and_score(data, tmp_path):
-    """``pool_sample=20`` draws the same pairs (shards in the order seeded by ``(seed, 0)``) for the streaming
-    callback's round 0 and ``score``; the prepared CHIPS, and so every score, is the same."""
+    """``pool_sample=20`` draws the same pairs with ``(seed, 0)`` for the streaming callback's round 0 and
+    ``score``; the prepared CHIPS, and so every score, is the same."""
     results = _three_entry_points(data / "pool", data / "target", SCORERS["chips"], tmp_path, pool_sample=20,
                                   map_style=False)  # fmt: skip
     _assert_agree(results)

@@ -58,8 +58,8 @@ def _chips() -> CHIPS:
 
 def _in_memory_scores(module, root: Path, valid: dict, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The same scores computed without shards, workers or parts: decode the written bytes, extract features,
-    prepare on the documented pool sample (the first POOL_SAMPLE valid pairs, shards in the seeded order; given to
-    the scorer in id order, as the target)."""
+    prepare on the documented pool sample (``WebDatasetPairs.sample_pairs`` with ``(seed, round 0)``, whose draw
+    tests/test_pool_sample.py checks; given to the scorer in id order, as the target)."""
     tokenizer = module.get_tokenizer()
     collate = PairCollate(tokenizer, clip_normalize())
     transform = image_transform(32)
@@ -77,9 +77,9 @@ def _in_memory_scores(module, root: Path, valid: dict, seed: int = 0) -> tuple[n
             list(WebDatasetPairs(str(root / "target"), image_size=32)), batch_size=16, collate_fn=collate
         ),  # fmt: skip
     )
-    urls = expand_shards(str(root / "pool"))
-    order = np.random.default_rng(seed).permutation(len(urls))
-    sample_ids = [p["id"] for i in order for p in WebDatasetPairs(urls[i], image_size=32)][:POOL_SAMPLE]
+    pool = WebDatasetPairs(str(root / "pool"), image_size=32)
+    sample_ids = [p["id"] for p in pool.sample_pairs(POOL_SAMPLE, [seed, 0])]
+    assert len(sample_ids) == len(set(sample_ids)) == POOL_SAMPLE
     sample_ids.sort()  # the scorer is prepared on the sample in id order
     target = target.index(torch.argsort(target.ids))
     position = {u: i for i, u in enumerate(uids)}

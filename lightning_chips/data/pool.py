@@ -10,7 +10,8 @@ A round (:func:`lightning_chips.engine.run_round`, used by :class:`~lightning_ch
 
 ``batch`` is a collated dict ``{"image", "text" (token ids), "id"[, "label"]}`` plus where its pairs are in the
 pool (``"index"``: dataset indices of a map-style pool; ``"order"``: for a shard pool, the shard's place in the
-shard list times 2**40 plus the pair's place in the shard), or ``None`` when an item only carries skipped
+shard list times 2**40 plus the pair's place in the shard: among its valid pairs when scoring, among all its
+samples in the pool sample, which keeps the same order), or ``None`` when an item only carries skipped
 samples. Pool order decides which pair of a repeated id is kept (the first). ``skipped`` lists the
 :class:`~lightning_chips.data.checks.SkippedSample` s found since the previous item, the one record of a pair that
 could not be used (and of a shard that could not be read to the end). How a pool finds them (a
@@ -35,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_chips.data.checks import CheckedPairs, SkippedSample
 from lightning_chips.data.subset import PairCollate
-from lightning_chips.data.webdataset import ShardCollate, ShardReport, WebDatasetPairs
+from lightning_chips.data.webdataset import SAMPLE_PER_SHARD, ShardCollate, ShardReport, WebDatasetPairs
 from lightning_chips.selection import Selection
 
 __all__ = ["MapBatches", "MapPool", "PoolItem", "SelectablePool", "ShardBatches", "ShardPool", "shard_indices"]
@@ -194,9 +195,12 @@ class ShardBatches:
 
 class ShardPool:
     """:class:`SelectablePool` streams of a WebDataset pool: rank ``r`` scores ``shards[r::world]``, its skipped
-    samples and unreadable shards from each shard's :class:`~lightning_chips.data.webdataset.ShardReport`; the
-    pool sample is the first ``size`` valid pairs of all shards in an order seeded by ``(seed, round)``, its
-    batches dealt round-robin to the ranks.
+    samples and unreadable shards from each shard's :class:`~lightning_chips.data.webdataset.ShardReport`. The
+    pool sample of ``size`` pairs is spread over ``k = min(#shards, max(16, ceil(size / sample_per_shard)))``
+    shards drawn with ``(seed, round)``: a uniform sample of about ``size / k`` valid pairs of each (a shard that
+    holds fewer leaves the rest to another shard drawn behind it), each shard read by one rank, the drawn shards
+    dealt to the ranks (:meth:`~lightning_chips.data.webdataset.WebDatasetPairs.sample_plan`, docs/offline.md
+    "The pool sample").
 
     Args:
         pairs: the pool's :class:`~lightning_chips.data.webdataset.WebDatasetPairs`.
@@ -205,7 +209,10 @@ class ShardPool:
         batch_size: pairs per batch.
         num_workers: dataloader workers of the scoring pass (at most one per shard of the rank).
         worker_start_method: ``"spawn"`` / ``"forkserver"`` / ``"fork"`` workers (default: the platform's).
-        skip: shards not to score (``lightning-chips score`` resuming).
+        skip: shards not to score (``lightning-chips score`` resuming); the pool sample still reads them.
+        sample_per_shard: about the most pairs the pool sample takes from one shard (while the pool has enough
+            shards): lower spreads the sample over more shards (closer to a uniform draw on a pool written in source
+            order) and reads more of them.
     """
 
     def __init__(
@@ -217,7 +224,11 @@ class ShardPool:
         num_workers: int = 0,
         worker_start_method: str | None = None,
         skip: Sequence[str] = (),
+        sample_per_shard: int = SAMPLE_PER_SHARD,
     ) -> None:
+        if isinstance(sample_per_shard, bool) or not isinstance(sample_per_shard, int) or sample_per_shard < 1:
+            raise ValueError(f"`sample_per_shard` must be an int >= 1, got {sample_per_shard!r}.")
+        self.sample_per_shard = sample_per_shard
         self.pairs, self.target, self.collate = pairs, target, collate
         self.batch_size, self.num_workers, self.worker_start_method = batch_size, num_workers, worker_start_method
         self.skip = tuple(skip)
@@ -234,13 +245,14 @@ class ShardPool:
 
     def pool_sample_batches(self, size: int | None, round: int, seed: int, rank: int,
                             world: int) -> Iterator[PoolItem]:  # fmt: skip
-        reporting = copy.copy(self.pairs)
-        reporting.reports = True  # each pair says its shard: the sample's pool order
-        order = _ShardOrder()
-        for i, batch in enumerate(reporting.sample_batches(size, [seed, round], self.batch_size, self.collate)):
-            batch = order(batch)  # every rank counts every batch, and keeps its own
-            if i % world == rank:
-                yield batch, []
+        """This rank's part of the pool sample (see the class docstring): the slots ``rank, rank + world, ...`` of
+        the sample's plan, so no shard is read by two ranks; bad samples are left out, unreported (the scoring pass
+        reports them)."""
+        for batch in self.pairs.sample_batches(size, [seed, round], self.batch_size, self.collate, rank=rank,
+                                               world=world, per_shard=self.sample_per_shard):  # fmt: skip
+            shard = torch.as_tensor(batch.pop("shard"), dtype=torch.int64)
+            batch["order"] = shard * SHARD_STRIDE + torch.as_tensor(batch.pop("position"), dtype=torch.int64)
+            yield batch, []
 
     def scoring_loader(self, rank: int, world: int) -> DataLoader:
         """The DataLoader of this rank's shards: batches with ``"shard"`` (index of each pair's shard in

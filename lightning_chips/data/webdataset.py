@@ -25,6 +25,7 @@ so a consumer (the offline ``score`` pass, a streaming selection round) knows wh
 from __future__ import annotations
 
 import glob
+import heapq
 import json
 import os
 import tarfile
@@ -50,6 +51,8 @@ from lightning_chips.ids import id_key, id_keys
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "SAMPLE_MIN_SHARDS",
+    "SAMPLE_PER_SHARD",
     "ImageCaptionFolder",
     "ShardCollate",
     "ShardReport",
@@ -62,6 +65,14 @@ __all__ = [
 
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 SHARD_SUFFIXES: tuple[str, ...] = (".tar", ".tar.gz", ".tgz")
+
+SAMPLE_PER_SHARD = 256
+"""About the most pairs a pool sample takes from one shard (the default ``per_shard`` of
+:meth:`WebDatasetPairs.sample_plan`; a pool of fewer shards than the sample needs gives more): a sample of ``size``
+pairs is spread over at least ``ceil(size / 256)`` shards."""
+
+SAMPLE_MIN_SHARDS = 16
+"""The fewest shards a pool sample is spread over (every shard of a pool of fewer)."""
 
 
 def expand_shards(urls: str | Sequence[str]) -> list[str]:
@@ -372,27 +383,106 @@ class WebDatasetPairs(IterableDataset):
         if self.reports:
             yield report
 
-    def sample_batches(
-        self, size: int | None, seed: int | Sequence[int], batch_size: int, collate: Callable[[list], Any]
-    ) -> Iterator[Any]:
-        """Collated batches of the first ``size`` valid pairs of *all* shards (not only this rank's) read in an
-        order seeded by ``seed``; ``None`` = every pair. Every rank reading it gets the same pairs: this is the
-        pool sample a scorer is prepared on."""
-        order = np.random.default_rng(seed).permutation(len(self.urls))
-        chunk, taken = [], 0
-        for i in order:
-            for pair in self.read_shard(self.urls[i]):
-                if isinstance(pair, ShardReport):
-                    continue
-                chunk.append(pair)
-                taken += 1
-                if len(chunk) == batch_size:
-                    yield collate(chunk)
-                    chunk = []
-                if size is not None and taken >= size:
+    def sample_plan(self, size: int | None, seed: int | Sequence[int],
+                    per_shard: int = SAMPLE_PER_SHARD) -> list[tuple[int | None, list[int]]]:  # fmt: skip
+        """The slots of a pool sample of ``size`` pairs: ``(pairs to take, shards to take them from in turn)``
+        (shards as indices in :attr:`urls`). The same on every rank: it depends on the shard list, ``size``,
+        ``seed`` and ``per_shard`` only.
+
+        ``size=None``: one slot per shard, taking all of it. Otherwise the shards, shuffled with
+        ``numpy.random.default_rng(seed)``, are dealt into ``k = min(#shards, max(SAMPLE_MIN_SHARDS, ceil(size /
+        per_shard)))`` chains, and ``size`` is split between the chains in proportion to their lengths (about
+        ``size / k`` each: 254 or 262 for 8,192 pairs over 1,000 shards). A slot reads its chain's first shard,
+        and the next one only while the shards read fall short of its pairs. (The shares in proportion to the
+        lengths make a sample of the pool's size every pair when the shards hold equally many.)
+
+        Raises:
+            ValueError: a negative ``size`` or a ``per_shard`` below 1.
+        """
+        n = len(self.urls)
+        if size is None:
+            return [(None, [i]) for i in range(n)]
+        if size < 0:
+            raise ValueError(f"The pool sample's `size` must be >= 0 or None (every pair), got {size}.")
+        if per_shard < 1:
+            raise ValueError(f"`per_shard` (the most sample pairs from one shard) must be >= 1, got {per_shard}.")
+        if size == 0:
+            return []
+        order = np.random.default_rng(seed).permutation(n).tolist()
+        k = min(n, max(SAMPLE_MIN_SHARDS, -(-size // per_shard)))
+        chains = [order[j::k] for j in range(k)]
+        quotas = _apportion(size, [len(chain) for chain in chains])
+        return [(int(q), chain) for q, chain in zip(quotas, chains, strict=True)]
+
+    def sample_pairs(self, size: int | None, seed: int | Sequence[int], *, rank: int = 0, world: int = 1,
+                     per_shard: int = SAMPLE_PER_SHARD) -> Iterator[dict[str, Any]]:  # fmt: skip
+        """Rank ``rank``'s part of the pool sample: the pairs of the slots ``sample_plan(size, seed,
+        per_shard)[rank::world]``, so the parts of all ranks make the ``world=1`` sample and no shard is read by
+        two ranks.
+
+        A slot of ``q`` pairs takes a uniform sample of ``q`` valid pairs of its first shard: every raw sample gets
+        a priority drawn with ``default_rng([*seed, shard])``, the ``q + q // 8 + 2`` lowest are kept undecoded
+        while the shard streams by, and they are decoded in priority order until ``q`` decode (the spare ones stand
+        in for bad samples). A shard that gives fewer (a small, damaged or mostly bad shard) leaves the rest to the
+        next shard of the chain, and so on; a chain that runs out gives fewer pairs. Bad samples and read errors
+        are left out, not reported: the scoring pass reports them. Each pair has ``"shard"`` (its shard's index in
+        :attr:`urls`) and ``"position"`` (its place among the shard's samples).
+        """
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"Need 0 <= rank < world, got rank={rank}, world={world}.")
+        seeds = [int(s) for s in np.atleast_1d(np.asarray(seed, dtype=np.int64))]
+        for quota, chain in self.sample_plan(size, seed, per_shard)[rank::world]:
+            left = quota
+            for shard in chain:
+                if left == 0:
                     break
-            if size is not None and taken >= size:
+                for position, pair in self._sample_shard(self.urls[shard], left, [*seeds, shard]):
+                    yield {**pair, "shard": shard, "position": position}
+                    left = None if left is None else left - 1
+
+    def _sample_shard(self, url: str, quota: int | None, seed: list[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+        """``(position, pair)`` of ``quota`` uniformly drawn valid pairs of one shard (None: all, in order)."""
+        raw_samples = iter_raw_samples(url, ShardReport(url), self.uid_field)  # a read error ends the shard
+        if quota is None:
+            for position, (_, raw) in enumerate(raw_samples):
+                pair = self.decode(raw) if self.selected(raw) else None
+                if pair is not None:
+                    yield position, pair
+            return
+        keep, rng = quota + quota // 8 + 2, np.random.default_rng(seed)
+        kept: list[tuple[float, int, dict[str, bytes]]] = []  # min-heap of -priority: the `keep` lowest priorities
+        priorities = np.empty(0)
+        for position, (_, raw) in enumerate(raw_samples):
+            if position % 1024 == 0:
+                priorities = rng.random(1024)
+            item = (-float(priorities[position % 1024]), position, raw)
+            if not self.selected(raw):
+                continue
+            if len(kept) < keep:
+                heapq.heappush(kept, item)
+            elif item[:2] > kept[0][:2]:
+                heapq.heapreplace(kept, item)
+        taken = 0
+        for _, position, raw in sorted(kept, key=lambda item: item[:2], reverse=True):  # lowest priority first
+            if taken == quota:
                 break
+            pair = self.decode(raw)
+            if pair is not None:
+                taken += 1
+                yield position, pair
+
+    def sample_batches(self, size: int | None, seed: int | Sequence[int], batch_size: int,
+                       collate: Callable[[list], Any], *, rank: int = 0, world: int = 1,
+                       per_shard: int = SAMPLE_PER_SHARD) -> Iterator[Any]:  # fmt: skip
+        """:meth:`sample_pairs` collated in batches of ``batch_size``: rank ``rank``'s part of the pool sample a
+        scorer is prepared on (``size=None``: every pair). The parts of all ranks make the same sample whatever
+        ``world``; the total read is the shards of :meth:`sample_plan`, each once."""
+        chunk: list[dict[str, Any]] = []
+        for pair in self.sample_pairs(size, seed, rank=rank, world=world, per_shard=per_shard):
+            chunk.append(pair)
+            if len(chunk) == batch_size:
+                yield collate(chunk)
+                chunk = []
         if chunk:
             yield collate(chunk)
 
@@ -426,6 +516,14 @@ class WebDatasetPairs(IterableDataset):
 
     def __repr__(self) -> str:
         return f"WebDatasetPairs({len(self.urls)} shards, rank {self.rank}/{self.world_size})"
+
+
+def _apportion(total: int, weights: Sequence[int]) -> np.ndarray:
+    """``total`` split in proportion to ``weights`` (largest remainders, ties to the first)."""
+    exact = total * np.asarray(weights, dtype=np.float64) / float(sum(weights))
+    shares = np.floor(exact).astype(np.int64)
+    shares[np.argsort(shares - exact, kind="stable")[: total - int(shares.sum())]] += 1
+    return shares
 
 
 def _contains(sorted_ids: np.ndarray, uid: int) -> bool:
