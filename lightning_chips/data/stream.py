@@ -409,8 +409,9 @@ class WebDatasetDataModule(LightningDataModule):
 
     def pool_sample_batches(self, size: int | None, round: int, seed: int, rank: int,
                             world: int) -> Iterator[PoolItem]:  # fmt: skip
-        """This rank's batches (round-robin) of the first ``size`` valid pool pairs, the shards read in an order
-        seeded by ``(seed, round)``."""
+        """This rank's part of a pool sample of ``size`` pairs drawn with ``(seed, round)`` from a seeded subset of
+        the shards, each drawn shard read by one rank (:meth:`~lightning_chips.data.pool.ShardPool.pool_sample_batches`;
+        docs/offline.md, "The pool sample")."""
         return self.scoring_pool().pool_sample_batches(size, round, seed, rank, world)
 
     def scoring_batches(self, rank: int, world: int) -> Iterator[PoolItem]:
