@@ -163,7 +163,7 @@ def test_intersect_builds_from_yaml_like_other_scorers(tmp_path):
     cli = build_cli(["--config", str(path)], run=False)
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, DataSelectionCallback)]
     scorer = callback.scorer
-    assert isinstance(scorer, Intersect) and scorer.fractions == [0.5, 0.4, 1.0] and scorer.rank_by == 0
+    assert isinstance(scorer, Intersect) and scorer.fractions == (0.5, 0.4, 1.0) and scorer.rank_by == 0
     assert [type(s) for s in scorer.scorers] == [CLIPScore, NegCLIPLoss, NormSim]
     assert scorer.scorers[1].batch_size == 256 and scorer.scorers[2].p == 2.0
 

@@ -1,13 +1,18 @@
-"""The Scorer contract: ``prepare`` once per selection round, then stream ``score`` over the pool."""
+"""The Scorer contract: ``prepare`` once per selection round, then stream ``score`` over the pool; every scorer's
+settings in one frozen, validated ``arguments`` dataclass, from which its ``repr`` and :meth:`Scorer.config` come."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
+import math
+import numbers
+import operator
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -54,6 +59,23 @@ class Scorer(ABC):
 
     A round's context (its index, learning rate, prompt encoder, seed) arrives as the :class:`RoundContext`
     argument of :meth:`prepare`; :attr:`round`, :attr:`learning_rate` and :attr:`text_encoder` read it.
+
+    **Settings.** A scorer's settings are one frozen dataclass instance, :attr:`arguments`, that its constructor
+    builds from its keyword arguments and that validates them once (``CHIPS`` holds a
+    :class:`~lightning_chips.functional.chips.ChipsArguments`, ``NormSim`` a ``NormSimArguments``, ...). Its fields
+    read as attributes (``scorer.alpha``) and cannot be assigned (build a new scorer); ``repr(scorer)`` prints every
+    field in field order (``CHIPS(alpha=0.7, beta=0.5, ..., seed=0, ...)``) and :meth:`config` returns them as
+    JSON. ``lightning-chips score`` names its run by the repr, so two runs with different settings are told apart.
+    A scorer written without ``arguments`` still works, but its repr is only its class name (``MyScorer()``): give
+    it one so that runs with different settings are not mistaken for each other::
+
+        @dataclass(frozen=True)
+        class MyArguments:
+            temperature: float = 0.1
+
+        class MyScorer(Scorer):
+            def __init__(self, *, temperature: float = 0.1) -> None:
+                self.arguments = MyArguments(temperature=temperature)
     """
 
     name: ClassVar[str] = ""
@@ -61,6 +83,57 @@ class Scorer(ABC):
     """Whether :meth:`prepare` needs target pairs (a class attribute; composites set it from their parts)."""
     context: RoundContext = RoundContext()
     """The :class:`RoundContext` of the last :meth:`prepare` (recorded by :meth:`use_context`)."""
+    arguments: Any = None
+    """The settings: a frozen dataclass instance (``None``: a scorer without settings, or one written without them;
+    see the class docstring)."""
+
+    def __getattr__(self, name: str) -> Any:
+        """The settings read as attributes (``scorer.alpha``, ``scorer.seed``, ...)."""
+        arguments = self.__dict__.get("arguments", type(self).arguments)
+        if name in _field_names(arguments):
+            return getattr(arguments, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name != "arguments" and name in _field_names(self.__dict__.get("arguments", type(self).arguments)):
+            raise AttributeError(
+                f"`{name}` is a setting of {type(self).__name__}, frozen in its `arguments`: build a new scorer "
+                f"with `{name}=...` instead of assigning it."
+            )
+        super().__setattr__(name, value)
+
+    def config(self) -> dict[str, Any]:
+        """A JSON-serialisable description of the scorer: its registry ``name``, its ``class`` (``module.qualname``)
+        and every field of its :attr:`arguments` (scorers among them, the parts of a composite, as their own
+        ``config()``; tuples as lists; non-finite floats as the strings ``"inf"``, ``"-inf"``, ``"nan"``; torch
+        dtypes as their names; anything else JSON cannot hold as its ``repr``).
+
+        Example::
+
+            >>> NormSim(p=2.0).config()  # doctest: +SKIP
+            {'name': 'normsim', 'class': 'lightning_chips.scoring.quality.NormSim', 'arguments': {'p': 2.0}}
+        """
+        cls = type(self)
+        return {
+            "name": cls.name,
+            "class": f"{cls.__module__}.{cls.__qualname__}",
+            "arguments": {key: _jsonable(value) for key, value in self._argument_items()},
+        }
+
+    def __repr__(self) -> str:
+        """``Name(field=value, ...)`` over every field of :attr:`arguments`, in field order (``Name()`` without)."""
+        return f"{type(self).__name__}({', '.join(f'{key}={value!r}' for key, value in self._argument_items())})"
+
+    def _argument_items(self) -> list[tuple[str, Any]]:
+        arguments = self.arguments
+        if arguments is None:
+            return []
+        if not _is_dataclass_instance(arguments):
+            raise TypeError(
+                f"{type(self).__name__}.arguments must be a dataclass instance holding the settings (or None), got "
+                f"{type(arguments).__name__}."
+            )
+        return [(field.name, getattr(arguments, field.name)) for field in dataclasses.fields(arguments)]
 
     @property
     def round(self) -> int:
@@ -106,6 +179,12 @@ class Scorer(ABC):
         keeps history across rounds (TracIn's running totals) records it here, so every rank holds the whole
         history and :meth:`state_dict` (saved from rank 0) has it."""
 
+    @property
+    def keeps_history(self) -> bool:
+        """Whether :meth:`end_round` records something (by default: whether the class overrides it). Composites
+        forward the hook, with their parts' own scores, to the parts that keep history."""
+        return type(self).end_round is not Scorer.end_round
+
     def state_dict(self) -> dict:
         """State that must survive a checkpoint (most scorers have none: they are prepared anew each round)."""
         return {}
@@ -131,8 +210,94 @@ class Scorer(ABC):
         """One line describing the prepared state (logged once per round)."""
         return type(self).__name__
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+
+def _is_dataclass_instance(value: object) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
+@functools.cache
+def _fields_of(cls: type) -> frozenset[str]:
+    return frozenset(field.name for field in dataclasses.fields(cls))
+
+
+def _field_names(arguments: object) -> frozenset[str]:
+    """The field names of an arguments dataclass instance (none for ``None`` or anything else)."""
+    return _fields_of(type(arguments)) if _is_dataclass_instance(arguments) else frozenset()
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as JSON can hold it (see :meth:`Scorer.config`)."""
+    if isinstance(value, Scorer):
+        return value.config()
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if isinstance(value, Mapping):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(item) for item in value]
+    if _is_dataclass_instance(value):
+        return {field.name: _jsonable(getattr(value, field.name)) for field in dataclasses.fields(value)}
+    return repr(value)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# validation of settings, shared by the arguments dataclasses (each message names the argument and what to pass)
+# --------------------------------------------------------------------------------------------------------------
+def integer_setting(name: str, value: Any, minimum: int | None = None) -> int:
+    """``value`` as an ``int`` (>= ``minimum``), or a ``ValueError`` naming ``name``."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise ValueError(f"`{name}` must be an integer, got {value!r}.") from None
+    if minimum is not None and number < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {number}.")
+    return number
+
+
+def real_setting(name: str, value: Any, *, above: float | None = None, at_least: float | None = None,
+                 at_most: float | None = None, finite: bool = True) -> float:  # fmt: skip
+    """``value`` as a ``float`` in range, or a ``ValueError`` naming ``name`` and the range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"`{name}` must be a number, got {value!r}.")
+    number = float(value)
+    bounds = [f"> {above}" if above is not None else "", f">= {at_least}" if at_least is not None else "",
+              f"<= {at_most}" if at_most is not None else ""]  # fmt: skip
+    wanted = " and ".join(b for b in bounds if b)
+    if (
+        math.isnan(number)
+        or (finite and math.isinf(number))
+        or (above is not None and not number > above)
+        or (at_least is not None and not number >= at_least)
+        or (at_most is not None and not number <= at_most)
+    ):
+        kind = "a finite number" if finite else "a number"
+        raise ValueError(f"`{name}` must be {kind}{' ' + wanted if wanted else ''}, got {value!r}.")
+    return number
+
+
+def choice_setting(name: str, value: Any, choices: Sequence[Any]) -> Any:
+    """``value`` if it is one of ``choices``, or a ``ValueError`` naming ``name`` and the choices."""
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}; got {value!r}.")
+    return value
+
+
+def strings_setting(name: str, value: Any) -> tuple[str, ...]:
+    """A sequence of strings (``None``: empty) as a tuple, or a ``ValueError`` naming ``name``."""
+    if value is None:
+        return ()
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ValueError(f"`{name}` must be a list of strings such as ['cat', 'dog'], got {value!r}.")
+    return tuple(value)
 
 
 class IdLookup:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from torch import Tensor
 
@@ -21,8 +20,6 @@ from lightning_chips.functional.chips import (
 from lightning_chips.scoring.base import RoundContext, Scorer, check_prepare_inputs
 
 __all__ = ["CHIPS", "ROBUST_COMPONENTS"]
-
-_FIELDS = frozenset(f.name for f in dataclasses.fields(ChipsArguments))
 
 ROBUST_COMPONENTS: tuple[str, ...] = (*COMPONENTS, "plausibility")
 """The paper's utility times the plausibility weight: ``CHIPS(components=ROBUST_COMPONENTS)``."""
@@ -73,7 +70,9 @@ class CHIPS(Scorer):
         dtype: ``"float64"`` (default) or ``"float32"`` compute precision.
 
     The settings are held, validated once, in :attr:`arguments` (a
-    :class:`~lightning_chips.functional.chips.ChipsArguments`) and read as attributes (``scorer.alpha``).
+    :class:`~lightning_chips.functional.chips.ChipsArguments`, whose ``exact_when_small`` stays ``True`` here), read
+    as attributes (``scorer.alpha``); ``repr(scorer)`` and :meth:`~lightning_chips.scoring.Scorer.config` list every
+    field.
 
     Raises:
         ValueError: on an argument out of range, naming it and what to pass.
@@ -118,13 +117,6 @@ class CHIPS(Scorer):
         )  # fmt: skip
         self.state: ChipsState | None = None
 
-    def __getattr__(self, name: str) -> Any:
-        """The settings read as attributes (``scorer.alpha``, ``scorer.components``, ...)."""
-        arguments = self.__dict__.get("arguments")
-        if arguments is not None and name in _FIELDS:
-            return getattr(arguments, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
     def prepare(
         self,
         endpoint: EndPoint,
@@ -166,10 +158,4 @@ class CHIPS(Scorer):
                 if "plausibility" in self.components
                 else ""
             )  # fmt: skip
-        )
-
-    def __repr__(self) -> str:
-        return (
-            f"CHIPS(alpha={self.alpha}, beta={self.beta}, sketch_dim={self.sketch_dim}, solver={self.solver!r}, "
-            f"components={self.components})"
         )

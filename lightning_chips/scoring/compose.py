@@ -2,19 +2,128 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from lightning_chips.endpoint import EndPoint
 from lightning_chips.features import PairFeatures
-from lightning_chips.scoring.base import RoundContext, Scorer, check_prepare_inputs
+from lightning_chips.scoring.base import RoundContext, Scorer, check_prepare_inputs, integer_setting
 
-__all__ = ["Chain", "Intersect"]
+__all__ = ["Chain", "ChainArguments", "Intersect", "IntersectArguments"]
 
 GATE_OFFSET = 1e12
 """Subtracted from the second score of pairs the first filter drops: they rank below every kept pair."""
+
+
+def _fraction(label: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"{label} must be in (0, 1], got {value!r}.")
+    return float(value)
+
+
+class _PartScores:
+    """This rank's scores, in the current round, by the parts of a composite that keep history (TracIn), so that
+    :meth:`Scorer.end_round` can hand each such part its own scores of every rank's pairs.
+
+    The composite's own score does not carry them: a gated pair's score is ``second - 1e12``, which the engine's
+    float32 gather rounds to a multiple of 65536, and a filter's scores are not in it at all. So each rank keeps
+    its parts' scores (float32, as the engine gathers scores) of the pairs it scored, and ``end_round``, which the
+    engine calls on every rank, gathers them across the ranks of the ``torch.distributed`` group (nothing is
+    communicated in one process) and gives each part the scores of the round's ids."""
+
+    def __init__(self) -> None:
+        self.chunks: dict[int, list[tuple[Tensor, Tensor]]] = {}
+
+    def add(self, index: int, part: Scorer, ids: Tensor, scores: Tensor) -> None:
+        if part.keeps_history:
+            self.chunks.setdefault(index, []).append((ids.detach().cpu().long(), scores.detach().float().cpu()))
+
+    def clear(self) -> None:
+        self.chunks = {}
+
+    def end_round(self, parts: Sequence[Scorer], ids: Tensor) -> None:
+        """Forward :meth:`Scorer.end_round` to the parts that keep history (collective: every rank calls it)."""
+        mine = {i: (torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks]))
+                for i, chunks in self.chunks.items()}  # fmt: skip
+        self.chunks = {}
+        everyone = _all_ranks(mine)
+        ids = ids.cpu().long()
+        for i, part in enumerate(parts):
+            gathered = [rank[i] for rank in everyone if i in rank]
+            if not part.keeps_history or not gathered:  # a part the composite never scored (it neither filters
+                continue  # nor ranks) has nothing to record
+            part_ids, part_scores = torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
+            order = torch.argsort(part_ids, stable=True)
+            part_ids, part_scores = part_ids[order], part_scores[order]
+            pos = torch.searchsorted(part_ids, ids).clamp(max=max(len(part_ids) - 1, 0))
+            found = part_ids[pos] == ids if len(part_ids) else torch.zeros(len(ids), dtype=torch.bool)
+            part.end_round(ids[found], part_scores[pos[found]])
+
+
+def _all_ranks(mine: Any) -> list[Any]:
+    """Every rank's ``mine`` in rank order (``[mine]`` without an initialised process group of several ranks)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [mine]
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+@dataclass(frozen=True)
+class ChainArguments:
+    """The settings of :class:`Chain` (validated once when built; see its Args).
+
+    Raises:
+        ValueError: ``first`` or ``second`` not a :class:`Scorer`, or ``keep_fraction`` outside (0, 1].
+    """
+
+    first: Scorer
+    second: Scorer
+    keep_fraction: float = 0.3
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.first, Scorer) or not isinstance(self.second, Scorer):
+            raise ValueError("Chain needs two lightning_chips Scorers (`first` filters, `second` ranks).")
+        object.__setattr__(self, "keep_fraction", _fraction("`keep_fraction`", self.keep_fraction))
+
+
+@dataclass(frozen=True)
+class IntersectArguments:
+    """The settings of :class:`Intersect` (validated once when built; see its Args). ``scorers`` and
+    ``fractions`` are kept as tuples, ``rank_by`` as an index in ``[0, len(scorers))``.
+
+    Raises:
+        ValueError: see :class:`Intersect`.
+    """
+
+    scorers: tuple[Scorer, ...]
+    fractions: tuple[float, ...]
+    rank_by: int = -1
+
+    def __post_init__(self) -> None:
+        scorers, fractions = tuple(self.scorers), tuple(self.fractions)
+        if len(scorers) < 2:
+            raise ValueError(f"Intersect needs at least two scorers to intersect, got {len(scorers)}.")
+        for i, scorer in enumerate(scorers):
+            if not isinstance(scorer, Scorer):
+                raise ValueError(f"Intersect: scorers[{i}] is a {type(scorer).__name__}, not a lightning_chips Scorer.")
+        if len(fractions) != len(scorers):
+            raise ValueError(
+                f"Intersect needs one fraction per scorer: got {len(fractions)} fractions for {len(scorers)} scorers "
+                "(use 1.0 for a scorer that only ranks)."
+            )
+        fractions = tuple(_fraction(f"Intersect: fractions[{i}]", fraction) for i, fraction in enumerate(fractions))
+        rank_by = integer_setting("rank_by", self.rank_by)
+        if not -len(scorers) <= rank_by < len(scorers):
+            raise ValueError(f"`rank_by` must index one of the {len(scorers)} scorers, got {rank_by}.")
+        object.__setattr__(self, "scorers", scorers)
+        object.__setattr__(self, "fractions", fractions)
+        object.__setattr__(self, "rank_by", rank_by % len(scorers))
 
 
 class Chain(Scorer):
@@ -31,18 +140,24 @@ class Chain(Scorer):
         first: the filtering scorer.
         second: the ranking scorer.
         keep_fraction: share of the pool the first filter keeps, in (0, 1].
+
+    The settings are held in :attr:`arguments` (a :class:`ChainArguments`); :meth:`config` nests the parts'
+    configs. A part that keeps history across rounds (TracIn) gets its own scores of every rank's pairs at
+    :meth:`end_round`: each rank keeps its parts' scores of the pairs it scored, and ``end_round`` gathers them (the
+    composite's score, ``second - 1e12`` for a filtered pair, does not hold them).
     """
 
     name: ClassVar[str] = "chain"
 
     def __init__(self, first: Scorer, second: Scorer, keep_fraction: float = 0.3) -> None:
-        if not isinstance(first, Scorer) or not isinstance(second, Scorer):
-            raise ValueError("Chain needs two lightning_chips Scorers (`first` filters, `second` ranks).")
-        if not 0.0 < keep_fraction <= 1.0:
-            raise ValueError(f"`keep_fraction` must be in (0, 1], got {keep_fraction}.")
-        self.first, self.second, self.keep_fraction = first, second, keep_fraction
+        self.arguments = ChainArguments(first=first, second=second, keep_fraction=keep_fraction)
         self.requires_target = first.requires_target or second.requires_target
         self.threshold: float | None = None
+        self._part_scores = _PartScores()
+
+    @property
+    def keeps_history(self) -> bool:
+        return self.first.keeps_history or self.second.keeps_history
 
     def prepare(
         self,
@@ -52,6 +167,7 @@ class Chain(Scorer):
         context: RoundContext | None = None,
     ) -> None:
         self.use_context(context)
+        self._part_scores.clear()
         # a missing target fails before the first scorer does any work
         check_prepare_inputs(self, None, target, None, uses_target=self.requires_target, uses_pool_sample=False)
         for scorer in (self.first, self.second):
@@ -63,9 +179,17 @@ class Chain(Scorer):
     def score(self, batch: PairFeatures) -> Tensor:
         if self.threshold is None:
             raise RuntimeError("Chain.score called before prepare().")
-        kept = self.first.score(batch).double() >= self.threshold
-        second = self.second.score(batch).double()
+        first, second = self.first.score(batch), self.second.score(batch)
+        self._part_scores.add(0, self.first, batch.ids, first)
+        self._part_scores.add(1, self.second, batch.ids, second)
+        kept, second = first.double() >= self.threshold, second.double()
         return torch.where(kept.to(second.device), second, second - GATE_OFFSET)
+
+    def end_round(self, ids: Tensor, scores: Tensor) -> None:
+        """Forward the hook to the parts that keep history, each with its own scores of ``ids`` (gathered across
+        ranks: the composite's ``scores`` do not hold them)."""
+        if self.keeps_history:
+            self._part_scores.end_round((self.first, self.second), ids)
 
     def state_dict(self) -> dict:
         """The inner scorers' checkpoint state (e.g. TracIn's totals over the rounds so far)."""
@@ -77,9 +201,6 @@ class Chain(Scorer):
 
     def summary(self) -> str:
         return f"Chain(top {self.keep_fraction:.0%} by {type(self.first).__name__}, then {type(self.second).__name__})"
-
-    def __repr__(self) -> str:
-        return f"Chain({self.first!r}, {self.second!r}, keep_fraction={self.keep_fraction})"
 
 
 class Intersect(Scorer):
@@ -101,6 +222,10 @@ class Intersect(Scorer):
         scorers: two or more scorers; each filters by its own top fraction.
         fractions: one share of the pool per scorer, each in (0, 1].
         rank_by: index into ``scorers`` of the scorer that ranks the survivors (default ``-1``, the last one).
+
+    The settings are held in :attr:`arguments` (an :class:`IntersectArguments`; ``scorers`` and ``fractions`` as
+    tuples, ``rank_by`` as a non-negative index); :meth:`config` nests the parts' configs. A part that keeps history
+    across rounds (TracIn) gets its own scores of every rank's pairs at :meth:`end_round`, when it filters or ranks.
 
     Raises:
         ValueError: when fewer than two scorers are given, a scorer is not a :class:`Scorer`, the number of
@@ -127,27 +252,16 @@ class Intersect(Scorer):
     name: ClassVar[str] = "intersect"
 
     def __init__(self, scorers: list[Scorer], fractions: list[float], *, rank_by: int = -1) -> None:
-        scorers, fractions = list(scorers), [float(f) for f in fractions]
-        if len(scorers) < 2:
-            raise ValueError(f"Intersect needs at least two scorers to intersect, got {len(scorers)}.")
-        for i, scorer in enumerate(scorers):
-            if not isinstance(scorer, Scorer):
-                raise ValueError(f"Intersect: scorers[{i}] is a {type(scorer).__name__}, not a lightning_chips Scorer.")
-        if len(fractions) != len(scorers):
-            raise ValueError(
-                f"Intersect needs one fraction per scorer: got {len(fractions)} fractions for {len(scorers)} scorers "
-                "(use 1.0 for a scorer that only ranks)."
-            )
-        for i, fraction in enumerate(fractions):
-            if not 0.0 < fraction <= 1.0:
-                raise ValueError(f"Intersect: fractions[{i}] must be in (0, 1], got {fraction}.")
-        if not -len(scorers) <= rank_by < len(scorers):
-            raise ValueError(f"`rank_by` must index one of the {len(scorers)} scorers, got {rank_by}.")
-        self.scorers, self.fractions, self.rank_by = scorers, fractions, rank_by % len(scorers)
-        self.requires_target = any(scorer.requires_target for scorer in scorers)
+        self.arguments = IntersectArguments(scorers=scorers, fractions=fractions, rank_by=rank_by)
+        self.requires_target = any(scorer.requires_target for scorer in self.scorers)
         self.thresholds: list[float] | None = None
         self.kept_in_sample: int | None = None
         self.sample_size: int | None = None
+        self._part_scores = _PartScores()
+
+    @property
+    def keeps_history(self) -> bool:
+        return any(scorer.keeps_history for scorer in self.scorers)
 
     def prepare(
         self,
@@ -157,6 +271,7 @@ class Intersect(Scorer):
         context: RoundContext | None = None,
     ) -> None:
         self.use_context(context)
+        self._part_scores.clear()
         # a missing target fails before the first scorer does any work
         check_prepare_inputs(self, None, target, None, uses_target=self.requires_target, uses_pool_sample=False)
         for scorer in self.scorers:
@@ -176,14 +291,26 @@ class Intersect(Scorer):
     def score(self, batch: PairFeatures) -> Tensor:
         if self.thresholds is None:
             raise RuntimeError("Intersect.score called before prepare().")
-        ranked = self.scorers[self.rank_by].score(batch).double()
+        ranked = self.scorers[self.rank_by].score(batch)
+        self._part_scores.add(self.rank_by, self.scorers[self.rank_by], batch.ids, ranked)
+        ranked = ranked.double()
         kept = torch.ones(len(batch), dtype=torch.bool, device=ranked.device)
         for i, (scorer, threshold) in enumerate(zip(self.scorers, self.thresholds, strict=True)):
             if threshold == float("-inf"):
                 continue
-            values = ranked if i == self.rank_by else scorer.score(batch).double()
-            kept &= values.to(ranked.device) >= threshold
+            if i == self.rank_by:
+                values = ranked
+            else:
+                values = scorer.score(batch)
+                self._part_scores.add(i, scorer, batch.ids, values)
+            kept &= values.double().to(ranked.device) >= threshold
         return torch.where(kept, ranked, ranked - GATE_OFFSET)
+
+    def end_round(self, ids: Tensor, scores: Tensor) -> None:
+        """Forward the hook to the parts that keep history and were scored (they filter or rank), each with its own
+        scores of ``ids`` (gathered across ranks: the composite's ``scores`` do not hold them)."""
+        if self.keeps_history:
+            self._part_scores.end_round(self.scorers, ids)
 
     def state_dict(self) -> dict:
         return {"scorers": [scorer.state_dict() for scorer in self.scorers]}
@@ -200,6 +327,3 @@ class Intersect(Scorer):
         if self.kept_in_sample is not None:
             text += f"; {self.kept_in_sample}/{self.sample_size} of the sample in the intersection"
         return text + ")"
-
-    def __repr__(self) -> str:
-        return f"Intersect({self.scorers!r}, fractions={self.fractions}, rank_by={self.rank_by})"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -13,9 +14,32 @@ from lightning_chips.endpoint import EndPoint
 from lightning_chips.features import PairFeatures
 from lightning_chips.functional.quality import clip_score, negclip_loss, normsim
 from lightning_chips.metrics import format_prompts
-from lightning_chips.scoring.base import IdLookup, RoundContext, Scorer, check_prepare_inputs
+from lightning_chips.scoring.base import (
+    IdLookup,
+    RoundContext,
+    Scorer,
+    check_prepare_inputs,
+    choice_setting,
+    integer_setting,
+    real_setting,
+    strings_setting,
+)
 
-__all__ = ["CLIPScore", "ClipCov", "ClipPowered", "NegCLIPLoss", "NormSim"]
+__all__ = [
+    "CLIPScore",
+    "CLIPScoreArguments",
+    "ClipCov",
+    "ClipCovArguments",
+    "ClipPowered",
+    "ClipPoweredArguments",
+    "NegCLIPLoss",
+    "NegCLIPLossArguments",
+    "NormSim",
+    "NormSimArguments",
+]
+
+_CLASSES = ("kmeans", "labels", "zeroshot")
+_TEMPLATES = ("a photo of a {}.",)
 
 
 class _EmbeddingScorer(Scorer):
@@ -45,6 +69,11 @@ class _EmbeddingScorer(Scorer):
         return ep.embed_image(batch.image.to(device, dtype)), ep.embed_text(batch.text.to(device, dtype))
 
 
+@dataclass(frozen=True)
+class CLIPScoreArguments:
+    """The settings of :class:`CLIPScore`: none (it scores with the current model alone)."""
+
+
 class CLIPScore(_EmbeddingScorer):
     """CLIPScore ``cos(x, y)`` of each pair with the current model (needs no target)."""
 
@@ -52,9 +81,31 @@ class CLIPScore(_EmbeddingScorer):
     requires_target = False
     reads_pool_sample: ClassVar[bool] = False
 
+    def __init__(self) -> None:
+        self.arguments = CLIPScoreArguments()
+
     def score(self, batch: PairFeatures) -> Tensor:
         x, y = self._embed(batch)
         return clip_score(x, y)
+
+
+@dataclass(frozen=True)
+class NormSimArguments:
+    """The settings of :class:`NormSim` (validated once when built).
+
+    Args:
+        p: ``2.0`` or ``float("inf")``.
+
+    Raises:
+        ValueError: any other ``p``.
+    """
+
+    p: float = math.inf
+
+    def __post_init__(self) -> None:
+        if isinstance(self.p, bool) or not isinstance(self.p, int | float) or float(self.p) not in (2.0, math.inf):
+            raise ValueError(f"NormSim supports p = 2 or p = inf (pass 2.0 or float('inf')), got {self.p!r}.")
+        object.__setattr__(self, "p", float(self.p))
 
 
 class NormSim(_EmbeddingScorer):
@@ -62,15 +113,15 @@ class NormSim(_EmbeddingScorer):
 
     Args:
         p: ``2.0`` or ``float("inf")`` (the paper's headline filter uses ``inf``).
+
+    The settings are held in :attr:`arguments` (a :class:`NormSimArguments`).
     """
 
     name: ClassVar[str] = "normsim"
     reads_pool_sample: ClassVar[bool] = False
 
     def __init__(self, *, p: float = float("inf")) -> None:
-        if p != 2 and not math.isinf(p):
-            raise ValueError(f"NormSim supports p = 2 or p = inf, got {p}.")
-        self.p = float(p)
+        self.arguments = NormSimArguments(p=p)
         self.target_image: Tensor | None = None
 
     def prepare(
@@ -86,8 +137,25 @@ class NormSim(_EmbeddingScorer):
     def score(self, batch: PairFeatures) -> Tensor:
         return normsim(self._embed(batch)[0], self.target_image, p=self.p)
 
-    def __repr__(self) -> str:
-        return f"NormSim(p={self.p})"
+
+@dataclass(frozen=True)
+class NegCLIPLossArguments:
+    """The settings of :class:`NegCLIPLoss` (validated once when built; see its Args).
+
+    Raises:
+        ValueError: ``temperature <= 0``, ``batch_size < 2``, ``repeats < 1`` or a seed that is not an integer.
+    """
+
+    temperature: float = 0.01
+    batch_size: int = 32768
+    repeats: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "temperature", real_setting("temperature", self.temperature, above=0))
+        object.__setattr__(self, "batch_size", integer_setting("batch_size", self.batch_size, minimum=2))
+        object.__setattr__(self, "repeats", integer_setting("repeats", self.repeats, minimum=1))
+        object.__setattr__(self, "seed", integer_setting("seed", self.seed))
 
 
 class NegCLIPLoss(_EmbeddingScorer):
@@ -103,18 +171,17 @@ class NegCLIPLoss(_EmbeddingScorer):
         batch_size: batch size of the partitions (paper: 32768).
         repeats: number of random partitions (paper: 10).
         seed: seed of the partitions.
+
+    The settings are held in :attr:`arguments` (a :class:`NegCLIPLossArguments`).
     """
 
     name: ClassVar[str] = "negclip"
     requires_target = False
 
     def __init__(self, *, temperature: float = 0.01, batch_size: int = 32768, repeats: int = 10, seed: int = 0) -> None:
-        if temperature <= 0 or batch_size < 2 or repeats < 1:
-            raise ValueError(
-                f"NegCLIPLoss needs temperature > 0, batch_size >= 2, repeats >= 1; got {temperature}, {batch_size}, "
-                f"{repeats}."
-            )
-        self.temperature, self.batch_size, self.repeats, self.seed = temperature, batch_size, repeats, seed
+        self.arguments = NegCLIPLossArguments(
+            temperature=temperature, batch_size=batch_size, repeats=repeats, seed=seed
+        )
         self._lookup: IdLookup | None = None
         self._sample: tuple[Tensor, Tensor] | None = None
 
@@ -156,8 +223,33 @@ class NegCLIPLoss(_EmbeddingScorer):
             total += pos[:, 0] - 0.5 * tau * (torch.logsumexp(rows / tau, 1) + torch.logsumexp(cols / tau, 1))
         return (total / self.repeats).to(x.dtype)
 
-    def __repr__(self) -> str:
-        return f"NegCLIPLoss(temperature={self.temperature}, batch_size={self.batch_size}, repeats={self.repeats})"
+
+@dataclass(frozen=True)
+class ClipCovArguments:
+    """The settings of :class:`ClipCov` (validated once when built; see its Args). ``classnames`` and
+    ``templates`` are kept as tuples.
+
+    Raises:
+        ValueError: an unknown ``classes``, ``num_clusters < 1``, ``classes="zeroshot"`` without ``classnames`` or
+            templates, a ``classnames`` string instead of a list, or a seed that is not an integer.
+    """
+
+    classes: str = "kmeans"
+    num_clusters: int = 10
+    classnames: tuple[str, ...] = ()
+    templates: tuple[str, ...] = _TEMPLATES
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        choice_setting("classes", self.classes, _CLASSES)
+        object.__setattr__(self, "num_clusters", integer_setting("num_clusters", self.num_clusters, minimum=1))
+        object.__setattr__(self, "classnames", strings_setting("classnames", self.classnames))
+        object.__setattr__(self, "templates", strings_setting("templates", self.templates))
+        object.__setattr__(self, "seed", integer_setting("seed", self.seed))
+        if self.classes == "zeroshot" and not (self.classnames and self.templates):
+            raise ValueError(
+                "ClipCov(classes='zeroshot') needs `classnames` (and at least one template) to pseudo-label the pool."
+            )
 
 
 class ClipCov(_EmbeddingScorer):
@@ -176,6 +268,8 @@ class ClipCov(_EmbeddingScorer):
         classnames: class list for zero-shot pseudo-labels.
         templates: prompt templates for zero-shot pseudo-labels.
         seed: k-means seed.
+
+    The settings are held in :attr:`arguments` (a :class:`ClipCovArguments`).
     """
 
     name: ClassVar[str] = "clipcov"
@@ -190,14 +284,8 @@ class ClipCov(_EmbeddingScorer):
         templates: list[str] = ("a photo of a {}.",),  # noqa: B006 - a tuple, immutable
         seed: int = 0,
     ) -> None:
-        if classes not in ("kmeans", "labels", "zeroshot"):
-            raise ValueError(f"`classes` must be 'kmeans', 'labels' or 'zeroshot', got {classes!r}.")
-        if num_clusters < 1:
-            raise ValueError(f"`num_clusters` must be >= 1, got {num_clusters}.")
-        if classes == "zeroshot" and not classnames:
-            raise ValueError("ClipCov(classes='zeroshot') needs `classnames` to pseudo-label the pool.")
-        self.classes, self.num_clusters, self.seed = classes, num_clusters, seed
-        self.classnames, self.templates = list(classnames or []), list(templates)
+        self.arguments = ClipCovArguments(classes=classes, num_clusters=num_clusters, classnames=classnames,
+                                          templates=templates, seed=seed)  # fmt: skip
         self._lookup: IdLookup | None = None
 
     def prepare(
@@ -251,6 +339,45 @@ def _class_embeddings(scorer: Scorer, classnames: list[str], templates: list[str
     return F.normalize(emb.mean(1), dim=-1)
 
 
+@dataclass(frozen=True)
+class ClipPoweredArguments:
+    """The settings of :class:`ClipPowered` (validated once when built; see its Args). ``labels=None`` resolves to
+    ``"labels"`` with class names and ``"kmeans"`` without; ``classnames`` and ``templates`` are kept as tuples.
+
+    Raises:
+        ValueError: an unknown ``labels``, ``labels="labels"`` or ``"zeroshot"`` without class names or templates,
+            ``num_clusters < 1``, ``neighbours < 1``, ``adapter_epochs < 0``, a negative or non-finite
+            ``diversity_weight``, a non-bool ``train_adapters`` or a seed that is not an integer.
+    """
+
+    classnames: tuple[str, ...] = ()
+    templates: tuple[str, ...] = _TEMPLATES
+    labels: str | None = None
+    num_clusters: int = 20
+    train_adapters: bool = True
+    adapter_epochs: int = 5
+    neighbours: int = 50
+    diversity_weight: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "classnames", strings_setting("classnames", self.classnames))
+        object.__setattr__(self, "templates", strings_setting("templates", self.templates))
+        labels = self.labels if self.labels is not None else ("labels" if self.classnames else "kmeans")
+        object.__setattr__(self, "labels", choice_setting("labels", labels, _CLASSES))
+        if labels != "kmeans" and (not self.classnames or not self.templates):
+            raise ValueError(f"ClipPowered(labels={labels!r}) needs `classnames` and at least one prompt template; "
+                             "without class names use labels='kmeans'.")  # fmt: skip
+        object.__setattr__(self, "num_clusters", integer_setting("num_clusters", self.num_clusters, minimum=1))
+        if not isinstance(self.train_adapters, bool):
+            raise ValueError(f"`train_adapters` must be True or False, got {self.train_adapters!r}.")
+        object.__setattr__(self, "adapter_epochs", integer_setting("adapter_epochs", self.adapter_epochs, minimum=0))
+        object.__setattr__(self, "neighbours", integer_setting("neighbours", self.neighbours, minimum=1))
+        weight = real_setting("diversity_weight", self.diversity_weight, at_least=0)
+        object.__setattr__(self, "diversity_weight", weight)
+        object.__setattr__(self, "seed", integer_setting("seed", self.seed))
+
+
 class ClipPowered(_EmbeddingScorer):
     """CLIP-powered selection (Yang et al., ICLR 2025): semantic alignment + diversity, as a set-level score.
 
@@ -275,6 +402,8 @@ class ClipPowered(_EmbeddingScorer):
         neighbours: ``K`` of the diversity score.
         diversity_weight: SDS weight (paper: 0.1).
         seed: adapter-training seed.
+
+    The settings are held in :attr:`arguments` (a :class:`ClipPoweredArguments`).
     """
 
     name: ClassVar[str] = "clip_powered"
@@ -293,19 +422,11 @@ class ClipPowered(_EmbeddingScorer):
         diversity_weight: float = 0.1,
         seed: int = 0,
     ) -> None:
-        if labels is None:
-            labels = "labels" if classnames else "kmeans"
-        if labels not in ("kmeans", "labels", "zeroshot"):
-            raise ValueError(f"`labels` must be 'kmeans', 'labels' or 'zeroshot', got {labels!r}.")
-        if labels != "kmeans" and (not classnames or not templates):
-            raise ValueError(f"ClipPowered(labels={labels!r}) needs `classnames` and at least one prompt template; "
-                             "without class names use labels='kmeans'.")  # fmt: skip
-        if num_clusters < 1:
-            raise ValueError(f"`num_clusters` must be >= 1, got {num_clusters}.")
-        self.classnames, self.templates, self.labels = list(classnames or []), list(templates), labels
-        self.num_clusters = num_clusters
-        self.train_adapters, self.adapter_epochs = train_adapters, adapter_epochs
-        self.neighbours, self.diversity_weight, self.seed = neighbours, diversity_weight, seed
+        self.arguments = ClipPoweredArguments(
+            classnames=classnames, templates=templates, labels=labels, num_clusters=num_clusters,
+            train_adapters=train_adapters, adapter_epochs=adapter_epochs, neighbours=neighbours,
+            diversity_weight=diversity_weight, seed=seed,
+        )  # fmt: skip
         self._lookup: IdLookup | None = None
 
     def prepare(

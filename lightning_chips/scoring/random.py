@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -9,11 +10,32 @@ from torch import Tensor
 
 from lightning_chips.endpoint import EndPoint
 from lightning_chips.features import PairFeatures
-from lightning_chips.scoring.base import RoundContext, Scorer
+from lightning_chips.scoring.base import RoundContext, Scorer, integer_setting
 
-__all__ = ["Random"]
+__all__ = ["Random", "RandomArguments"]
 
 _MIX = 0x9E3779B97F4A7C15
+
+
+@dataclass(frozen=True)
+class RandomArguments:
+    """The settings of :class:`Random` (validated once when built).
+
+    Args:
+        seed: the seed (an integer).
+        fixed: keep the same scores in every round.
+
+    Raises:
+        ValueError: a seed that is not an integer, or a ``fixed`` that is not a bool.
+    """
+
+    seed: int = 0
+    fixed: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "seed", integer_setting("seed", self.seed))
+        if not isinstance(self.fixed, bool):
+            raise ValueError(f"`fixed` must be True or False, got {self.fixed!r}.")
 
 
 class Random(Scorer):
@@ -26,13 +48,15 @@ class Random(Scorer):
     Args:
         seed: the seed.
         fixed: keep the same scores in every round (one fixed random subset).
+
+    The settings are held in :attr:`arguments` (a :class:`RandomArguments`).
     """
 
     name: ClassVar[str] = "random"
     requires_target = False
 
     def __init__(self, *, seed: int = 0, fixed: bool = False) -> None:
-        self.seed, self.fixed = int(seed), fixed
+        self.arguments = RandomArguments(seed=seed, fixed=fixed)
 
     def prepare(
         self,
@@ -47,9 +71,6 @@ class Random(Scorer):
     def score(self, batch: PairFeatures) -> Tensor:
         salt = self.seed * 1_000_003 + (0 if self.fixed else self.round)
         return _uniform_hash(batch.ids, salt)
-
-    def __repr__(self) -> str:
-        return f"Random(seed={self.seed}, fixed={self.fixed})"
 
 
 def _uniform_hash(ids: Tensor, salt: int) -> Tensor:
