@@ -6,7 +6,10 @@
   errors), synced, checked for its size and renamed into place. A crash at any point leaves the previous file or
   the complete new one, never a truncated file under the real name.
 * :func:`load_npz`, :func:`load_json`: a truncated, bit-flipped or foreign file is a :class:`CorruptFileError`
-  that names the file and says what to do, not ``BadZipFile`` / ``KeyError`` / ``JSONDecodeError``.
+  that names the file and says what to do, not ``BadZipFile`` / ``NotImplementedError`` / ``KeyError`` /
+  ``JSONDecodeError``; an ``.npz`` whose zip directory lost members to a flipped length field is refused too.
+* :func:`umask`, :func:`publish_mode`: files and folders are published with the permissions the process's umask
+  gives, as ``open`` and ``mkdir`` would (not the ``0600`` / ``0700`` of ``mkstemp`` / ``mkdtemp``).
 * :class:`OutputLock`: an exclusive lock on an output folder for the life of a run (``fcntl.flock`` on a lock file
   holding the owner's pid, host, start time and command). A second run is refused with one line naming the
   owner; the kernel releases the lock of a process that dies, so a killed run's lock is taken over by the next
@@ -22,6 +25,7 @@ import io
 import json
 import os
 import socket
+import struct
 import sys
 import tempfile
 import time
@@ -34,6 +38,7 @@ from typing import IO, Any
 import numpy as np
 
 __all__ = [
+    "READ_ERRORS",
     "CorruptFileError",
     "OutputLock",
     "OutputLockedError",
@@ -43,7 +48,9 @@ __all__ = [
     "atomic_writer",
     "load_json",
     "load_npz",
+    "publish_mode",
     "remove_stale_temporaries",
+    "umask",
 ]
 
 TEMP_SUFFIX = ".tmp"
@@ -55,6 +62,19 @@ class CorruptFileError(ValueError):
 
 class OutputLockedError(RuntimeError):
     """Another live run holds the output folder's lock."""
+
+
+def umask() -> int:
+    """The process's file-creation mask (read by setting it and putting it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def publish_mode(directory: bool = False) -> int:
+    """The mode ``open`` (``0o666``) or ``mkdir`` (``0o777``, ``directory=True``) gives under the current umask: what
+    a result built under ``mkstemp`` / ``mkdtemp`` (``0600`` / ``0700``) is set to before it is published."""
+    return (0o777 if directory else 0o666) & ~umask()
 
 
 def _write_all(fd: int, data: memoryview, path: Path) -> None:
@@ -116,7 +136,7 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]
             os.close(fd)
         if size != len(data):
             raise OSError(errno.EIO, f"could not write {path}: {size} of {len(data)} bytes reached the disk", str(path))
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are ordinary results
+        os.chmod(tmp, publish_mode())  # mkstemp creates 0600; these are ordinary results
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -147,26 +167,56 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, default: Callable[[A
     return Path(path)
 
 
-_READ_ERRORS = (zipfile.BadZipFile, zlib.error, ValueError, KeyError, EOFError, OSError, UnicodeDecodeError)
+READ_ERRORS: tuple[type[BaseException], ...] = (
+    zipfile.BadZipFile, zlib.error, ValueError, KeyError, EOFError, OSError, UnicodeDecodeError,
+    RuntimeError,  # zipfile on a flipped flag or method field: "is encrypted", NotImplementedError "compression ..."
+    struct.error, OverflowError, MemoryError, TypeError, IndexError, AttributeError,  # corrupt zip or .npy headers
+)  # fmt: skip
+"""What reading a damaged ``.npz`` / ``.npy`` can raise (zipfile and numpy's header parsing)."""
+
+
+def _zip_directory_entries(path: Path) -> int | None:
+    """The number of members the end-of-central-directory record of the zip at ``path`` announces (None when it
+    cannot be told: no record, or a ZIP64 count)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - 22 - 65535))
+        tail = f.read()
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) < at + 22:
+        return None
+    (entries,) = struct.unpack("<H", tail[at + 10 : at + 12])
+    return None if entries == 0xFFFF else entries
 
 
 def load_npz(path: str | os.PathLike, keys: Iterable[str], *, what: str, fix: str) -> dict[str, np.ndarray]:
     """Every array of the ``.npz`` at ``path``, read in full, with the ``keys`` it must hold.
 
+    Besides the zip's CRCs (which catch any damage to the arrays' bytes), the members read are counted against the
+    number the zip's end record announces: a flipped length field in the zip directory can otherwise hide the
+    members after it.
+
     Raises:
         FileNotFoundError: when ``path`` does not exist.
-        CorruptFileError: when the file is truncated, damaged (CRC), not an ``.npz``, or lacks a key; the
-            message names ``path``, ``what`` it should be and ``fix``.
+        CorruptFileError: when the file is truncated, damaged (CRC, zip directory, ``.npy`` header), not an
+            ``.npz``, or lacks a key; the message names ``path``, ``what`` it should be and ``fix``.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"No {what} at {path}. {fix}")
     try:
-        with np.load(path, allow_pickle=False) as f:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError(f"it holds a single {type(loaded).__name__}, not a zip of arrays")
+        with loaded as f:
             arrays = {key: f[key] for key in f.files}
+            members = len(f.zip.infolist())
+        announced = _zip_directory_entries(path)
+        if announced is not None and announced != members:
+            raise zipfile.BadZipFile(f"its zip directory announces {announced} members but {members} can be read")
     except FileNotFoundError:
         raise
-    except _READ_ERRORS as exc:
+    except READ_ERRORS as exc:
         raise CorruptFileError(f"{path} is damaged or is not a {what} ({type(exc).__name__}: {exc}). {fix}") from exc
     missing = sorted(set(keys) - set(arrays))
     if missing:

@@ -12,8 +12,10 @@
    ``scores.npz`` (ids, scores, method, scorer, model fingerprint) and ``manifest.json`` (per shard: pairs
    scored, skipped samples with key and reason, read errors).
 
-Re-running with the same arguments skips the shards whose part exists (a killed run resumes where it stopped);
-a part written for another model, scorer, target or pool sample is an error, not silently mixed in. Memory per
+Re-running with the same arguments skips the shards whose part exists (a killed run resumes where it stopped),
+unless the part says its shard was not read to the end or the shard's size or modification time changed since
+(then the shard is scored again); a part written for another model, scorer, target or pool sample is an error, not
+silently mixed in. Memory per
 rank is one batch, the prepared scorer and the scores of the shards in flight; the merge holds the score arrays.
 
 One module (over 500 lines) because it is one thing: the ``score`` pass, from its run identity and lock through
@@ -59,7 +61,7 @@ from lightning_chips.io import (
 from lightning_chips.metrics import PromptEncoder
 from lightning_chips.scoring import RoundContext, Scorer
 
-__all__ = ["model_fingerprint", "read_scores", "score_pool"]
+__all__ = ["RefusedShardError", "describe_damage", "manifest_pool", "model_fingerprint", "read_scores", "score_pool"]
 
 PARTS = "parts"
 MANIFEST = "manifest.json"
@@ -88,11 +90,31 @@ def _part_name(url: str) -> str:
     return f"{base}-{hashlib.sha1(url.encode()).hexdigest()[:10]}.npz"
 
 
+def _is_command_or_remote(url: str) -> bool:
+    """A shard that ``webdataset.gopen`` opens by running a program: ``pipe:`` (a shell command) or a URL with a
+    scheme (curl, gsutil, ais, ...)."""
+    return url.startswith("pipe:") or "://" in url
+
+
+def _shard_source(url: str) -> dict[str, Any]:
+    """What a part records of its shard as it was when the run started: the size and modification time (ns) of a
+    local file; for a ``pipe:`` or URL shard only ``{"remote": True}`` (nothing to stat without reading it)."""
+    if _is_command_or_remote(url):
+        return {"remote": True}
+    stat = os.stat(url)
+    return {"size": int(stat.st_size), "mtime_ns": int(stat.st_mtime_ns)}
+
+
 def _write_part(path: Path, url: str, ids: np.ndarray, scores: np.ndarray, report: ShardReport, run: str,
-                uids: np.ndarray | None = None, groups: dict[str, GroupColumn] | None = None) -> None:  # fmt: skip
+                uids: np.ndarray | None = None, groups: dict[str, GroupColumn] | None = None,
+                source: dict[str, Any] | None = None) -> None:  # fmt: skip
     """A shard's part: int64 keys as ``ids``, the string ids as ``uids`` when the pool has them, the ``group_by``
-    columns (:func:`~lightning_chips.groups.group_arrays`)."""
+    columns (:func:`~lightning_chips.groups.group_arrays`), the shard's report (its ``error`` is None when the
+    shard was read to the end) and ``source``, what :func:`_shard_source` gave when the run started (so a later run
+    sees a shard that changed since)."""
     extra = ({} if uids is None else {"uids": uids}) | group_arrays(groups or {})
+    if source is not None:
+        extra["source"] = np.asarray(json.dumps({**source, "read_to_end": report.error is None}))
     atomic_savez(
         path,
         **extra,
@@ -110,16 +132,36 @@ def _read_part(path: Path) -> dict[str, Any]:
                  fix=_PART_FIX)  # fmt: skip
     try:
         report = json.loads(str(f["report"]))
+        source = json.loads(str(f["source"])) if "source" in f else None  # (parts of earlier versions have none)
+        if not isinstance(report, dict) or not isinstance(source, dict | None):
+            raise ValueError("not a JSON object")
     except ValueError as exc:
         raise CorruptFileError(f"{path} is damaged: its shard report is not JSON ({exc}). {_PART_FIX}") from exc
     uids = f["uids"] if "uids" in f else None
     return {"ids": f["ids"], "scores": f["scores"], "url": str(f["url"]), "run": str(f["run"]), "report": report,
-            "uids": uids, "groups": read_group_arrays(f)}  # fmt: skip
+            "uids": uids, "groups": read_group_arrays(f), "source": source}  # fmt: skip
 
 
-def _completed_shards(parts: Path, urls: Sequence[str], run: str) -> set[str]:
-    """Shards of ``urls`` with a complete part of this run; a part of another run is an error."""
-    done = set()
+def _stale(part: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """Why a part of this run no longer stands for its shard (None when it does): the shard was not read to the
+    end, or the local file's size or modification time differ from what the part recorded (``now``:
+    :func:`_shard_source` of the shard at this run's start)."""
+    error = part["report"].get("error")
+    if error:
+        return f"it was not read to the end ({error})"
+    was = part["source"]
+    if was is None or was.get("remote") or now.get("remote"):
+        return None  # a part of an earlier version, or a pipe: / URL shard: nothing to compare
+    if (was.get("size"), was.get("mtime_ns")) != (now["size"], now["mtime_ns"]):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now["mtime_ns"] / 1e9))
+        return f"it changed since it was scored ({was.get('size')} -> {now['size']} bytes, modified {when})"
+    return None
+
+
+def _completed_shards(parts: Path, urls: Sequence[str], run: str, sources: dict[str, dict[str, Any]]) -> set[str]:
+    """Shards of ``urls`` with a part of this run that still stands for them (read to the end, unchanged since:
+    :func:`_stale`); a part of another run is an error. Says in one line which shards are scored again and why."""
+    done, again = set(), []
     for url in urls:
         path = parts / _part_name(url)
         if not path.exists():
@@ -134,7 +176,15 @@ def _completed_shards(parts: Path, urls: Sequence[str], run: str) -> set[str]:
                 f"{path.parent.parent} holds scores of another run (different model, scorer, target or pool "
                 f"sample: run {part['run']} != {run}). Use a new `--output` directory or delete it."
             )
-        done.add(url)
+        reason = _stale(part, sources[url])
+        if reason is None:
+            done.add(url)
+        else:
+            again.append(f"{url}: {reason}")
+    if again:
+        more = f"; and {len(again) - 3} more" if len(again) > 3 else ""
+        rank_zero_info(f"[lightning-chips] score: scoring {len(again)} shard{'s' * (len(again) != 1)} again (the "
+                       "part is replaced): " + "; ".join(again[:3]) + more)  # fmt: skip
     return done
 
 
@@ -248,10 +298,11 @@ class _PoolScoring(LightningModule):
         scores = torch.cat(got_scores).numpy() if got_scores else np.zeros(0, np.float32)
         if len(ids) != report.samples:
             raise RuntimeError(f"Shard {report.url}: {report.samples} pairs read but {len(ids)} scored.")
-        groups = {f: GroupColumn.from_values(np.array(v, dtype=str)).capped() for f, v in zip(fields, got_groups,
-                                                                                                 strict=True)}
+        columns = zip(fields, got_groups, strict=True)
+        groups = {f: GroupColumn.from_values(np.array(v, dtype=str)).capped() for f, v in columns}
         _write_part(Path(c["output"]) / PARTS / _part_name(report.url), report.url, ids, scores, report, c["run"],
-                    ids_array(got_uids) if any(isinstance(u, str) for u in got_uids) else None, groups)  # fmt: skip
+                    ids_array(got_uids) if any(isinstance(u, str) for u in got_uids) else None, groups,
+                    c["sources"][report.url])  # fmt: skip
         if c["after_shard"] is not None:
             c["after_shard"](report)
 
@@ -363,11 +414,87 @@ def _write_merged(output: Path, config: dict[str, Any], seconds: float, scored_n
             f"{len(duplicated)} uids occur in several shards (first: {duplicated[:5].tolist()}); each keeps the "
             f"score from its first shard. See {output / MANIFEST}."
         )
+    damage = describe_damage(manifest)
     rank_zero_info(
         f"[lightning-chips] score: {len(ids)} pairs from {len(urls)} shards by {config['method']} "
         f"({scored_now} scored now, the rest resumed), {bad} samples skipped, {len(errors)} unreadable shards, "
-        f"{seconds:.1f}s -> {output / SCORES}"
+        f"{seconds:.1f}s -> {output / SCORES}" + (f". Damage: {damage}" if errors else "")
     )
+
+
+def describe_damage(manifest: dict[str, Any], *, named: int = 3) -> str | None:
+    """One sentence on the damage a ``manifest.json`` of ``score`` records (None when there is none): the skipped
+    samples, the shards not read to the end (the first ``named`` with their errors, then how many more), and that
+    the pairs after a shard's damage point were not scored (re-running ``score`` after repairing the shard scores
+    them). ``score``, ``select`` and ``report`` print it."""
+    skipped = manifest.get("skipped") if isinstance(manifest.get("skipped"), int) else 0
+    shards = manifest.get("unreadable_shards")
+    shards = [s for s in shards if isinstance(s, dict)] if isinstance(shards, list) else []
+    if not skipped and not shards:
+        return None
+    text = f"{skipped} sample{'s' * (skipped != 1)} skipped (named in manifest.json)"
+    if shards:
+        names = "; ".join(f"{s.get('url')} ({s.get('error')})" for s in shards[:named])
+        more = f"; and {len(shards) - named} more" if len(shards) > named else ""
+        text += (f"; {len(shards)} shard{'s' * (len(shards) != 1)} not read to the end: {names}{more}. The pairs after "
+                 "the damage point were not scored: repair the shard and re-run the same `lightning-chips score` "
+                 "command, which scores it again")  # fmt: skip
+    return text
+
+
+class RefusedShardError(ValueError):
+    """A ``manifest.json`` names a ``pipe:`` or URL shard, which lightning-chips opens only from the user's own
+    ``--pool`` (:func:`manifest_pool`)."""
+
+
+def manifest_pool(entries: Any, manifest: str | os.PathLike) -> list[str]:
+    """The pool shards a ``manifest.json`` of ``score`` names (``entries``, its ``pool``), as local paths (relative
+    entries are read from the manifest's folder, where ``score`` writes them relative to).
+
+    Only local files are taken from a manifest: a ``pipe:`` entry would run a shell command and a URL a download
+    program (webdataset opens them with curl, gsutil, ais, ...), so a score folder shared by someone else could make
+    ``select --reshard`` or ``report`` run what its manifest says. Such shards are read only from the user's own
+    ``--pool``.
+
+    Raises:
+        CorruptFileError: ``entries`` is not a non-empty list of strings.
+        RefusedShardError: an entry (or what it expands to: braces, ``::``) is a ``pipe:`` or URL shard; the message
+            says to pass ``--pool``.
+        FileNotFoundError, ValueError: a listed shard does not exist (moved?), or the list does not expand.
+    """
+    manifest = Path(manifest)
+    fix = "Pass --pool (the shards that were scored), or re-run `lightning-chips score` into that folder."
+    if not (isinstance(entries, list) and entries and all(isinstance(u, str) for u in entries)):
+        raise CorruptFileError(f"{manifest} is damaged: it names no pool shards. {fix}")
+
+    def refuse(url: str) -> None:
+        if _is_command_or_remote(url):
+            raise RefusedShardError(
+                f"{manifest} names the pool shard {url[:200]!r}; lightning-chips opens `pipe:` and URL shards (which "
+                "run a shell command or a download program) only from your own --pool, never from a manifest. Pass "
+                "--pool with the shards that were scored."
+            )
+
+    import braceexpand
+
+    paths = []
+    for entry in entries:
+        refuse(entry.strip())
+        path = entry if os.path.isabs(entry) else os.path.normpath(os.path.join(manifest.parent, entry))
+        for part in path.split("::"):  # what expand_shards will open, before it checks any file
+            for url in braceexpand.braceexpand(part.strip()):
+                refuse(url.strip())
+        paths.append(path)
+    missing = [u for u in paths if not any(ch in u for ch in "{}*?[:") and not os.path.exists(u)]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} pool shards that {manifest} lists do not exist (first: {missing[0]}; relative paths are "
+            "read from the manifest's folder). Pass --pool with the shards' new place."
+        )
+    urls = expand_shards(paths)
+    for url in urls:  # (checked above already: braces and `::` could build a command out of innocent parts)
+        refuse(url)
+    return urls
 
 
 def _relative_to(url: str, folder: Path) -> str:
@@ -517,9 +644,11 @@ def _score_locked(
 ) -> Path:
     """The part of :func:`score_pool` that writes into ``out`` (under its lock on rank 0)."""
     (out / PARTS).mkdir(parents=True, exist_ok=True)
-    done = _completed_shards(out / PARTS, urls, run)
+    sources = {url: _shard_source(url) for url in urls}  # before any shard is read: a later change is seen
+    done = _completed_shards(out / PARTS, urls, run, sources)
     config = {
         "urls": urls,
+        "sources": sources,
         "done": sorted(done),
         "output": str(out),
         "run": run,

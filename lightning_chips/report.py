@@ -14,7 +14,9 @@ there is no script) and holds:
    whose kept share is under 10 % of the round's overall fraction is marked ``starved``;
 5. galleries per round (top, bottom, entered, left: thumbnail, caption, id, score), from the gallery files or read
    from the pool's WebDataset shards (``pool``; the score manifest's pool for an offline folder);
-6. problems: round files that could not be read and gallery pairs that could not be loaded. None is fatal.
+6. problems: round files that could not be read, gallery pairs that could not be loaded and, for a score folder,
+   the damage its ``manifest.json`` records (skipped samples, shards not read to the end, named). None is fatal;
+   only a manifest pool that names a ``pipe:`` or URL shard is refused (pass ``pool``).
 
 Plots need matplotlib (``pip install 'lightning-chips[report]'``); without it the page keeps every table and gallery.
 
@@ -37,8 +39,6 @@ import io
 import json
 import os
 import re
-import zipfile
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from lightning_chips.ids import id_keys
-from lightning_chips.io import atomic_writer
+from lightning_chips.io import READ_ERRORS, atomic_writer
 
 __all__ = ["KINDS", "Round", "build_report", "load_rounds"]
 
@@ -57,7 +57,7 @@ STARVED = 0.1
 """A group is starved when its kept share is below this share of the round's overall fraction."""
 PLOTS_HINT = "Plots need matplotlib: pip install 'lightning-chips[report]'"
 NO_GALLERY = "No gallery saved for this round (set `gallery=K` on DataSelectionCallback, or pass --pool)"
-_READ_ERRORS = (zipfile.BadZipFile, zlib.error, ValueError, KeyError, EOFError, OSError, UnicodeDecodeError)
+_READ_ERRORS = READ_ERRORS  # what a damaged .npz can raise (lightning_chips.io)
 Problem = tuple[str, str]
 
 
@@ -590,6 +590,29 @@ def _select_offline(r: Round, chosen: np.ndarray | None, fraction: float | None,
         r.fraction = float(fraction)
 
 
+def _manifest_damage(manifest: dict[str, Any], problems: list[Problem]) -> tuple[list[str], list[str]]:
+    """The skipped samples (``"key (shard): reason"``) and the shards not read to the end (``"shard: error"``) a
+    score folder's ``manifest.json`` records, for the round's statistics; each damaged shard and the skipped
+    samples are also added to ``problems``."""
+    shards = manifest.get("shards") if isinstance(manifest.get("shards"), dict) else {}
+    skipped = [f"{b.get('key')} ({url}): {b.get('reason')}" for url, shard in shards.items() if isinstance(shard, dict)
+               for b in (shard.get("bad") or []) if isinstance(b, dict)]  # fmt: skip
+    count = manifest.get("skipped")
+    if isinstance(count, int) and not isinstance(count, bool) and count > len(skipped):  # named or not, all counted
+        skipped += ["(not named in manifest.json)"] * (count - len(skipped))
+    errors = [s for s in manifest.get("unreadable_shards") or [] if isinstance(s, dict)]
+    shard_errors = [f"{s.get('url')}: {s.get('error')}" for s in errors]
+    for s in errors:
+        problems.append((f"shard {s.get('url')}", f"not read to the end: {s.get('error')}. The pairs after the damage "
+                         "point were not scored: repair the shard and re-run `lightning-chips score` into this "
+                         "folder, which scores it again"))  # fmt: skip
+    if skipped:
+        first = "; ".join(skipped[:3])
+        problems.append(("skipped samples", f"{len(skipped)} pool samples were skipped, not scored (manifest.json "
+                         f"names each one; first: {first})"))  # fmt: skip
+    return skipped, shard_errors
+
+
 def _expand(pool: str | Sequence[str], origin: str) -> list[str]:
     from lightning_chips.data.webdataset import expand_shards
 
@@ -672,17 +695,21 @@ def build_report(
             problems.append(("manifest.json", f"unreadable ({type(exc).__name__}: {exc})"))
     uid_field = uid_field or str(manifest.get("uid_field") or "uid")
     if urls is None and isinstance(manifest.get("pool"), list) and gallery:
-        entries = [u if "://" in u or u.startswith("pipe:") or os.path.isabs(u) else str(run_dir / u)
-                   for u in map(str, manifest["pool"])]  # fmt: skip
+        from lightning_chips.offline import RefusedShardError, manifest_pool
+
         try:
-            urls = _expand(entries, "the pool of manifest.json")
-        except ValueError as exc:
+            urls = manifest_pool(manifest["pool"], run_dir / "manifest.json")
+        except RefusedShardError:
+            raise  # a pipe: or URL shard in a manifest is refused, not a problem: the user passes --pool
+        except (OSError, ValueError) as exc:
             problems.append(("manifest.json pool", f"{exc} (pass --pool with the shards' place)"))
+    skipped, shard_errors = _manifest_damage(manifest, problems) if offline else ([], [])
     rounds: list[_Summary] = []
     for index, path in files:  # one round's arrays at a time
         r = _read(index, path, offline, problems)
         if r is not None and offline:
             _select_offline(r, chosen, fraction, selection, problems)
+            r.skipped, r.shard_errors = skipped, shard_errors
         if r is not None:
             rounds.append(_summarize(r, rounds[-1] if rounds else None, gallery))
     if gallery and urls:

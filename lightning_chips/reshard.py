@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_chips.data.checks import parse_id
+from lightning_chips.data.checks import BadSample, parse_id
 from lightning_chips.data.webdataset import ShardReport, expand_shards, iter_raw_samples
 from lightning_chips.ids import id_key, id_keys
-from lightning_chips.io import CorruptFileError, OutputLock, atomic_save, atomic_write_json, load_json
-from lightning_chips.offline import MANIFEST, read_scores
+from lightning_chips.io import CorruptFileError, OutputLock, atomic_save, atomic_write_json, load_json, publish_mode
+from lightning_chips.offline import MANIFEST, describe_damage, manifest_pool, read_scores
 from lightning_chips.selection import select
 
 __all__ = ["RESHARD_MANIFEST", "reshard_samples", "select_subset"]
@@ -41,6 +41,7 @@ def select_subset(
     reshard: str | None = None,
     pool: str | list[str] | None = None,
     maxcount: int = 10000,
+    uid_field: str | None = None,
 ) -> np.ndarray:
     """The top ``fraction`` (or ``count``) of a scores file as sorted uids, saved to ``output`` (``.npy``).
 
@@ -51,7 +52,9 @@ def select_subset(
 
     Every input (the scores file, the manifest, the pool's shards) is read and checked before anything is written;
     a damaged file is a :class:`~lightning_chips.io.CorruptFileError` that names it. The reshard set is written
-    before ``output``, so a failed reshard leaves no subset file either.
+    before ``output``, so a failed reshard leaves no subset file either. The summary line says what damage the
+    scores' manifest records (skipped samples, shards not read to the end, named): pairs that were never scored
+    cannot be selected.
 
     Args:
         scores: a ``scores.npz`` of ``lightning-chips score``, or its output folder.
@@ -61,8 +64,11 @@ def select_subset(
         reshard: a pattern for new shards holding the selected samples, e.g. ``subset/shard-%06d.tar`` (a folder of
             their own); None writes only ``output``.
         pool: the shards to copy from (default: the pool the scores' ``manifest.json`` records, relative paths read
-            from the manifest's folder).
+            from the manifest's folder; only local files are taken from a manifest, ``pipe:`` and URL shards only
+            from ``pool``).
         maxcount: samples per new shard.
+        uid_field: the id's field in each sample's ``.json`` when resharding (default: the ``uid_field`` the scores
+            were made with, from the manifest, else ``"uid"``).
 
     Returns:
         The selected uids.
@@ -82,35 +88,52 @@ def select_subset(
         raise ValueError(f"`count` must be in [1, {len(ids)}] (the scored pairs), got {count}.")
     if not np.isfinite(values).all():
         raise ValueError(f"The scores file has non-finite scores (ids {ids[~np.isfinite(values)][:5].tolist()}).")
+    manifest, manifest_path = _manifest_beside(scores, required=reshard is not None and pool is None)
+    damage = describe_damage(manifest) if manifest is not None else None
+    if uid_field is None:
+        uid_field = manifest.get("uid_field") if manifest is not None else None
+        uid_field = uid_field if isinstance(uid_field, str) and uid_field else "uid"
+    elif not isinstance(uid_field, str) or not uid_field:
+        raise ValueError(f"`uid_field` must be a non-empty string, got {uid_field!r}.")
     urls = None
     if reshard is not None:
         _reshard_folder(reshard)
         if pool is None:
-            manifest_path = Path(scores) / MANIFEST if Path(scores).is_dir() else Path(scores).parent / MANIFEST
-            fix = ("Pass --pool (the shards that were scored), or re-run `lightning-chips score` into that folder to "
-                   "write it anew.")  # fmt: skip
-            manifest = load_json(manifest_path, what="manifest of `lightning-chips score`", fix=fix)
-            pool = manifest.get("pool") if isinstance(manifest, dict) else None
-            if not (isinstance(pool, list) and pool and all(isinstance(u, str) for u in pool)):
-                raise CorruptFileError(f"{manifest_path} is damaged: it names no pool shards. {fix}")
-            pool = [_from_manifest(u, manifest_path.parent) for u in pool]
-            missing = [u for u in pool if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
-            if missing:
-                raise FileNotFoundError(
-                    f"{len(missing)} pool shards that {manifest_path} lists do not exist (first: {missing[0]}; "
-                    "relative paths are read from the manifest's folder). Pass --pool with the shards' new place."
-                )
+            pool = manifest_pool(manifest.get("pool") if isinstance(manifest, dict) else None, manifest_path)
         urls = expand_shards(pool)  # a missing shard is an error here, before any output
     chosen_keys = select(keys, values, fraction=fraction, count=count, method=str(loaded.get("method", ""))).ids
     chosen = np.sort(ids[np.isin(keys, chosen_keys)])  # as given: int64 or strings
     output = Path(output)
     message = f"[lightning-chips] select: {len(chosen)}/{len(ids)} uids -> {output}"
+    if damage is not None:
+        message += f" (the scores miss damaged input: {damage})"
     if urls is not None:
-        written = reshard_samples(urls, chosen, reshard, maxcount=maxcount)
+        written = reshard_samples(urls, chosen, reshard, maxcount=maxcount, uid_field=uid_field)
         message += f"; {len(written)} shards -> {Path(reshard).parent}"
     atomic_save(output, chosen)
     rank_zero_info(message)
     return chosen
+
+
+def _manifest_beside(scores: str | os.PathLike, *, required: bool) -> tuple[dict[str, Any] | None, Path]:
+    """The ``manifest.json`` beside a scores file (or in its folder). Without ``required`` a missing or damaged one
+    gives None (a damaged one with a warning): ``select`` needs it only for the pool of ``--reshard``."""
+    path = Path(scores) / MANIFEST if Path(scores).is_dir() else Path(scores).parent / MANIFEST
+    fix = ("Pass --pool (the shards that were scored), or re-run `lightning-chips score` into that folder to write it "
+           "anew.")  # fmt: skip
+    try:
+        manifest = load_json(path, what="manifest of `lightning-chips score`", fix=fix)
+    except (FileNotFoundError, CorruptFileError) as exc:
+        if required:
+            raise
+        if isinstance(exc, CorruptFileError):
+            rank_zero_warn(f"{exc} (the skipped samples and damaged shards it records are not known)")
+        return None, path
+    if not isinstance(manifest, dict):
+        if required:
+            raise CorruptFileError(f"{path} is damaged: it is not a JSON object. {fix}")
+        return None, path
+    return manifest, path
 
 
 _FAULT: Any = None
@@ -122,12 +145,36 @@ def _fault(step: str) -> None:
         _FAULT(step)
 
 
-def _from_manifest(url: str, folder: Path) -> str:
-    """A pool entry of a scores manifest: remote URLs and absolute paths as they are, relative paths from the
-    manifest's folder (where ``score`` writes them relative to)."""
-    if "://" in url or url.startswith("pipe:") or os.path.isabs(url):
-        return url
-    return os.path.normpath(os.path.join(folder, url))
+class _Unreadable(str):
+    """Why a pool sample has no readable uid (what :func:`_sample_uid` gives instead of its key)."""
+
+
+def _sample_uid(raw: dict[str, bytes], uid_field: str) -> int | _Unreadable:
+    """The int64 key of the uid in ``uid_field`` of a raw sample's json, or why there is none."""
+    if "json" not in raw:
+        return _Unreadable("no json member")
+    try:
+        meta = json.loads(raw["json"])
+    except (UnicodeDecodeError, ValueError) as exc:
+        return _Unreadable(f"json does not parse ({exc})")
+    if not isinstance(meta, dict) or meta.get(uid_field) is None:
+        return _Unreadable(f"no {uid_field!r} in its json")
+    try:
+        return id_key(parse_id(meta[uid_field], name=uid_field))
+    except BadSample as exc:
+        return _Unreadable(str(exc))
+
+
+def _read_problems(unreadable: list[dict[str, str]], errors: list[dict[str, str]], uid_field: str) -> str:
+    """``"; N pool samples have no readable uid_field (first: ...); M pool shards ..."``, or ``""``."""
+    text = ""
+    if unreadable:
+        first = "; ".join(f"{u['shard']} {u['key']}: {u['reason']}" for u in unreadable[:3])
+        text += f"; {len(unreadable)} pool samples have no readable {uid_field!r} and were passed over (first: {first})"
+    if errors:
+        first = "; ".join(f"{e['url']}: {e['error']}" for e in errors[:3])
+        text += f"; {len(errors)} pool shards could not be read to the end ({first})"
+    return text
 
 
 def _reshard_folder(pattern: str) -> Path:
@@ -174,18 +221,26 @@ def reshard_samples(
     """Copy the samples of ``pool`` whose uid is in ``uids`` into new shards named by ``pattern`` (``%06d``).
 
     Every member of a sample is copied unchanged. A uid found in several shards is copied once; a uid that is not
-    found is an error. The set is published complete or not at all: the shards and ``reshard.json`` (the shard
-    names, the number of samples and a digest of the uids) are written in a hidden folder ``.NAME.reshard-*``
-    beside the pattern's folder ``NAME``, which is then renamed to ``NAME`` in one step (a previous set is moved
-    aside first and deleted after). A kill leaves either no ``NAME`` (re-run) or the complete set; the next run
-    removes the hidden folders a killed run left. The folder holds the lock ``.NAME.lock`` (beside it) while a run
-    writes it; a second run is refused.
+    found is an error. The uid of each sample is ``uid_field`` of its ``.json``; a sample without a readable one
+    (no json, json that does not parse, no such field, a value that is not an int64 or a string) is counted and
+    named, never silently passed over: in ``reshard.json`` (``unreadable``), in a warning, and in the error when
+    selected uids are missing. Shards that cannot be read to the end are named the same way (``shard_errors``).
+
+    The set is published complete or not at all: the shards and ``reshard.json`` (the shard names, the number of
+    samples, a digest of the uids, the source shards) are written in a hidden folder ``.NAME.reshard-*`` beside the
+    pattern's folder ``NAME``, which is then renamed to ``NAME`` in one step (a previous set is moved aside first
+    and deleted after). The folder gets the permissions the umask gives (``0755`` under ``022``), as the shards
+    ShardWriter writes in it do. A kill leaves either no ``NAME`` (re-run) or the complete set; the next run removes
+    the hidden folders a killed run left. The folder holds the lock ``.NAME.lock`` (beside it) while a run writes
+    it; a second run is refused.
     """
     import webdataset as wds
 
     folder = _reshard_folder(pattern)
     parent, name = folder.parent, folder.name
-    wanted = np.unique(id_keys(uids))
+    keys = id_keys(uids)
+    wanted, first = np.unique(keys, return_index=True)
+    given = np.asarray(uids)[first]  # the uids as the user gave them, aligned with `wanted`
     urls = expand_shards(pool)
     parent.mkdir(parents=True, exist_ok=True)
     with OutputLock(parent / f".{name}.lock", what="lightning-chips select --reshard"):
@@ -195,32 +250,45 @@ def reshard_samples(
             shutil.rmtree(leftover, ignore_errors=True)
         _check_replaceable(folder)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.reshard-", dir=parent))
+        os.chmod(tmp, publish_mode(directory=True))  # mkdtemp makes it 0700: publish what the umask gives
         old: Path | None = None
         published = False
         try:
             seen = np.zeros(len(wanted), dtype=bool)
+            unreadable: list[dict[str, str]] = []  # samples without a readable uid: (shard, key, reason)
+            errors: list[dict[str, str]] = []  # shards not read to the end
             sink = wds.ShardWriter(str(tmp / Path(pattern).name), maxcount=maxcount, verbose=0,
                                    post=lambda _: _fault("shard"))  # fmt: skip
             with sink:
                 for url in urls:
                     report = ShardReport(url)
                     for key, raw in iter_raw_samples(url, report):
-                        try:
-                            uid = id_key(parse_id(json.loads(raw["json"])[uid_field]))
-                        except Exception:
+                        uid = _sample_uid(raw, uid_field)
+                        if isinstance(uid, _Unreadable):
+                            unreadable.append({"shard": url, "key": key, "reason": str(uid)})
                             continue
                         pos = int(np.searchsorted(wanted, uid))
                         if pos < len(wanted) and wanted[pos] == uid and not seen[pos]:
                             seen[pos] = True
                             sink.write({"__key__": key.rsplit("/", 1)[-1], **raw})
+                    if report.error is not None:
+                        errors.append({"url": url, "error": report.error})
+            problems = _read_problems(unreadable, errors, uid_field)
             if not seen.all():
-                raise ValueError(f"{int((~seen).sum())} selected uids are not in the pool (first: "
-                                 f"{wanted[~seen][:5].tolist()}); is `pool` the pool that was scored?")  # fmt: skip
+                raise ValueError(f"{int((~seen).sum())} selected uids are not in the pool read with uid_field "
+                                 f"{uid_field!r} (first: {given[~seen][:5].tolist()}){problems}. Is `pool` the pool "
+                                 "that was scored, and `uid_field` the field its uids were read from?")  # fmt: skip
+            if problems:
+                rank_zero_warn(f"select --reshard: every selected uid was found and copied, but{problems} (named in "
+                               f"{folder / RESHARD_MANIFEST}).")  # fmt: skip
             shards = sorted(os.listdir(tmp))
             _fault("shards_written")
             digest = hashlib.sha1(np.ascontiguousarray(wanted).tobytes()).hexdigest()
-            atomic_write_json(tmp / RESHARD_MANIFEST, {"shards": shards, "samples": int(len(wanted)),
-                                                       "uids_sha1": digest, "pool": urls})  # fmt: skip
+            atomic_write_json(tmp / RESHARD_MANIFEST, {
+                "shards": shards, "samples": int(len(wanted)), "uids_sha1": digest, "pool": urls,
+                "uid_field": uid_field, "unreadable": {"count": len(unreadable), "first": unreadable[:20]},
+                "shard_errors": errors,
+            })  # fmt: skip
             _fault("manifest_written")
             if folder.exists():
                 old = parent / f".{name}.old-{os.getpid()}"

@@ -9,6 +9,7 @@ import json
 import os
 import resource
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -320,6 +321,45 @@ def test_a_damaged_scores_file_is_named_and_nothing_is_written(scored, tmp_path,
     assert not (tmp_path / "subset.npy").exists()
     result = _cli("select", "--scores", str(copy_), "--fraction", "0.5", "--output", str(tmp_path / "subset.npy"))
     assert result.returncode != 0 and str(path) in result.stderr and not (tmp_path / "subset.npy").exists()
+
+
+def _zip_directory_fields(path: Path) -> list[int]:
+    """Byte offsets, in a zip's central directory, of each member's version-needed, flags and compression-method
+    fields (flips there made zipfile raise NotImplementedError or RuntimeError, which did not name the file) and of
+    its comment length (a flip there hid the members after it: the file loaded without them)."""
+    data = path.read_bytes()
+    end = data.rfind(b"PK\x05\x06")
+    count, _, start = struct.unpack("<HII", data[end + 10 : end + 20])
+    offsets, at = [], start
+    for _ in range(count):
+        name, extra, comment = struct.unpack("<HHH", data[at + 28 : at + 34])
+        offsets += [at + 6, at + 8, at + 10, at + 11, at + 32, at + 33]
+        at += 46 + name + extra + comment
+    return offsets
+
+
+def test_every_single_bit_flip_of_a_scores_file_is_named_or_changes_nothing(scored, tmp_path):
+    """A seeded sample of the single-bit flips of a scores.npz, and every flip of the zip-directory fields that
+    escaped before: each one is a CorruptFileError naming the file, or loads exactly the original arrays."""
+    original = scored[0] / "scores.npz"
+    source, reference = original.read_bytes(), read_scores(original)
+    bits = set(np.random.default_rng(0).choice(8 * len(source), size=600, replace=False).tolist())
+    bits |= {8 * offset + b for offset in _zip_directory_fields(original) for b in range(8)}
+    path = tmp_path / "scores.npz"
+    for bit in sorted(bits):
+        flipped = bytearray(source)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        path.write_bytes(bytes(flipped))
+        try:
+            got = read_scores(path)
+        except CorruptFileError as exc:
+            assert str(path) in str(exc), f"bit {bit}: {exc}"
+            continue
+        except Exception as exc:  # noqa: BLE001 - the point: nothing else may escape
+            pytest.fail(f"bit {bit}: {type(exc).__name__}: {exc}")
+        assert sorted(got) == sorted(reference), f"bit {bit}: members {sorted(set(reference) ^ set(got))} lost"
+        for key, value in reference.items():
+            assert np.array_equal(np.asarray(got[key]), np.asarray(value)), f"bit {bit}: {key} changed"
 
 
 def test_a_damaged_manifest_is_named_before_anything_is_written(scored, tmp_path):

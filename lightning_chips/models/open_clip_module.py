@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import os
-from collections.abc import Callable
+import pickle
+import re
+from collections.abc import Callable, Iterator
 from copy import deepcopy
 from typing import Any
 
 import open_clip
 import torch
+from lightning.fabric.utilities.data import AttributeDict
 from lightning.pytorch import LightningModule
 from open_clip.loss import ClipLoss
 from torch import Tensor, nn
 from typing_extensions import override
 
-__all__ = ["OpenCLIPModule", "cosine_with_warmup"]
+__all__ = ["CHECKPOINT_SAFE_TYPES", "OpenCLIPModule", "cosine_with_warmup"]
+
+CHECKPOINT_SAFE_TYPES: tuple[type, ...] = (AttributeDict,)
+"""The types a local checkpoint may hold besides what ``torch.load(weights_only=True)`` always allows (tensors,
+numbers, strings, lists, tuples, dicts, ``OrderedDict``, dtypes, ...): the hyper-parameter container older Lightning
+versions saved. A Lightning checkpoint of :class:`OpenCLIPModule` (its ``DataSelectionCallback`` and
+``ModelCheckpoint`` states included) needs nothing else."""
 
 
 def cosine_with_warmup(step: int, *, warmup_steps: int, total_steps: float, min_lr_ratio: float = 0.0) -> float:
@@ -50,7 +60,10 @@ class OpenCLIPModule(LightningModule):
     (``model_name="ViT-B-16"``) or from an inline config dict in open_clip's JSON format (``model_config``).
     Weights come from ``pretrained``: ``None`` (random init, no network), an open_clip tag such as
     ``"laion2b_s34b_b88k"`` (downloaded by open_clip; needs a network), or a local checkpoint path (an open_clip
-    state dict, or a Lightning checkpoint of this module).
+    state dict, or a Lightning checkpoint of this module). A local checkpoint is read with ``torch.load(...,
+    weights_only=True)``: tensors, numbers, strings, containers and the few types a Lightning checkpoint of this
+    module holds (:data:`CHECKPOINT_SAFE_TYPES`). Unpickling anything else can run code, so a file holding other
+    objects is refused with an error naming their types, unless ``trust_checkpoint=True``.
 
     The loss is open_clip's ``ClipLoss``
 
@@ -90,10 +103,15 @@ class OpenCLIPModule(LightningModule):
         lock_text: freeze the text tower except its projection.
         max_logit_scale: clamp of ``exp(logit_scale)`` after each step (open_clip: 100).
         cache_dir: open_clip download cache for pretrained tags.
+        trust_checkpoint: unpickle every object of a local ``pretrained`` checkpoint (``weights_only=False``), for
+            a file from a source you trust that holds more than weights (e.g. a custom object in its hyper-parameters).
+            Off by default: a downloaded checkpoint could otherwise run code when it is loaded. In YAML
+            ``trust_checkpoint: true``; on the command line ``--model.init_args.trust_checkpoint true``.
 
     Raises:
         ValueError: on an unknown model name, a missing/duplicate model source, a tag with an inline config, a
-            missing checkpoint file or an invalid hyper-parameter.
+            missing checkpoint file, an invalid hyper-parameter, or a checkpoint holding objects outside the safe
+            types without ``trust_checkpoint=True``.
 
     Example::
 
@@ -125,8 +143,11 @@ class OpenCLIPModule(LightningModule):
         lock_text: bool = False,
         max_logit_scale: float = 100.0,
         cache_dir: str | None = None,
+        trust_checkpoint: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(trust_checkpoint, bool):
+            raise ValueError(f"`trust_checkpoint` must be True or False, got {trust_checkpoint!r}.")
         if (model_name is None) == (model_config is None):
             raise ValueError(
                 "OpenCLIPModule needs exactly one model source: `model_name` (a registered open_clip name such as "
@@ -146,9 +167,9 @@ class OpenCLIPModule(LightningModule):
             raise ValueError(f"`min_lr_ratio` must be in [0, 1], got {min_lr_ratio}.")
         if max_logit_scale <= 1.0:
             raise ValueError(f"`max_logit_scale` must be > 1 (it bounds exp(logit_scale)), got {max_logit_scale}.")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["trust_checkpoint"])  # a decision about a file here, not the model's config
 
-        self.model: nn.Module = _build_model(model_name, model_config, pretrained, cache_dir)
+        self.model: nn.Module = _build_model(model_name, model_config, pretrained, cache_dir, trust_checkpoint)
         if lock_image:
             _freeze_tower_except_projection(self.model, "image")
         if lock_text:
@@ -261,8 +282,13 @@ class OpenCLIPModule(LightningModule):
 
 
 def _build_model(
-    model_name: str | None, model_config: dict[str, Any] | None, pretrained: str | None, cache_dir: str | None
+    model_name: str | None,
+    model_config: dict[str, Any] | None,
+    pretrained: str | None,
+    cache_dir: str | None,
+    trust_checkpoint: bool = False,
 ) -> nn.Module:
+    trusted = {"weights_only": False} if trust_checkpoint else {}  # open_clip loads with weights_only=True otherwise
     if model_name is not None:
         schema, _ = open_clip.factory.parse_model_name(model_name)
         if schema is None and model_name.replace("/", "-") not in open_clip.list_models():
@@ -274,12 +300,15 @@ def _build_model(
             )
         if pretrained is not None and _looks_like_path(pretrained) and not os.path.isfile(pretrained):
             raise ValueError(f"`pretrained` checkpoint file not found: {pretrained!r}.")
-        weights = _lightning_weights(pretrained) if pretrained is not None and os.path.isfile(pretrained) else None
+        local = pretrained is not None and os.path.isfile(pretrained)
+        weights = _lightning_weights(pretrained, trust_checkpoint) if local else None
         if weights is not None:
             model = open_clip.create_model(model_name, pretrained=None, cache_dir=cache_dir)
             model.load_state_dict(weights, strict=True)
             return model
-        return open_clip.create_model(model_name, pretrained=pretrained, cache_dir=cache_dir)
+        with _refusing_unsafe(pretrained if local else None):
+            return open_clip.create_model(model_name, pretrained=pretrained, cache_dir=cache_dir,
+                                          **(trusted if local else {}))  # fmt: skip
 
     config = deepcopy(dict(model_config))
     missing = [key for key in ("embed_dim", "vision_cfg", "text_cfg") if key not in config]
@@ -295,11 +324,12 @@ def _build_model(
                 f"With an inline `model_config`, `pretrained` must be a local checkpoint file; {pretrained!r} is not "
                 "one. Pretrained tags need a registered `model_name`."
             )
-        weights = _lightning_weights(pretrained)
+        weights = _lightning_weights(pretrained, trust_checkpoint)
         if weights is not None:
             model.load_state_dict(weights, strict=True)
         else:
-            open_clip.load_checkpoint(model, pretrained)
+            with _refusing_unsafe(pretrained):
+                open_clip.load_checkpoint(model, pretrained, **trusted)
     return model
 
 
@@ -307,11 +337,49 @@ def _looks_like_path(value: str) -> bool:
     return os.sep in value or value.endswith((".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".npz"))
 
 
-def _lightning_weights(path: str) -> dict[str, Tensor] | None:
-    """The CLIP weights of a Lightning checkpoint of this module (``model.*`` keys), or None for other files."""
+def _allowing(types: list[type]) -> contextlib.AbstractContextManager:
+    """``torch.serialization.safe_globals(types)`` (torch >= 2.5); on torch 2.4, which lacks it, the types are added
+    to the process-wide allowlist."""
+    scoped = getattr(torch.serialization, "safe_globals", None)
+    if scoped is not None:
+        return scoped(types)
+    torch.serialization.add_safe_globals(types)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _refusing_unsafe(path: str | None) -> Iterator[None]:
+    """Turn ``torch.load``'s refusal of an object outside the safe types (``weights_only=True``) into a
+    ``ValueError`` that names the file, the refused types and the opt-in."""
+    try:
+        yield
+    except pickle.UnpicklingError as exc:
+        if path is None:
+            raise
+        try:
+            refused = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # an older torch, or a file it cannot list: take the names from the message
+            refused = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(exc))))
+        raise ValueError(
+            f"Checkpoint {path!r} holds objects of types that loading with weights_only=True does not allow "
+            f"({', '.join(refused) or 'see the cause below'}); unpickling them can run code. If you trust the file, "
+            "pass `trust_checkpoint=True` to OpenCLIPModule (YAML `trust_checkpoint: true`, command line "
+            "`--model.init_args.trust_checkpoint true`)."
+        ) from exc
+
+
+def _lightning_weights(path: str, trust_checkpoint: bool = False) -> dict[str, Tensor] | None:
+    """The CLIP weights of a Lightning checkpoint of this module (``model.*`` keys), or None for other files.
+
+    Read with ``weights_only=True`` and :data:`CHECKPOINT_SAFE_TYPES` (anything else is a ``ValueError`` naming the
+    refused types), or unpickled in full with ``trust_checkpoint``."""
     if not path.endswith(".ckpt"):
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    if trust_checkpoint:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    else:
+        with _refusing_unsafe(path), _allowing(list(CHECKPOINT_SAFE_TYPES)):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     if not (isinstance(state, dict) and "state_dict" in state and "pytorch-lightning_version" in state):
         return None
     prefix = "model."
