@@ -442,7 +442,7 @@ class DataSelectionCallback(Callback):
             "mode": self.mode, "every_n_steps": self.every_n_steps, "every_n_epochs": self.every_n_epochs,
             "warmup_steps": self.warmup_steps, "pool_sample": self.pool_sample, "seed": self.seed,
             "group_by": list(self.group_by), "gallery": self.gallery, "max_skipped": self.max_skipped,
-            "pool_pairs_scored": n,
+            "pool_pairs_scored": n, **{f"scorer.{k}": v for k, v in self.scorer.config()["arguments"].items()},
             "global_step": trainer.global_step, "epoch": trainer.current_epoch, "world_size": trainer.world_size,
         }  # fmt: skip
 

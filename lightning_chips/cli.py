@@ -288,9 +288,10 @@ def run_offline(command: str, args: list[str]) -> Any:
 def _user_error_types() -> tuple[type[BaseException], ...]:
     """What a user's input causes (a missing shard, an empty target, a bad fraction, a damaged or locked output):
     reported as one line. Anything else is a bug and keeps its traceback."""
+    from lightning_chips.engine import TooManySkippedError
     from lightning_chips.io import OutputLockedError
 
-    return (ValueError, TypeError, OSError, LookupError, OutputLockedError)
+    return (ValueError, TypeError, OSError, LookupError, OutputLockedError, TooManySkippedError)
 
 
 def _strict_failures(scores: Any) -> str | None:

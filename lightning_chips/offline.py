@@ -3,9 +3,9 @@
 ``score_pool`` is a ``Trainer.predict`` pass, so Lightning's strategies spread it over devices and nodes (DDP):
 
 1. :func:`lightning_chips.engine.prepare_round`, as a callback round does: every rank extracts its share of the
-   target and of the pool sample (the first ``pool_sample`` pairs of the shards in an order seeded by
-   ``(seed, 0)``, the sample of a callback's round 0 with that seed), the shares are gathered, and every rank
-   prepares the scorer on the same pairs;
+   target and its part of the pool sample (``pool_sample`` pairs drawn with ``(seed, 0)`` from a seeded subset of
+   the shards, each drawn shard read by one rank; docs/offline.md, "The pool sample"; the sample of a callback's
+   round 0 with that seed), the shares are gathered, and every rank prepares the scorer on the same pairs;
 2. rank ``r`` streams its shards (``shards[r::world]``; a worker reads ``shards_of_rank[w::workers]``), scores
    each batch and, when a shard ends, writes ``parts/<shard>.npz`` (ids, scores, skipped samples) atomically;
 3. each rank writes ``scores-rank{r}.npz`` from its parts; rank 0 merges every part into the id-sorted
@@ -41,12 +41,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightning_chips.adapters import CLIPAdapter, resolve_adapter
+from lightning_chips.data.checks import SkippedSample
 from lightning_chips.data.pool import ShardPool
 from lightning_chips.data.preprocess import model_image_input, resolve_tokenizer
 from lightning_chips.data.subset import PairCollate
 from lightning_chips.data.target import ListDataset, load_target_pairs
 from lightning_chips.data.webdataset import ShardReport, WebDatasetPairs, expand_shards
-from lightning_chips.engine import Collective, prepare_round, score_batch
+from lightning_chips.engine import Collective, check_max_skipped, check_skipped, prepare_round, score_batch
 from lightning_chips.features import iter_features
 from lightning_chips.groups import GroupColumn, batch_values, check_group_by, group_arrays, read_group_arrays
 from lightning_chips.ids import id_key, ids_array
@@ -319,9 +320,12 @@ class _PoolScoring(LightningModule):
         scored_now = int(self.trainer.strategy.reduce(torch.tensor(float(self.scored_now), device=self.device),
                                                       reduce_op="sum"))  # fmt: skip
         self.trainer.strategy.barrier("lightning_chips_score_merge")
-        if rank == 0:
-            _write_merged(output, c, time.perf_counter() - self.started, scored_now)
-        self.trainer.strategy.barrier("lightning_chips_score_done")
+        seconds = time.perf_counter() - self.started
+        # rank 0 merges; every rank learns whether it could (an error there, e.g. too many skipped pairs or a full
+        # disk, ends every rank instead of leaving the others at a barrier)
+        Collective(self.trainer).agree(
+            0, "the merged scores", lambda: _write_merged(output, c, seconds, scored_now) if rank == 0 else None
+        )
 
 
 _Merged = tuple[np.ndarray, np.ndarray, list[dict], "np.ndarray | None", dict[str, GroupColumn]]
@@ -380,6 +384,8 @@ def _write_merged(output: Path, config: dict[str, Any], seconds: float, scored_n
     ids, scores, groups = _as_given(keys, scores, uids, groups)
     bad = sum(len(r["bad"]) for r in reports)
     errors = [r for r in reports if r["error"]]
+    skipped = [SkippedSample(b["reason"], key=b["key"], shard=r["url"]) for r in reports for b in r["bad"]]
+    check_skipped(skipped, len(all_ids) + bad, config["max_skipped"], round_=0)  # before anything is written
     atomic_savez(
         output / SCORES,
         ids=ids,
@@ -393,6 +399,7 @@ def _write_merged(output: Path, config: dict[str, Any], seconds: float, scored_n
     manifest = {
         "method": config["method"],
         "scorer": config["scorer"],
+        "scorer_config": config["scorer_config"],
         "model_fingerprint": config["model_fingerprint"],
         "run": config["run"],
         "pool": [_relative_to(url, output) for url in urls],  # local shards relative to this folder
@@ -535,6 +542,7 @@ def score_pool(
     after_shard: Any = None,
     learning_rate: float | None = None,
     group_by: list[str] | str | None = None,
+    max_skipped: float | None = 0.05,
 ) -> Path:
     """Score every pair of a WebDataset pool with ``scorer`` under ``model``; write ``output/scores.npz``.
 
@@ -549,9 +557,10 @@ def score_pool(
         batch_size: pairs per forward pass.
         num_workers: dataloader workers per rank (at most one per shard of the rank).
         worker_start_method: ``"spawn"`` / ``"forkserver"`` / ``"fork"`` workers (default: the platform's).
-        pool_sample: pool pairs given to ``scorer.prepare`` (bank, curvature), read from the shards in a seeded
-            order; ``None`` = the whole pool (needed by set-level scorers such as ClipCov; holds O(N d) features).
-        seed: seed of the pool sample's shard order.
+        pool_sample: pool pairs given to ``scorer.prepare`` (bank, curvature), drawn from a seeded subset of the
+            shards (docs/offline.md, "The pool sample"); ``None`` = the whole pool (needed by set-level scorers such
+            as ClipCov; holds O(N d) features).
+        seed: seed of the pool sample's draw.
         image_size: image side; default: the model's ``image_size``.
         uid_field: the id's field in each sample's ``.json`` (an int64 or a string).
         trainer: the Trainer that runs the pass (devices, nodes, strategy, precision); default: one device.
@@ -564,6 +573,10 @@ def score_pool(
         group_by: fields of each sample's json (a list, or comma-separated) to keep per pair in ``scores.npz``
             (``group_fields``, ``group_values_{i}``, ``group_codes_{i}``; :mod:`lightning_chips.groups`), for
             ``lightning-chips report``'s composition of pool and selection. Part of the run's identity.
+        max_skipped: the largest share of the pool's pairs that may fail to load or the checks (duplicate ids do
+            not count); above it no ``scores.npz`` is written and the error names the count and the first reasons
+            (the part files stay: re-run with a higher limit, or after repairing the data, to finish). ``None`` or
+            1: no limit. The same rule as :class:`~lightning_chips.DataSelectionCallback`'s ``max_skipped``.
 
     Returns:
         The path of ``scores.npz`` (ids sorted, float32 scores, ``method``, ``scorer``, ``model_fingerprint``).
@@ -591,6 +604,7 @@ def score_pool(
     if not (np.isfinite(learning_rate) and learning_rate > 0):
         raise ValueError(f"`learning_rate` must be a finite number > 0, got {learning_rate}.")
     learning_rate = float(learning_rate)
+    max_skipped = check_max_skipped(max_skipped)
     group_fields = list(check_group_by(group_by))
     resolved = resolve_adapter(model, adapter)  # fail before any work if the CLIP cannot be reached
     image_size = int(image_size or getattr(model, "image_size", None) or 224)
@@ -600,7 +614,8 @@ def score_pool(
         target_pairs, target_report = load_target_pairs(target, image_size, uid_field)
     fingerprint = model_fingerprint(resolved.module)
     target_digest = _target_digest(target_pairs)
-    run_spec = [fingerprint, repr(scorer), target_digest, pool_sample, seed, image_size, uid_field, learning_rate]
+    # the scorer's whole configuration (Scorer.config: every setting), so a run with other settings is another run
+    run_spec = [fingerprint, scorer.config(), target_digest, pool_sample, seed, image_size, uid_field, learning_rate]
     if group_fields:  # (without it the identity of earlier runs is unchanged)
         run_spec.append(group_fields)
     run = hashlib.sha1(json.dumps(run_spec).encode()).hexdigest()[:16]
@@ -624,6 +639,7 @@ def score_pool(
             "batch_size": batch_size, "num_workers": num_workers, "worker_start_method": worker_start_method,
             "pool_sample": pool_sample, "seed": seed, "image_size": image_size, "uid_field": uid_field,
             "adapter": adapter, "after_shard": after_shard, "learning_rate": learning_rate, "group_by": group_fields,
+            "max_skipped": max_skipped,
         })  # fmt: skip
     finally:
         if lock is not None:
@@ -655,6 +671,7 @@ def _score_locked(
         "model_fingerprint": fingerprint,
         "method": type(scorer).__name__,
         "scorer": repr(scorer),
+        "scorer_config": scorer.config(),
         "target_pairs": target_pairs,
         "target_report": target_report,
         **options,

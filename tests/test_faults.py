@@ -93,7 +93,9 @@ def test_score_reports_bad_samples_and_duplicates_and_keeps_the_first_score(faul
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     out = tmp_path / "out"
     with pytest.warns(UserWarning, match="several shards"):
-        score_pool(module, CLIPScore(), str(faulty), str(out), num_workers=0, image_size=32, trainer=trainer)
+        score_pool(
+            module, CLIPScore(), str(faulty), str(out), num_workers=0, image_size=32, trainer=trainer, max_skipped=1.0
+        )  # a pool made of faults: every kind reported, over the default 5 % limit
     result = read_scores(out)
     assert result["ids"].tolist() == [0, 1, 2, 3, 4, 6]
     manifest = json.loads((out / "manifest.json").read_text())

@@ -160,7 +160,7 @@ def key2_pool(tmp_path_factory):
                         "json": json.dumps(meta).encode()})  # fmt: skip
             if i != 4:
                 texts[uid + 5] = pair["text"]
-    _score(root / "pool", root / "out", uid_field="key2")
+    _score(root / "pool", root / "out", uid_field="key2", max_skipped=1.0)  # 1 of 16 on purpose: over the 5 %
     return root, texts
 
 
@@ -202,3 +202,19 @@ def test_reshard_with_a_uid_field_the_pool_lacks_names_the_unreadable_samples(ke
         select_subset(root / "out", tmp_path / "s.npy", count=7, reshard=str(tmp_path / "subset" / "%04d.tar"),
                       uid_field="uid")  # fmt: skip
     assert not (tmp_path / "s.npy").exists() and not (tmp_path / "subset").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# max_skipped: too many bad samples stop the merge
+# --------------------------------------------------------------------------------------------------------------
+def test_score_over_max_skipped_writes_no_scores_and_a_higher_limit_finishes_from_the_parts(tmp_path):
+    from lightning_chips.engine import TooManySkippedError
+
+    valid = write_pool(tmp_path / "pool", num_pairs=3 * PER_SHARD, per_shard=PER_SHARD, corrupt_image=3,
+                       missing_caption=13)  # fmt: skip
+    out = tmp_path / "out"
+    with pytest.raises(TooManySkippedError, match=r"skipped 2 of the pool's 24 pairs \(8\.3%\).*max_skipped=0\.05"):
+        _score(tmp_path / "pool", out)  # the default limit: 5 % of the pairs
+    assert not (out / "scores.npz").exists() and len(list((out / "parts").glob("*.npz"))) == 3
+    _score(tmp_path / "pool", out, max_skipped=0.1)  # resumes from the parts: only the merge is run again
+    assert sorted(read_scores(out)["ids"].tolist()) == sorted(valid)
