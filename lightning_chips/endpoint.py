@@ -1,4 +1,5 @@
-"""The end-point parameters of a CLIP (docs/methods.md, CHIPS): the two projection heads and the logit scale.
+"""The end-point parameters of a CLIP (docs/methods.md, CHIPS): the two projection heads and the logit scale (and
+SigLIP's logit bias).
 
 A module of its own so that the pure math (:mod:`lightning_chips.functional`) can use the type without importing
 the adapters, which know open_clip's internals. :mod:`lightning_chips.adapters` re-exports it.
@@ -17,7 +18,7 @@ __all__ = ["EndPoint"]
 
 @dataclass
 class EndPoint:
-    """The end-point parameters of a CLIP: two projection heads and the logit scale.
+    """The end-point parameters of a CLIP: two projection heads and the logit scale (and SigLIP's logit bias).
 
     The tensors are the model's *live* parameters (or views of them, e.g. the transpose of an ``nn.Linear``
     weight), so autograd through them reaches the model, and an optimiser step is visible on the next read.
@@ -28,6 +29,10 @@ class EndPoint:
         logit_scale: 0-d tensor, ``log(1 / tau)``; the similarity scale is ``logit_scale.exp()``.
         image_bias: optional ``b_v`` of shape ``[e]`` (ModifiedResNet's attention-pool output projection has one).
         text_bias: optional ``b_t`` of shape ``[e]`` (open_clip text towers built with ``proj_bias=True``).
+        logit_bias: optional 0-d tensor ``beta`` of SigLIP's sigmoid loss (logits ``s x.y + beta``). Its presence
+            says which loss the model trains with (:attr:`loss`): ``"sigmoid"`` with a logit bias, ``"infonce"``
+            (softmax) without one. The softmax is unchanged by a constant added to every logit, so a CLIP trained
+            with InfoNCE has no use for one.
 
     Example::
 
@@ -43,6 +48,7 @@ class EndPoint:
     logit_scale: Tensor
     image_bias: Tensor | None = None
     text_bias: Tensor | None = None
+    logit_bias: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.image_proj.dim() != 2 or self.text_proj.dim() != 2:
@@ -59,6 +65,11 @@ class EndPoint:
             raise ValueError(f"EndPoint.logit_scale must hold one value, got shape {tuple(self.logit_scale.shape)}.")
         if self.logit_scale.dim() != 0:
             self.logit_scale = self.logit_scale.reshape(())
+        if self.logit_bias is not None:
+            if self.logit_bias.numel() != 1:
+                raise ValueError(f"EndPoint.logit_bias must hold one value, got shape {tuple(self.logit_bias.shape)}.")
+            if self.logit_bias.dim() != 0:
+                self.logit_bias = self.logit_bias.reshape(())
         for name, bias in (("image_bias", self.image_bias), ("text_bias", self.text_bias)):
             if bias is not None and tuple(bias.shape) != (self.embed_dim,):
                 raise ValueError(f"EndPoint.{name} must have shape [{self.embed_dim}], got {tuple(bias.shape)}.")
@@ -79,12 +90,18 @@ class EndPoint:
         return int(self.text_proj.shape[0])
 
     @property
+    def loss(self) -> str:
+        """The loss the model trains with: ``"sigmoid"`` (SigLIP, with :attr:`logit_bias`) or ``"infonce"``."""
+        return "infonce" if self.logit_bias is None else "sigmoid"
+
+    @property
     def num_parameters(self) -> int:
         """``dim(theta)``: the number of scalars in the end-point subspace."""
         return sum(t.numel() for t in self.tensors())
 
     def tensors(self) -> Iterator[Tensor]:
-        """The tensors in canonical order: image_proj, text_proj, logit_scale, image_bias, text_bias (if any)."""
+        """The tensors in canonical order: image_proj, text_proj, logit_scale, image_bias, text_bias, logit_bias (if
+        any)."""
         for f in fields(self):
             value = getattr(self, f.name)
             if value is not None:
