@@ -1,24 +1,30 @@
 """How lightning-chips reaches the features and end-point parameters of a CLIP.
 
-Every scorer in this package works in CLIP's *end-point subspace*: the two linear projection heads and the
-logit scale (docs/methods.md, CHIPS). With pre-projection features ``h_v`` (image tower output after its final
-norm) and ``h_t`` (text tower output at the pooled token after its final norm), the model's embeddings are
+One module: every adapter that follows an open_clip tower's own forward up to its end point (ViT, ModifiedResNet,
+timm and Hugging Face towers, open_clip's text transformer), the protocol for custom modules, and the resolution
+that picks one; the ``transformers`` CLIPs live in :mod:`lightning_chips.transformers_adapters`.
+
+Every scorer in this package works in CLIP's *end-point subspace*: the last linear map of each tower before the
+normalisation (weight and bias), the logit scale, and SigLIP's logit bias (docs/methods.md, CHIPS). With
+pre-projection features ``h_v`` and ``h_t`` (the inputs of those two linear maps), the model's embeddings are
 
 .. math::
 
     x = \\mathrm{normalize}(W_v^\\top h_v + b_v), \\qquad y = \\mathrm{normalize}(W_t^\\top h_t + b_t),
-    \\qquad S_{ij} = e^{\\texttt{logit\\_scale}} \\, x_i \\cdot y_j .
+    \\qquad S_{ij} = e^{\\texttt{logit\\_scale}} \\, x_i \\cdot y_j \\; [+ \\texttt{logit\\_bias}].
 
-An *adapter* gives uniform access to ``h_v``, ``h_t`` and the live parameters ``(W_v, W_t, logit_scale, b_v)``.
+An *adapter* gives uniform access to ``h_v``, ``h_t`` and the live parameters (:class:`EndPoint`).
 :func:`resolve_adapter` finds one for
 
 1. an object that already is a :class:`CLIPAdapter`;
 2. any module implementing the :class:`SupportsEndPoint` protocol (``image_features``, ``text_features``,
    ``endpoint``) -- the way to plug in a custom LightningModule;
-3. an open_clip ``CLIP`` (ViT or ModifiedResNet image tower) or ``CustomTextCLIP`` (with open_clip's own text
-   transformer), given directly or held by a module under ``model`` or ``clip``.
+3. an open_clip ``CLIP`` or ``CustomTextCLIP`` (:class:`OpenCLIPAdapter`) or a ``transformers`` ``CLIPModel``
+   (:class:`lightning_chips.transformers_adapters.TransformersCLIPAdapter`), given directly, held under ``model``
+   or ``clip``, or held as the one direct child module of such a type.
 
-Anything else raises :class:`UnsupportedModelError`, which names the protocol to implement.
+Anything else raises :class:`UnsupportedModelError`, which names the protocol to implement (and, for a known
+family without a linear end point such as SigLIP's attention-pool image head, says why).
 
 Example::
 
@@ -33,7 +39,11 @@ Example::
 
 from __future__ import annotations
 
+import functools
+import sys
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -46,11 +56,18 @@ __all__ = [
     "CLIPAdapter",
     "EndPoint",
     "OpenCLIPAdapter",
+    "PROTOCOL_HINT",
     "ProtocolAdapter",
     "SupportsEndPoint",
     "UnsupportedModelError",
     "resolve_adapter",
 ]
+
+PROTOCOL_HINT = (
+    "Implement lightning_chips.adapters.SupportsEndPoint on your module (image_features(images) -> [B, d_v], "
+    "text_features(tokens) -> [B, d_t], endpoint() -> EndPoint) or pass a CLIPAdapter subclass."
+)
+"""The sentence every :class:`UnsupportedModelError` ends with: what to implement instead."""
 
 
 @runtime_checkable
@@ -103,9 +120,9 @@ class CLIPAdapter(ABC):
 
         The default keeps every position. :class:`OpenCLIPAdapter` drops the trailing padding after the last
         pooled token of the batch when the text tower is causal (or masks padding) and pools at the end-of-text,
-        first or eos token: those positions never reach the pooled feature, and short captions padded to a
-        context of 77 cost a fraction of the full sequence. Called once per batch (not under ``vmap``), before
-        :meth:`text_features`.
+        first or eos token, or (Hugging Face towers, which mask padding) pools the class token or the mean: those
+        positions never reach the pooled feature, and short captions padded to a context of 77 cost a fraction
+        of the full sequence. Called once per batch (not under ``vmap``), before :meth:`text_features`.
         """
         return tokens
 
@@ -143,58 +160,166 @@ class ProtocolAdapter(CLIPAdapter):
         return self._model.endpoint()
 
 
+@dataclass(frozen=True)
+class _LinearTail:
+    """A head split at its last linear map: ``head(x) == linear(features(x))``, exactly."""
+
+    steps: tuple[Callable[[Tensor], Tensor], ...]
+    linear: nn.Linear
+
+    def features(self, x: Tensor) -> Tensor:
+        for step in self.steps:
+            x = step(x)
+        return x
+
+
+def _is_noop(module: nn.Module) -> bool:
+    return isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and module.p == 0)
+
+
+def _split_at_last_linear(head: nn.Module) -> _LinearTail | None:
+    """``head`` as the steps before its last linear map and that map, or None when it does not end in one.
+
+    Knows ``nn.Linear``; ``nn.Sequential`` (recursively, ignoring trailing identities and zero-rate dropouts) as
+    in open_clip's MLP heads; timm's ``Mlp`` (``fc1, act, drop1, norm, fc2``, with ``drop2`` a no-op); and timm's
+    attention pools, whose output projection is applied before a token or mean pooling (both linear, so the
+    projection of the pooled input is the same, and ``pool(x, pre_logits=True)`` gives that input).
+    """
+    if isinstance(head, nn.Linear):
+        return _LinearTail((), head)
+    if isinstance(head, nn.Sequential):
+        children = list(head)
+        while children and _is_noop(children[-1]):
+            children.pop()
+        tail = _split_at_last_linear(children[-1]) if children else None
+        return None if tail is None else _LinearTail((*children[:-1], *tail.steps), tail.linear)
+    layers = sys.modules.get("timm.layers")  # a timm module can only be here once timm is imported
+    if layers is None:
+        return None
+    if type(head) is getattr(layers, "Mlp", None) and _is_noop(head.drop2) and isinstance(head.fc2, nn.Linear):
+        return _LinearTail((head.fc1, head.act, head.drop1, head.norm), head.fc2)
+    pools = tuple(getattr(layers, name) for name in ("AttentionPool2d", "RotAttentionPool2d") if hasattr(layers, name))
+    if type(head) in pools and isinstance(head.proj, nn.Linear):
+        return _LinearTail((functools.partial(head, pre_logits=True),), head.proj)
+    return None
+
+
+def _timm_pre_logits(trunk: nn.Module, images: Tensor) -> Tensor:
+    """A timm model's input to its classifier (``forward_head(..., pre_logits=True)``)."""
+    return trunk.forward_head(trunk.forward_features(images), pre_logits=True)
+
+
+def _timm_image_tail(visual: nn.Module) -> _LinearTail:
+    """open_clip ``TimmModel``: the end point is the head's last linear map (``timm_proj`` linear or mlp, or a
+    custom attention pool's projection), or, with no head (``timm_proj`` empty), the trunk's own classifier."""
+    trunk = visual.trunk
+    if len(visual.head) > 0:
+        tail = _split_at_last_linear(visual.head)
+        if tail is None:
+            raise UnsupportedModelError(
+                f"open_clip timm image tower head {visual.head} does not end in a linear map, so it has no end "
+                "point. " + PROTOCOL_HINT
+            )
+        return _LinearTail((trunk, *tail.steps), tail.linear)
+    classifier = trunk.get_classifier() if hasattr(trunk, "get_classifier") else None
+    if isinstance(classifier, nn.Linear):  # timm's contract: forward_head(pre_logits=True) is its input
+        return _LinearTail((functools.partial(_timm_pre_logits, trunk),), classifier)
+    attn_pool = getattr(trunk, "attn_pool", None)
+    if getattr(attn_pool, "mlp", None) is not None:
+        raise UnsupportedModelError(
+            f"open_clip timm image tower {type(trunk).__name__} (timm_pool 'map', timm_proj 'none', as SigLIP) ends "
+            "in the attention pool's residual MLP, x + mlp(norm(x)), with no linear map after it: its embedding is "
+            "not a linear map of any features, so it has no end point (EndPoint holds no per-sample residual). "
+            + PROTOCOL_HINT
+        )
+    raise UnsupportedModelError(
+        f"open_clip timm image tower {type(trunk).__name__} has no projection head (timm_proj 'none') and its "
+        f"classifier is {type(classifier).__name__}, not a linear map, so it has no end point. " + PROTOCOL_HINT
+    )
+
+
 class OpenCLIPAdapter(CLIPAdapter):
     """Adapter for open_clip's ``CLIP`` and ``CustomTextCLIP``.
 
-    Image towers: ``VisionTransformer`` (features after ``ln_post`` and pooling; ``W_v = visual.proj``) and
-    ``ModifiedResNet`` (the attention-pool output before its ``c_proj``; ``W_v = c_proj.weight^T``,
-    ``b_v = c_proj.bias``). Text towers: the built-in ``CLIP`` text transformer and ``CustomTextCLIP`` with an
-    open_clip ``TextTransformer`` (features after ``ln_final`` at the pooled token; ``W_t = text_projection``,
-    or its weight transposed when it is an ``nn.Linear``). The feature functions follow open_clip 3.x's own
-    ``forward`` step by step, stopping before the projection.
+    The end point of each tower is its last linear map before the normalisation; the feature functions follow
+    open_clip 3.x's own ``forward`` step by step and stop at that map's input.
+
+    Image towers:
+
+    - ``VisionTransformer``: features after ``ln_post`` and pooling; ``W_v = visual.proj``.
+    - ``ModifiedResNet``: the attention-pool output before its ``c_proj``; ``W_v = c_proj.weight^T``,
+      ``b_v = c_proj.bias``.
+    - ``TimmModel``: ``timm_proj`` ``linear`` (the head's ``proj``, after its dropout) or ``mlp`` (the MLP's
+      second layer ``fc2``; the features are its hidden activation), after any ``timm_pool`` including the
+      attention pools (with no projection after an attention pool, its own output projection); with
+      ``timm_proj`` empty/null the trunk's classifier (``trunk.get_classifier()``, e.g. after a ``map`` pool), the
+      features being ``trunk.forward_head(..., pre_logits=True)``. ``timm_proj: none`` with SigLIP's ``map``
+      pool has no linear map at the end (a residual MLP) and raises.
+
+    Text towers: the built-in ``CLIP`` text transformer and ``CustomTextCLIP`` with an open_clip
+    ``TextTransformer`` (features after ``ln_final`` at the pooled token; ``W_t = text_projection``, or its weight
+    transposed when it is an ``nn.Linear``), and ``HFTextEncoder`` (``hf_proj_type`` ``linear`` or ``mlp``: the last
+    linear layer of ``proj``; the features are the pooler's output, or the MLP's hidden activation; the attention
+    mask is built from the Hugging Face config's ``pad_token_id``, as open_clip does).
+
+    The logit bias (``init_logit_bias``, SigLIP's sigmoid loss) is ``EndPoint.logit_bias`` when the model has one.
 
     Raises:
-        UnsupportedModelError: for other towers (timm, Hugging Face text models, CoCa, models without a linear
-            projection head).
+        UnsupportedModelError: for towers without a linear map at the end (CoCa, a ViT without ``proj``, SigLIP's
+            attention-pool image head, a Hugging Face tower with an identity projection).
     """
 
     def __init__(self, model: nn.Module) -> None:
         import open_clip
+        from open_clip.hf_model import HFTextEncoder
         from open_clip.modified_resnet import ModifiedResNet
+        from open_clip.timm_model import TimmModel
         from open_clip.transformer import TextTransformer, VisionTransformer
 
         if not isinstance(model, open_clip.CLIP | open_clip.CustomTextCLIP):
             raise UnsupportedModelError(_unsupported_message(model))
         self._model = model
+        self._image_tail: _LinearTail | None = None
+        self._text_tail: _LinearTail | None = None
         visual = model.visual
         if isinstance(visual, VisionTransformer):
             if visual.proj is None:
                 raise UnsupportedModelError(
                     "This open_clip VisionTransformer has no projection head (visual.proj is None); there is no "
-                    "image end point to score in. " + _PROTOCOL_HINT
+                    "image end point to score in. " + PROTOCOL_HINT
                 )
             self._image_kind = "vit"
         elif isinstance(visual, ModifiedResNet):
             self._image_kind = "resnet"
+        elif isinstance(visual, TimmModel):
+            self._image_kind = "timm"
+            self._image_tail = _timm_image_tail(visual)
         else:
             raise UnsupportedModelError(
-                f"open_clip image tower {type(visual).__name__} is not supported (ViT and ModifiedResNet are). "
-                + _PROTOCOL_HINT
+                f"open_clip image tower {type(visual).__name__} is not supported (ViT, ModifiedResNet and timm "
+                "towers are). " + PROTOCOL_HINT
             )
         if isinstance(model, open_clip.CLIP):
             self._text_kind = "clip"
             projection = model.text_projection
-        else:
-            text = model.text
-            if not isinstance(text, TextTransformer):
-                raise UnsupportedModelError(
-                    f"CustomTextCLIP text tower {type(text).__name__} is not supported (open_clip's TextTransformer "
-                    "is). " + _PROTOCOL_HINT
-                )
+        elif isinstance(model.text, TextTransformer):
             self._text_kind = "custom"
-            projection = text.text_projection
+            projection = model.text.text_projection
+        elif isinstance(model.text, HFTextEncoder):
+            self._text_kind = "hf"
+            self._text_tail = projection = _split_at_last_linear(model.text.proj)
+            if projection is None:
+                raise UnsupportedModelError(
+                    f"This open_clip Hugging Face text tower's projection {model.text.proj} does not end in a linear "
+                    "map (hf_proj_type linear or mlp does), so it has no end point. " + PROTOCOL_HINT
+                )
+        else:
+            raise UnsupportedModelError(
+                f"CustomTextCLIP text tower {type(model.text).__name__} is not supported (open_clip's "
+                "TextTransformer and HFTextEncoder are). " + PROTOCOL_HINT
+            )
         if projection is None:
-            raise UnsupportedModelError("This open_clip text tower has no projection head. " + _PROTOCOL_HINT)
+            raise UnsupportedModelError("This open_clip text tower has no projection head. " + PROTOCOL_HINT)
         self._trim = self._trim_rule()
 
     @property
@@ -209,21 +334,32 @@ class OpenCLIPAdapter(CLIPAdapter):
             x = visual.transformer(x)
             pooled, _ = visual._pool(x)
             return pooled
+        if self._image_kind == "timm":
+            return self._image_tail.features(images)
         x = visual.stem(images)
         x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
         return _attnpool_features(visual.attnpool, x)
 
     # -- text ----------------------------------------------------------------------------------------------------
     def _trim_rule(self) -> tuple[str, bool, int] | None:
-        """``(pool_type, causal, pad_id)`` when trailing positions can be cut without changing the pooled feature.
+        """``(pool, causal, pad_id)`` when trailing positions can be cut without changing the pooled feature.
 
         Exact when the pooled position depends only on the tokens up to it (``argmax`` = end-of-text, ``eos``,
         ``first``), no class token is appended after the sequence (its position would move), and either every
         position attends only to earlier ones (a causal mask: cut after the batch's last pooled token) or padding
-        is masked out as keys (cut after the batch's last non-padding token). ``None`` otherwise (``last``
-        pooling, an unmasked bidirectional tower).
+        is masked out as keys (cut after the batch's last non-padding token). A Hugging Face tower masks its
+        padding (``pad_token_id``) and its class-token and mean poolers read the non-padding tokens only
+        (``mask``: cut after the last one); its max pooler fills the *kept* positions in open_clip 3.x, so it keeps
+        every position. ``None`` otherwise (``last`` pooling, an unmasked bidirectional tower).
         """
         model = self._model
+        if self._text_kind == "hf":
+            from open_clip.hf_model import ClsLastHiddenStatePooler, ClsPooler, MeanPooler
+
+            pad_id = getattr(model.text.config, "pad_token_id", None)
+            if type(model.text.pooler) not in (ClsPooler, ClsLastHiddenStatePooler, MeanPooler) or pad_id is None:
+                return None
+            return "mask", False, int(pad_id)
         if self._text_kind == "clip":
             pool, causal, pad_masked, pad_id = model.text_pool_type, model.attn_mask is not None, False, 0
         else:
@@ -246,7 +382,7 @@ class OpenCLIPAdapter(CLIPAdapter):
         if self._trim is None or tokens.dim() != 2 or tokens.shape[1] <= 1:
             return tokens
         pool, causal, pad_id = self._trim
-        if pool == "first":
+        if pool in ("first", "mask"):
             needed = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
         elif pool == "argmax":
             needed = tokens.argmax(dim=-1)
@@ -271,6 +407,10 @@ class OpenCLIPAdapter(CLIPAdapter):
             x = model.ln_final(x)
             return text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
         text = model.text
+        if self._text_kind == "hf":  # HFTextEncoder.forward up to its projection's last linear layer
+            attn_mask = (tokens != text.config.pad_token_id).long()
+            out = text.transformer(input_ids=tokens, attention_mask=attn_mask)
+            return self._text_tail.features(text.pooler(out, attn_mask))
         x, attn_mask = text._embeds(tokens)
         if attn_mask is not None and attn_mask.shape[-1] != x.shape[1]:  # the plain causal mask is not sliced there
             attn_mask = attn_mask[..., : x.shape[1], : x.shape[1]]
@@ -285,10 +425,15 @@ class OpenCLIPAdapter(CLIPAdapter):
         model = self._model
         if self._image_kind == "vit":
             image_proj, image_bias = model.visual.proj, None
+        elif self._image_kind == "timm":
+            image_proj, image_bias = self._image_tail.linear.weight.T, self._image_tail.linear.bias
         else:
             c_proj = model.visual.attnpool.c_proj
             image_proj, image_bias = c_proj.weight.T, c_proj.bias
-        projection = model.text_projection if self._text_kind == "clip" else model.text.text_projection
+        if self._text_kind == "hf":
+            projection = self._text_tail.linear
+        else:
+            projection = model.text_projection if self._text_kind == "clip" else model.text.text_projection
         if isinstance(projection, nn.Linear):
             text_proj, text_bias = projection.weight.T, projection.bias
         else:
@@ -299,6 +444,7 @@ class OpenCLIPAdapter(CLIPAdapter):
             logit_scale=model.logit_scale,
             image_bias=image_bias,
             text_bias=text_bias,
+            logit_bias=getattr(model, "logit_bias", None),
         )
 
 
@@ -337,17 +483,11 @@ def _attnpool_features(attnpool: nn.Module, x: Tensor) -> Tensor:
     return out[0]
 
 
-_PROTOCOL_HINT = (
-    "Implement lightning_chips.adapters.SupportsEndPoint on your module (image_features(images) -> [B, d_v], "
-    "text_features(tokens) -> [B, d_t], endpoint() -> EndPoint) or pass a CLIPAdapter subclass."
-)
-
-
 def _unsupported_message(model: object) -> str:
     return (
-        f"lightning-chips cannot find a CLIP in {type(model).__name__}: it is not an open_clip CLIP/CustomTextCLIP, "
-        "does not hold one under `model` or `clip`, and does not implement the SupportsEndPoint protocol. "
-        + _PROTOCOL_HINT
+        f"lightning-chips cannot find a CLIP in {type(model).__name__}: it is not an open_clip CLIP/CustomTextCLIP "
+        "or a transformers CLIPModel, does not hold one under `model` or `clip` or as its one direct child of such "
+        "a type, and does not implement the SupportsEndPoint protocol. " + PROTOCOL_HINT
     )
 
 
@@ -363,19 +503,69 @@ def _unwrap(model: object) -> object:
     return model
 
 
+def _is_clip(model: object) -> bool:
+    """An open_clip ``CLIP``/``CustomTextCLIP`` or a ``transformers`` CLIP (``CLIPModel``, and the SigLIP models,
+    which :func:`_clip_adapter` refuses with the reason). ``transformers`` is never imported here: a model can
+    only be one of its classes once it is imported."""
+    import open_clip
+
+    if isinstance(model, open_clip.CLIP | open_clip.CustomTextCLIP):
+        return True
+    if sys.modules.get("transformers") is None:
+        return False
+    from lightning_chips.transformers_adapters import is_transformers_clip
+
+    return is_transformers_clip(model)
+
+
+def _clip_adapter(model: nn.Module) -> CLIPAdapter:
+    import open_clip
+
+    if isinstance(model, open_clip.CLIP | open_clip.CustomTextCLIP):
+        return OpenCLIPAdapter(model)
+    from lightning_chips.transformers_adapters import transformers_adapter
+
+    return transformers_adapter(model)
+
+
+def _find_clip(model: object) -> nn.Module | None:
+    """The CLIP in ``model``: itself, else under ``model``, else under ``clip``, else its one direct child module
+    that is a CLIP (several such children are ambiguous: the error asks which one)."""
+    for candidate in (model, getattr(model, "model", None), getattr(model, "clip", None)):
+        candidate = _unwrap(candidate)
+        if _is_clip(candidate):
+            return candidate
+    if not isinstance(model, nn.Module):
+        return None
+    children = [(name, _unwrap(child)) for name, child in model.named_children()]
+    found = [(name, child) for name, child in children if _is_clip(child)]
+    if len(found) > 1:
+        names = ", ".join(f"`{name}` ({type(child).__name__})" for name, child in found)
+        raise UnsupportedModelError(
+            f"{type(model).__name__} holds several CLIPs ({names}); put the one to score under `model` or `clip`, "
+            "or pass adapter=resolve_adapter(module.<name>)."
+        )
+    return found[0][1] if found else None
+
+
 def resolve_adapter(model: object, adapter: CLIPAdapter | None = None) -> CLIPAdapter:
     """Return the :class:`CLIPAdapter` for ``model``.
 
     Resolution order: ``adapter`` if given; ``model`` itself if it is a ``CLIPAdapter``; a module implementing
-    :class:`SupportsEndPoint`; an open_clip ``CLIP``/``CustomTextCLIP`` given directly or held under ``model``
-    or ``clip`` (e.g. :class:`lightning_chips.models.OpenCLIPModule`).
+    :class:`SupportsEndPoint`; a CLIP (open_clip ``CLIP``/``CustomTextCLIP``, :class:`OpenCLIPAdapter`;
+    ``transformers`` ``CLIPModel``, :class:`lightning_chips.transformers_adapters.TransformersCLIPAdapter`) found
+    as ``model`` itself, else under ``model.model``, else under ``model.clip`` (e.g.
+    :class:`lightning_chips.models.OpenCLIPModule`), else as the one direct child module of ``model`` that is a
+    CLIP, in that order. DDP and ``torch.compile`` wrappers are looked through at each step.
 
     Args:
         model: a LightningModule, an ``nn.Module``, or an adapter.
         adapter: an explicit adapter, returned as is.
 
     Raises:
-        UnsupportedModelError: when nothing matches; the message names the protocol to implement.
+        UnsupportedModelError: when nothing matches (the message names the protocol to implement), when ``model``
+            has several CLIP children and none under ``model``/``clip``, or when the CLIP found has no linear end
+            point (the message says why, e.g. SigLIP's attention-pool image head).
 
     Example::
 
@@ -395,10 +585,7 @@ def resolve_adapter(model: object, adapter: CLIPAdapter | None = None) -> CLIPAd
         return model
     if isinstance(model, SupportsEndPoint):
         return ProtocolAdapter(model)
-    import open_clip
-
-    for candidate in (model, getattr(model, "model", None), getattr(model, "clip", None)):
-        candidate = _unwrap(candidate)
-        if isinstance(candidate, open_clip.CLIP | open_clip.CustomTextCLIP):
-            return OpenCLIPAdapter(candidate)
-    raise UnsupportedModelError(_unsupported_message(model))
+    clip = _find_clip(model)
+    if clip is None:
+        raise UnsupportedModelError(_unsupported_message(model))
+    return _clip_adapter(clip)
