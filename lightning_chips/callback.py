@@ -304,7 +304,8 @@ class DataSelectionCallback(Callback):
         adapter = resolve_adapter(pl_module, self.adapter)
         r = self.round
         collate_tokenizer = getattr(getattr(datamodule, "collate", None), "tokenizer", None)
-        tokenizer = collate_tokenizer or resolve_tokenizer(None, None, pl_module)
+        # prompts need a tokenizer only when a scorer embeds them: without one, that call says what to pass
+        tokenizer = collate_tokenizer or resolve_tokenizer(None, None, pl_module, required=False)
         lr = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else 1.0
         self.context = RoundContext(round=r, learning_rate=lr, text_encoder=PromptEncoder(adapter, tokenizer),
                                     seed=self.seed)  # fmt: skip

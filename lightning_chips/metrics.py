@@ -67,6 +67,7 @@ def build_zero_shot_classifier(
         raise ValueError("`classnames` is empty: a zero-shot classifier needs at least one class.")
     if not templates:
         raise ValueError("`templates` is empty: pass at least one prompt template such as 'a photo of a {}.'.")
+    _require_tokenizer(tokenizer, classnames)
     adapter = model if isinstance(model, CLIPAdapter) else resolve_adapter(model)
     module = adapter.module
     device = device if device is not None else next(module.parameters()).device
@@ -81,6 +82,17 @@ def build_zero_shot_classifier(
     finally:
         module.train(was_training)
     return torch.stack(weights, dim=1)
+
+
+def _require_tokenizer(tokenizer: Callable[[list[str]], Tensor] | None, prompts: Sequence[str]) -> None:
+    """Prompts are strings: without a tokenizer (None, or a :class:`~lightning_chips.data.preprocess.
+    MissingTokenizer` for a model that has none) embedding them is an error that says what to pass."""
+    from lightning_chips.data.preprocess import MissingTokenizer
+
+    if tokenizer is None or isinstance(tokenizer, MissingTokenizer):
+        shown = ", ".join(repr(p) for p in list(prompts)[:3]) + (", ..." if len(prompts) > 3 else "")
+        reason = tokenizer.message if tokenizer is not None else "No tokenizer was given."
+        raise ValueError(f"Embedding the prompts ({shown}) needs a tokenizer. {reason}")
 
 
 def _first_occurrence(ids: Tensor) -> Tensor:
@@ -99,6 +111,9 @@ def _first_occurrence(ids: Tensor) -> Tensor:
 class PromptEncoder:
     """Prompts -> normalised text embeddings ``[P, e]`` with the current model (eval mode, no grad): the
     ``text_encoder`` a selection round gives scorers that embed class prompts (CLIP-powered, ClipCov zero-shot).
+    Prompts are strings: a call without a tokenizer (None, or the
+    :class:`~lightning_chips.data.preprocess.MissingTokenizer` of a model that has none) is a ``ValueError`` that says
+    what to pass.
 
     Example::
 
@@ -111,6 +126,7 @@ class PromptEncoder:
         self.adapter, self.tokenizer = adapter, tokenizer
 
     def __call__(self, prompts: list[str]) -> Tensor:
+        _require_tokenizer(self.tokenizer, prompts)
         return build_zero_shot_classifier(self.adapter, self.tokenizer, prompts, ["{}"]).T
 
 

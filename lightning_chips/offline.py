@@ -218,10 +218,19 @@ class _PoolScoring(LightningModule):
         self.buffers: dict[int, tuple[list[Tensor], list[Tensor], list, list[list[str]]]] = {}
         self.scored_now = 0
         self.started = 0.0
+        self._resolved_tokenizer: Any = None
 
     # -- data -----------------------------------------------------------------------------------------------------
     def _adapter(self) -> CLIPAdapter:
         return resolve_adapter(self.model, self.config["adapter"])
+
+    def _tokenizer(self) -> Any:
+        """``--tokenizer`` (with ``--context_length``) or the model's own, checked against its context length."""
+        if self._resolved_tokenizer is None:
+            c = self.config
+            self._resolved_tokenizer = resolve_tokenizer(c["tokenizer"], c["context_length"], self.model,
+                                                         command_line=True)  # fmt: skip
+        return self._resolved_tokenizer
 
     def _pool(self) -> ShardPool:
         """The pool as the round engine reads it (the same :class:`~lightning_chips.data.pool.ShardPool` a
@@ -229,7 +238,7 @@ class _PoolScoring(LightningModule):
         c = self.config
         pairs = WebDatasetPairs(c["urls"], image_size=c["image_size"], uid_field=c["uid_field"])
         target = None if c["target_pairs"] is None else ListDataset(c["target_pairs"])
-        collate = PairCollate(resolve_tokenizer(None, None, self.model), model_image_input(self.model))
+        collate = PairCollate(self._tokenizer(), model_image_input(self.model))
         return ShardPool(pairs, target, collate, c["batch_size"], c["num_workers"], c["worker_start_method"],
                          skip=c["done"])  # fmt: skip
 
@@ -242,7 +251,7 @@ class _PoolScoring(LightningModule):
         self.started = time.perf_counter()
         self._check_same_weights()
         adapter = self._adapter()
-        text_encoder = PromptEncoder(adapter, resolve_tokenizer(None, None, self.model))
+        text_encoder = PromptEncoder(adapter, self._tokenizer())
         context = RoundContext(learning_rate=c["learning_rate"], text_encoder=text_encoder, seed=c["seed"])
         self.target_skipped = prepare_round(
             self.scorer, adapter, self._pool(), context, pool_sample=c["pool_sample"],
@@ -543,6 +552,8 @@ def score_pool(
     learning_rate: float | None = None,
     group_by: list[str] | str | None = None,
     max_skipped: float | None = 0.05,
+    tokenizer: str | None = None,
+    context_length: int | None = None,
 ) -> Path:
     """Score every pair of a WebDataset pool with ``scorer`` under ``model``; write ``output/scores.npz``.
 
@@ -577,6 +588,11 @@ def score_pool(
             not count); above it no ``scores.npz`` is written and the error names the count and the first reasons
             (the part files stay: re-run with a higher limit, or after repairing the data, to finish). ``None`` or
             1: no limit. The same rule as :class:`~lightning_chips.DataSelectionCallback`'s ``max_skipped``.
+        tokenizer: an open_clip model name whose tokenizer tokenizes the captions and prompts (e.g. ``ViT-B-32``),
+            for a model without its own (``get_tokenizer()``, a transformers tokenizer or processor); default: the
+            model's. Part of the run's identity when given.
+        context_length: tokens per caption; default: the model's context length, which a tokenizer or value that
+            differs from it is an error against (before any work). Part of the run's identity when given.
 
     Returns:
         The path of ``scores.npz`` (ids sorted, float32 scores, ``method``, ``scorer``, ``model_fingerprint``).
@@ -607,6 +623,7 @@ def score_pool(
     max_skipped = check_max_skipped(max_skipped)
     group_fields = list(check_group_by(group_by))
     resolved = resolve_adapter(model, adapter)  # fail before any work if the CLIP cannot be reached
+    resolve_tokenizer(tokenizer, context_length, model, command_line=True)  # the same: a missing or wrong tokenizer
     image_size = int(image_size or getattr(model, "image_size", None) or 224)
     urls = expand_shards(pool)
     target_pairs, target_report = (None, None)
@@ -618,6 +635,8 @@ def score_pool(
     run_spec = [fingerprint, scorer.config(), target_digest, pool_sample, seed, image_size, uid_field, learning_rate]
     if group_fields:  # (without it the identity of earlier runs is unchanged)
         run_spec.append(group_fields)
+    if tokenizer is not None or context_length is not None:  # (the same)
+        run_spec.append({"tokenizer": tokenizer, "context_length": context_length})
     run = hashlib.sha1(json.dumps(run_spec).encode()).hexdigest()[:16]
     out = Path(output)
     trainer = trainer if trainer is not None else Trainer(
@@ -639,7 +658,7 @@ def score_pool(
             "batch_size": batch_size, "num_workers": num_workers, "worker_start_method": worker_start_method,
             "pool_sample": pool_sample, "seed": seed, "image_size": image_size, "uid_field": uid_field,
             "adapter": adapter, "after_shard": after_shard, "learning_rate": learning_rate, "group_by": group_fields,
-            "max_skipped": max_skipped,
+            "max_skipped": max_skipped, "tokenizer": tokenizer, "context_length": context_length,
         })  # fmt: skip
     finally:
         if lock is not None:

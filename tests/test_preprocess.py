@@ -106,7 +106,7 @@ def test_float_images_in_0_1_are_normalised_once_and_normalised_ones_pass_throug
 
 def test_a_model_without_a_tokenizer_is_an_error_saying_how_to_pass_one():
     module = torch.nn.Module()
-    with pytest.raises(ValueError, match=r"has no get_tokenizer\(\).*Pass `tokenizer=`"):
+    with pytest.raises(ValueError, match=r"has no tokenizer \(no get_tokenizer\(\).*Pass `tokenizer=`"):
         resolve_tokenizer(None, None, module)
     given = open_clip.tokenizer.SimpleTokenizer(context_length=20)
     assert resolve_tokenizer(given, None, module) is given  # a callable is used as it is

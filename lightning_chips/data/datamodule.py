@@ -20,8 +20,10 @@ class TwoDomainDataModule(LightningDataModule):
     the target domain (``eval_target_fraction=1.0``) from disjoint splits. Batches are dicts
     ``{"image", "text" (token ids), "id", "label", "domain", "noisy"}``.
 
-    The tokenizer and the image size follow the attached model when it has ``get_tokenizer()`` and
-    ``image_size`` (as :class:`~lightning_chips.models.OpenCLIPModule` does), unless given here.
+    The tokenizer and the image size follow the attached model when it has a tokenizer (``get_tokenizer()``, as
+    :class:`~lightning_chips.models.OpenCLIPModule` has; see :func:`~lightning_chips.data.preprocess.
+    resolve_tokenizer`) and ``image_size``, unless given here; a ``tokenizer`` or ``context_length`` that disagrees
+    with the model's context length is an error at setup.
 
     Args:
         num_train: pool size.
@@ -34,7 +36,8 @@ class TwoDomainDataModule(LightningDataModule):
         batch_size: per-device batch size.
         num_workers: dataloader workers.
         seed: seed of the data (the same seed gives the same pairs).
-        tokenizer: an open_clip model name whose tokenizer to use; ``None`` takes the model's.
+        tokenizer: an open_clip model name whose tokenizer to use; ``None`` takes the model's (a model without
+            one needs this: the captions are strings).
         context_length: tokenizer context length; ``None`` takes the model's.
 
     Example::

@@ -21,7 +21,7 @@ from typing_extensions import override
 
 from lightning_chips.data.checks import SkippedSample
 from lightning_chips.data.pool import PoolItem, ShardPool
-from lightning_chips.data.preprocess import model_image_input, resolve_tokenizer
+from lightning_chips.data.preprocess import model_context_length, model_image_input, resolve_tokenizer
 from lightning_chips.data.subset import LazyIterator, PairCollate, SelectionDataLoader, hide_unset_loaders
 from lightning_chips.data.target import ListDataset, load_target_pairs
 from lightning_chips.data.webdataset import (
@@ -263,9 +263,10 @@ class WebDatasetDataModule(LightningDataModule):
         image_size: image side; default: the model's ``image_size``.
         uid_field: the id's field in each sample's ``.json`` (an int64 or a string).
         worker_start_method: ``"spawn"`` / ``"forkserver"`` / ``"fork"`` dataloader workers.
-        tokenizer: an open_clip model name or a callable (default: the model's ``get_tokenizer()``; a model without
-            one needs this).
-        context_length: tokenizer context length (default: the model's).
+        tokenizer: an open_clip model name, a callable, or a ``transformers`` tokenizer (default: the model's own,
+            see :func:`~lightning_chips.data.preprocess.resolve_tokenizer`; shards hold caption strings, so a model
+            without one needs this).
+        context_length: tokenizer context length (default: the model's; another one is an error at setup).
 
     Example::
 
@@ -329,8 +330,9 @@ class WebDatasetDataModule(LightningDataModule):
             self.rank, self.world_size = trainer.global_rank, trainer.world_size
         self._skips.rank, self._skips.world_size = self.rank, self.world_size
         if self.collate is None:
-            tokenizer = resolve_tokenizer(self.tokenizer_name, self.context_length, module)
-            self.collate = PairCollate(tokenizer, model_image_input(module, image_size=image_size))
+            tokenizer = resolve_tokenizer(self.tokenizer_name, self.context_length, module)  # shards hold strings
+            length = model_context_length(module) or self.context_length
+            self.collate = PairCollate(tokenizer, model_image_input(module, image_size=image_size), length)
         if self.pool is None:
             self.pool = WebDatasetPairs(self.pool_spec, image_size=image_size, uid_field=self.uid_field)
         self.pool.bind(self.rank, self.world_size)
@@ -391,7 +393,8 @@ class WebDatasetDataModule(LightningDataModule):
                                     seed=self.seed, shuffle_buffer=self.shuffle_buffer, reports=True)  # fmt: skip
             self._skips.epoch_fn = epoch_fn
             self._train_loader = self._loader(stream, self.batch_size, _StreamCollate(collate.tokenizer,
-                                              collate.image), _StreamLoader, skips=self._skips)  # fmt: skip
+                                              collate.image, collate.context_length), _StreamLoader,
+                                              skips=self._skips)  # fmt: skip
         return self._train_loader
 
     # -- the SelectablePool contract (lightning_chips.data.pool): what a selection round reads ----------------------

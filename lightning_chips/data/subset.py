@@ -15,7 +15,12 @@ from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from typing_extensions import override
 
 from lightning_chips.data.checks import CheckedPairs, SkippedSample
-from lightning_chips.data.preprocess import model_image_input, resolve_tokenizer
+from lightning_chips.data.preprocess import (
+    MissingTokenizer,
+    model_context_length,
+    model_image_input,
+    resolve_tokenizer,
+)
 from lightning_chips.data.sampler import ScoredSubsetSampler
 from lightning_chips.selection import Selection
 
@@ -34,15 +39,31 @@ class PairCollate:
     :class:`~lightning_chips.data.checks.SkippedSample` items (pairs of a :class:`~lightning_chips.data.checks.
     CheckedPairs` pool that failed to load) are left out of the tensors and listed in ``batch["bad"]``; a batch of
     bad pairs only is ``{"id": <empty>, "bad": [...]}``. Picklable, so it works in dataloader worker processes.
+
+    **Captions.** Strings are tokenized with ``tokenizer`` (None, or a
+    :class:`~lightning_chips.data.preprocess.MissingTokenizer`: an error that says what to pass). Captions that are
+    already token ids (an integer tensor, array, or a list of ints) need no tokenizer: they are stacked as they
+    are, without padding, so the items of a batch must have the same number of tokens (pad them in the dataset, with
+    the pad id of the tokenizer that made them: a pad id cannot be guessed, open_clip pads with 0, a transformers
+    CLIP tokenizer with its end-of-text id). Float tensors (precomputed text features) are stacked as they are.
+    With ``context_length`` (the model's), token ids longer than it, given or from the tokenizer, are an error
+    naming both lengths (shorter ones pass: open_clip text towers take any length up to theirs).
+
+    Args:
+        tokenizer: maps a list of captions to ``LongTensor[B, L]``; None when the captions are token ids.
+        image: the per-item image transform, or None.
+        context_length: the model's context length, checked on every batch; None: no check.
     """
 
     def __init__(
         self,
         tokenizer: Callable[[list[str]], Tensor] | None = None,
         image: Callable[[Any], Tensor] | None = None,
+        context_length: int | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.image = image
+        self.context_length = context_length
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if not items:
@@ -61,9 +82,36 @@ class PairCollate:
             if self.tokenizer is None:
                 raise ValueError("The pool yields caption strings but no tokenizer is set; pass one to the datamodule.")
             rest["text"] = self.tokenizer(texts)
+            self._check_length(rest["text"], "the tokenizer gives")
         else:
-            rest["text"] = torch.stack([torch.as_tensor(t) for t in texts])
+            rest["text"] = _stack_texts(texts, items)
+            self._check_length(rest["text"], "the dataset gives")
         return rest
+
+    def _check_length(self, tokens: Any, source: str) -> None:
+        if (self.context_length is None or not isinstance(tokens, Tensor) or tokens.dim() != 2
+                or tokens.is_floating_point() or tokens.shape[-1] <= self.context_length):  # fmt: skip
+            return
+        raise ValueError(
+            f"Captions of {tokens.shape[-1]} tokens ({source}) but the model's context length is "
+            f"{self.context_length}: tokenize with the model's context length (`context_length={self.context_length}`"
+            " for a named tokenizer), or truncate the token ids in the dataset."
+        )
+
+
+def _stack_texts(texts: list[Any], items: Sequence[dict[str, Any]]) -> Tensor:
+    """Captions given as token ids (or precomputed text features) as one tensor; token ids of different lengths are
+    an error naming the items (see :class:`PairCollate`: no pad id is guessed)."""
+    tensors = [torch.as_tensor(text) for text in texts]  # a list of ints is int64
+    if len({tuple(t.shape) for t in tensors}) > 1 and not any(t.is_floating_point() for t in tensors):
+        shown = ", ".join(f"id {item.get('id')!r}: {tuple(t.shape)}" for item, t in zip(items[:4], tensors[:4],
+                                                                                       strict=True))  # fmt: skip
+        raise ValueError(
+            f"The captions of a batch are token ids of different lengths ({shown}, ...); they are stacked without "
+            "padding, so pad them in the dataset to one length (the model's context length), with the pad id of the "
+            "tokenizer that made them."
+        )
+    return torch.stack(tensors)
 
 
 def _collate_rest(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -178,8 +226,13 @@ class ScoredSubsetDataModule(LightningDataModule):
     image, a uint8 image, or a float ``[3, H, W]`` tensor in [0, 1]: the data module applies the model's own
     open_clip preprocessing (:mod:`lightning_chips.data.preprocess`); a float tensor outside [0, 1] is taken as
     already normalised and passes through unchanged, with a warning. String captions are tokenized per batch with
-    the model's tokenizer (``get_tokenizer()``, e.g. :class:`~lightning_chips.models.OpenCLIPModule`) or the
-    ``tokenizer`` given; a model without ``get_tokenizer()`` needs ``tokenizer``.
+    the ``tokenizer`` given or the model's own (``get_tokenizer()``, e.g. :class:`~lightning_chips.models.
+    OpenCLIPModule`, or a ``transformers`` tokenizer / processor the module holds), with the model's context length
+    (:func:`~lightning_chips.data.preprocess.resolve_tokenizer`: a tokenizer or ``context_length`` that disagrees
+    with it is an error at setup). Captions that are already token ids need no tokenizer; they are stacked without
+    padding, so one batch's items must have the same length, at most the model's context length
+    (:class:`PairCollate`). A model without a tokenizer and a set whose captions are strings is an error at setup
+    naming what to pass.
     A directory of images and captions is :class:`~lightning_chips.data.ImageCaptionFolder` (``lazy=True``).
 
     **Bad samples.** Every dataset is read through :class:`~lightning_chips.data.checks.CheckedPairs`: an item
@@ -209,9 +262,9 @@ class ScoredSubsetDataModule(LightningDataModule):
         normalize: ``"clip"`` normalises float images in [0, 1] with the model's mean / std (an image with values
             outside [0, 1] is taken as already normalised and passes through, with a warning); ``"none"`` leaves
             float images as they are.
-        tokenizer: an open_clip model name or a callable (default: the model's ``get_tokenizer()``; a model without
-            one needs this).
-        context_length: tokenizer context length (default: the model's).
+        tokenizer: an open_clip model name, a callable, or a ``transformers`` tokenizer (default: the model's own;
+            a model without one whose captions are strings needs this).
+        context_length: tokenizer context length (default: the model's; another one is an error).
 
     Example::
 
@@ -276,11 +329,15 @@ class ScoredSubsetDataModule(LightningDataModule):
         trainer = self.trainer
         module = trainer.lightning_module if trainer is not None else None
         if self.collate is None:
-            tokenizer = resolve_tokenizer(self.tokenizer_name, self.context_length, module)
+            tokenizer = resolve_tokenizer(self.tokenizer_name, self.context_length, module, required=False)
+            if isinstance(tokenizer, MissingTokenizer):
+                self._check_no_strings(tokenizer)
+            length = model_context_length(module) or self.context_length
             normalize = self.normalize == "clip"
-            self.collate = PairCollate(tokenizer, model_image_input(module, self.transform, normalize=normalize))
+            self.collate = PairCollate(tokenizer, model_image_input(module, self.transform, normalize=normalize),
+                                       length)  # fmt: skip
             self.train_collate = PairCollate(
-                tokenizer, model_image_input(module, self.transform, train=True, normalize=normalize)
+                tokenizer, model_image_input(module, self.transform, train=True, normalize=normalize), length
             )
         accumulate = getattr(trainer, "accumulate_grad_batches", 1) if trainer is not None else 1
         if self.sampler is None:
@@ -293,6 +350,20 @@ class ScoredSubsetDataModule(LightningDataModule):
             )
         if trainer is not None:
             self.sampler.set_distributed(trainer.global_rank, trainer.world_size)
+
+    def _check_no_strings(self, tokenizer: MissingTokenizer) -> None:
+        """Without a tokenizer, the first item of each dataset must carry token ids, not a caption string: said at
+        setup, before any training step, rather than at the first batch (an item that fails to load is not
+        judged here)."""
+        for name, dataset in (("pool", self.pool), ("target", self.target), ("val", self.val), ("test", self.test)):
+            if dataset is None or len(dataset) == 0:
+                continue
+            try:
+                item = dataset[0]
+            except Exception:  # a bad sample: the checks of the passes name it
+                continue
+            if isinstance(item, dict) and isinstance(item.get("text"), str):
+                raise ValueError(f"The {name} set's captions are strings. {tokenizer.message}")
 
     def checked(self, dataset: Dataset) -> CheckedPairs:
         """The :class:`~lightning_chips.data.checks.CheckedPairs` view of ``dataset`` (one per dataset)."""

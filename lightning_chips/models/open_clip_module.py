@@ -10,17 +10,17 @@ import pickle
 import re
 from collections.abc import Callable, Iterator
 from copy import deepcopy
-from typing import Any
+from typing import Any, Literal
 
 import open_clip
 import torch
 from lightning.fabric.utilities.data import AttributeDict
 from lightning.pytorch import LightningModule
-from open_clip.loss import ClipLoss
+from open_clip.loss import ClipLoss, SigLipLoss
 from torch import Tensor, nn
 from typing_extensions import override
 
-__all__ = ["CHECKPOINT_SAFE_TYPES", "OpenCLIPModule", "cosine_with_warmup"]
+__all__ = ["CHECKPOINT_SAFE_TYPES", "OpenCLIPModule", "check_loss_process_group", "cosine_with_warmup"]
 
 CHECKPOINT_SAFE_TYPES: tuple[type, ...] = (AttributeDict,)
 """The types a local checkpoint may hold besides what ``torch.load(weights_only=True)`` always allows (tensors,
@@ -54,7 +54,7 @@ def cosine_with_warmup(step: int, *, warmup_steps: int, total_steps: float, min_
 
 
 class OpenCLIPModule(LightningModule):
-    """Continual pre-training (CPT) of an open_clip CLIP with the symmetric InfoNCE loss.
+    """Continual pre-training (CPT) of an open_clip CLIP with the symmetric InfoNCE loss, or SigLIP's sigmoid loss.
 
     The model is an open_clip ``CLIP`` or ``CustomTextCLIP``, built from a registered open_clip name
     (``model_name="ViT-B-16"``) or from an inline config dict in open_clip's JSON format (``model_config``).
@@ -72,13 +72,28 @@ class OpenCLIPModule(LightningModule):
         \\mathcal{L} = \\tfrac{1}{2}\\big[\\mathrm{CE}(s X Y^\\top, I) + \\mathrm{CE}(s Y X^\\top, I)\\big],
         \\qquad s = e^{\\texttt{logit\\_scale}},
 
-    with features gathered across ranks under DDP (every rank sees the global batch as negatives). The optimiser
+    with features gathered across ranks under DDP (every rank sees the global batch as negatives). A model with a
+    logit bias (an open_clip config with ``init_logit_bias``, as SigLIP / SigLIP2 have) trains with open_clip's
+    ``SigLipLoss`` instead, the sigmoid loss over every image-text pair of the global batch
+
+    .. math::
+
+        \\mathcal{L} = -\\tfrac{1}{B} \\textstyle\\sum_{i, j} \\log \\sigma\\big(z_{ij} (s\\, x_i^\\top y_j + b)\\big),
+        \\qquad z_{ij} = 1 \\text{ if } i = j \\text{ else } -1,
+
+    where under DDP each rank sums over its own ``B`` images and the texts of every rank, which ``SigLipLoss``
+    passes from rank to rank (``loss_dist_impl``) over the default ``torch.distributed`` process group that
+    Lightning's strategy initialises (checked in :meth:`setup`). The mean of the ranks' losses is the loss of the
+    global batch, and DDP's gradient averaging then gives the single-process gradient of the global batch (tested:
+    2 processes x 8 pairs against one process with 16). The optimiser
     is AdamW without weight decay on gains, biases and the logit scale (as open_clip's training script), with a
     per-step linear warmup and cosine schedule over ``trainer.estimated_stepping_batches``. After each step the
     logit scale is clamped to ``[0, log(max_logit_scale)]``.
 
     Batches are dicts ``{"image": Tensor[B, 3, H, W], "text": LongTensor[B, L], "id": LongTensor[B]}``.
-    Logged: ``train/loss``, ``train/lr``, ``train/logit_scale`` (the scale ``s = 1/tau``), ``val/loss``.
+    Logged: ``train/loss``, ``train/lr``, ``train/logit_scale`` (the scale ``s = 1/tau``), ``val/loss``; for a
+    sigmoid-loss model also ``train/logit_bias`` (``b``), and ``train/loss`` is then averaged over the ranks (each
+    rank's own loss covers only its images).
 
     :func:`lightning_chips.adapters.resolve_adapter` finds the CLIP under ``self.model``, so data-selection
     callbacks work with this module out of the box.
@@ -102,6 +117,9 @@ class OpenCLIPModule(LightningModule):
         lock_image: freeze the image tower except its projection (LiT-style).
         lock_text: freeze the text tower except its projection.
         max_logit_scale: clamp of ``exp(logit_scale)`` after each step (open_clip: 100).
+        loss_dist_impl: (sigmoid-loss models) how ``SigLipLoss`` passes the text features between ranks, open_clip's
+            ``dist_impl``: ``"bidir"`` (default: neighbour exchange in both directions), ``"shift"``, ``"reduce"``
+            or ``"gather"``; all give the same loss and gradient.
         cache_dir: open_clip download cache for pretrained tags.
         trust_checkpoint: unpickle every object of a local ``pretrained`` checkpoint (``weights_only=False``), for
             a file from a source you trust that holds more than weights (e.g. a custom object in its hyper-parameters).
@@ -142,6 +160,7 @@ class OpenCLIPModule(LightningModule):
         lock_image: bool = False,
         lock_text: bool = False,
         max_logit_scale: float = 100.0,
+        loss_dist_impl: Literal["bidir", "shift", "reduce", "gather"] = "bidir",
         cache_dir: str | None = None,
         trust_checkpoint: bool = False,
     ) -> None:
@@ -167,6 +186,8 @@ class OpenCLIPModule(LightningModule):
             raise ValueError(f"`min_lr_ratio` must be in [0, 1], got {min_lr_ratio}.")
         if max_logit_scale <= 1.0:
             raise ValueError(f"`max_logit_scale` must be > 1 (it bounds exp(logit_scale)), got {max_logit_scale}.")
+        if loss_dist_impl not in ("bidir", "shift", "reduce", "gather"):
+            raise ValueError(f"`loss_dist_impl` must be bidir, shift, reduce or gather, got {loss_dist_impl!r}.")
         self.save_hyperparameters(ignore=["trust_checkpoint"])  # a decision about a file here, not the model's config
 
         self.model: nn.Module = _build_model(model_name, model_config, pretrained, cache_dir, trust_checkpoint)
@@ -174,10 +195,19 @@ class OpenCLIPModule(LightningModule):
             _freeze_tower_except_projection(self.model, "image")
         if lock_text:
             _freeze_tower_except_projection(self.model, "text")
-        self.loss = ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=True)
+        self.loss: nn.Module
+        if self.sigmoid_loss:
+            self.loss = SigLipLoss(dist_impl=loss_dist_impl)
+        else:
+            self.loss = ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=True)
         self._tokenizer: Callable[[list[str]], Tensor] | None = None
 
     # -- model access ----------------------------------------------------------------------------------------------
+    @property
+    def sigmoid_loss(self) -> bool:
+        """Whether the model trains with SigLIP's sigmoid loss: it has a logit bias (``init_logit_bias``)."""
+        return getattr(self.model, "logit_bias", None) is not None
+
     @property
     def context_length(self) -> int:
         """Number of text tokens the model expects."""
@@ -190,18 +220,24 @@ class OpenCLIPModule(LightningModule):
         return int(size[0] if isinstance(size, tuple | list) else size)
 
     def get_tokenizer(self) -> Callable[[list[str]], Tensor]:
-        """The tokenizer that matches the model (open_clip's, with the model's context length)."""
+        """The tokenizer that matches the model (open_clip's, with the model's context length): for a registered
+        name, the one ``open_clip.get_tokenizer`` gives; for an inline config, a Hugging Face tokenizer when its
+        ``text_cfg`` names one (``hf_tokenizer_name``, loaded by ``transformers``: cached or downloaded), else
+        open_clip's BPE tokenizer, with the config's ``tokenizer_kwargs``."""
         if self._tokenizer is None:
             if self.hparams.model_name is not None:
-                self._tokenizer = open_clip.get_tokenizer(self.hparams.model_name, cache_dir=self.hparams.cache_dir)
+                self._tokenizer = open_clip.get_tokenizer(self.hparams.model_name, context_length=self.context_length,
+                                                          cache_dir=self.hparams.cache_dir)  # fmt: skip
             else:
                 text_cfg = self.hparams.model_config.get("text_cfg", {})
-                if "hf_tokenizer_name" in text_cfg:
+                kwargs = dict(text_cfg.get("tokenizer_kwargs", {}))
+                if text_cfg.get("hf_tokenizer_name"):
                     self._tokenizer = open_clip.tokenizer.HFTokenizer(
-                        text_cfg["hf_tokenizer_name"], context_length=self.context_length
-                    )
+                        text_cfg["hf_tokenizer_name"], context_length=self.context_length,
+                        cache_dir=self.hparams.cache_dir, tokenizer_mode=text_cfg.get("tokenizer_mode"), **kwargs,
+                    )  # fmt: skip
                 else:
-                    self._tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=self.context_length)
+                    self._tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=self.context_length, **kwargs)
         return self._tokenizer
 
     @override
@@ -217,6 +253,8 @@ class OpenCLIPModule(LightningModule):
     def setup(self, stage: str) -> None:
         self.loss.rank = self.global_rank
         self.loss.world_size = self.trainer.world_size if self._trainer is not None else 1
+        if self.loss.world_size > 1:
+            check_loss_process_group(self.trainer)
 
     def _shared_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         if not isinstance(batch, dict) or "image" not in batch or "text" not in batch:
@@ -225,14 +263,19 @@ class OpenCLIPModule(LightningModule):
                 f"got {type(batch).__name__}" + (f" with keys {sorted(batch)}" if isinstance(batch, dict) else "")
             )
         image_features, text_features, logit_scale = self(batch["image"], batch["text"])
+        if self.sigmoid_loss:
+            return self.loss(image_features, text_features, logit_scale, self.model.logit_bias), logit_scale
         return self.loss(image_features, text_features, logit_scale), logit_scale
 
     @override
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss, logit_scale = self._shared_step(batch)
         batch_size = batch["image"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        # a rank's sigmoid loss covers its own images only: the mean over the ranks is the global batch's
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=self.sigmoid_loss)
         self.log("train/logit_scale", logit_scale.detach(), batch_size=batch_size)
+        if self.sigmoid_loss:
+            self.log("train/logit_bias", self.model.logit_bias.detach().reshape(()), batch_size=batch_size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=batch_size)
         return loss
 
@@ -261,6 +304,7 @@ class OpenCLIPModule(LightningModule):
             if not param.requires_grad:
                 continue
             excluded = param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+            # ("bias" covers SigLIP's logit_bias)
             (no_decay if excluded else decay).append(param)
         optimizer = torch.optim.AdamW(
             [
@@ -279,6 +323,31 @@ class OpenCLIPModule(LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def check_loss_process_group(trainer: Any) -> None:
+    """open_clip's ``ClipLoss`` and ``SigLipLoss`` exchange features over the default ``torch.distributed`` process
+    group with global ranks; the strategy's group must be that one (Lightning's DDP strategies initialise it), or a
+    rank would gather from or send to the wrong processes. Raises ``RuntimeError`` when it is not."""
+    import torch.distributed as dist
+
+    world, rank = trainer.world_size, trainer.global_rank
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"The contrastive loss exchanges features between the {world} ranks through torch.distributed, but no "
+            "process group is initialised: use a torch.distributed strategy (ddp, ddp_spawn, fsdp, deepspeed)."
+        )
+    if dist.get_world_size() != world or dist.get_rank() != rank:
+        raise RuntimeError(
+            f"The default torch.distributed group has rank {dist.get_rank()} of {dist.get_world_size()}, but the "
+            f"trainer has rank {rank} of {world}; the loss exchanges features over the default group."
+        )
+    group = getattr(trainer.strategy, "_ddp_kwargs", {}).get("process_group")
+    if group is not None and group is not dist.group.WORLD:
+        raise RuntimeError(
+            "The strategy's DistributedDataParallel has its own `process_group`, but the loss exchanges features over "
+            "the default group: leave `process_group` unset."
+        )
 
 
 def _build_model(

@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from open_clip.loss import ClipLoss
+from open_clip.loss import ClipLoss, SigLipLoss
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_chips.adapters import EndPoint
-from lightning_chips.models.open_clip_module import cosine_with_warmup
+from lightning_chips.models.open_clip_module import check_loss_process_group, cosine_with_warmup
 
 __all__ = ["EfficientNetLite0Tower", "MiniLMTokenizer", "MiniLMTower", "TwoTowerCLIP", "load_image_tower",
            "load_text_tower"]  # fmt: skip
@@ -162,8 +162,13 @@ class TwoTowerCLIP(LightningModule):
     """Pretrained towers + linear projection heads ``W_v [d_v, e]``, ``W_t [d_t, e]`` and a learnable temperature.
 
     ``z_v = normalize(h_v W_v)``, ``z_t = normalize(h_t W_t)``, loss = symmetric InfoNCE with logits
-    ``exp(logit_scale) z_v z_t^T`` (open_clip's ``ClipLoss``, gathered across ranks). Only the heads, the logit
-    scale and ``trainable_blocks`` last blocks of each tower train; frozen tower parts stay in eval mode.
+    ``exp(logit_scale) z_v z_t^T`` (open_clip's ``ClipLoss``, gathered across ranks), or with ``loss="sigmoid"``
+    SigLIP's sigmoid loss with logits ``exp(logit_scale) z_v z_t^T + logit_bias`` and a learnable logit bias
+    (open_clip's ``SigLipLoss``, the other ranks' texts exchanged; initialised as SigLIP: bias -10, scale 10), which
+    :meth:`endpoint` returns so the scorers see a sigmoid-loss model. Only the heads, the logit scale (and bias) and
+    ``trainable_blocks`` last blocks of each tower train; frozen tower parts stay in eval mode. Logged:
+    ``train/loss`` (averaged over the ranks for the sigmoid loss), ``train/logit_scale``, ``train/logit_bias``
+    (sigmoid), ``val/loss``.
 
     Args:
         image_tower: ``"efficientnet-lite0"``, or None when the batches carry precomputed image features.
@@ -177,15 +182,20 @@ class TwoTowerCLIP(LightningModule):
         lr: AdamW learning rate (warmup + per-step cosine).
         weight_decay: weight decay of the heads and trainable tower weights.
         warmup_steps: linear warmup steps.
-        init_temperature: initial ``tau``; ``logit_scale = log(1 / tau)``.
+        init_temperature: initial ``tau``; ``logit_scale = log(1 / tau)`` (default 0.07, as CLIP; 0.1 with
+            ``loss="sigmoid"``, as SigLIP).
         max_logit_scale: ``exp(logit_scale)`` is clamped to this after each step.
         seed: seed of the head initialisation (so runs from the same "pretrained" state are comparable).
+        loss: ``"infonce"`` (CLIP's softmax loss) or ``"sigmoid"`` (SigLIP's, with a learnable logit bias).
+        init_logit_bias: initial logit bias of the sigmoid loss (SigLIP: -10).
 
     Example::
 
         >>> model = TwoTowerCLIP(image_tower=None, text_tower=None, image_dim=1280, text_dim=384)
         >>> model.endpoint().image_proj.shape
         torch.Size([1280, 128])
+        >>> TwoTowerCLIP(image_tower=None, text_tower=None, image_dim=8, text_dim=8, loss="sigmoid").endpoint().loss
+        'sigmoid'
     """
 
     def __init__(
@@ -202,15 +212,21 @@ class TwoTowerCLIP(LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
-        init_temperature: float = 0.07,
+        init_temperature: float | None = None,
         max_logit_scale: float = 100.0,
         seed: int = 0,
+        loss: Literal["infonce", "sigmoid"] = "infonce",
+        init_logit_bias: float = -10.0,
     ) -> None:
         super().__init__()
         if embed_dim < 1:
             raise ValueError(f"`embed_dim` must be >= 1, got {embed_dim}.")
         if trainable_blocks < 0:
             raise ValueError(f"`trainable_blocks` must be >= 0, got {trainable_blocks}.")
+        if loss not in ("infonce", "sigmoid"):
+            raise ValueError(f"`loss` must be 'infonce' or 'sigmoid', got {loss!r}.")
+        if init_temperature is None:
+            init_temperature = 0.1 if loss == "sigmoid" else 0.07
         if not 0.0 < init_temperature < 1.0:
             raise ValueError(f"`init_temperature` must be in (0, 1), got {init_temperature}.")
         if lr <= 0:
@@ -226,7 +242,8 @@ class TwoTowerCLIP(LightningModule):
         self.image_proj = nn.Parameter(torch.randn(d_v, embed_dim, generator=generator) * d_v**-0.5)
         self.text_proj = nn.Parameter(torch.randn(d_t, embed_dim, generator=generator) * d_t**-0.5)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
-        self.loss = ClipLoss(gather_with_grad=True)
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias))) if loss == "sigmoid" else None
+        self.loss = SigLipLoss() if loss == "sigmoid" else ClipLoss(gather_with_grad=True)
         self.image_size = image_size
         self.context_length = context_length
         self._tokenizer: Callable[[list[str]], Tensor] | None = None
@@ -241,8 +258,8 @@ class TwoTowerCLIP(LightningModule):
         return tokens.float() if self.text_tower is None else self.text_tower(tokens)
 
     def endpoint(self) -> EndPoint:
-        """The live heads and logit scale."""
-        return EndPoint(self.image_proj, self.text_proj, self.logit_scale)
+        """The live heads and logit scale (and the logit bias of the sigmoid loss)."""
+        return EndPoint(self.image_proj, self.text_proj, self.logit_scale, logit_bias=self.logit_bias)
 
     def get_tokenizer(self) -> Callable[[list[str]], Tensor]:
         """The text tower's tokenizer (``context_length`` tokens); with ``text_tower=None``, one that refuses."""
@@ -273,15 +290,24 @@ class TwoTowerCLIP(LightningModule):
     def setup(self, stage: str) -> None:
         self.loss.rank = self.global_rank
         self.loss.world_size = self.trainer.world_size if self._trainer is not None else 1
+        if self.loss.world_size > 1:
+            check_loss_process_group(self.trainer)
 
     def _loss(self, batch: dict[str, Tensor]) -> Tensor:
         z_v, z_t, scale = self(batch["image"], batch["text"])
+        if self.logit_bias is not None:
+            return self.loss(z_v, z_t, scale, self.logit_bias)
         return self.loss(z_v, z_t, scale)
 
     @override
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self._loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        batch_size, sigmoid = batch["image"].shape[0], self.logit_bias is not None
+        # a rank's sigmoid loss covers its own images only: the mean over the ranks is the global batch's
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=sigmoid)
+        self.log("train/logit_scale", self.logit_scale.detach().exp(), batch_size=batch_size)
+        if sigmoid:
+            self.log("train/logit_bias", self.logit_bias.detach(), batch_size=batch_size)
         return loss
 
     @override
