@@ -13,6 +13,11 @@ and a sketch ``lambda_P = rho trace(P M_0 P^T) / k`` (``rho = 1e-3`` is today's 
     python benchmarks/sketch_fidelity.py                # < 15 min on 2 cores once the feature cache exists
     python benchmarks/sketch_fidelity.py --render docs/benchmarks/sketch_fidelity.json   # re-render the md only
 
+SigLIP rows: the same heads as a model trained with SigLIP's sigmoid loss (docs/methods.md, SigLIP's sigmoid loss):
+``logit_scale`` and a ``logit_bias`` fitted by minimising the mean per-sample sigmoid bank loss of 2,048 pool pairs
+(the heads fixed; the loss is convex in ``(s, logit_bias)``), then the same exact and sketched solves (the default
+Khatri-Rao Gaussian layout) with that loss's gradients and curvature.
+
 Writes docs/benchmarks/sketch_fidelity.md and sketch_fidelity.json. The features come from the selection benchmark's
 cache (benchmarks/.cache; computed once if missing, which needs `bash benchmarks/setup_data.sh`).
 """
@@ -38,6 +43,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import selection_quality as sq  # noqa: E402
 
+from lightning_chips.endpoint import EndPoint  # noqa: E402
 from lightning_chips.functional.chips import chips_scores, curvature_atoms  # noqa: E402
 from lightning_chips.functional.endpoint import make_bank, round_inputs, subsample  # noqa: E402
 from lightning_chips.functional.linalg import solve_direction  # noqa: E402
@@ -56,6 +62,8 @@ RHOS = (1e-3, 1e-2, 1e-1, 1.0)
 CURVATURE_SAMPLES, BANK_SIZE, NEGATIVES, ALPHA, SEED = 1024, 1024, 4, 0.7, 0
 TOP_FRACTION = 0.2
 DTYPE = torch.float64
+SIGLIP_FAMILY = ("siglip: khatri_rao gaussian (default)", "khatri_rao", "gaussian")
+SIGLIP_FIT_PAIRS = 2048
 
 
 def _top_overlap(a: torch.Tensor, b: torch.Tensor, fraction: float) -> float:
@@ -74,7 +82,7 @@ def _norm_error(atoms, layout: str, kind: str, k: int, seed: int, count: int = 1
     sub = atoms.index(idx)
     d_v, e = sub.h_image.shape[1], sub.d_image.shape[1]
     sk = make_sketch(d_v, sub.h_text.shape[1], e, sketch_dim=k, kind=kind, seed=seed, layout=layout,
-                     exact_when_small=False)  # fmt: skip
+                     exact_when_small=False, logit_bias=sub.bias is not None)  # fmt: skip
     ratio = sk.sketch_grads(sub).square().sum(1) / sub.sq_norms()
     return float((ratio - 1.0).square().mean().sqrt())
 
@@ -92,6 +100,85 @@ def run(cache: Path) -> dict:
     ep, t_img, t_txt, p_img, p_txt, ids = round_inputs(endpoint, target.image, target.text, pool.image, pool.text,
                                                        None, DTYPE)  # fmt: skip
     bank = make_bank(ep, p_img, p_txt, ids, bank_size=BANK_SIZE, seed=SEED)
+    plan = [(label, layout, kind, k, SEEDS) for label, layout, kind in FAMILIES for k in SKETCH_DIMS]
+    plan.append((FAMILIES[1][0], FAMILIES[1][1], FAMILIES[1][2], LARGE_K, SEEDS[:1]))
+    infonce = _solves(ep, bank, t_img, t_txt, p_img, p_txt, ids, plan)
+    # The low-level path is exactly what chips_scores computes (same seed, default damping rule).
+    ref = chips_scores(pool.image, pool.text, target.image, target.text, endpoint, components=("alignment",),
+                       curvature_samples=CURVATURE_SAMPLES, sketch_dim=512, seed=SEED).alignment  # fmt: skip
+    torch.testing.assert_close(ref, infonce.pop("check"), rtol=1e-9, atol=1e-12)
+
+    # SigLIP: the same heads, trained-like scale and bias for the sigmoid loss, the same bank pairs.
+    t0 = time.perf_counter()
+    siglip, fit = _fit_siglip(ep, bank, p_img, p_txt, ids)
+    print(f"siglip: logit_scale {fit['logit_scale']:.4f} (s = {fit['scale']:.2f}), logit_bias "
+          f"{fit['logit_bias']:.4f} ({time.perf_counter() - t0:.1f}s)", flush=True)  # fmt: skip
+    sig_plan = [(*SIGLIP_FAMILY, k, SEEDS) for k in SKETCH_DIMS]
+    sig = _solves(siglip, bank, t_img, t_txt, p_img, p_txt, ids, sig_plan)
+    ref = chips_scores(pool.image, pool.text, target.image, target.text, siglip, components=("alignment",),
+                       curvature_samples=CURVATURE_SAMPLES, sketch_dim=512, seed=SEED).alignment  # fmt: skip
+    torch.testing.assert_close(ref, sig.pop("check"), rtol=1e-9, atol=1e-12)
+    sig.update(fit=fit)
+    return {
+        "config": {
+            "sketch_dims": SKETCH_DIMS,
+            "large_k": LARGE_K,
+            "seeds": SEEDS,
+            "rhos": RHOS,
+            "curvature_samples": CURVATURE_SAMPLES,
+            "bank_size": BANK_SIZE,
+            "negatives_per_sample": NEGATIVES,
+            "alpha": ALPHA,
+            "seed": SEED,
+            "top_fraction": TOP_FRACTION,
+            "pool": len(pool),
+            "target": len(target),
+            "siglip_fit_pairs": SIGLIP_FIT_PAIRS,
+        },  # fmt: skip
+        **infonce,
+        "siglip": sig,
+        "seconds": time.perf_counter() - t_start,
+    }
+
+
+def _fit_siglip(ep: EndPoint, bank, p_img: torch.Tensor, p_txt: torch.Tensor, ids: torch.Tensor):
+    """The end point with ``logit_scale`` and a ``logit_bias`` that minimise the mean per-sample sigmoid bank loss of
+    ``SIGLIP_FIT_PAIRS`` pool pairs (heads fixed): a convex problem in ``(s, logit_bias)``, solved by L-BFGS."""
+    idx = subsample(len(p_img), SIGLIP_FIT_PAIRS, SEED + 4)
+    x, y = ep.embed_image(p_img[idx]), ep.embed_text(p_txt[idx])
+    keep = ~bank.exclusion(ids[idx])
+    pos, i2t, t2i = (x * y).sum(1), x @ bank.text.T, y @ bank.image.T
+    params = torch.tensor([float(ep.logit_scale), -float(ep.logit_scale.exp())], dtype=DTYPE, requires_grad=True)
+
+    def loss() -> torch.Tensor:
+        s, c = params[0].exp(), params[1]
+        neg = torch.nn.functional.softplus(s * i2t + c) + torch.nn.functional.softplus(s * t2i + c)
+        return (torch.nn.functional.softplus(-(s * pos + c)) + 0.5 * (neg * keep).sum(1)).mean()
+
+    optimizer = torch.optim.LBFGS([params], lr=1.0, max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-14,
+                                  line_search_fn="strong_wolfe")  # fmt: skip
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        value = loss()
+        value.backward()
+        return value
+
+    with torch.enable_grad():
+        before = float(loss().detach())
+        optimizer.step(closure)
+        after = float(loss().detach())
+        gradient = float(params.grad.abs().max())
+    scale, bias = params.detach()
+    siglip = EndPoint(ep.image_proj, ep.text_proj, scale.clone(), ep.image_bias, ep.text_bias, bias.clone())
+    fit = {"logit_scale": float(scale), "scale": float(scale.exp()), "logit_bias": float(bias), "pairs": len(idx),
+           "loss_at_start": before, "loss": after, "max_abs_gradient": gradient}  # fmt: skip
+    return siglip, fit
+
+
+def _solves(ep: EndPoint, bank, t_img, t_txt, p_img, p_txt, ids, plan) -> dict:
+    """The exact (kernel) alignment at every rho, the plain dot, and every sketched run of ``plan`` for the loss of
+    ``ep``; ``"check"`` holds the default family's scores at k = 512, seed 0, rho = 1e-3."""
     u = bank.mean_gradient(t_img, t_txt, ep)
     curv = subsample(len(p_img), CURVATURE_SAMPLES, SEED + 1)
     atoms, weights = curvature_atoms(
@@ -101,7 +188,7 @@ def run(cache: Path) -> dict:
     pool_grads = bank.grads(p_img, p_txt, ep, ids)
     dim_theta = atoms.dim
     trace_m0 = float(weights @ atoms.sq_norms())
-    print(f"dim(theta) = {dim_theta:,}, {len(atoms):,} curvature atoms", flush=True)
+    print(f"{ep.loss}: dim(theta) = {dim_theta:,}, {len(atoms):,} curvature atoms", flush=True)
 
     dot = pool_grads.dot(u)  # M = I: what every solve tends to (up to scale) as rho grows
     exact, kernel_seconds, dot_spearman = {}, {}, {}
@@ -113,9 +200,7 @@ def run(cache: Path) -> dict:
         dot_spearman[rho] = _spearman(dot, exact[rho])
         print(f"kernel rho={rho:g}: lambda={lam:.3g} ({kernel_seconds[rho]:.1f}s)", flush=True)
 
-    runs = []
-    plan = [(label, layout, kind, k, SEEDS) for label, layout, kind in FAMILIES for k in SKETCH_DIMS]
-    plan.append((FAMILIES[1][0], FAMILIES[1][1], FAMILIES[1][2], LARGE_K, SEEDS[:1]))
+    runs, check = [], None
     for label, layout, kind, k, seeds in plan:
         for s in seeds:
             sketch_seed = SEED + 3 + s  # chips_prepare's sketch seed is seed + 3
@@ -149,32 +234,14 @@ def run(cache: Path) -> dict:
                           f"({seconds:.1f}s)", flush=True)  # fmt: skip
                 if (layout, kind, k, s, rho) == ("khatri_rao", "gaussian", 512, 0, RHOS[0]):
                     check = scores
-    # The low-level path is exactly what chips_scores computes (same seed, default damping rule).
-    ref = chips_scores(pool.image, pool.text, target.image, target.text, endpoint, components=("alignment",),
-                       curvature_samples=CURVATURE_SAMPLES, sketch_dim=512, seed=SEED).alignment  # fmt: skip
-    torch.testing.assert_close(ref, check, rtol=1e-9, atol=1e-12)
     return {
-        "config": {
-            "sketch_dims": SKETCH_DIMS,
-            "large_k": LARGE_K,
-            "seeds": SEEDS,
-            "rhos": RHOS,
-            "curvature_samples": CURVATURE_SAMPLES,
-            "bank_size": BANK_SIZE,
-            "negatives_per_sample": NEGATIVES,
-            "alpha": ALPHA,
-            "seed": SEED,
-            "top_fraction": TOP_FRACTION,
-            "pool": len(pool),
-            "target": len(target),
-        },  # fmt: skip
         "dim_theta": dim_theta,
         "num_atoms": len(atoms),
         "kernel_seconds": {str(r): t for r, t in kernel_seconds.items()},
         "dot_spearman": {str(r): v for r, v in dot_spearman.items()},
         "dot_top_overlap": _top_overlap(dot, exact[RHOS[0]], TOP_FRACTION),
         "runs": runs,
-        "seconds": time.perf_counter() - t_start,
+        "check": check,
     }
 
 
@@ -187,7 +254,7 @@ def _summary(values: list[float]) -> str:
 
 
 def render(result: dict) -> str:
-    runs, rhos = result["runs"], result["config"]["rhos"]
+    rhos = result["config"]["rhos"]
     header = (
         "| family | k | realised dim | "
         + " | ".join(f"Spearman rho={r:g}" for r in rhos)
@@ -195,7 +262,15 @@ def render(result: dict) -> str:
         f"rho={rhos[0]:g} | norm RMS error | s / solve |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    seen = []
+    lines += _rows(result, rhos, "")
+    if "siglip" in result:
+        lines += _rows(result["siglip"], rhos, "siglip: ")
+    return "\n".join(lines)
+
+
+def _rows(result: dict, rhos: list[float], prefix: str) -> list[str]:
+    """The table rows of one loss: its sketched families, its exact reference and its plain dot."""
+    runs, lines, seen = result["runs"], [], []
     for r in runs:
         key = (r["family"], r["k"])
         if key not in seen:
@@ -214,13 +289,14 @@ def render(result: dict) -> str:
     kernel = ", ".join(f"{float(t):.1f}" for t in result["kernel_seconds"].values())
     ones, dot0 = " | ".join("1" for _ in rhos), result["dot_spearman"][str(rhos[0])]
     lines.append(
-        f"| exact (kernel, reference) | - | {result['dim_theta']:,} | {ones} | 1 | {dot0:.4f} | 0 | {kernel} |"
+        f"| {prefix}exact (kernel, reference) | - | {result['dim_theta']:,} | {ones} | 1 | {dot0:.4f} | 0 | {kernel} |"
     )
     dots = " | ".join(f"{result['dot_spearman'][str(r)]:.4f}" for r in rhos)
     lines.append(
-        f"| gradient dot `g^T u` (M = I, no solve) | - | - | {dots} | {result['dot_top_overlap']:.4f} | 1 | - | - |"
+        f"| {prefix}gradient dot `g^T u` (M = I, no solve) | - | - | {dots} | {result['dot_top_overlap']:.4f} | 1 | - "
+        "| - |"
     )
-    return "\n".join(lines)
+    return lines
 
 
 def _write(path: Path, text: str) -> None:
@@ -277,16 +353,35 @@ curvature atoms), `alpha = {c["alpha"]}`, `bank_size = {c["bank_size"]}`, seed {
   Norm RMS error: RMS over 1,000 curvature atoms of `|P a|^2 / |a|^2 - 1` (the JL error the solve inherits).
   s / solve: seconds of one `solve_direction` call plus scoring the pool (sketching {result["num_atoms"]:,} atoms,
   the k x k matrix, its Cholesky solve, `P^T`), on this machine; for the kernel row, the exact solve per rho.
-* The last row ranks the pool by the plain gradient dot `g^T u` (no curvature), the limit of every solve as rho
-  grows: how much the curvature changes the exact ranking at each rho. The "Spearman vs `g^T u`" column says how
-  close each solve stays to that curvature-free ranking.
+* The `gradient dot` rows rank the pool by the plain gradient dot `g^T u` (no curvature), the limit of every solve
+  as rho grows: how much the curvature changes the exact ranking at each rho. The "Spearman vs `g^T u`" column says
+  how close each solve stays to that curvature-free ranking.
 * k = {c["large_k"]:,} (one seed, the default family) shows whether the fidelity climbs as k approaches the number
   of curvature atoms.
-
+{_siglip_setup(result)}
 {table}
 
 {_summary_lines(result)}
 """
+
+
+def _siglip_setup(result: dict) -> str:
+    """The bullet that says how the SigLIP rows were made (empty for a result without them)."""
+    if "siglip" not in result:
+        return ""
+    fit, sig = result["siglip"]["fit"], result["siglip"]
+    return f"""* Rows `siglip: ...`: SigLIP's sigmoid loss (docs/methods.md) on the same heads and features. The
+  pretrained end point was trained with InfoNCE, so its `logit_scale` and a `logit_bias` were fitted by minimising
+  the mean per-sample sigmoid bank loss of {fit["pairs"]:,} pool pairs against the same bank, heads fixed (convex in
+  `(s, logit_bias)`; L-BFGS: s = {fit["scale"]:.2f}, logit_bias = {fit["logit_bias"]:.3f}, mean loss
+  {fit["loss_at_start"]:.3f} -> {fit["loss"]:.3f}). Then the same protocol with the sigmoid loss's gradients, target
+  gradient and curvature (R = {sig["num_atoms"]:,} atoms, dim(theta) = {sig["dim_theta"]:,} with the logit bias), for
+  the default layout at k = {", ".join(str(k) for k in _siglip_dims(result))}.
+"""
+
+
+def _siglip_dims(result: dict) -> list[int]:
+    return sorted({r["k"] for r in result["siglip"]["runs"]})
 
 
 def _mean(runs: list[dict], layout: str, kind: str, k: int, rho: float, key: str = "spearman") -> float:
@@ -317,6 +412,17 @@ def _summary_lines(result: dict) -> str:
         f"agreement rises with k (Khatri-Rao Gaussian at k = {c['large_k']:,}, close to the {result['num_atoms']:,} "
         f"curvature atoms: {large:.3f}) and with rho ({large_top:.3f} at rho = {c['rhos'][-1]:g})."
     )
+    if "siglip" in result:
+        sig = result["siglip"]
+        parts = []
+        for k in _siglip_dims(result):
+            kr, sk = _mean(runs, "khatri_rao", "gaussian", k, rho), _mean(sig["runs"], "khatri_rao", "gaussian", k, rho)
+            parts.append(f"{sk:.3f} at k = {k} (InfoNCE {kr:.3f}, {sk - kr:+.3f})")
+        lines.append(
+            "* SigLIP's sigmoid loss (same heads, fitted scale and bias): the default sketch's Spearman with the "
+            f"exact alignment is {'; '.join(parts)}; its plain dot {sig['dot_spearman'][str(rho)]:.3f} "
+            f"(InfoNCE {dot:.3f})."
+        )
     return "\n".join(lines)
 
 

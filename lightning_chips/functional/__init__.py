@@ -30,7 +30,7 @@ from lightning_chips.functional.influence_full import (
 )
 from lightning_chips.functional.linalg import damped_cholesky_solve, solve_direction
 from lightning_chips.functional.plausibility import adapt_endpoint, bank_rank, plausibility_weight
-from lightning_chips.functional.quality import clip_score, negclip_loss, normsim
+from lightning_chips.functional.quality import clip_score, negclip_loss, negsiglip_loss, normsim
 from lightning_chips.functional.sketch import (
     EndPointSketch,
     IdentitySketch,
@@ -60,6 +60,7 @@ __all__ = [
     "tracin_scores",
     "trak_scores",
     "negclip_loss",
+    "negsiglip_loss",
     "normsim",
     "chips_score_batch",
     "chips_scores",

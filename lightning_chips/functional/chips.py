@@ -1,5 +1,8 @@
 """CHIPS utility (Zhuang et al., CVPR 2026; docs/methods.md, CHIPS) as pure tensor math.
 
+One module because it is one computation: the settings, the round's preparation (bank, target gradient, curvature
+atoms of either loss, solve, plausibility reference) and the per-batch scores that read it.
+
 .. math::
 
     U(z) = A(z)\\, w_L(z)\\, w_R(z), \\qquad A(z) = g(z)^\\top M^{-1} u, \\qquad
@@ -19,13 +22,22 @@
   a gradient (``J_j`` for the image head is ``h_v (x) s (I - x x^T) c_j / ||e_v||``; only ``c_0`` touches the text
   head), so atoms are :class:`~lightning_chips.functional.endpoint.EndPointGrads` like the gradients. ``M`` is a
   positive combination of PSD terms plus ``lambda I``: positive definite.
+* SigLIP's sigmoid loss (an end point with a logit bias; docs/methods.md, SigLIP's sigmoid loss): every logit is a
+  Bernoulli term of its own with output Hessian ``v(z) = sigma(z)(1 - sigma(z))`` and no softmax coupling, so the
+  GGN of ``l_i`` is ``v(z_0) J_0 J_0^T + 1/2 sum_j v(a_j) J_{a_j} J_{a_j}^T + 1/2 sum_j v(b_j) J_{b_j} J_{b_j}^T``.
+  ``Phi_pos`` is its positive-logit term, exact (one atom ``J_0`` per sample, weight ``(1 - alpha) v(z_0) / R``);
+  ``Phi_neg`` its bank-logit terms, importance-sampled: ``K`` draws per sample and direction with ``j ~ v_j / V``,
+  ``V = sum_j v_j``, each an atom ``J_j`` (only the drawing head's block, the scale ``z - beta_l`` and the logit
+  bias 1) of weight ``alpha V / (2 K R)``, unbiased for the sum over the bank. Same atom count and form, so both
+  solvers run unchanged; at ``alpha = 1/2``, ``M = GGN / 2 + lambda I``.
 * ``lambda``: given as ``damping``, or ``rho * trace(M_0) / k`` with ``rho = relative_damping`` (default
   ``1e-3``), ``M_0 = M - lambda I`` and ``k`` the dimension the solve runs in. It is a theta-space quantity:
   ``rho`` times the mean eigenvalue of the curvature. In the sketch, ``P P^T ~ (dim(theta) / k) I``, so
   ``P (M_0 + lambda_theta I) P^T ~ P M_0 P^T + lambda_theta (dim(theta) / k) I``, and ``rho trace(P M_0 P^T) / k``
   is the same relative damping as ``rho trace(M_0) / dim(theta)`` for the exact solve: one ``rho`` means the same
   regularisation for every solver. ``rho -> infinity`` turns the Newton alignment into the plain dot ``g . u``.
-* ``w_L = (1 - p_corr)(1 + sigmoid(-m))`` (:meth:`BankStats.learnability`).
+* ``w_L = (1 - p_corr)(1 + sigmoid(-m))`` (:meth:`BankStats.learnability`; ``p_corr = sigma(z_ii)`` for the sigmoid
+  loss).
 * ``w_R = sigmoid((1 - beta) cos(x, mu_x) + beta cos(y, mu_y))`` with ``mu`` the mean target embeddings.
 * ``w_P`` **[ours, beyond the paper; off by default]**: the plausibility weight
   ``max(pi_theta(z), pi_ref(z))^gamma`` (:mod:`.plausibility`), the bank rank of the pair's true partner under the
@@ -68,6 +80,7 @@ from lightning_chips.functional.endpoint import (
     make_bank,
     round_inputs,
     subsample,
+    through_normalisation,
 )
 from lightning_chips.functional.linalg import Solver, solve_direction
 from lightning_chips.functional.plausibility import adapt_endpoint, bank_rank, plausibility_weight
@@ -177,9 +190,18 @@ def curvature_atoms(
 ) -> tuple[EndPointGrads, Tensor]:
     """Atoms ``a_r`` and weights ``w_r`` with ``(1 - alpha) Phi_pos + alpha Phi_neg = sum_r w_r a_r a_r^T``.
 
-    Positive atoms are the gradients (weight ``(1 - alpha) / R``); negative atoms are ``K`` softmax-sampled
-    GGN atoms per sample and direction (weight ``alpha / (2 K R)``); see the module docstring.
+    InfoNCE: positive atoms are the gradients (weight ``(1 - alpha) / R``); negative atoms are ``K`` softmax-sampled
+    GGN atoms per sample and direction (weight ``alpha / (2 K R)``). Sigmoid loss (``stats`` of an end point with a
+    logit bias): positive atoms are the positive logit's Jacobians (weight ``(1 - alpha) v_0 / R``), negative atoms
+    ``K`` bank logits' Jacobians per sample and direction drawn with probability proportional to their
+    ``v = sigma (1 - sigma)`` (weight ``alpha V / (2 K R)``, ``V`` the sum of ``v`` over the bank). See the module
+    docstring.
     """
+    if stats.logit_bias is not None:
+        return _sigmoid_atoms(
+            h_image, h_text, stats, bank_image, bank_text, endpoint, alpha=alpha,
+            negatives_per_sample=negatives_per_sample, generator=generator,
+        )  # fmt: skip
     grads = grads_from_stats(h_image, h_text, stats, bank_image, bank_text, endpoint)
     n = len(grads)
     weights = [torch.full((n,), (1.0 - alpha) / n, dtype=h_image.dtype, device=h_image.device)]
@@ -217,6 +239,60 @@ def curvature_atoms(
     return EndPointGrads.cat(parts), torch.cat(weights)
 
 
+def _sigmoid_atoms(
+    h_image: Tensor,
+    h_text: Tensor,
+    stats: BankStats,
+    bank_image: Tensor,
+    bank_text: Tensor,
+    endpoint: EndPoint,
+    *,
+    alpha: float,
+    negatives_per_sample: int,
+    generator: torch.Generator,
+) -> tuple[EndPointGrads, Tensor]:
+    """:func:`curvature_atoms` of the sigmoid loss: the GGN ``sum_z v(z) J_z J_z^T`` over its logits, split into the
+    positive logit (``Phi_pos``, exact) and the bank logits (``Phi_neg``, importance-sampled), module docstring.
+
+    A logit ``z = s x . c + beta_l`` has the Jacobian ``J_z = (h_v (x) s (I - x x^T) c / ||e_v||, [text block],
+    s x . c, [d_v], [d_t], 1)``: for the positive (``c = y``) both heads, for an image->text bank logit only the
+    image head (the bank text is a constant), for a text->image one only the text head.
+    """
+    n, e = len(h_image), stats.x.shape[1]
+    dtype, device = h_image.dtype, h_image.device
+    s, beta = stats.s, stats.logit_bias
+    has_v, has_t = endpoint.image_bias is not None, endpoint.text_bias is not None
+    a, b = stats.logits_i2t, stats.logits_t2i
+    # v = sigma(z)(1 - sigma(z)) = sigma(z) sigma(-z), exact for |z| large; 0 for excluded entries (z = -inf).
+    v_a, v_b = stats.p * torch.sigmoid(-a), stats.q * torch.sigmoid(-b)
+    ones = torch.ones(n, dtype=dtype, device=device)
+    positive = EndPointGrads(
+        h_image, through_normalisation(s * stats.y, stats.x, stats.norm_image),
+        h_text, through_normalisation(s * stats.x, stats.y, stats.norm_text),
+        a[:, 0] - beta, has_v, has_t, ones,
+    )  # fmt: skip
+    parts, weights = [positive], [(1.0 - alpha) * v_a[:, 0] / n]
+    if alpha > 0 and negatives_per_sample > 0:
+        k = negatives_per_sample
+        rep = lambda t: t.repeat_interleave(k, dim=0)  # noqa: E731  (rows r*K + j)
+        for v, logits, same, norm, bank, image_side in (
+            (v_a, a, stats.x, stats.norm_image, bank_text, True),
+            (v_b, b, stats.y, stats.norm_text, bank_image, False),
+        ):
+            total = v[:, 1:].sum(1)  # V: the weight of this direction's bank logits
+            probs = v[:, 1:] / total.clamp_min(torch.finfo(dtype).tiny)[:, None]
+            probs = torch.where((total > 0)[:, None], probs, torch.ones_like(probs))  # V = 0: any draw, weight 0
+            idx = torch.multinomial(probs.cpu().float(), k, replacement=True, generator=generator).to(device)
+            d_same = through_normalisation(s * bank[idx].reshape(n * k, e), rep(same), rep(norm))
+            zeros = torch.zeros_like(d_same)
+            scale = logits[:, 1:].gather(1, idx).reshape(-1) - beta
+            d_image, d_text = (d_same, zeros) if image_side else (zeros, d_same)
+            parts.append(EndPointGrads(rep(h_image), d_image, rep(h_text), d_text, scale, has_v, has_t,
+                                       torch.ones(n * k, dtype=dtype, device=device)))  # fmt: skip
+            weights.append(rep(alpha * total / (2 * k * n)))
+    return EndPointGrads.cat(parts), torch.cat(weights)
+
+
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _SKETCHES = ("gaussian", "rademacher")
 _LAYOUTS = ("khatri_rao", "kronecker", "tensorsketch")
@@ -238,7 +314,8 @@ class ChipsArguments:
         relative_damping: ``rho`` of that rule (theta-space: the same regularisation for both solvers).
         bank_size: negatives in the bank (``>= N``: the whole pool sample, each pair excluded from its own).
         curvature_samples: pool pairs for ``Phi_pos`` / ``Phi_neg`` (``>= N``: the whole pool sample).
-        negatives_per_sample: softmax-sampled GGN atoms per sample and direction for ``Phi_neg``.
+        negatives_per_sample: sampled GGN atoms per sample and direction for ``Phi_neg`` (softmax draws for InfoNCE,
+            draws in proportion to ``sigma (1 - sigma)`` for the sigmoid loss).
         components: factors of the utility, a subset of :data:`ALL_COMPONENTS` (default: the paper's three).
         plausibility_power: ``gamma`` of ``w_P = max(pi_theta, pi_ref)^gamma``.
         reference_steps: Adam steps adapting the reference end point to the target set (0: ``pi_ref = pi_theta``).

@@ -1,7 +1,13 @@
-"""Closed-form per-sample gradients of the per-sample InfoNCE *bank loss* in CLIP's end-point subspace.
+"""Closed-form per-sample gradients of the per-sample *bank loss* in CLIP's end-point subspace: InfoNCE, or SigLIP's
+sigmoid loss when the end point has a logit bias (:attr:`EndPoint.loss`).
 
-docs/methods.md, CHIPS (per-sample loss). For a pair ``i`` with embeddings ``x_i = normalize(W_v^T h^v_i + b_v)``,
-``y_i = normalize(W_t^T h^t_i + b_t)`` and a constant negative bank ``(X_B, Y_B)`` of normalised embeddings,
+One module because it is one object: the per-sample bank loss of either loss, the forward quantities it yields, its
+closed-form gradients and the factored algebra (:class:`EndPointGrads`, :class:`EndPointDirection`) every scorer
+runs on them.
+
+docs/methods.md, CHIPS (per-sample loss) and SigLIP's sigmoid loss. InfoNCE: for a pair ``i`` with embeddings
+``x_i = normalize(W_v^T h^v_i + b_v)``, ``y_i = normalize(W_t^T h^t_i + b_t)`` and a constant negative bank
+``(X_B, Y_B)`` of normalised embeddings,
 
 .. math::
 
@@ -23,6 +29,33 @@ Through the normalisation ``d^v = \\partial_{e^v} \\ell = (I - x x^\\top)\\, \\p
 :class:`EndPointGrads` keeps exactly these factors, so no per-sample ``d_v x e`` matrix is ever formed, and
 inner products factor:
 ``g_i . g_j = (h^v_i . h^v_j + [b_v])(d^v_i . d^v_j) + (h^t_i . h^t_j + [b_t])(d^t_i . d^t_j) + s_i s_j``.
+
+Sigmoid (SigLIP; the end point has a logit bias ``beta_l``): logits ``z = s x . y + beta_l``, and
+
+.. math::
+
+    \\ell_i = \\operatorname{sp}(-z_0) + \\tfrac12 \\textstyle\\sum_j \\operatorname{sp}(a_j)
+              + \\tfrac12 \\textstyle\\sum_j \\operatorname{sp}(b_j),
+    \\qquad z_0 = s\\, x_i \\cdot y_i + \\beta_l,\\ a_j = s\\, x_i \\cdot Y_{B,j} + \\beta_l,\\
+    b_j = s\\, X_{B,j} \\cdot y_i + \\beta_l
+
+(``sp`` = softplus): half the pair's row and half its column of SigLIP's loss on the batch ``{i} + bank``, so the
+mean of ``l_i`` over a batch whose bank is the rest of the batch is open_clip's ``SigLipLoss``, as the mean of the
+InfoNCE ``l_i`` is the CLIP loss. With ``sigma`` the logistic function:
+
+.. math::
+
+    \\partial_{x_i} \\ell = s\\big[(\\sigma(z_0) - 1)\\, y_i + \\tfrac12 Y_B^\\top \\sigma(a)\\big], \\quad
+    \\partial_{y_i} \\ell = s\\big[(\\sigma(z_0) - 1)\\, x_i + \\tfrac12 X_B^\\top \\sigma(b)\\big],
+
+    \\partial_{\\texttt{logit\\_scale}} \\ell = (\\sigma(z_0) - 1)(z_0 - \\beta_l)
+        + \\tfrac12 \\textstyle\\sum_j \\sigma(a_j)(a_j - \\beta_l)
+        + \\tfrac12 \\sum_j \\sigma(b_j)(b_j - \\beta_l), \\quad
+    \\partial_{\\beta_l} \\ell = \\sigma(z_0) - 1 + \\tfrac12 \\textstyle\\sum_j \\sigma(a_j)
+        + \\tfrac12 \\sum_j \\sigma(b_j),
+
+the heads again rank one through the normalisation, and the logit bias one more scalar per sample
+(:attr:`EndPointGrads.bias`), last in :meth:`EndPoint.tensors` order.
 """
 
 from __future__ import annotations
@@ -45,6 +78,7 @@ __all__ = [
     "make_bank",
     "round_inputs",
     "subsample",
+    "through_normalisation",
 ]
 
 
@@ -52,8 +86,9 @@ __all__ = [
 class EndPointGrads:
     """Per-sample end-point gradients in factored (rank-one block) form.
 
-    ``g_i = (vec(h^v_i (d^v_i)^T), vec(h^t_i (d^t_i)^T), scale_i, [d^v_i], [d^t_i])``; blocks are flattened
-    row-major, in :meth:`EndPoint.tensors` order: image_proj, text_proj, logit_scale, image_bias, text_bias.
+    ``g_i = (vec(h^v_i (d^v_i)^T), vec(h^t_i (d^t_i)^T), scale_i, [d^v_i], [d^t_i], [bias_i])``; blocks are
+    flattened row-major, in :meth:`EndPoint.tensors` order: image_proj, text_proj, logit_scale, image_bias,
+    text_bias, logit_bias.
 
     Attributes:
         h_image: ``[N, d_v]`` pre-projection image features.
@@ -63,6 +98,7 @@ class EndPointGrads:
         scale: ``[N]`` gradient w.r.t. ``logit_scale``.
         image_bias: whether the end point has an image bias (its gradient is ``d_image``).
         text_bias: whether the end point has a text bias (its gradient is ``d_text``).
+        bias: ``[N]`` gradient w.r.t. SigLIP's ``logit_bias``, or None when the end point has none (InfoNCE).
     """
 
     h_image: Tensor
@@ -72,6 +108,7 @@ class EndPointGrads:
     scale: Tensor
     image_bias: bool = False
     text_bias: bool = False
+    bias: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.scale.shape[0])
@@ -81,7 +118,7 @@ class EndPointGrads:
         """``dim(theta)``."""
         d_v, e = self.h_image.shape[1], self.d_image.shape[1]
         d_t = self.h_text.shape[1]
-        return d_v * e + d_t * e + 1 + e * (int(self.image_bias) + int(self.text_bias))
+        return d_v * e + d_t * e + 1 + e * (int(self.image_bias) + int(self.text_bias)) + int(self.bias is not None)
 
     def flatten(self) -> Tensor:
         """The dense ``[N, dim(theta)]`` gradient matrix (for tests and tiny models only)."""
@@ -95,6 +132,8 @@ class EndPointGrads:
             parts.append(self.d_image)
         if self.text_bias:
             parts.append(self.d_text)
+        if self.bias is not None:
+            parts.append(self.bias[:, None])
         return torch.cat(parts, dim=1)
 
     def _h_aug(self) -> tuple[Tensor, Tensor]:
@@ -111,20 +150,24 @@ class EndPointGrads:
         other = self if other is None else other
         hv, ht = self._h_aug()
         ohv, oht = other._h_aug()
-        return (
+        out = (
             (hv @ ohv.T) * (self.d_image @ other.d_image.T)
             + (ht @ oht.T) * (self.d_text @ other.d_text.T)
             + self.scale[:, None] * other.scale[None, :]
         )
+        if self.bias is not None:
+            out = out + self.bias[:, None] * other.bias[None, :]
+        return out
 
     def sq_norms(self) -> Tensor:
         """``[N]`` squared norms ``||g_i||^2``."""
         hv, ht = self._h_aug()
-        return (
+        out = (
             hv.square().sum(1) * self.d_image.square().sum(1)
             + ht.square().sum(1) * self.d_text.square().sum(1)
             + self.scale.square()
         )
+        return out if self.bias is None else out + self.bias.square()
 
     def dot(self, direction: EndPointDirection) -> Tensor:
         """``[N]`` inner products ``g_i . v`` with a dense direction ``v`` in theta-space.
@@ -138,6 +181,8 @@ class EndPointGrads:
             out = out + self.d_image @ direction.image_bias
         if self.text_bias:
             out = out + self.d_text @ direction.text_bias
+        if self.bias is not None:
+            out = out + self.bias * direction.logit_bias
         return out
 
     def weighted_sum(self, weights: Tensor) -> EndPointDirection:
@@ -148,13 +193,14 @@ class EndPointGrads:
             logit_scale=(weights * self.scale).sum(),
             image_bias=weights @ self.d_image if self.image_bias else None,
             text_bias=weights @ self.d_text if self.text_bias else None,
+            logit_bias=None if self.bias is None else (weights * self.bias).sum(),
         )
 
     def index(self, idx: Tensor) -> EndPointGrads:
         """Rows ``idx`` of every factor."""
         return EndPointGrads(
             self.h_image[idx], self.d_image[idx], self.h_text[idx], self.d_text[idx], self.scale[idx],
-            self.image_bias, self.text_bias,
+            self.image_bias, self.text_bias, None if self.bias is None else self.bias[idx],
         )  # fmt: skip
 
     @staticmethod
@@ -166,23 +212,28 @@ class EndPointGrads:
             torch.cat([p.scale for p in parts]),
             first.image_bias,
             first.text_bias,
+            None if first.bias is None else torch.cat([p.bias for p in parts]),
         )
 
 
 @dataclass
 class EndPointDirection:
-    """A dense vector in theta-space, stored block-wise (``image_proj`` is ``[d_v, e]``, etc.)."""
+    """A dense vector in theta-space, stored block-wise (``image_proj`` is ``[d_v, e]``, etc.; ``logit_bias`` is
+    0-d, present when the end point has SigLIP's logit bias)."""
 
     image_proj: Tensor
     text_proj: Tensor
     logit_scale: Tensor
     image_bias: Tensor | None = None
     text_bias: Tensor | None = None
+    logit_bias: Tensor | None = None
 
     def flatten(self) -> Tensor:
         """The ``[dim(theta)]`` vector in :class:`EndPointGrads` order."""
         parts = [self.image_proj.reshape(-1), self.text_proj.reshape(-1), self.logit_scale.reshape(1)]
         parts += [b for b in (self.image_bias, self.text_bias) if b is not None]
+        if self.logit_bias is not None:
+            parts.append(self.logit_bias.reshape(1))
         return torch.cat(parts)
 
     def dot(self, other: EndPointDirection) -> Tensor:
@@ -211,15 +262,18 @@ def _combine(a: EndPointDirection, b: EndPointDirection, op) -> EndPointDirectio
         f(a.logit_scale, b.logit_scale),
         f(a.image_bias, b.image_bias),
         f(a.text_bias, b.text_bias),
+        f(a.logit_bias, b.logit_bias),
     )
 
 
 @dataclass
 class BankStats:
-    """Everything the bank loss of a batch yields: embeddings, logits, softmaxes, loss and gradient factors.
+    """Everything the bank loss of a batch yields: embeddings, logits, probabilities, loss and gradient factors.
 
-    ``logits_i2t[:, 0]`` / ``logits_t2i[:, 0]`` are the positive logit ``s x_i . y_i``; columns ``1:`` are the
-    bank (excluded entries are ``-inf``). ``p`` / ``q`` are their softmaxes.
+    ``logits_i2t[:, 0]`` / ``logits_t2i[:, 0]`` are the positive logit ``s x_i . y_i`` (``+ beta_l`` with SigLIP's
+    logit bias); columns ``1:`` are the bank (excluded entries are ``-inf``). ``p`` / ``q`` are their softmaxes
+    (InfoNCE) or, for the sigmoid loss (:attr:`logit_bias` set), their element-wise logistic ``sigma(z)``: the
+    model's probability that each pair matches (0 for excluded entries).
     """
 
     x: Tensor
@@ -232,15 +286,31 @@ class BankStats:
     p: Tensor
     q: Tensor
     loss: Tensor
+    logit_bias: Tensor | None = None
+    """SigLIP's logit bias ``beta_l`` (the end point's), None for InfoNCE."""
+
+    @property
+    def loss_kind(self) -> str:
+        """``"sigmoid"`` (with :attr:`logit_bias`) or ``"infonce"``, as :attr:`EndPoint.loss`."""
+        return "infonce" if self.logit_bias is None else "sigmoid"
+
+    def p_corr(self) -> Tensor:
+        """``[N]`` the model's probability of the true partner: ``(p_0 + q_0) / 2`` (the softmax probability of
+        the positive in either direction, InfoNCE), or ``sigma(z_ii)`` for the sigmoid loss, whose positive logit
+        is one Bernoulli term of its own (docs/methods.md, SigLIP's sigmoid loss)."""
+        if self.logit_bias is not None:
+            return self.p[:, 0]
+        return 0.5 * (self.p[:, 0] + self.q[:, 0])
 
     def learnability(self) -> Tensor:
         """``w_L = (1 - p_corr)(1 + sigmoid(-m))`` (docs/methods.md, CHIPS: learnability).
 
-        ``p_corr = (p_0 + q_0) / 2``; ``m`` is the positive logit minus the hardest bank logit, averaged over the
-        two directions (logit units, i.e. scaled by ``s``). Range ``[0, 2)`` (2 itself can appear in floating
-        point for extremely violated pairs at a large logit scale).
+        ``p_corr`` is :meth:`p_corr`: ``(p_0 + q_0) / 2``, or ``sigma(z_ii)`` for the sigmoid loss; ``m`` is the
+        positive logit minus the hardest bank logit, averaged over the two directions (logit units, i.e. scaled by
+        ``s``; a logit bias cancels). Range ``[0, 2)`` (2 itself can appear in floating point for extremely
+        violated pairs at a large logit scale).
         """
-        p_corr = 0.5 * (self.p[:, 0] + self.q[:, 0])
+        p_corr = self.p_corr()
         margin = 0.5 * (
             (self.logits_i2t[:, 0] - self.logits_i2t[:, 1:].amax(1))
             + (self.logits_t2i[:, 0] - self.logits_t2i[:, 1:].amax(1))
@@ -259,6 +329,9 @@ def bank_stats(
 ) -> BankStats:
     """Forward quantities of the per-sample bank loss (docs/methods.md, CHIPS: per-sample loss) for a batch.
 
+    The loss is the end point's (:attr:`EndPoint.loss`): InfoNCE, or SigLIP's sigmoid loss when it has a logit bias
+    (module docstring).
+
     Args:
         h_image: ``[N, d_v]`` pre-projection image features.
         h_text: ``[N, d_t]`` pre-projection text features.
@@ -269,11 +342,16 @@ def bank_stats(
             negatives).
     """
     if bank_image.shape[0] == 0:
-        raise ValueError("The negative bank is empty: the per-sample InfoNCE bank loss needs at least one negative.")
+        raise ValueError(
+            f"The negative bank is empty: the per-sample {_LOSS_NAMES[endpoint.loss]} bank loss needs at least one "
+            "negative."
+        )
     e_v, e_t = endpoint.project_image(h_image), endpoint.project_text(h_text)
     norm_v, norm_t = e_v.norm(dim=1), e_t.norm(dim=1)
     x, y = e_v / norm_v[:, None], e_t / norm_t[:, None]
     s = endpoint.logit_scale.exp()
+    if endpoint.logit_bias is not None:
+        return _sigmoid_stats(x, y, norm_v, norm_t, s, endpoint.logit_bias, bank_image, bank_text, exclude)
     pos = s * (x * y).sum(1, keepdim=True)
     neg_i2t = s * (x @ bank_text.T)
     neg_t2i = s * (y @ bank_image.T)
@@ -286,6 +364,36 @@ def bank_stats(
     p, q = torch.exp(logits_i2t - lse_a[:, None]), torch.exp(logits_t2i - lse_b[:, None])
     loss = 0.5 * (lse_a - pos[:, 0]) + 0.5 * (lse_b - pos[:, 0])
     return BankStats(x, y, norm_v, norm_t, s, logits_i2t, logits_t2i, p, q, loss)
+
+
+_LOSS_NAMES = {"infonce": "InfoNCE", "sigmoid": "sigmoid (SigLIP)"}
+
+
+def _sigmoid_stats(
+    x: Tensor,
+    y: Tensor,
+    norm_v: Tensor,
+    norm_t: Tensor,
+    s: Tensor,
+    logit_bias: Tensor,
+    bank_image: Tensor,
+    bank_text: Tensor,
+    exclude: Tensor | None,
+) -> BankStats:
+    """:func:`bank_stats` of SigLIP's sigmoid loss: ``l = sp(-z_0) + 1/2 sum_j sp(a_j) + 1/2 sum_j sp(b_j)``."""
+    beta = logit_bias.to(x.dtype)
+    pos = s * (x * y).sum(1, keepdim=True) + beta
+    neg_i2t = s * (x @ bank_text.T) + beta
+    neg_t2i = s * (y @ bank_image.T) + beta
+    if exclude is not None:
+        neg_i2t = neg_i2t.masked_fill(exclude, float("-inf"))
+        neg_t2i = neg_t2i.masked_fill(exclude, float("-inf"))
+    logits_i2t = torch.cat([pos, neg_i2t], dim=1)
+    logits_t2i = torch.cat([pos, neg_t2i], dim=1)
+    p, q = torch.sigmoid(logits_i2t), torch.sigmoid(logits_t2i)  # sigma(-inf) = 0: excluded entries drop out
+    softplus = torch.nn.functional.softplus  # softplus(-inf) = 0
+    loss = softplus(-pos[:, 0]) + 0.5 * (softplus(neg_i2t).sum(1) + softplus(neg_t2i).sum(1))
+    return BankStats(x, y, norm_v, norm_t, s, logits_i2t, logits_t2i, p, q, loss, logit_bias=beta)
 
 
 def bank_loss(
@@ -301,15 +409,17 @@ def bank_loss(
     return bank_stats(h_image, h_text, endpoint, bank_image, bank_text, exclude=exclude).loss
 
 
-def _tangent(v: Tensor, unit: Tensor, norm: Tensor) -> Tensor:
-    """``(I - u u^T) v / ||e||``: back-propagation through ``u = e / ||e||``."""
+def through_normalisation(v: Tensor, unit: Tensor, norm: Tensor) -> Tensor:
+    """``(I - u u^T) v / ||e||``: back-propagation of ``v = dl/du`` (``[N, e]``) through ``u = e / ||e||``."""
     return (v - (v * unit).sum(1, keepdim=True) * unit) / norm[:, None]
 
 
 def grads_from_stats(
     h_image: Tensor, h_text: Tensor, stats: BankStats, bank_image: Tensor, bank_text: Tensor, endpoint: EndPoint
 ) -> EndPointGrads:
-    """Factored per-sample gradients from precomputed :class:`BankStats`."""
+    """Factored per-sample gradients from precomputed :class:`BankStats` (of either loss)."""
+    if stats.logit_bias is not None:
+        return _sigmoid_grads(h_image, h_text, stats, bank_image, bank_text, endpoint)
     s, p, q = stats.s, stats.p, stats.q
     coef = (p[:, 0] + q[:, 0] - 2.0)[:, None]
     grad_x = 0.5 * s * (coef * stats.y + p[:, 1:] @ bank_text)
@@ -321,12 +431,39 @@ def grads_from_stats(
     g_scale = 0.5 * ((pa - a[:, 0]) + (qb - b[:, 0]))
     return EndPointGrads(
         h_image=h_image,
-        d_image=_tangent(grad_x, stats.x, stats.norm_image),
+        d_image=through_normalisation(grad_x, stats.x, stats.norm_image),
         h_text=h_text,
-        d_text=_tangent(grad_y, stats.y, stats.norm_text),
+        d_text=through_normalisation(grad_y, stats.y, stats.norm_text),
         scale=g_scale,
         image_bias=endpoint.image_bias is not None,
         text_bias=endpoint.text_bias is not None,
+    )
+
+
+def _sigmoid_grads(
+    h_image: Tensor, h_text: Tensor, stats: BankStats, bank_image: Tensor, bank_text: Tensor, endpoint: EndPoint
+) -> EndPointGrads:
+    """The sigmoid loss's factored gradients (module docstring): ``dl/dz_0 = sigma(z_0) - 1``, ``dl/da_j =
+    sigma(a_j) / 2``, ``dl/db_j = sigma(b_j) / 2``, chained through ``z = s x . y + beta_l``."""
+    s, p, q, beta = stats.s, stats.p, stats.q, stats.logit_bias
+    coef = (p[:, 0] - 1.0)[:, None]
+    grad_x = s * (coef * stats.y + 0.5 * (p[:, 1:] @ bank_text))
+    grad_y = s * (coef * stats.x + 0.5 * (q[:, 1:] @ bank_image))
+    a, b = stats.logits_i2t, stats.logits_t2i
+    # sigma(z) (z - beta_l) with z = -inf where sigma = 0 (excluded): where() so they contribute 0, not nan.
+    pa = torch.where(p[:, 1:] > 0, p[:, 1:] * (a[:, 1:] - beta), torch.zeros_like(p[:, 1:])).sum(1)
+    qb = torch.where(q[:, 1:] > 0, q[:, 1:] * (b[:, 1:] - beta), torch.zeros_like(q[:, 1:])).sum(1)
+    g_scale = coef[:, 0] * (a[:, 0] - beta) + 0.5 * (pa + qb)
+    g_bias = coef[:, 0] + 0.5 * (p[:, 1:].sum(1) + q[:, 1:].sum(1))
+    return EndPointGrads(
+        h_image=h_image,
+        d_image=through_normalisation(grad_x, stats.x, stats.norm_image),
+        h_text=h_text,
+        d_text=through_normalisation(grad_y, stats.y, stats.norm_text),
+        scale=g_scale,
+        image_bias=endpoint.image_bias is not None,
+        text_bias=endpoint.text_bias is not None,
+        bias=g_bias,
     )
 
 
@@ -339,11 +476,12 @@ def endpoint_per_sample_grads(
     *,
     exclude: Tensor | None = None,
 ) -> EndPointGrads:
-    """Closed-form per-sample gradients of the bank loss w.r.t. the end-point parameters.
+    """Closed-form per-sample gradients of the bank loss (the end point's: InfoNCE, or sigmoid with a logit bias)
+    w.r.t. the end-point parameters.
 
     ``result.flatten()`` is ``[N, dim(theta)]`` in the order image_proj (row-major), text_proj (row-major),
-    logit_scale, then image_bias and text_bias if the end point has them; equal to
-    ``torch.func.vmap(torch.func.grad(bank_loss))`` (tested to 1e-5 relative in float64).
+    logit_scale, then image_bias, text_bias and logit_bias if the end point has them; equal to
+    ``torch.func.vmap(torch.func.grad(bank_loss))`` (tested to 1e-5 relative in float64; the sigmoid loss to 1e-10).
 
     Args:
         h_image: ``[N, d_v]`` pre-projection image features.
@@ -402,7 +540,7 @@ class NegativeBank:
         return grads_from_stats(image, text, self.stats(image, text, endpoint, ids), self.image, self.text, endpoint)
 
     def mean_gradient(self, image: Tensor, text: Tensor, endpoint: EndPoint) -> EndPointDirection:
-        """The mean bank-loss gradient of (non-pool) pairs, e.g. the target gradient ``u``."""
+        """The mean bank-loss gradient of (non-pool) pairs, e.g. the target gradient ``u`` (the end point's loss)."""
         grads = self.grads(image, text, endpoint)
         return grads.weighted_sum(torch.full((len(grads),), 1.0 / len(grads), dtype=image.dtype, device=image.device))
 

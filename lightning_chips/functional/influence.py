@@ -1,13 +1,15 @@
 """Influence baselines in the end-point subspace (docs/methods.md, influence baselines): Dot, TracIn, TRAK.
 
 All use the same per-sample bank loss and closed-form end-point gradients as CHIPS
-(:mod:`lightning_chips.functional.endpoint`), with ``u`` the mean target gradient:
+(:mod:`lightning_chips.functional.endpoint`; the model's own loss: InfoNCE, or SigLIP's sigmoid loss when the end
+point has a logit bias), with ``u`` the mean target gradient:
 
 * **Dot**: ``g(z)^T u`` (exact from the factors; with ``sketch_dim`` the JL estimate ``(P g)^T (P u)``).
 * **TracIn** (Pruthi et al. 2020): ``sum_c eta_c g_c(z)^T u_c`` over checkpoints ``c`` with learning rates
   ``eta_c`` (:func:`tracin_scores`).
 * **TRAK** (Park et al. 2023): ``phi(z)^T (Phi^T Phi + lambda I)^{-1} phi_u * Q(z)`` with ``phi = P g`` over
-  the training (pool) sample, ``phi_u = P u`` and the out-to-loss term ``Q(z) = 1 - p_corr(z)``; an ensemble
+  the training (pool) sample, ``phi_u = P u`` and the out-to-loss term ``Q(z) = 1 - p_corr(z)`` (``p_corr =
+  sigma(z_ii)`` for the sigmoid loss: TRAK's ``Q`` of a binary logistic output ``z_ii``); an ensemble
   averages the kernel scores over checkpoints and multiplies by the average ``Q`` (:func:`trak_scores`).
 
 Each prepared state is a theta-space direction ``v`` (``u``, ``P^T P u`` or ``P^T (Phi^T Phi + lambda I)^{-1}
@@ -95,7 +97,8 @@ def influence_prepare(
     if method == "dot":
         projector = make_sketch(
             d_v, u.text_proj.shape[0], e, sketch_dim=sketch_dim, image_bias=u.image_bias is not None,
-            text_bias=u.text_bias is not None, kind=sketch, seed=seed + 3, dtype=dtype, device=device,
+            text_bias=u.text_bias is not None, logit_bias=u.logit_bias is not None, kind=sketch, seed=seed + 3,
+            dtype=dtype, device=device,
         )  # fmt: skip
         direction = projector.transpose(projector.sketch_direction(u))
         return InfluenceState(ep, bank, direction, out_to_loss=False, damping=0.0, sketch_dim=projector.dim)
@@ -112,12 +115,13 @@ def influence_prepare(
 def _kernel_and_q(
     state: InfluenceState, image: Tensor, text: Tensor, ids: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """``g . v`` and the out-to-loss term ``Q = 1 - p_corr`` of a batch."""
+    """``g . v`` and the out-to-loss term ``Q = 1 - p_corr`` of a batch (``p_corr = sigma(z_ii)`` for the sigmoid
+    loss: :meth:`~lightning_chips.functional.endpoint.BankStats.p_corr`)."""
     dtype, device = state.bank.image.dtype, state.bank.image.device
     image, text = image.to(device, dtype), text.to(device, dtype)
     stats = state.bank.stats(image, text, state.endpoint, ids)
     grads = grads_from_stats(image, text, stats, state.bank.image, state.bank.text, state.endpoint)
-    return grads.dot(state.direction), 1.0 - 0.5 * (stats.p[:, 0] + stats.q[:, 0])
+    return grads.dot(state.direction), 1.0 - stats.p_corr()
 
 
 def influence_score_batch(state: InfluenceState, image: Tensor, text: Tensor, ids: Tensor | None = None) -> Tensor:

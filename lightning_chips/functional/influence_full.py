@@ -14,7 +14,8 @@ subset chosen by name prefix, e.g. the last tower blocks plus the end point -- w
     \\quad a = s\\,[x_i \\cdot y_i,\\ x_i \\cdot Y_B], \\quad b = s\\,[x_i \\cdot y_i,\\ X_B \\cdot y_i],
 
 with ``x_i = normalize(W_v^T f_v(image_i; theta))``, ``y_i = normalize(W_t^T f_t(tokens_i; theta))`` computed
-through the towers, and the bank ``(X_B, Y_B)`` embedded once with the current weights and held constant
+through the towers (SigLIP's sigmoid loss instead when the adapter's end point has a logit bias: :mod:`.endpoint`),
+and the bank ``(X_B, Y_B)`` embedded once with the current weights and held constant
 (:func:`full_parameter_bank`; each pool pair is excluded from its own negatives by id). Per-sample gradients
 ``g_i = d ell(z_i) / d theta`` come from ``vmap(grad(ell))`` over chunks of ``chunk_size`` pairs
 (:func:`full_parameter_grads`). Scores, with ``u = mean_t g_t`` over the target pairs:
@@ -128,7 +129,8 @@ def select_parameters(model: ModelLike, params: Params = None) -> dict[str, Tens
 
 
 def endpoint_parameter_names(model: ModelLike) -> list[str]:
-    """Names of the parameters that hold the end point (projection heads, their biases, ``logit_scale``).
+    """Names of the parameters that hold the end point (projection heads, their biases, ``logit_scale``, a SigLIP
+    ``logit_bias``).
 
     Found by storage, not by name, so views (ModifiedResNet's ``c_proj.weight`` transposed) resolve too; pass
     them with other prefixes to :func:`full_parameter_grads` (``[*endpoint_parameter_names(m), "visual.layer4"]``).
@@ -166,7 +168,7 @@ class _BankLoss(nn.Module):
         adapter: CLIPAdapter = self._adapter
         stats = bank_stats(adapter.image_features(images), adapter.text_features(tokens), adapter.endpoint(),
                            bank.image, bank.text, exclude=exclude)  # fmt: skip
-        return stats.loss, 1.0 - 0.5 * (stats.p[:, 0] + stats.q[:, 0])
+        return stats.loss, 1.0 - stats.p_corr()
 
 
 @contextmanager

@@ -133,8 +133,8 @@ def solve_direction(
     d_t = u.text_proj.shape[0]
     projector = make_sketch(
         d_v, d_t, e, sketch_dim=sketch_dim, image_bias=u.image_bias is not None, text_bias=u.text_bias is not None,
-        kind=sketch, seed=seed, dtype=dtype, device=u.image_proj.device, exact_when_small=exact_when_small,
-        layout=sketch_layout,
+        logit_bias=u.logit_bias is not None, kind=sketch, seed=seed, dtype=dtype, device=u.image_proj.device,
+        exact_when_small=exact_when_small, layout=sketch_layout,
     )  # fmt: skip
     k = projector.dim
     if isinstance(projector, IdentitySketch) and k > DENSE_LIMIT:

@@ -52,13 +52,17 @@ def adapt_endpoint(
     steps: int = 50,
     lr: float = 1e-3,
 ) -> EndPoint:
-    """A copy of ``endpoint`` adapted to the target pairs: ``steps`` full-batch Adam steps on their InfoNCE loss.
+    """A copy of ``endpoint`` adapted to the target pairs: ``steps`` full-batch Adam steps on the model's own loss.
 
     The loss is the symmetric CLIP loss of the ``T`` target pairs (pre-projection features ``target_image``,
     ``target_text``), with the pre-projection features of the bank pairs (``bank_image``, ``bank_text``) embedded
     by the current copy and detached as extra negatives, so the reference learns the target captions without
-    collapsing the rest of the space onto them. Deterministic (full batch, no sampling); the input end point is
-    not modified.
+    collapsing the rest of the space onto them. With a logit bias (:attr:`EndPoint.loss` ``"sigmoid"``) it is
+    SigLIP's sigmoid loss on the same logits (``s x . y + beta_l``, +1 for the ``T`` true pairs, -1 for every
+    other target and bank entry), half image->text and half text->image rows, averaged over the ``T`` pairs (in
+    value, the mean of the per-sample bank loss of :mod:`.endpoint` with the other targets and the bank as
+    negatives; the targets are live on both sides, as in a training batch), and the logit bias adapts with the rest.
+    Deterministic (full batch, no sampling); the input end point is not modified.
 
     Args:
         endpoint: the end point to start from.
@@ -101,11 +105,23 @@ def adapt_endpoint(
             s = ep.logit_scale.exp()
             logits_i2t = s * x @ torch.cat([y, by]).T
             logits_t2i = s * y @ torch.cat([x, bx]).T
-            loss = 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
+            if ep.logit_bias is None:
+                loss = 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
+            else:
+                loss = 0.5 * (_sigmoid_rows(logits_i2t + ep.logit_bias) + _sigmoid_rows(logits_t2i + ep.logit_bias))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
     return EndPoint(**{name: None if p is None else p.detach() for name, p in params.items()})
+
+
+def _sigmoid_rows(logits: Tensor) -> Tensor:
+    """SigLIP's loss of ``[T, T + B]`` logits whose first ``T`` columns hold the true pairs on the diagonal: the sum
+    over a row of ``softplus(-z)`` for the pair and ``softplus(z)`` for the rest, averaged over the rows."""
+    t = logits.shape[0]
+    signs = -torch.ones_like(logits)
+    signs[:, :t].fill_diagonal_(1.0)
+    return F.softplus(-signs * logits).sum(1).mean()
 
 
 def bank_rank(x: Tensor, y: Tensor, bank_image: Tensor, bank_text: Tensor, exclude: Tensor | None = None) -> Tensor:

@@ -1,4 +1,5 @@
-"""Embedding-quality baselines (docs/methods.md: CLIPScore, negCLIPLoss, NormSim): CLIPScore, negCLIPLoss, NormSim.
+"""Embedding-quality baselines (docs/methods.md: CLIPScore, negCLIPLoss, NormSim): CLIPScore, negCLIPLoss (and its
+analogue for SigLIP's sigmoid loss, negSigLIPLoss), NormSim.
 
 All take L2-normalised embeddings ``[N, e]``.
 """
@@ -8,9 +9,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["clip_score", "negclip_loss", "normsim"]
+__all__ = ["clip_score", "negclip_loss", "negsiglip_loss", "normsim", "sigmoid_threshold"]
 
 
 def clip_score(image_emb: Tensor, text_emb: Tensor) -> Tensor:
@@ -78,6 +80,77 @@ def negclip_loss(
             rows = torch.logsumexp(sims / temperature, dim=1)
             cols = torch.logsumexp(sims / temperature, dim=0)
             total[idx] += sims.diagonal() - 0.5 * temperature * (rows + cols)
+    return (total / repeats).to(image_emb.dtype)
+
+
+def sigmoid_threshold(logit_scale: Tensor | float, logit_bias: Tensor | float) -> float:
+    """``c_0 = -beta_l / s``: the cosine at which a SigLIP model's pair probability ``sigma(s cos + beta_l)`` is 1/2
+    (``s = exp(logit_scale)``), the logit bias in cosine units (:func:`negsiglip_loss`)."""
+    scale = torch.as_tensor(logit_scale, dtype=torch.float64).exp()
+    return float(-torch.as_tensor(logit_bias, dtype=torch.float64) / scale)
+
+
+def negsiglip_loss(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    *,
+    threshold: float,
+    temperature: float = 0.01,
+    batch_size: int = 32768,
+    repeats: int = 10,
+    seed: int = 0,
+) -> Tensor:
+    """negSigLIPLoss: negCLIPLoss (:func:`negclip_loss`) for a model trained with SigLIP's sigmoid loss (ours; the
+    paper defines it for InfoNCE only): minus ``tau`` times the pair's per-sample sigmoid loss in random batches.
+
+    .. math::
+
+        negSigLIPLoss(i) = -tau/K sum_k [ sp(-z_ii) + 1/2 sum_{j in B_k(i), j != i} (sp(z_ij) + sp(z_ji)) ],
+        z_ij = (s_ij - c_0) / tau
+
+    with ``sp`` = softplus, ``s`` the cosine similarity, ``B_k(i)`` the batch of ``i`` in the ``k``-th seeded random
+    partition of the pool into batches of ``batch_size`` (the same partitions as :func:`negclip_loss` for the same
+    seed), and ``c_0 = -beta_l / s_model`` the model's threshold (:func:`sigmoid_threshold`): the logit bias in cosine
+    units, so ``temperature`` keeps negCLIPLoss's meaning (the sharpness, paper: 0.01) whatever the model's scale.
+    The bracket is the per-sample sigmoid bank loss (docs/methods.md, SigLIP's sigmoid loss) against the batch-mates:
+    half the pair's row and half its column of SigLIP's batch loss. At ``temperature = 1 / s_model`` the logits are
+    the model's own, ``-negSigLIPLoss / tau`` is the model's per-sample loss, and with ``batch_size >= N`` its mean
+    over the pool is open_clip's ``SigLipLoss`` of the pool as one batch. Like negCLIPLoss it is ``s_ii`` minus a
+    batch normaliser: far above the threshold ``-tau sp(-z_ii) -> 0``, far below it ``-> s_ii - c_0``, and each
+    batch-mate that fits the pair's image or caption better than ``c_0`` costs it about half its excess.
+
+    Args:
+        image_emb: ``[N, e]`` normalised image embeddings.
+        text_emb: ``[N, e]`` normalised text embeddings.
+        threshold: ``c_0`` (:func:`sigmoid_threshold` of the model's ``logit_scale`` and ``logit_bias``).
+        temperature: ``tau``.
+        batch_size: batch size of the random partitions (paper: 32768).
+        repeats: number of random partitions ``K`` (paper: 10).
+        seed: seed of the partitions.
+    """
+    n = image_emb.shape[0]
+    if image_emb.shape != text_emb.shape:
+        raise ValueError(
+            f"image and text embeddings must have the same shape, got {image_emb.shape}, {text_emb.shape}."
+        )
+    if temperature <= 0 or batch_size < 1 or repeats < 1 or not math.isfinite(threshold):
+        raise ValueError(
+            "need temperature > 0, batch_size >= 1, repeats >= 1 and a finite threshold; got "
+            f"{temperature}, {batch_size}, {repeats}, {threshold}."
+        )
+    total = torch.zeros(n, dtype=torch.float64, device=image_emb.device)
+    x, y = image_emb.double(), text_emb.double()
+    generator = torch.Generator().manual_seed(int(seed))
+    for _ in range(repeats):
+        order = torch.randperm(n, generator=generator) if batch_size < n else torch.arange(n)
+        order = order.to(image_emb.device)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            z = (x[idx] @ y[idx].T - threshold) / temperature
+            eye = torch.eye(len(idx), dtype=torch.bool, device=z.device)
+            negatives = F.softplus(z).masked_fill(eye, 0.0)
+            loss = F.softplus(-z.diagonal()) + 0.5 * (negatives.sum(1) + negatives.sum(0))
+            total[idx] -= temperature * loss
     return (total / repeats).to(image_emb.dtype)
 
 

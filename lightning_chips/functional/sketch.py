@@ -3,9 +3,11 @@
 One module because it is one interface in three layouts (Khatri-Rao, Kronecker, TensorSketch) plus the identity,
 each with the same three maps (gradients, dense directions, transpose) that must stay exact adjoints.
 
-docs/methods.md, CHIPS (solvers). theta = ``(W_v [d_v x e], W_t [d_t x e], logit_scale, [b_v], [b_t])`` and every
-per-sample gradient is rank one per block, ``g = (h_v (x) d_v, h_t (x) d_t, s, [d_v], [d_t])``
-(:class:`EndPointGrads`). A bias rides along by augmenting ``h`` with a constant 1: ``[h; 1] (x) d`` holds both
+docs/methods.md, CHIPS (solvers). theta = ``(W_v [d_v x e], W_t [d_t x e], logit_scale, [b_v], [b_t],
+[logit_bias])`` and every per-sample gradient is rank one per block, ``g = (h_v (x) d_v, h_t (x) d_t, s, [d_v], [d_t],
+[beta])`` (:class:`EndPointGrads`; SigLIP's ``logit_bias`` is one more scalar coordinate, sketched like the logit
+scale, with its random factors drawn after all the others so an end point without one gets the same sketch as
+before). A bias rides along by augmenting ``h`` with a constant 1: ``[h; 1] (x) d`` holds both
 the matrix and the bias gradient, so the image block has ``H_v = d_v + 1`` rows with an image bias (else ``d_v``),
 likewise ``H_t``. Every layout draws its randomness on the CPU from ``torch.Generator().manual_seed(seed)`` (the
 same sketch on every device and rank) and
@@ -17,12 +19,13 @@ has ``E[P^T P] = I``.
 
     P_j = \\tfrac{1}{\\sqrt{k}}\\,\\big(a_j \\otimes b_j,\\ a'_j \\otimes b'_j,\\ c_j\\big), \\qquad
     (P g)_j = \\tfrac{1}{\\sqrt{k}}\\big[(a_j \\cdot h_v)(b_j \\cdot d_v) + (a'_j \\cdot h_t)(b'_j \\cdot d_t)
-    + c_j\\, s\\big]
+    + c_j\\, s\\ [+\\ c'_j\\, \\beta]\\big]
 
 with independent ``a_j in R^{H_v}``, ``b_j in R^e``, ``a'_j in R^{H_t}``, ``b'_j in R^e``, ``c_j`` of i.i.d.
-``N(0, 1)`` (``kind="gaussian"``) or ``+-1`` (``"rademacher"``) entries, for ``j = 1..k``. The realised dimension is
-``sketch_dim`` exactly. ``P g`` for ``N`` samples is four matmuls, ``O(N k (d_v + d_t + 2e))``; a dense direction
-``V`` is sketched as ``((A V) * B).sum(1)`` and ``P^T z`` is ``A^T diag(z) B`` per block, ``O(k (d_v + d_t) e)``.
+``N(0, 1)`` (``kind="gaussian"``) or ``+-1`` (``"rademacher"``) entries, for ``j = 1..k`` (and ``c'_j`` for a logit
+bias). The realised dimension is ``sketch_dim`` exactly. ``P g`` for ``N`` samples is four matmuls,
+``O(N k (d_v + d_t + 2e))``; a dense direction ``V`` is sketched as ``((A V) * B).sum(1)`` and ``P^T z`` is
+``A^T diag(z) B`` per block, ``O(k (d_v + d_t) e)``.
 
 ``"kronecker"`` (the earlier layout, :class:`EndPointSketch`): ``P = P_h (x) P_d`` per block and the logit scale
 kept as is; the budget is split between the blocks in proportion to their sizes and each block's ``k_h x k_d``
@@ -125,6 +128,17 @@ def _split_bias_rows(wv: Tensor, wt: Tensor, scale: Tensor, image_bias: bool, te
     return EndPointDirection(wv, wt, scale, b_v, b_t)
 
 
+def _check_bias(grads: EndPointGrads, logit_bias: bool) -> None:
+    """Refuse gradients whose logit-bias coordinate does not match the sketch's theta-space."""
+    if (grads.bias is not None) != logit_bias:
+        has = "have" if grads.bias is not None else "have no"
+        built = "with" if logit_bias else "without"
+        raise ValueError(
+            f"The gradients {has} a logit-bias coordinate but the sketch was built {built} one: build it with "
+            f"logit_bias={grads.bias is not None} (the end point's logit_bias is not None)."
+        )
+
+
 def _grid(budget: int, rows: int, cols: int) -> tuple[int, int]:
     """Split a block budget into ``k_h x k_d`` following the block's aspect ratio ``rows : cols``."""
     budget = max(1, budget)
@@ -136,9 +150,9 @@ def _grid(budget: int, rows: int, cols: int) -> tuple[int, int]:
 class KhatriRaoSketch:
     """The ``"khatri_rao"`` layout (default): row ``j`` of ``P`` is ``(a_j (x) b_j, a'_j (x) b'_j, c_j) / sqrt(k)``.
 
-    ``(P g)_j = [(a_j . h_v)(b_j . d_v) + (a'_j . h_t)(b'_j . d_t) + c_j s] / sqrt(k)`` with ``h`` augmented by a
-    constant 1 for a bias (module docstring: formula, variance, cost). ``E[P^T P] = I`` and :attr:`dim` is
-    ``sketch_dim`` exactly.
+    ``(P g)_j = [(a_j . h_v)(b_j . d_v) + (a'_j . h_t)(b'_j . d_t) + c_j s (+ c'_j beta)] / sqrt(k)`` with ``h``
+    augmented by a constant 1 for a bias (module docstring: formula, variance, cost). ``E[P^T P] = I`` and
+    :attr:`dim` is ``sketch_dim`` exactly.
 
     Args:
         image_dim: ``d_v``.
@@ -147,6 +161,7 @@ class KhatriRaoSketch:
         sketch_dim: ``k``, the realised dimension.
         image_bias: the end point has an image bias.
         text_bias: the end point has a text bias.
+        logit_bias: the end point has SigLIP's logit bias (one more scalar coordinate).
         kind: ``"gaussian"`` (``N(0, 1)`` factor entries) or ``"rademacher"`` (``+-1``).
         seed: seed of the CPU generator that draws the factors (the same sketch on every device and rank).
         dtype: dtype of the factors when applied.
@@ -177,6 +192,7 @@ class KhatriRaoSketch:
         sketch_dim: int,
         image_bias: bool = False,
         text_bias: bool = False,
+        logit_bias: bool = False,
         kind: SketchKind = "gaussian",
         seed: int = 0,
         dtype: torch.dtype = torch.float64,
@@ -199,6 +215,10 @@ class KhatriRaoSketch:
         self.image_h, self.image_d, self.text_h, self.text_d, self.scale = (
             f.to(device=device, dtype=dtype) for f in factors
         )
+        # Drawn last, so an end point without a logit bias gets the same factors as before it existed.
+        self.bias = None
+        if logit_bias:
+            self.bias = (_entries(k, 1, kind, generator)[:, 0] / math.sqrt(k)).to(device=device, dtype=dtype)
         self.kind = kind
         self.seed = seed
 
@@ -209,6 +229,7 @@ class KhatriRaoSketch:
 
     def sketch_grads(self, grads: EndPointGrads) -> Tensor:
         """``[N, k]`` sketched gradients ``P g_i`` from the factors, in chunks of samples (no ``h (x) d`` formed)."""
+        _check_bias(grads, self.bias is not None)
         dtype, k = self.scale.dtype, self.dim
         n = len(grads)
         out = torch.empty(n, k, dtype=dtype, device=self.scale.device)
@@ -220,6 +241,8 @@ class KhatriRaoSketch:
             part = hv.mul_(grads.d_image[sl].to(dtype) @ self.image_d.T)
             part.addcmul_(ht, grads.d_text[sl].to(dtype) @ self.text_d.T)
             part.addcmul_(grads.scale[sl].to(dtype)[:, None], self.scale[None, :])
+            if self.bias is not None:
+                part.addcmul_(grads.bias[sl].to(dtype)[:, None], self.bias[None, :])
             out[sl] = part
         return out
 
@@ -227,27 +250,30 @@ class KhatriRaoSketch:
         """``[k]`` sketch ``P v`` of a dense direction: ``a_j^T V b_j`` per row and block, ``((A V) * B).sum(1)``."""
         dtype = self.scale.dtype
         wv, wt = _with_bias_rows(direction, self.image_bias, self.text_bias)
-        return (
+        out = (
             ((self.image_h @ wv.to(dtype)) * self.image_d).sum(1)
             + ((self.text_h @ wt.to(dtype)) * self.text_d).sum(1)
             + self.scale * direction.logit_scale.to(dtype)
         )
+        return out if self.bias is None else out + self.bias * direction.logit_bias.to(dtype)
 
     def transpose(self, z: Tensor) -> EndPointDirection:
         """``P^T z`` as a dense direction: ``A^T diag(z) B`` per block and ``c . z`` for the scale."""
         z = z.to(self.scale.dtype)
         wv = (self.image_h * z[:, None]).T @ self.image_d
         wt = (self.text_h * z[:, None]).T @ self.text_d
-        return _split_bias_rows(wv, wt, self.scale @ z, self.image_bias, self.text_bias)
+        out = _split_bias_rows(wv, wt, self.scale @ z, self.image_bias, self.text_bias)
+        out.logit_bias = None if self.bias is None else self.bias @ z
+        return out
 
 
 class TensorSketch:
     """The ``"tensorsketch"`` layout: count sketches of ``h`` and ``d`` multiplied in the FFT domain.
 
     Each block ``H (x) E`` is count-sketched into ``k`` buckets with bucket ``(beta_h(i) + beta_d(l)) mod k`` and
-    sign ``sigma_h(i) sigma_d(l)`` for entry ``(i, l)``; the image block, text block and logit scale (one bucket
-    and sign) share the buckets. ``P g`` is ``irfft(rfft(C_h h) * rfft(C_d d))`` summed over the blocks;
-    :meth:`sketch_direction` and :meth:`transpose` apply the same bucket map entry-wise, so they are exact
+    sign ``sigma_h(i) sigma_d(l)`` for entry ``(i, l)``; the image block, text block, logit scale and logit bias
+    (one bucket and sign each) share the buckets. ``P g`` is ``irfft(rfft(C_h h) * rfft(C_d d))`` summed over the
+    blocks; :meth:`sketch_direction` and :meth:`transpose` apply the same bucket map entry-wise, so they are exact
     adjoints of it. Every column of ``P`` has one ``+-1``: ``diag(P^T P) = 1`` and ``E[P^T P] = I``.
 
     Args:
@@ -257,6 +283,7 @@ class TensorSketch:
         sketch_dim: ``k``, the realised dimension.
         image_bias: the end point has an image bias.
         text_bias: the end point has a text bias.
+        logit_bias: the end point has SigLIP's logit bias (one more scalar coordinate).
         kind: accepted for a uniform signature; the signs are always ``+-1``.
         seed: seed of the CPU generator that draws the hashes and signs.
         dtype: dtype of the signs (and outputs).
@@ -278,6 +305,7 @@ class TensorSketch:
         sketch_dim: int,
         image_bias: bool = False,
         text_bias: bool = False,
+        logit_bias: bool = False,
         kind: SketchKind = "gaussian",
         seed: int = 0,
         dtype: torch.dtype = torch.float64,
@@ -299,6 +327,9 @@ class TensorSketch:
             return bucket.to(device), sign.to(device=device, dtype=dtype)
 
         self.hashes = [draw(n) for n in (rows_v, embed_dim, rows_t, embed_dim, 1)]
+        if logit_bias:  # drawn last: without a logit bias the hashes are the same as before it existed
+            self.hashes.append(draw(1))
+        self.logit_bias = logit_bias
         self.kind = kind
         self.seed = seed
 
@@ -318,6 +349,7 @@ class TensorSketch:
 
     def sketch_grads(self, grads: EndPointGrads) -> Tensor:
         """``[N, k]`` sketched gradients ``P g_i``: ``O(d_v + d_t + e + k log k)`` per sample."""
+        _check_bias(grads, self.logit_bias)
         dtype, k = self.hashes[0][1].dtype, self.k
         n = len(grads)
         out = torch.empty(n, k, dtype=dtype, device=self.hashes[0][1].device)
@@ -331,6 +363,8 @@ class TensorSketch:
             freq += torch.fft.rfft(ht, dim=1) * torch.fft.rfft(dt, dim=1)
             part = torch.fft.irfft(freq, n=k, dim=1)
             part += self._count(grads.scale[sl].to(dtype)[:, None], 4)
+            if self.logit_bias:
+                part += self._count(grads.bias[sl].to(dtype)[:, None], 5)
             out[sl] = part
         return out
 
@@ -342,7 +376,10 @@ class TensorSketch:
         for which, w in ((0, wv), (2, wt)):
             bucket, sign = self._entry_map(which)
             out.index_add_(0, bucket.reshape(-1), (w.to(dtype) * sign).reshape(-1))
-        return out + self._count(direction.logit_scale.to(dtype).reshape(1, 1), 4)[0]
+        out = out + self._count(direction.logit_scale.to(dtype).reshape(1, 1), 4)[0]
+        if self.logit_bias:
+            out = out + self._count(direction.logit_bias.to(dtype).reshape(1, 1), 5)[0]
+        return out
 
     def transpose(self, z: Tensor) -> EndPointDirection:
         """``P^T z`` as a dense direction (each entry reads its bucket with its sign)."""
@@ -352,11 +389,16 @@ class TensorSketch:
             bucket, sign = self._entry_map(which)
             blocks.append(z[bucket] * sign)
         (bucket, sign) = self.hashes[4]
-        return _split_bias_rows(blocks[0], blocks[1], z[bucket[0]] * sign[0], self.image_bias, self.text_bias)
+        out = _split_bias_rows(blocks[0], blocks[1], z[bucket[0]] * sign[0], self.image_bias, self.text_bias)
+        if self.logit_bias:
+            (bucket, sign) = self.hashes[5]
+            out.logit_bias = z[bucket[0]] * sign[0]
+        return out
 
 
 class EndPointSketch:
-    """The ``"kronecker"`` layout: a seeded sketch ``P = P_h (x) P_d`` per block, plus the logit scale as is.
+    """The ``"kronecker"`` layout: a seeded sketch ``P = P_h (x) P_d`` per block, plus the logit scale (and a logit
+    bias) as is.
 
     Kept for comparison and reproducibility of earlier rounds; :class:`KhatriRaoSketch` is the default (module
     docstring). The budget is split between the blocks and each block's ``k_h x k_d`` grid follows its aspect ratio,
@@ -369,6 +411,7 @@ class EndPointSketch:
         sketch_dim: total budget ``k``.
         image_bias: the end point has an image bias.
         text_bias: the end point has a text bias.
+        logit_bias: the end point has SigLIP's logit bias (one more scalar coordinate).
         kind: ``"gaussian"`` or ``"rademacher"``.
         seed: seed of the random factors.
         dtype: dtype of the factors when applied.
@@ -390,17 +433,21 @@ class EndPointSketch:
         sketch_dim: int,
         image_bias: bool = False,
         text_bias: bool = False,
+        logit_bias: bool = False,
         kind: SketchKind = "gaussian",
         seed: int = 0,
         dtype: torch.dtype = torch.float64,
         device: torch.device | str = "cpu",
     ) -> None:
-        if sketch_dim < 3:
-            raise ValueError(f"`sketch_dim` must be >= 3 (image, text and scale coordinates), got {sketch_dim}.")
-        self.image_bias, self.text_bias = image_bias, text_bias
+        if sketch_dim < 3 + int(logit_bias):
+            raise ValueError(
+                f"`sketch_dim` must be >= {3 + int(logit_bias)} (image, text, scale{' and bias' * logit_bias} "
+                f"coordinates), got {sketch_dim}."
+            )
+        self.image_bias, self.text_bias, self.logit_bias = image_bias, text_bias, logit_bias
         rows_v, rows_t = image_dim + int(image_bias), text_dim + int(text_bias)
         size_v, size_t = rows_v * embed_dim, rows_t * embed_dim
-        budget = sketch_dim - 1
+        budget = sketch_dim - 1 - int(logit_bias)
         budget_v = max(1, round(budget * size_v / (size_v + size_t)))
         budget_t = max(1, budget - budget_v)
         kv_h, kv_d = _grid(budget_v, rows_v, embed_dim)
@@ -418,25 +465,27 @@ class EndPointSketch:
 
     @property
     def dim(self) -> int:
-        """Realised sketch dimension ``k_v + k_t + 1``."""
-        return self.image_h.shape[0] * self.image_d.shape[0] + self.text_h.shape[0] * self.text_d.shape[0] + 1
+        """Realised sketch dimension ``k_v + k_t + 1`` (``+ 1`` more with a logit bias)."""
+        kv, kt = self.image_h.shape[0] * self.image_d.shape[0], self.text_h.shape[0] * self.text_d.shape[0]
+        return kv + kt + 1 + int(self.logit_bias)
 
     def sketch_grads(self, grads: EndPointGrads) -> Tensor:
         """``[N, k]`` sketched gradients ``P g_i`` from the factors."""
+        _check_bias(grads, self.logit_bias)
         dtype = self.image_h.dtype
         hv = _augment(grads.h_image.to(dtype), grads.image_bias) @ self.image_h.T
         dv = grads.d_image.to(dtype) @ self.image_d.T
         ht = _augment(grads.h_text.to(dtype), grads.text_bias) @ self.text_h.T
         dt = grads.d_text.to(dtype) @ self.text_d.T
         n = len(grads)
-        return torch.cat(
-            [
-                (hv[:, :, None] * dv[:, None, :]).reshape(n, -1),
-                (ht[:, :, None] * dt[:, None, :]).reshape(n, -1),
-                grads.scale.to(dtype)[:, None],
-            ],
-            dim=1,
-        )
+        parts = [
+            (hv[:, :, None] * dv[:, None, :]).reshape(n, -1),
+            (ht[:, :, None] * dt[:, None, :]).reshape(n, -1),
+            grads.scale.to(dtype)[:, None],
+        ]
+        if self.logit_bias:
+            parts.append(grads.bias.to(dtype)[:, None])
+        return torch.cat(parts, dim=1)
 
     def _blocks(self, direction: EndPointDirection) -> tuple[Tensor, Tensor]:
         wv, wt = direction.image_proj, direction.text_proj
@@ -450,13 +499,14 @@ class EndPointSketch:
         """``[k]`` sketch ``P v`` of a dense direction: ``P_h V P_d^T`` per block."""
         dtype = self.image_h.dtype
         wv, wt = self._blocks(direction)
-        return torch.cat(
-            [
-                (self.image_h @ wv.to(dtype) @ self.image_d.T).reshape(-1),
-                (self.text_h @ wt.to(dtype) @ self.text_d.T).reshape(-1),
-                direction.logit_scale.to(dtype).reshape(1),
-            ]
-        )
+        parts = [
+            (self.image_h @ wv.to(dtype) @ self.image_d.T).reshape(-1),
+            (self.text_h @ wt.to(dtype) @ self.text_d.T).reshape(-1),
+            direction.logit_scale.to(dtype).reshape(1),
+        ]
+        if self.logit_bias:
+            parts.append(direction.logit_bias.to(dtype).reshape(1))
+        return torch.cat(parts)
 
     def transpose(self, z: Tensor) -> EndPointDirection:
         """``P^T z`` as a dense direction: ``P_h^T Z P_d`` per block."""
@@ -471,22 +521,27 @@ class EndPointSketch:
             wv, image_bias = wv[:-1], wv[-1]
         if self.text_bias:
             wt, text_bias = wt[:-1], wt[-1]
-        return EndPointDirection(wv, wt, z[kv + kt], image_bias, text_bias)
+        logit_bias = z[kv + kt + 1] if self.logit_bias else None
+        return EndPointDirection(wv, wt, z[kv + kt], image_bias, text_bias, logit_bias)
 
 
 class IdentitySketch:
     """The exact path (no sketch): ``P = I`` on the flattened theta-space."""
 
-    def __init__(self, image_dim: int, text_dim: int, embed_dim: int, *, image_bias: bool, text_bias: bool) -> None:
+    def __init__(
+        self, image_dim: int, text_dim: int, embed_dim: int, *, image_bias: bool, text_bias: bool,
+        logit_bias: bool = False,
+    ) -> None:  # fmt: skip
         self.shapes = (image_dim, text_dim, embed_dim)
-        self.image_bias, self.text_bias = image_bias, text_bias
+        self.image_bias, self.text_bias, self.logit_bias = image_bias, text_bias, logit_bias
 
     @property
     def dim(self) -> int:
         d_v, d_t, e = self.shapes
-        return d_v * e + d_t * e + 1 + e * (int(self.image_bias) + int(self.text_bias))
+        return d_v * e + d_t * e + 1 + e * (int(self.image_bias) + int(self.text_bias)) + int(self.logit_bias)
 
     def sketch_grads(self, grads: EndPointGrads) -> Tensor:
+        _check_bias(grads, self.logit_bias)
         return grads.flatten()
 
     def sketch_direction(self, direction: EndPointDirection) -> Tensor:
@@ -497,12 +552,14 @@ class IdentitySketch:
         wv, z = z[: d_v * e].reshape(d_v, e), z[d_v * e :]
         wt, z = z[: d_t * e].reshape(d_t, e), z[d_t * e :]
         scale, z = z[0], z[1:]
-        image_bias = text_bias = None
+        image_bias = text_bias = logit_bias = None
         if self.image_bias:
             image_bias, z = z[:e], z[e:]
         if self.text_bias:
-            text_bias = z[:e]
-        return EndPointDirection(wv, wt, scale, image_bias, text_bias)
+            text_bias, z = z[:e], z[e:]
+        if self.logit_bias:
+            logit_bias = z[0]
+        return EndPointDirection(wv, wt, scale, image_bias, text_bias, logit_bias)
 
 
 KroneckerSketch = EndPointSketch
@@ -519,6 +576,7 @@ def make_sketch(
     sketch_dim: int | None,
     image_bias: bool = False,
     text_bias: bool = False,
+    logit_bias: bool = False,
     kind: SketchKind = "gaussian",
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
@@ -536,6 +594,7 @@ def make_sketch(
         sketch_dim: ``k``; ``None`` = the identity (exact).
         image_bias: the end point has an image bias.
         text_bias: the end point has a text bias.
+        logit_bias: the end point has SigLIP's logit bias (one more scalar coordinate).
         kind: ``"gaussian"`` or ``"rademacher"`` entries (``"tensorsketch"``: always signs).
         seed: seed of the CPU generator that draws the sketch.
         dtype: dtype of the sketch when applied.
@@ -555,11 +614,12 @@ def make_sketch(
     """
     if layout not in LAYOUTS:
         raise ValueError(f"Unknown sketch layout {layout!r}; use one of {LAYOUTS}.")
-    exact = IdentitySketch(image_dim, text_dim, embed_dim, image_bias=image_bias, text_bias=text_bias)
+    exact = IdentitySketch(image_dim, text_dim, embed_dim, image_bias=image_bias, text_bias=text_bias,
+                           logit_bias=logit_bias)  # fmt: skip
     if sketch_dim is None or (exact_when_small and exact.dim <= sketch_dim):
         return exact
     cls = {"khatri_rao": KhatriRaoSketch, "kronecker": EndPointSketch, "tensorsketch": TensorSketch}[layout]
     return cls(
         image_dim, text_dim, embed_dim, sketch_dim=sketch_dim, image_bias=image_bias, text_bias=text_bias,
-        kind=kind, seed=seed, dtype=dtype, device=device,
+        logit_bias=logit_bias, kind=kind, seed=seed, dtype=dtype, device=device,
     )  # fmt: skip

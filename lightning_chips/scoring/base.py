@@ -362,8 +362,8 @@ def check_prepare_inputs(
     if endpoint is not None:
         fields = [
             field
-            for field in ("image_proj", "text_proj", "logit_scale", "image_bias", "text_bias")
-            if getattr(endpoint, field) is not None and not bool(torch.isfinite(getattr(endpoint, field)).all())
+            for field in ("image_proj", "text_proj", "logit_scale", "image_bias", "text_bias", "logit_bias")
+            if getattr(endpoint, field, None) is not None and not bool(torch.isfinite(getattr(endpoint, field)).all())
         ]
         if fields:
             raise FloatingPointError(

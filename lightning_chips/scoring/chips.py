@@ -60,7 +60,8 @@ class CHIPS(Scorer):
         relative_damping: ``rho`` of that rule, a theta-space quantity (the same regularisation for both solvers).
         bank_size: negatives per sample (pool pairs drawn with ``seed``).
         curvature_samples: pool pairs used to estimate the curvature.
-        negatives_per_sample: sampled softmax atoms per sample and direction for ``Phi_neg``.
+        negatives_per_sample: sampled GGN atoms per sample and direction for ``Phi_neg`` (softmax draws for InfoNCE,
+            draws in proportion to ``sigma (1 - sigma)`` for a SigLIP model's sigmoid loss).
         components: utility factors, a subset of ``("alignment", "learnability", "relevance", "plausibility")``
             (ablations: ``("alignment",)``, ``("alignment", "learnability")``, ...; default: the paper's three).
         plausibility_power: ``gamma`` of the plausibility weight.
@@ -153,6 +154,7 @@ class CHIPS(Scorer):
         return (
             f"CHIPS alpha={self.alpha} solver={self.solver} k={st.sketch_dim} atoms={st.num_atoms} "
             f"bank={len(st.bank.ids)} lambda={st.damping:.3g} components={'*'.join(self.components)}"
+            + (" loss=sigmoid" if st.endpoint.loss == "sigmoid" else "")
             + (
                 f" gamma={self.plausibility_power:g} reference_steps={self.reference_steps}"
                 if "plausibility" in self.components

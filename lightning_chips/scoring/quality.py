@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lightning_chips.endpoint import EndPoint
 from lightning_chips.features import PairFeatures
-from lightning_chips.functional.quality import clip_score, negclip_loss, normsim
+from lightning_chips.functional.quality import clip_score, negclip_loss, negsiglip_loss, normsim, sigmoid_threshold
 from lightning_chips.metrics import format_prompts
 from lightning_chips.scoring.base import (
     IdLookup,
@@ -166,6 +166,10 @@ class NegCLIPLoss(_EmbeddingScorer):
     exact and :meth:`score` looks them up by id. A pair outside that sample is scored against ``repeats`` seeded
     random batches of ``batch_size - 1`` sample pairs (a stand-in for its batch in a partition).
 
+    A model trained with SigLIP's sigmoid loss (an end point with a logit bias) is scored by the analogue,
+    negSigLIPLoss (:func:`~lightning_chips.functional.quality.negsiglip_loss`): minus ``tau`` times the pair's
+    per-sample sigmoid loss in the same batches, with the model's logit bias as a cosine threshold ``-beta_l / s``.
+
     Args:
         temperature: ``tau`` (paper: 0.01).
         batch_size: batch size of the partitions (paper: 32768).
@@ -194,8 +198,14 @@ class NegCLIPLoss(_EmbeddingScorer):
     ) -> None:
         super().prepare(endpoint, target, pool_sample, context)
         x, y = self._embed(pool_sample)
-        scores = negclip_loss(x, y, temperature=self.temperature, batch_size=self.batch_size, repeats=self.repeats,
-                              seed=self.seed + self.round)  # fmt: skip
+        if self.endpoint.loss == "sigmoid":
+            scores = negsiglip_loss(
+                x, y, threshold=self._threshold(), temperature=self.temperature, batch_size=self.batch_size,
+                repeats=self.repeats, seed=self.seed + self.round,
+            )  # fmt: skip
+        else:
+            scores = negclip_loss(x, y, temperature=self.temperature, batch_size=self.batch_size, repeats=self.repeats,
+                                  seed=self.seed + self.round)  # fmt: skip
         self._lookup = IdLookup(pool_sample.ids, scores)
         self._sample = (x, y)
 
@@ -206,6 +216,10 @@ class NegCLIPLoss(_EmbeddingScorer):
         if (~known).any():
             out[~known] = self._against_sample(x[~known], y[~known])
         return out
+
+    def _threshold(self) -> float:
+        """The sigmoid model's cosine threshold ``c_0 = -beta_l / s`` (negSigLIPLoss)."""
+        return sigmoid_threshold(self.endpoint.logit_scale, self.endpoint.logit_bias)
 
     def _against_sample(self, x: Tensor, y: Tensor) -> Tensor:
         """Pairs outside the prepared sample: each repeat uses one seeded batch of ``batch_size - 1`` sample
@@ -218,9 +232,15 @@ class NegCLIPLoss(_EmbeddingScorer):
         for r in range(self.repeats):
             g = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + self.round * 1009 + r)
             idx = torch.randperm(sx.shape[0], generator=g)[:m].to(x.device)
-            rows = torch.cat([pos, (x @ sy[idx].T).double()], dim=1)
-            cols = torch.cat([pos, (y @ sx[idx].T).double()], dim=1)
-            total += pos[:, 0] - 0.5 * tau * (torch.logsumexp(rows / tau, 1) + torch.logsumexp(cols / tau, 1))
+            if self.endpoint.loss == "sigmoid":  # negSigLIPLoss: -tau times the per-sample sigmoid loss
+                c0 = self._threshold()
+                rows, cols = ((x @ sy[idx].T).double() - c0) / tau, ((y @ sx[idx].T).double() - c0) / tau
+                loss = F.softplus(-(pos[:, 0] - c0) / tau) + 0.5 * (F.softplus(rows).sum(1) + F.softplus(cols).sum(1))
+                total -= tau * loss
+            else:
+                rows = torch.cat([pos, (x @ sy[idx].T).double()], dim=1)
+                cols = torch.cat([pos, (y @ sx[idx].T).double()], dim=1)
+                total += pos[:, 0] - 0.5 * tau * (torch.logsumexp(rows / tau, 1) + torch.logsumexp(cols / tau, 1))
         return (total / self.repeats).to(x.dtype)
 
 
