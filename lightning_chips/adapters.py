@@ -58,6 +58,7 @@ __all__ = [
     "OpenCLIPAdapter",
     "PROTOCOL_HINT",
     "ProtocolAdapter",
+    "ResidualTail",
     "SupportsEndPoint",
     "UnsupportedModelError",
     "resolve_adapter",
@@ -173,6 +174,40 @@ class _LinearTail:
         return x
 
 
+class ResidualTail:
+    """A head whose output is ``r + linear(h)`` (SigLIP's attention-pool head, ``r + mlp(norm(r))``): the end point is
+    ``linear`` and the features are ``[h, r]`` (:attr:`EndPoint.image_residual`).
+
+    ``h`` (the input of ``linear``) and ``r`` (the input of ``residual_at``, the module that first reads the residual
+    stream) are read during the model's own forward ``run`` with forward pre-hooks, so nothing of the model is
+    re-implemented; then pooled over the head's tokens as the head pools its output (``"token"``: the first;
+    ``"avg"``: the mean; both commute with ``r + W h + b``).
+    """
+
+    def __init__(self, run: Callable[[Tensor], Tensor], linear: nn.Linear, residual_at: nn.Module, pool: str) -> None:
+        if pool not in ("token", "avg"):
+            raise UnsupportedModelError(f"A residual head that pools its tokens by {pool!r} has no end point here "
+                                        "('token' or 'avg' pooling is supported). " + PROTOCOL_HINT)  # fmt: skip
+        self.run, self.linear, self.residual_at, self.pool = run, linear, residual_at, pool
+
+    def features(self, x: Tensor) -> Tensor:
+        captured: dict[str, Tensor] = {}
+
+        def keep(name: str) -> Callable:
+            return lambda _module, args: captured.__setitem__(name, args[0])
+
+        hooks = [self.linear.register_forward_pre_hook(keep("h")),
+                 self.residual_at.register_forward_pre_hook(keep("r"))]  # fmt: skip
+        try:
+            self.run(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        h, r = captured["h"], captured["r"]
+        h, r = (h[:, 0], r[:, 0]) if self.pool == "token" else (h.mean(1), r.mean(1))
+        return torch.cat([h, r], dim=-1)
+
+
 def _is_noop(module: nn.Module) -> bool:
     return isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and module.p == 0)
 
@@ -209,7 +244,7 @@ def _timm_pre_logits(trunk: nn.Module, images: Tensor) -> Tensor:
     return trunk.forward_head(trunk.forward_features(images), pre_logits=True)
 
 
-def _timm_image_tail(visual: nn.Module) -> _LinearTail:
+def _timm_image_tail(visual: nn.Module) -> _LinearTail | ResidualTail:
     """open_clip ``TimmModel``: the end point is the head's last linear map (``timm_proj`` linear or mlp, or a
     custom attention pool's projection), or, with no head (``timm_proj`` empty), the trunk's own classifier."""
     trunk = visual.trunk
@@ -225,13 +260,16 @@ def _timm_image_tail(visual: nn.Module) -> _LinearTail:
     if isinstance(classifier, nn.Linear):  # timm's contract: forward_head(pre_logits=True) is its input
         return _LinearTail((functools.partial(_timm_pre_logits, trunk),), classifier)
     attn_pool = getattr(trunk, "attn_pool", None)
-    if getattr(attn_pool, "mlp", None) is not None:
-        raise UnsupportedModelError(
-            f"open_clip timm image tower {type(trunk).__name__} (timm_pool 'map', timm_proj 'none', as SigLIP) ends "
-            "in the attention pool's residual MLP, x + mlp(norm(x)), with no linear map after it: its embedding is "
-            "not a linear map of any features, so it has no end point (EndPoint holds no per-sample residual). "
-            + PROTOCOL_HINT
-        )
+    mlp = getattr(attn_pool, "mlp", None)
+    if mlp is not None:  # SigLIP (timm_pool 'map', timm_proj 'none'): r + mlp(norm(r)), the MLP's last layer
+        tail = _split_at_last_linear(mlp)
+        after = [getattr(trunk, name, None) for name in ("fc_norm", "head_drop", "head")]
+        if tail is None or not all(m is None or _is_noop(m) for m in after):
+            raise UnsupportedModelError(
+                f"open_clip timm image tower {type(trunk).__name__}: its attention pool's MLP does not end in a "
+                "linear map, or layers follow the pool, so it has no end point. " + PROTOCOL_HINT
+            )
+        return ResidualTail(visual, tail.linear, attn_pool.norm, getattr(attn_pool, "pool", "token") or "none")
     raise UnsupportedModelError(
         f"open_clip timm image tower {type(trunk).__name__} has no projection head (timm_proj 'none') and its "
         f"classifier is {type(classifier).__name__}, not a linear map, so it has no end point. " + PROTOCOL_HINT
@@ -253,8 +291,9 @@ class OpenCLIPAdapter(CLIPAdapter):
       second layer ``fc2``; the features are its hidden activation), after any ``timm_pool`` including the
       attention pools (with no projection after an attention pool, its own output projection); with
       ``timm_proj`` empty/null the trunk's classifier (``trunk.get_classifier()``, e.g. after a ``map`` pool), the
-      features being ``trunk.forward_head(..., pre_logits=True)``. ``timm_proj: none`` with SigLIP's ``map``
-      pool has no linear map at the end (a residual MLP) and raises.
+      features being ``trunk.forward_head(..., pre_logits=True)``. ``timm_proj: none`` after SigLIP's ``map`` pool:
+      the pool ends in a residual MLP, ``r + mlp(norm(r))``; the end point is the MLP's last layer and the
+      features are ``[h, r]`` (its input and the residual: :class:`ResidualTail`, ``EndPoint.image_residual``).
 
     Text towers: the built-in ``CLIP`` text transformer and ``CustomTextCLIP`` with an open_clip
     ``TextTransformer`` (features after ``ln_final`` at the pooled token; ``W_t = text_projection``, or its weight
@@ -265,8 +304,8 @@ class OpenCLIPAdapter(CLIPAdapter):
     The logit bias (``init_logit_bias``, SigLIP's sigmoid loss) is ``EndPoint.logit_bias`` when the model has one.
 
     Raises:
-        UnsupportedModelError: for towers without a linear map at the end (CoCa, a ViT without ``proj``, SigLIP's
-            attention-pool image head, a Hugging Face tower with an identity projection).
+        UnsupportedModelError: for towers without a linear map at the end (CoCa, a ViT without ``proj``, a Hugging
+            Face tower with an identity projection).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -279,7 +318,7 @@ class OpenCLIPAdapter(CLIPAdapter):
         if not isinstance(model, open_clip.CLIP | open_clip.CustomTextCLIP):
             raise UnsupportedModelError(_unsupported_message(model))
         self._model = model
-        self._image_tail: _LinearTail | None = None
+        self._image_tail: _LinearTail | ResidualTail | None = None
         self._text_tail: _LinearTail | None = None
         visual = model.visual
         if isinstance(visual, VisionTransformer):
@@ -445,6 +484,7 @@ class OpenCLIPAdapter(CLIPAdapter):
             image_bias=image_bias,
             text_bias=text_bias,
             logit_bias=getattr(model, "logit_bias", None),
+            image_residual=isinstance(self._image_tail, ResidualTail),
         )
 
 

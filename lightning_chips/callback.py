@@ -2,6 +2,9 @@
 
 The callback owns hooks, schedule, state and round files; the round itself (target, pool sample, prepare, score,
 gathers, skipped samples) is :func:`lightning_chips.engine.run_round`, which ``lightning-chips score`` shares.
+
+One module (over 500 lines) because it is one thing: the callback, its argument checks, its round bookkeeping
+(selection, round file, logged metrics, summary line) and its checkpoint state.
 """
 
 from __future__ import annotations

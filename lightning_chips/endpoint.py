@@ -33,6 +33,11 @@ class EndPoint:
             says which loss the model trains with (:attr:`loss`): ``"sigmoid"`` with a logit bias, ``"infonce"``
             (softmax) without one. The softmax is unchanged by a constant added to every logit, so a CLIP trained
             with InfoNCE has no use for one.
+        image_residual: the image head is a residual block ending in a linear map: the unnormalised image embedding
+            is ``W_v^T h + b_v + r``, with ``r`` a per-sample term that no end-point parameter changes (SigLIP's
+            attention-pool head, ``r + mlp(norm(r))``, whose end point is the MLP's last layer). The image features
+            are then ``[h, r]`` (``d_v + e`` columns): :meth:`image_factor` is ``h``, the factor of the image head's
+            per-sample gradient ``h (d^v)^T``, and :meth:`project_image` adds ``r``.
 
     Example::
 
@@ -49,6 +54,7 @@ class EndPoint:
     image_bias: Tensor | None = None
     text_bias: Tensor | None = None
     logit_bias: Tensor | None = None
+    image_residual: bool = False
 
     def __post_init__(self) -> None:
         if self.image_proj.dim() != 2 or self.text_proj.dim() != 2:
@@ -70,6 +76,8 @@ class EndPoint:
                 raise ValueError(f"EndPoint.logit_bias must hold one value, got shape {tuple(self.logit_bias.shape)}.")
             if self.logit_bias.dim() != 0:
                 self.logit_bias = self.logit_bias.reshape(())
+        if not isinstance(self.image_residual, bool):
+            raise TypeError(f"EndPoint.image_residual must be a bool, got {type(self.image_residual).__name__}.")
         for name, bias in (("image_bias", self.image_bias), ("text_bias", self.text_bias)):
             if bias is not None and tuple(bias.shape) != (self.embed_dim,):
                 raise ValueError(f"EndPoint.{name} must have shape [{self.embed_dim}], got {tuple(bias.shape)}.")
@@ -81,8 +89,13 @@ class EndPoint:
 
     @property
     def image_dim(self) -> int:
-        """Pre-projection image feature dimension ``d_v``."""
+        """Input dimension ``d_v`` of the image head's linear map (the image gradient factor's width)."""
         return int(self.image_proj.shape[0])
+
+    @property
+    def image_feature_dim(self) -> int:
+        """Width of the image features: ``d_v``, or ``d_v + e`` with :attr:`image_residual`."""
+        return self.image_dim + (self.embed_dim if self.image_residual else 0)
 
     @property
     def text_dim(self) -> int:
@@ -102,19 +115,36 @@ class EndPoint:
     def tensors(self) -> Iterator[Tensor]:
         """The tensors in canonical order: image_proj, text_proj, logit_scale, image_bias, text_bias, logit_bias (if
         any)."""
-        for f in fields(self):
-            value = getattr(self, f.name)
+        for name in TENSOR_FIELDS:
+            value = getattr(self, name)
             if value is not None:
                 yield value
+
+    def replace(self, **tensors: Tensor | None) -> EndPoint:
+        """A copy with some tensors replaced (``image_residual`` kept)."""
+        current = {name: getattr(self, name) for name in TENSOR_FIELDS}
+        return EndPoint(**(current | tensors), image_residual=self.image_residual)
+
+    def image_factor(self, image: Tensor) -> Tensor:
+        """The input ``h`` of the image head's linear map: the image features, without the residual ``r`` when
+        :attr:`image_residual` (the first :attr:`image_dim` columns)."""
+        return image[..., : self.image_dim] if self.image_residual else image
 
     def scale(self) -> Tensor:
         """The similarity scale ``s = exp(logit_scale) = 1 / tau``."""
         return self.logit_scale.exp()
 
     def project_image(self, h_v: Tensor) -> Tensor:
-        """Unnormalised image embedding ``W_v^T h_v + b_v`` of pre-projection features ``[B, d_v]``."""
+        """Unnormalised image embedding ``W_v^T h_v + b_v`` of pre-projection features ``[B, d_v]`` (plus the residual
+        ``r`` of features ``[h_v, r]`` with :attr:`image_residual`)."""
+        if self.image_residual:
+            if h_v.shape[-1] != self.image_feature_dim:
+                raise ValueError(f"EndPoint with image_residual: image features must have d_v + e = "
+                                 f"{self.image_feature_dim} columns ([h, r]), got {h_v.shape[-1]}.")  # fmt: skip
+            h_v, residual = h_v[..., : self.image_dim], h_v[..., self.image_dim :]
         e = h_v @ self.image_proj
-        return e if self.image_bias is None else e + self.image_bias
+        e = e if self.image_bias is None else e + self.image_bias
+        return e + residual if self.image_residual else e
 
     def project_text(self, h_t: Tensor) -> Tensor:
         """Unnormalised text embedding ``W_t^T h_t + b_t`` of pre-projection features ``[B, d_t]``."""
@@ -131,11 +161,15 @@ class EndPoint:
 
     def detach(self) -> EndPoint:
         """A copy holding detached clones: a snapshot that later optimiser steps do not change."""
-        return EndPoint(**{f.name: _detach(getattr(self, f.name)) for f in fields(self)})
+        return self.replace(**{name: _detach(getattr(self, name)) for name in TENSOR_FIELDS})
 
     def to(self, *args, **kwargs) -> EndPoint:
         """``Tensor.to`` applied to every tensor (device and/or dtype)."""
-        return EndPoint(**{f.name: _to(getattr(self, f.name), *args, **kwargs) for f in fields(self)})
+        return self.replace(**{name: _to(getattr(self, name), *args, **kwargs) for name in TENSOR_FIELDS})
+
+
+TENSOR_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(EndPoint) if f.name != "image_residual")
+"""The names of :class:`EndPoint`'s tensor fields, in canonical order."""
 
 
 def _detach(t: Tensor | None) -> Tensor | None:

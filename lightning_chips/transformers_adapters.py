@@ -1,4 +1,4 @@
-"""Adapters for Hugging Face ``transformers`` CLIPs: ``CLIPModel`` (and why SigLIP has no end point).
+"""Adapters for Hugging Face ``transformers`` CLIPs: ``CLIPModel`` and ``SiglipModel``.
 
 :func:`lightning_chips.adapters.resolve_adapter` reaches this module only when ``transformers`` is already imported
 (a model can be one of its classes only then), and the module itself never imports ``transformers``: it looks the
@@ -21,11 +21,19 @@ end-of-text id (the pooled token itself would be masked), and the original confi
 ordinary token. :meth:`TransformersCLIPAdapter.trim_tokens` cuts each batch after its last pooled position (exact,
 for the same reason).
 
-``SiglipModel`` / ``Siglip2Model`` raise :class:`~lightning_chips.adapters.UnsupportedModelError`: their vision
-tower has no projection after its attention-pool (MAP) head, and that head ends in a residual MLP,
-``pooled = h + mlp(layernorm(h))``. The image embedding is therefore not ``W^T f + b`` of any features ``f`` with
-``W, b`` the last linear layer's parameters (the residual ``h`` is a per-sample term that
-:class:`~lightning_chips.endpoint.EndPoint` has no room for).
+``SiglipModel`` (:class:`TransformersSiglipAdapter`, the sigmoid loss):
+
+- image: the vision tower has no projection after its attention-pool (MAP) head, which ends in a residual MLP,
+  ``pooled = r + mlp(layernorm(r))``: the end point is the MLP's last layer ``fc2`` and the features are ``[h, r]``
+  (its input and the residual, read with forward pre-hooks during the model's own forward;
+  :class:`~lightning_chips.adapters.ResidualTail`, ``EndPoint.image_residual``);
+- text: the last token after ``final_layer_norm``, then ``text_model.head`` (weight and bias);
+- the logit scale and the logit bias (``EndPoint.logit_bias``: the sigmoid loss).
+
+SigLIP is trained without an attention mask on captions padded to the full context and pools the last token, so
+``text_features`` passes no mask and no position is trimmed. ``Siglip2Model`` (patch inputs with spatial shapes)
+raises :class:`~lightning_chips.adapters.UnsupportedModelError`; open_clip's SigLIP 2 configs resolve through the
+open_clip adapter.
 """
 
 from __future__ import annotations
@@ -34,16 +42,14 @@ import sys
 
 from torch import Tensor, nn
 
-from lightning_chips.adapters import PROTOCOL_HINT, CLIPAdapter, UnsupportedModelError
+from lightning_chips.adapters import PROTOCOL_HINT, CLIPAdapter, ResidualTail, UnsupportedModelError
 from lightning_chips.endpoint import EndPoint
 
-__all__ = ["TransformersCLIPAdapter", "is_transformers_clip", "transformers_adapter"]
+__all__ = ["TransformersCLIPAdapter", "TransformersSiglipAdapter", "is_transformers_clip", "transformers_adapter"]
 
 _CLIP = (("transformers.models.clip.modeling_clip", "CLIPModel"),)
-_SIGLIP = (
-    ("transformers.models.siglip.modeling_siglip", "SiglipModel"),
-    ("transformers.models.siglip2.modeling_siglip2", "Siglip2Model"),
-)
+_SIGLIP = (("transformers.models.siglip.modeling_siglip", "SiglipModel"),)
+_SIGLIP2 = (("transformers.models.siglip2.modeling_siglip2", "Siglip2Model"),)
 
 
 def _loaded(names: tuple[tuple[str, str], ...]) -> tuple[type, ...]:
@@ -55,23 +61,23 @@ def _loaded(names: tuple[tuple[str, str], ...]) -> tuple[type, ...]:
 def is_transformers_clip(model: object) -> bool:
     """Whether ``model`` is a ``transformers`` ``CLIPModel``, ``SiglipModel`` or ``Siglip2Model`` (without importing
     ``transformers``)."""
-    return isinstance(model, _loaded(_CLIP) + _loaded(_SIGLIP))
+    return isinstance(model, _loaded(_CLIP) + _loaded(_SIGLIP) + _loaded(_SIGLIP2))
 
 
 def transformers_adapter(model: nn.Module) -> CLIPAdapter:
     """The adapter for a ``transformers`` CLIP.
 
     Raises:
-        UnsupportedModelError: for SigLIP models (their image tower ends in a residual MLP, not a linear map) and
-            anything that is not a ``transformers`` ``CLIPModel``.
+        UnsupportedModelError: for ``Siglip2Model`` and anything that is not a ``transformers`` ``CLIPModel`` or
+            ``SiglipModel``.
     """
-    if isinstance(model, _loaded(_SIGLIP)):
+    if isinstance(model, _loaded(_SIGLIP2)):
         raise UnsupportedModelError(
-            f"transformers {type(model).__name__}: the vision tower has no projection after its attention-pool (MAP) "
-            "head, which ends in a residual MLP (pooled = h + mlp(layernorm(h))); the image embedding is not a "
-            "linear map of any features, so it has no end point (EndPoint holds no per-sample residual). "
-            + PROTOCOL_HINT
+            f"transformers {type(model).__name__} is not supported yet (its vision tower takes patches with spatial "
+            "shapes); open_clip's SigLIP 2 configs are. " + PROTOCOL_HINT
         )
+    if isinstance(model, _loaded(_SIGLIP)):
+        return TransformersSiglipAdapter(model)
     return TransformersCLIPAdapter(model)
 
 
@@ -125,4 +131,59 @@ class TransformersCLIPAdapter(CLIPAdapter):
             logit_scale=model.logit_scale,
             image_bias=image.bias,
             text_bias=text.bias,
+        )
+
+
+class TransformersSiglipAdapter(CLIPAdapter):
+    """Adapter for ``transformers`` ``SiglipModel`` (see the module docstring for the end point).
+
+    Example::
+
+        >>> from transformers import SiglipConfig, SiglipModel  # doctest: +SKIP
+        >>> adapter = resolve_adapter(SiglipModel(SiglipConfig()))  # doctest: +SKIP
+        >>> adapter.endpoint().loss  # doctest: +SKIP
+        'sigmoid'
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, _loaded(_SIGLIP)):
+            raise UnsupportedModelError(f"{type(model).__name__} is not a transformers SiglipModel. " + PROTOCOL_HINT)
+        vision = model.vision_model
+        head = getattr(vision, "head", None) if getattr(vision, "use_head", True) else None
+        if head is None or not isinstance(getattr(getattr(head, "mlp", None), "fc2", None), nn.Linear):
+            raise UnsupportedModelError(
+                f"This {type(model).__name__}'s vision tower has no attention-pool head ending in a linear map "
+                "(vision_use_head=False?), so it has no image end point. " + PROTOCOL_HINT
+            )
+        self._model = model
+        self._image = ResidualTail(lambda images: vision(pixel_values=images), head.mlp.fc2, head.layernorm, "token")
+
+    @property
+    def module(self) -> nn.Module:
+        return self._model
+
+    def image_features(self, images: Tensor) -> Tensor:
+        return self._image.features(images)
+
+    def text_features(self, tokens: Tensor) -> Tensor:
+        text = self._model.text_model
+        captured: list[Tensor] = []
+        hook = text.head.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+        try:
+            text(input_ids=tokens)
+        finally:
+            hook.remove()
+        return captured[0]
+
+    def endpoint(self) -> EndPoint:
+        model = self._model
+        image, text = self._image.linear, model.text_model.head
+        return EndPoint(
+            image_proj=image.weight.T,
+            text_proj=text.weight.T,
+            logit_scale=model.logit_scale,
+            image_bias=image.bias,
+            text_bias=text.bias,
+            logit_bias=model.logit_bias,
+            image_residual=True,
         )

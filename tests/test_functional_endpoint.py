@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.func import grad, vmap
 
 from lightning_chips.adapters import EndPoint, resolve_adapter
+from lightning_chips.endpoint import TENSOR_FIELDS
 from lightning_chips.functional import (
     EndPointDirection,
     EndPointGrads,
@@ -159,7 +160,7 @@ def _setup(name: str):
                 return None
             return t + 0.05 * t.abs().mean().clamp_min(0.1) * torch.randn(t.shape, generator=gen, dtype=DT)
 
-        ep = EndPoint(**{field: perturb(t) for field, t in vars(ep).items()})
+        ep = ep.replace(**{field: perturb(getattr(ep, field)) for field in TENSOR_FIELDS})
         ep.logit_scale = torch.tensor(1.7, dtype=DT)  # s ~ 5.5: softmaxes neither one-hot nor uniform
     assert h_v.dtype == DT and h_t.dtype == DT
     bank_x, bank_y = ep.embed_image(h_v[N:]), ep.embed_text(h_t[N:])

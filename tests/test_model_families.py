@@ -5,7 +5,8 @@ padded caption batches of different lengths included (so the padding trim is exe
 per-sample end-point gradients equal ``torch.func`` autograd of the per-sample bank loss (InfoNCE, or SigLIP's
 sigmoid loss when the model has a logit bias) in float64, and autograd through the model's live parameters;
 (c) ``endpoint()`` holds the live parameters, and a logit bias exactly when the model has one. SigLIP's image
-towers end in a residual MLP, not a linear map: they are refused with the reason.
+towers end in a residual MLP, ``r + mlp(norm(r))``: their end point is the MLP's last layer, with features ``[h, r]``
+(``EndPoint.image_residual``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import copy
 import subprocess
 import sys
 import types
-from dataclasses import fields
 
 import lightning.pytorch as pl
 import open_clip
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_chips.adapters import OpenCLIPAdapter, UnsupportedModelError, resolve_adapter
-from lightning_chips.endpoint import EndPoint
+from lightning_chips.endpoint import TENSOR_FIELDS, EndPoint
 from lightning_chips.functional.endpoint import endpoint_per_sample_grads
 
 from .conftest import TINY_TEXT
@@ -149,9 +149,12 @@ FAMILIES = {
     "timm_mlp": (lambda: _open_clip(_timm_cfg(timm_pool="avg", timm_proj="mlp")), 32, _open_clip_tokens, "eot"),
     "hf_text_mlp": (_biomedclip_shaped, 32, _bert_tokens, 14),
     "siglip_open_clip_linear_image_head": (lambda: _siglip_open_clip(timm_proj=None), 32, _siglip_tokens, None),
+    "siglip_open_clip": (lambda: _siglip_open_clip(timm_proj="none"), 32, _siglip_tokens, None),
     "transformers_clip": (_hf_clip, 32, _hf_clip_tokens, 12),
+    "transformers_siglip": (_hf_siglip, 32, _siglip_tokens, None),
 }  # fmt: skip
-SIGLIP = {"siglip_open_clip_linear_image_head"}
+SIGLIP = {"siglip_open_clip_linear_image_head", "siglip_open_clip", "transformers_siglip"}
+RESIDUAL = {"siglip_open_clip", "transformers_siglip"}  # image heads r + mlp(norm(r))
 
 
 def _perturbed(model: nn.Module) -> nn.Module:
@@ -197,7 +200,9 @@ def test_adapter_embeddings_are_the_models_own(name):
         torch.testing.assert_close(adapter.encode_text(tokens), own_text, atol=1e-5, rtol=0)
         ep = adapter.endpoint()
         torch.testing.assert_close(ep.embed_text(adapter.text_features(tokens)), own_text, atol=1e-5, rtol=0)
-        assert adapter.image_features(images).shape == (4, ep.image_dim)
+        assert adapter.image_features(images).shape == (4, ep.image_feature_dim)
+        assert ep.image_residual == (name in RESIDUAL)
+        assert ep.image_feature_dim == ep.image_dim + (ep.embed_dim if name in RESIDUAL else 0)
 
 
 @pytest.mark.parametrize("legacy_eos", [False, True])
@@ -281,7 +286,7 @@ def _reference_loss(ep: EndPoint, h_v, h_t, bank_x, bank_y):
 
 
 def _names(ep: EndPoint) -> list[str]:
-    return [f.name for f in fields(ep) if getattr(ep, f.name) is not None]
+    return [name for name in TENSOR_FIELDS if getattr(ep, name) is not None]
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -306,7 +311,7 @@ def test_closed_form_per_sample_grads_match_autograd(name):
     names = _names(snapshot)
 
     def loss(tensors, hv, ht):
-        return _reference_loss(EndPoint(**dict(zip(names, tensors, strict=True))), hv, ht, bank_x, bank_y)
+        return _reference_loss(snapshot.replace(**dict(zip(names, tensors, strict=True))), hv, ht, bank_x, bank_y)
 
     per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(tuple(snapshot.tensors()), h_v, h_t)
     reference = torch.cat([g.reshape(n, -1) for g in per_sample], dim=1)
@@ -366,12 +371,20 @@ def test_transformers_and_timm_clips_resolve_under_a_lightning_module():
         resolve_adapter(_Holder(student=oc, teacher=hf))
 
 
-def test_siglip_image_towers_are_refused_with_the_reason():
-    """SigLIP's attention-pool head ends in a residual MLP (x + mlp(norm(x))) with no linear map after it."""
-    for model in (_siglip_open_clip(timm_proj="none"), _hf_siglip()):
-        for held in (model, _Holder(siglip=model)):
-            with pytest.raises(UnsupportedModelError, match="residual MLP"):
-                resolve_adapter(held)
+def test_siglip_image_towers_end_point_is_the_residual_mlps_last_layer():
+    """SigLIP's attention-pool head ends in a residual MLP, r + mlp(norm(r)): the end point is the MLP's fc2 (live),
+    the features are [h, r], and the embedding is W^T h + b + r (held directly or under a LightningModule)."""
+    oc, hf = _perturbed(_siglip_open_clip(timm_proj="none")), _perturbed(_hf_siglip())
+    for model, fc2 in ((oc, oc.visual.trunk.attn_pool.mlp.fc2), (hf, hf.vision_model.head.mlp.fc2)):
+        adapter = resolve_adapter(_Holder(siglip=model))
+        assert adapter.module is model
+        ep = adapter.endpoint()
+        assert ep.image_proj._base is fc2.weight and ep.image_bias is fc2.bias and ep.image_residual
+        with torch.no_grad():
+            features = adapter.image_features(torch.randn(2, 3, 32, 32))
+            h, r = features[:, : ep.image_dim], features[:, ep.image_dim :]
+            torch.testing.assert_close(ep.project_image(features), fc2(h) + r, atol=1e-6, rtol=0)
+            assert r.abs().sum() > 0  # the residual is a real per-sample term
 
 
 def test_siglip_shaped_open_clip_with_a_linear_image_head_has_the_text_and_bias_end_point():

@@ -197,6 +197,7 @@ def curvature_atoms(
     ``v = sigma (1 - sigma)`` (weight ``alpha V / (2 K R)``, ``V`` the sum of ``v`` over the bank). See the module
     docstring.
     """
+    h_image = endpoint.image_factor(h_image)  # the image head's input (features without a residual)
     if stats.logit_bias is not None:
         return _sigmoid_atoms(
             h_image, h_text, stats, bank_image, bank_text, endpoint, alpha=alpha,

@@ -418,6 +418,7 @@ def grads_from_stats(
     h_image: Tensor, h_text: Tensor, stats: BankStats, bank_image: Tensor, bank_text: Tensor, endpoint: EndPoint
 ) -> EndPointGrads:
     """Factored per-sample gradients from precomputed :class:`BankStats` (of either loss)."""
+    h_image = endpoint.image_factor(h_image)  # the image head's input (features without a residual)
     if stats.logit_bias is not None:
         return _sigmoid_grads(h_image, h_text, stats, bank_image, bank_text, endpoint)
     s, p, q = stats.s, stats.p, stats.q

@@ -31,13 +31,11 @@ bank (no backbone pass), once per round; scoring adds two projections and two ba
 
 from __future__ import annotations
 
-from dataclasses import fields
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_chips.endpoint import EndPoint
+from lightning_chips.endpoint import TENSOR_FIELDS, EndPoint
 
 __all__ = ["adapt_endpoint", "bank_rank", "plausibility_weight"]
 
@@ -92,13 +90,13 @@ def adapt_endpoint(
     start = endpoint.detach()  # detached clones
     if steps == 0:
         return start
-    params = {f.name: getattr(start, f.name) for f in fields(start)}
+    params = {name: getattr(start, name) for name in TENSOR_FIELDS}
     live = [p.requires_grad_(True) for p in params.values() if p is not None]
     optimizer = torch.optim.Adam(live, lr=lr)
     labels = torch.arange(len(target_image), device=target_image.device)
     with torch.enable_grad():
         for _ in range(steps):
-            ep = EndPoint(**params)
+            ep = start.replace(**params)
             x, y = ep.embed_image(target_image), ep.embed_text(target_text)
             with torch.no_grad():
                 bx, by = ep.embed_image(bank_image), ep.embed_text(bank_text)
@@ -112,7 +110,7 @@ def adapt_endpoint(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    return EndPoint(**{name: None if p is None else p.detach() for name, p in params.items()})
+    return start.replace(**{name: None if p is None else p.detach() for name, p in params.items()})
 
 
 def _sigmoid_rows(logits: Tensor) -> Tensor:
