@@ -135,9 +135,13 @@ QUICK = Config(
 
 METHODS = ["random", "clipscore", "negclip", "normsim", "negclip+normsim", "clipcov", "clip_powered", "dot",
            "tracin", "trak", "chips", "chips+plausibility", "chips-reselect",
-           "chips+plausibility-reselect"]  # fmt: skip
+           "chips+plausibility-reselect", "random-siglip", "chips-siglip"]  # fmt: skip
 """Every selection method of the table. ``chips`` is the paper's CHIPS (``CHIPS()``); ``chips+plausibility`` adds
-the plausibility weight (the recommended configuration, :data:`RECOMMENDED`); ``-reselect`` re-scores every epoch."""
+the plausibility weight (the recommended configuration, :data:`RECOMMENDED`); ``-reselect`` re-scores every epoch;
+``-siglip`` runs the method with a model pretrained and continually pre-trained with SigLIP's sigmoid loss (a logit
+bias in its end point) instead of InfoNCE, on the same pool: CHIPS then uses the sigmoid loss's gradients and
+curvature (docs/methods.md, SigLIP)."""
+SIGLIP = "-siglip"
 
 PLAUSIBILITY = ("alignment", "learnability", "relevance", "plausibility")
 RECOMMENDED = {"components": PLAUSIBILITY}
@@ -408,9 +412,9 @@ def build_sets(cfg: Config, towers: Towers | None, cache: Path, scenario: str = 
 # ----------------------------------------------------------------------------------------------------------------
 # training and evaluation
 # ----------------------------------------------------------------------------------------------------------------
-def _model(cfg: Config, lr: float, state: dict | None = None) -> TwoTowerCLIP:
+def _model(cfg: Config, lr: float, state: dict | None = None, loss: str = "infonce") -> TwoTowerCLIP:
     model = TwoTowerCLIP(image_tower=None, text_tower=None, image_dim=1280, text_dim=384, embed_dim=cfg.embed_dim,
-                         lr=lr, weight_decay=0.0, seed=0)  # fmt: skip
+                         lr=lr, weight_decay=0.0, seed=0, loss=loss)  # fmt: skip
     if state is not None:
         model.load_state_dict(state)
     return model
@@ -422,9 +426,10 @@ def _trainer(epochs: int, callbacks: list | None = None) -> pl.Trainer:
                       num_sanity_val_steps=0)  # fmt: skip
 
 
-def train(cfg: Config, features: Features, *, epochs: int, lr: float, seed: int, state: dict | None) -> TwoTowerCLIP:
+def train(cfg: Config, features: Features, *, epochs: int, lr: float, seed: int, state: dict | None,
+          loss: str = "infonce") -> TwoTowerCLIP:  # fmt: skip
     pl.seed_everything(seed, verbose=False)
-    model = _model(cfg, lr, state)
+    model = _model(cfg, lr, state, loss)
     loader = DataLoader(FeatureDataset(features), batch_size=cfg.batch_size, shuffle=True, drop_last=False,
                         generator=torch.Generator().manual_seed(seed))  # fmt: skip
     _trainer(epochs).fit(model, loader)
@@ -475,7 +480,7 @@ def composition(sets: dict, positions: np.ndarray) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------------------------
 def chips_kwargs(name: str) -> dict:
     """CHIPS keyword arguments of a method or ablation name (``chips``, ``chips+plausibility``, ``base:k=v,...``)."""
-    base, _, spec = name.removesuffix("-reselect").partition(":")
+    base, _, spec = name.removesuffix("-reselect").removesuffix(SIGLIP).partition(":")
     if base not in ("chips", "chips+plausibility"):
         raise ValueError(f"{name!r} is not a CHIPS variant.")
     kwargs: dict = dict(RECOMMENDED) if base == "chips+plausibility" else {}
@@ -496,6 +501,7 @@ def make_scorer(name: str, budget: float, seed: int, sets: dict) -> Scorer:
     from lightning_chips.scoring import CHIPS, Chain, NegCLIPLoss, NormSim
 
     classnames = list(sets["prompts"]["all_classnames"])
+    name = name.removesuffix(SIGLIP)  # the same method; the model (and so the loss) differs
     if name == "random":
         return build_scorer("random", seed=seed)
     if name == "negclip":
@@ -560,10 +566,11 @@ def choose(name: str, budget: float, seed: int, model: TwoTowerCLIP, sets: dict,
     return np.array(sorted(position[int(u)] for u in chosen.ids))
 
 
-def cpt(cfg: Config, sets: dict, state: dict, positions: np.ndarray | None, seed: int) -> dict[str, float]:
+def cpt(cfg: Config, sets: dict, state: dict, positions: np.ndarray | None, seed: int,
+        loss: str = "infonce") -> dict[str, float]:  # fmt: skip
     pool: Features = sets["pool"]
     subset = pool if positions is None else pool.index(torch.as_tensor(positions))
-    model = train(cfg, subset, epochs=cfg.cpt_epochs, lr=cfg.cpt_lr, seed=seed, state=state)
+    model = train(cfg, subset, epochs=cfg.cpt_epochs, lr=cfg.cpt_lr, seed=seed, state=state, loss=loss)
     return evaluate(model, sets)
 
 
@@ -698,6 +705,11 @@ def render(results: Results, budgets: list[str], scenario: str) -> str:
              "What each selection holds (mean over the seeds; head classes and class entropy are of its target-domain "
              "pairs, by image class; the -reselect rows show the last round's selection):", "",
              composition_table(results, budgets)]  # fmt: skip
+    siglip = results.extra.get("pretrained_siglip")
+    if siglip:
+        parts += ["", "The `-siglip` rows start from a model pretrained like the others but with SigLIP's sigmoid "
+                  f"loss (target acc1 {100 * siglip['target_acc1']:.1f}, general acc1 "
+                  f"{100 * siglip['general_acc1']:.1f} before CPT) and continue with that loss."]  # fmt: skip
     fid = results.extra.get("fidelity")
     if fid:
         parts += ["", f"End-point fidelity: Spearman {fid['spearman']:.3f} between end-point alignment "
@@ -758,7 +770,8 @@ DESCRIPTIONS = {
 }  # fmt: skip
 
 
-def run(cfg: Config, cache: Path, scenario: str, log: Callable[[str], None] = print) -> Results:
+def run(cfg: Config, cache: Path, scenario: str, log: Callable[[str], None] = print,
+        only: list[str] | None = None) -> Results:  # fmt: skip
     start = time.perf_counter()
     sets = build_sets(cfg, None, cache, scenario)
     pool: Features = sets["pool"]
@@ -782,11 +795,13 @@ def run(cfg: Config, cache: Path, scenario: str, log: Callable[[str], None] = pr
     results.add("pretrained (no CPT)", "-", evaluate(pretrained, sets))
     budgets = [f"{round(100 * b)}%" for b in cfg.budgets]
     scores: dict = {}
-    for seed in cfg.seeds:
+    for seed in cfg.seeds if only is None else ():
         results.add("full pool", "100%", cpt(cfg, sets, state, None, seed))
         results.add("random 50%", "50%", cpt(cfg, sets, state, choose("random", 0.5, seed, pretrained, sets), seed))
     methods = [m for m in METHODS if cfg.reselect and scenario != "clean" or not m.endswith("-reselect")]
     methods += ABLATIONS if cfg.ablations and scenario != "clean" else []
+    methods = [m for m in methods if only is None or m in only]
+    sigmoid: tuple[TwoTowerCLIP, dict] | None = None  # the SigLIP-loss model, pretrained like the InfoNCE one
     for method in methods:
         t0 = time.perf_counter()
         for budget, label in zip(cfg.budgets, budgets, strict=True):
@@ -794,6 +809,14 @@ def run(cfg: Config, cache: Path, scenario: str, log: Callable[[str], None] = pr
                 if method.endswith("-reselect"):
                     metrics, overlaps, positions = cpt_reselect(cfg, sets, state, method, budget, seed)
                     results.extra.setdefault("reselect_overlap", {})[f"{method} {label}/{seed}"] = overlaps
+                elif method.endswith(SIGLIP):
+                    if sigmoid is None:
+                        model = train(cfg, sets["general"], epochs=cfg.pretrain_epochs, lr=cfg.pretrain_lr, seed=0,
+                                      state=None, loss="sigmoid")  # fmt: skip
+                        sigmoid = model, {k: v.detach().clone() for k, v in model.state_dict().items()}
+                        results.extra["pretrained_siglip"] = evaluate(model, sets)
+                    positions = choose(method, budget, seed, sigmoid[0], sets, scores)
+                    metrics = cpt(cfg, sets, sigmoid[1], positions, seed, loss="sigmoid")
                 else:
                     positions = choose(method, budget, seed, pretrained, sets, scores)
                     metrics = cpt(cfg, sets, state, positions, seed)
@@ -859,7 +882,13 @@ def main(argv: list[str] | None = None) -> dict[str, Results]:
         default=1,
         help="torch threads (the heads and features are small: one thread is fastest, and robust to a busy machine)",
     )
+    parser.add_argument("--methods", nargs="+", default=None, help="run only these methods (and the pretrained row), "
+                        "e.g. to add rows to an earlier run with --update")  # fmt: skip
+    parser.add_argument("--update", type=Path, default=None, help="a results.json whose rows the methods run here "
+                        "replace or join (same configuration); written to --out")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.update is not None and (args.out is None or args.methods is None):
+        parser.error("--update needs --methods (the rows to run) and --out")
     if args.merge:
         if args.out is None:
             parser.error("--merge needs --out (the directory of the merged table.md, results.json and plots)")
@@ -882,11 +911,25 @@ def main(argv: list[str] | None = None) -> dict[str, Results]:
     cfg = QUICK if args.quick else Config()
     torch.set_num_threads(args.threads)
     scenarios = SCENARIOS if args.scenario == "all" else (args.scenario,)
-    results = {name: run(cfg, args.cache, name) for name in scenarios}
+    if args.methods is not None and (unknown := [m for m in args.methods if m not in METHODS + ABLATIONS]):
+        parser.error(f"--methods: unknown {unknown}; choose from {METHODS}")
+    results = {name: run(cfg, args.cache, name, only=args.methods) for name in scenarios}
+    command = "python benchmarks/selection_quality.py" + (" --quick" if args.quick else "")
+    command += "" if args.scenario == "all" else f" --scenario {args.scenario}"
+    command += "" if args.methods is None else f" --methods {' '.join(args.methods)}"
+    if args.update is not None:
+        base_cfg, base, payload = load(args.update)
+        if asdict(base_cfg) != asdict(cfg):
+            parser.error(f"--update: {args.update} was run with another configuration")
+        for name, new in results.items():
+            old = base.setdefault(name, Results())
+            for method, rows in new.rows.items():
+                if method != "pretrained (no CPT)":
+                    old.rows[method] = rows
+            old.extra.update({k: v for k, v in new.extra.items() if k not in ("seconds",)})
+        results, command = base, f"{payload['command']}; {command} --update {args.update}"
     print(render_all(results, [f"{round(100 * b)}%" for b in cfg.budgets]))
     if args.out is not None:
-        command = "python benchmarks/selection_quality.py" + (" --quick" if args.quick else "")
-        command += "" if args.scenario == "all" else f" --scenario {args.scenario}"
         write(args.out, cfg, results, command)
     return results
 
