@@ -29,7 +29,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -532,6 +532,16 @@ def _target_digest(pairs: list[dict] | None) -> str:
     return digest.hexdigest()
 
 
+_PROBE_CAPTIONS = ["a photo of a dog.", "Fluorescence micrograph of HeLa cells, 40x", "", "x " * 300]
+
+
+def _tokenizer_digest(tokenizer: Callable[[list[str]], Any]) -> str:
+    """A digest of the token ids ``tokenizer`` gives fixed probe captions (short, long, empty, over any context):
+    two tokenizers, or context lengths, that would tokenize a pool differently give different digests."""
+    ids = torch.as_tensor(tokenizer(_PROBE_CAPTIONS))
+    return hashlib.sha1(f"{tuple(ids.shape)}".encode() + ids.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
 def score_pool(
     model: LightningModule,
     scorer: Scorer,
@@ -552,7 +562,7 @@ def score_pool(
     learning_rate: float | None = None,
     group_by: list[str] | str | None = None,
     max_skipped: float | None = 0.05,
-    tokenizer: str | None = None,
+    tokenizer: str | Callable[[list[str]], Tensor] | None = None,
     context_length: int | None = None,
 ) -> Path:
     """Score every pair of a WebDataset pool with ``scorer`` under ``model``; write ``output/scores.npz``.
@@ -589,10 +599,13 @@ def score_pool(
             (the part files stay: re-run with a higher limit, or after repairing the data, to finish). ``None`` or
             1: no limit. The same rule as :class:`~lightning_chips.DataSelectionCallback`'s ``max_skipped``.
         tokenizer: an open_clip model name whose tokenizer tokenizes the captions and prompts (e.g. ``ViT-B-32``),
-            for a model without its own (``get_tokenizer()``, a transformers tokenizer or processor); default: the
-            model's. Part of the run's identity when given.
+            or a callable (captions -> ``[B, L]`` token ids; Python only), for a model without its own
+            (``get_tokenizer()``, a transformers tokenizer or processor); default: the model's.
         context_length: tokens per caption; default: the model's context length, which a tokenizer or value that
-            differs from it is an error against (before any work). Part of the run's identity when given.
+            differs from it is an error against (before any work).
+
+    The tokenizer in use, whichever it is, is part of the run's identity through the token ids it gives a few fixed
+    probe captions: resuming into the same ``output`` with a tokenizer that tokenizes differently is refused.
 
     Returns:
         The path of ``scores.npz`` (ids sorted, float32 scores, ``method``, ``scorer``, ``model_fingerprint``).
@@ -623,7 +636,8 @@ def score_pool(
     max_skipped = check_max_skipped(max_skipped)
     group_fields = list(check_group_by(group_by))
     resolved = resolve_adapter(model, adapter)  # fail before any work if the CLIP cannot be reached
-    resolve_tokenizer(tokenizer, context_length, model, command_line=True)  # the same: a missing or wrong tokenizer
+    # the same for a missing or wrong tokenizer; what it makes of fixed probe captions is part of the run's identity
+    tokens = _tokenizer_digest(resolve_tokenizer(tokenizer, context_length, model, command_line=True))
     image_size = int(image_size or getattr(model, "image_size", None) or 224)
     urls = expand_shards(pool)
     target_pairs, target_report = (None, None)
@@ -635,8 +649,7 @@ def score_pool(
     run_spec = [fingerprint, scorer.config(), target_digest, pool_sample, seed, image_size, uid_field, learning_rate]
     if group_fields:  # (without it the identity of earlier runs is unchanged)
         run_spec.append(group_fields)
-    if tokenizer is not None or context_length is not None:  # (the same)
-        run_spec.append({"tokenizer": tokenizer, "context_length": context_length})
+    run_spec.append(tokens)
     run = hashlib.sha1(json.dumps(run_spec).encode()).hexdigest()[:16]
     out = Path(output)
     trainer = trainer if trainer is not None else Trainer(

@@ -5,8 +5,7 @@ For each family of ``tests/test_model_families.py`` (built offline from tiny con
 captions (so no tokenizer is named), training the model with its own loss (InfoNCE, or SigLIP's sigmoid loss for a
 model with a logit bias) through the adapter's normalised embeddings; (2) ``score_pool`` (``lightning-chips score``)
 over WebDataset shards of string captions, tokenized by a callable word tokenizer in the family's vocabulary that
-the module returns from ``get_tokenizer()`` (``score_pool(tokenizer=...)`` takes only an open_clip model name: a
-callable there fails, marked xfail below).
+the module returns from ``get_tokenizer()`` (or that ``score_pool(tokenizer=...)`` is given).
 """
 
 from __future__ import annotations
@@ -181,8 +180,7 @@ class TokenizingFamilyCLIP(FamilyCLIP):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_score_runs_chips_over_shards_for_every_family(name, shards, tmp_path):
-    """``score_pool``'s ``tokenizer`` is part of the run's identity, written as JSON: it takes an open_clip model
-    name, and a callable tokenizer comes from the model's ``get_tokenizer()`` (see the xfail below)."""
+    """The family's callable tokenizer comes from the model's ``get_tokenizer()``."""
     root, valid = shards
     module = TokenizingFamilyCLIP(name)
     scorer = _chips()
@@ -198,17 +196,23 @@ def test_score_runs_chips_over_shards_for_every_family(name, shards, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True, raises=TypeError,
-    reason="score_pool(tokenizer=<callable>) fails with 'Object of type WordIds is not JSON serializable': the "
-    "tokenizer goes into the run identity through json.dumps (lightning_chips/offline.py, run_spec), so only an "
-    "open_clip model name is accepted there, as its signature and docstring say",
-)  # fmt: skip
-def test_score_pool_takes_a_callable_tokenizer(shards, tmp_path):
+def test_score_pool_takes_a_callable_tokenizer_and_a_different_one_is_another_run(shards, tmp_path):
+    """A callable tokenizer passed to ``score_pool`` tokenizes the captions; the tokenizer is part of the run's
+    identity (through the ids it gives fixed probe captions), so resuming with one that tokenizes differently is
+    refused instead of mixing scores of two tokenizations."""
     root, valid = shards
     module = FamilyCLIP("transformers_siglip")
     length = model_context_length(module)
-    path = score_pool(module, _chips(), str(root / "pool"), str(tmp_path / "scores"), target=str(root / "target"),
-                      batch_size=BATCH, num_workers=0, pool_sample=None, trainer=_trainer(),
-                      tokenizer=WordIds("transformers_siglip", length), context_length=length)  # fmt: skip
-    assert read_scores(path)["ids"].tolist() == sorted(valid)
+    words = WordIds("transformers_siglip", length)
+
+    def score(tokenizer) -> str:
+        return score_pool(module, _chips(), str(root / "pool"), str(tmp_path / "scores"), target=str(root / "target"),
+                          batch_size=BATCH, num_workers=0, pool_sample=None, trainer=_trainer(), tokenizer=tokenizer,
+                          context_length=length)  # fmt: skip
+
+    assert read_scores(score(words))["ids"].tolist() == sorted(valid) and words.calls > 0
+    score(WordIds("transformers_siglip", length))  # another instance, the same tokenization: resumes
+    other = WordIds("transformers_siglip", length)
+    other.low += 1  # every word gets another id
+    with pytest.raises(ValueError, match="another run"):
+        score(other)
