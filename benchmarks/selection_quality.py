@@ -47,7 +47,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +73,15 @@ from lightning_chips.selection import select  # noqa: E402
 # ----------------------------------------------------------------------------------------------------------------
 # configuration
 # ----------------------------------------------------------------------------------------------------------------
-SCENARIOS = ("standard", "indomain", "clean")
+SCENARIOS = ("standard", "indomain", "clean", "indomain-clean", "indomain-noisy")
+VARIANTS = {
+    "indomain-clean": ("indomain", {"indomain_mismatched": 0.0, "indomain_uninformative": 0.0, "noise_fraction": 0.0}),
+    "indomain-noisy": ("indomain", {"indomain_mismatched": 0.45, "indomain_uninformative": 0.15,
+                                    "noise_fraction": 0.45}),
+}  # fmt: skip
+"""Scenarios that are another scenario's pool with other caption noise: (base scenario, :class:`Config` changes).
+They answer one question, how a noise weight behaves as the noise goes from none to most of the pool, so they run
+:data:`VARIANT_METHODS` only."""
 
 
 @dataclass
@@ -134,18 +142,24 @@ QUICK = Config(
 )
 
 METHODS = ["random", "clipscore", "negclip", "normsim", "negclip+normsim", "clipcov", "clip_powered", "dot",
-           "tracin", "trak", "chips", "chips+plausibility", "chips-reselect",
+           "tracin", "trak", "chips", "chips+plausibility", "chips+adaptive", "chips-reselect",
            "chips+plausibility-reselect", "random-siglip", "chips-siglip"]  # fmt: skip
-"""Every selection method of the table. ``chips`` is the paper's CHIPS (``CHIPS()``); ``chips+plausibility`` adds
-the plausibility weight (the recommended configuration, :data:`RECOMMENDED`); ``-reselect`` re-scores every epoch;
+"""Every selection method of the table. ``chips`` is the paper's CHIPS (``CHIPS(components="paper")``);
+``chips+plausibility`` multiplies it by the plausibility weight at a fixed ``gamma`` (:data:`FIXED`);
+``chips+adaptive`` scales ``gamma`` by the pool's estimated noise share (:data:`ADAPTIVE`, ``CHIPS()``'s default);
+``-reselect`` re-scores every epoch;
 ``-siglip`` runs the method with a model pretrained and continually pre-trained with SigLIP's sigmoid loss (a logit
 bias in its end point) instead of InfoNCE, on the same pool: CHIPS then uses the sigmoid loss's gradients and
 curvature (docs/methods.md, SigLIP)."""
 SIGLIP = "-siglip"
 
 PLAUSIBILITY = ("alignment", "learnability", "relevance", "plausibility")
-RECOMMENDED = {"components": PLAUSIBILITY}
-"""The keyword arguments of the recommended CHIPS configuration (``CHIPS(**RECOMMENDED)``)."""
+PAPER = {"components": "paper"}
+"""The paper's CHIPS: ``CHIPS(**PAPER)``."""
+FIXED = {"components": PLAUSIBILITY, "noise_adaptive": False}
+"""The plausibility weight at a fixed ``gamma``."""
+ADAPTIVE = {"components": PLAUSIBILITY, "noise_adaptive": True}
+"""The plausibility weight with ``gamma`` set by the pool's estimated noise share."""
 
 ABLATIONS = [
     "chips:components=alignment",
@@ -166,6 +180,7 @@ ABLATIONS = [
 and CHIPS keyword arguments (components joined by ``*``). The exact (kernel) solve needs an R x R Gram matrix over
 R curvature atoms, so it runs with 1,024 curvature samples (R = 5,120), beside the sketch at 1,024."""
 REFERENCES = ["full pool", "random 50%"]
+VARIANT_METHODS = ["random", "trak", "chips", "chips+plausibility", "chips+adaptive"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -481,9 +496,10 @@ def composition(sets: dict, positions: np.ndarray) -> dict[str, float]:
 def chips_kwargs(name: str) -> dict:
     """CHIPS keyword arguments of a method or ablation name (``chips``, ``chips+plausibility``, ``base:k=v,...``)."""
     base, _, spec = name.removesuffix("-reselect").removesuffix(SIGLIP).partition(":")
-    if base not in ("chips", "chips+plausibility"):
+    presets = {"chips": PAPER, "chips+plausibility": FIXED, "chips+adaptive": ADAPTIVE}
+    if base not in presets:
         raise ValueError(f"{name!r} is not a CHIPS variant.")
-    kwargs: dict = dict(RECOMMENDED) if base == "chips+plausibility" else {}
+    kwargs: dict = dict(presets[base])
     for item in filter(None, spec.split(",")):
         key, _, value = item.partition("=")
         if key == "components":
@@ -540,14 +556,20 @@ class _PromptFeatures:
 
 
 def pool_scores(name: str, budget: float, seed: int, model: TwoTowerCLIP, sets: dict) -> np.ndarray:
-    """Scores of every pool pair by method ``name`` with the pretrained model."""
+    """Scores of every pool pair by method ``name`` with the pretrained model; what the scorer estimated on the way
+    (:meth:`Scorer.round_metrics`, e.g. the noise share) goes to :data:`ESTIMATES`."""
     pool: Features = sets["pool"]
     scorer = make_scorer(name, budget, seed, sets)
     context = RoundContext(text_encoder=_PromptFeatures(model, sets), seed=seed)
     with torch.enable_grad():
         scorer.prepare(model.endpoint(), sets["target"].pairs(), pool.pairs(), context)
+    ESTIMATES[(name, seed)] = scorer.round_metrics()
     with torch.no_grad():
         return torch.cat([scorer.score(b) for b in pool.pairs().batches(2048)]).double().numpy()
+
+
+ESTIMATES: dict[tuple[str, int], dict[str, float]] = {}
+"""The round metrics of the last :func:`pool_scores` of each (method, seed)."""
 
 
 def choose(name: str, budget: float, seed: int, model: TwoTowerCLIP, sets: dict,
@@ -705,6 +727,16 @@ def render(results: Results, budgets: list[str], scenario: str) -> str:
              "What each selection holds (mean over the seeds; head classes and class entropy are of its target-domain "
              "pairs, by image class; the -reselect rows show the last round's selection):", "",
              composition_table(results, budgets)]  # fmt: skip
+    estimated = {m: [r["noise_share"] for runs in by_budget.values() for r in runs]
+                 for m, by_budget in results.rows.items() if any("noise_share" in r for rs in by_budget.values()
+                                                                for r in rs)}  # fmt: skip
+    pool = results.extra.get("pool_composition")
+    if estimated and pool:
+        true = 100 * (pool["mismatched_share"] + pool["uninformative_share"])
+        parts += ["", "Noise share the adaptive plausibility weight estimated (mean ± std over seeds; the pool holds "
+                  f"{true:.1f} % mismatched or uninformative captions): " + "; ".join(
+                      f"{m} {100 * statistics.mean(v):.1f} ± {100 * statistics.pstdev(v):.1f} %"
+                      for m, v in estimated.items())]  # fmt: skip
     siglip = results.extra.get("pretrained_siglip")
     if siglip:
         parts += ["", "The `-siglip` rows start from a model pretrained like the others but with SigLIP's sigmoid "
@@ -767,13 +799,22 @@ DESCRIPTIONS = {
                 "({counts} pairs per class, head classes {head}), {mismatched:.0f} % mismatched and "
                 "{uninformative:.0f} % uninformative captions, and a general-domain minority. Target set: {targets} "
                 "Animal-MNIST validation pairs, uniform over classes; the test set is uniform too.",
+    "indomain-clean": "The in-domain pool without caption noise: {pool} pairs, {target:.0f} % Animal-MNIST, "
+                      "{mismatched:.0f} % mismatched and {uninformative:.0f} % uninformative captions. Target set: "
+                      "{targets} Animal-MNIST validation pairs, uniform over classes.",
+    "indomain-noisy": "The in-domain pool with most captions noisy: {pool} pairs, {target:.0f} % Animal-MNIST, "
+                      "{mismatched:.0f} % mismatched and {uninformative:.0f} % uninformative captions (45 % and 15 % "
+                      "of its target-domain part, 45 % mismatched in its general minority). Target set: {targets} "
+                      "Animal-MNIST validation pairs, uniform over classes.",
 }  # fmt: skip
 
 
 def run(cfg: Config, cache: Path, scenario: str, log: Callable[[str], None] = print,
         only: list[str] | None = None) -> Results:  # fmt: skip
     start = time.perf_counter()
-    sets = build_sets(cfg, None, cache, scenario)
+    base, changes = VARIANTS.get(scenario, (scenario, {}))
+    cfg = replace(cfg, **changes)
+    sets = build_sets(cfg, None, cache, base)
     pool: Features = sets["pool"]
     log(f"[{scenario}] features ready in {time.perf_counter() - start:.0f}s: general {len(sets['general'])}, pool "
         f"{len(pool)} ({int((pool.domain == TARGET_DOMAIN).sum())} target-domain, {int(pool.noisy.sum())} "
@@ -800,6 +841,7 @@ def run(cfg: Config, cache: Path, scenario: str, log: Callable[[str], None] = pr
         results.add("random 50%", "50%", cpt(cfg, sets, state, choose("random", 0.5, seed, pretrained, sets), seed))
     methods = [m for m in METHODS if cfg.reselect and scenario != "clean" or not m.endswith("-reselect")]
     methods += ABLATIONS if cfg.ablations and scenario != "clean" else []
+    methods = VARIANT_METHODS if scenario in VARIANTS else methods
     methods = [m for m in methods if only is None or m in only]
     sigmoid: tuple[TwoTowerCLIP, dict] | None = None  # the SigLIP-loss model, pretrained like the InfoNCE one
     for method in methods:
@@ -821,6 +863,7 @@ def run(cfg: Config, cache: Path, scenario: str, log: Callable[[str], None] = pr
                     positions = choose(method, budget, seed, pretrained, sets, scores)
                     metrics = cpt(cfg, sets, state, positions, seed)
                 metrics.update(composition(sets, positions), selected=len(positions))
+                metrics.update(ESTIMATES.get((method, seed), {}) if not method.endswith("-reselect") else {})
                 results.add(method, label, metrics)
         log(f"[{scenario}] {method}: {time.perf_counter() - t0:.0f}s")
     if cfg.fidelity_pairs and scenario == "standard":
@@ -870,7 +913,8 @@ def load(path: Path) -> tuple[Config, dict[str, Results], dict]:
 def main(argv: list[str] | None = None) -> dict[str, Results]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one seed, one budget, small pools, no ablations")
-    parser.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="all", help="which pool design to run")
+    parser.add_argument("--scenario", choices=[*SCENARIOS, "all"], nargs="+", default=["all"],
+                        help="which pool designs to run")  # fmt: skip
     parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache", help="feature cache directory")
     parser.add_argument("--out", type=Path, default=None, help="directory for table.md, results.json, plot-*.png")
     parser.add_argument("--render", type=Path, default=None, help="re-render table.md and plots from results.json")
@@ -910,12 +954,12 @@ def main(argv: list[str] | None = None) -> dict[str, Results]:
         return results
     cfg = QUICK if args.quick else Config()
     torch.set_num_threads(args.threads)
-    scenarios = SCENARIOS if args.scenario == "all" else (args.scenario,)
+    scenarios = SCENARIOS if "all" in args.scenario else tuple(dict.fromkeys(args.scenario))
     if args.methods is not None and (unknown := [m for m in args.methods if m not in METHODS + ABLATIONS]):
         parser.error(f"--methods: unknown {unknown}; choose from {METHODS}")
     results = {name: run(cfg, args.cache, name, only=args.methods) for name in scenarios}
     command = "python benchmarks/selection_quality.py" + (" --quick" if args.quick else "")
-    command += "" if args.scenario == "all" else f" --scenario {args.scenario}"
+    command += "" if "all" in args.scenario else f" --scenario {' '.join(scenarios)}"
     command += "" if args.methods is None else f" --methods {' '.join(args.methods)}"
     if args.update is not None:
         base_cfg, base, payload = load(args.update)

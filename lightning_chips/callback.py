@@ -336,6 +336,7 @@ class DataSelectionCallback(Callback):
         metrics.update(group_metrics(result.groups, selected))
         metrics["skipped"] = float(len(skipped))
         metrics["target_skipped"] = float(len(result.target_skipped))
+        metrics.update({name: float(value) for name, value in self.scorer.round_metrics().items()})
         if not result.positional:
             metrics["unreadable_shards"] = float(len(shard_errors))
         self.history.append(metrics)
@@ -447,6 +448,7 @@ class DataSelectionCallback(Callback):
             "warmup_steps": self.warmup_steps, "pool_sample": self.pool_sample, "seed": self.seed,
             "group_by": list(self.group_by), "gallery": self.gallery, "max_skipped": self.max_skipped,
             "pool_pairs_scored": n, **{f"scorer.{k}": v for k, v in self.scorer.config()["arguments"].items()},
+            **{f"estimate.{k}": v for k, v in self.scorer.round_metrics().items()},
             "global_step": trainer.global_step, "epoch": trainer.current_epoch, "world_size": trainer.world_size,
         }  # fmt: skip
 

@@ -330,10 +330,11 @@ class _PoolScoring(LightningModule):
                                                       reduce_op="sum"))  # fmt: skip
         self.trainer.strategy.barrier("lightning_chips_score_merge")
         seconds = time.perf_counter() - self.started
+        estimated = {**c, "estimate": self.scorer.round_metrics()}  # e.g. CHIPS's noise share, for the manifest
         # rank 0 merges; every rank learns whether it could (an error there, e.g. too many skipped pairs or a full
         # disk, ends every rank instead of leaving the others at a barrier)
         Collective(self.trainer).agree(
-            0, "the merged scores", lambda: _write_merged(output, c, seconds, scored_now) if rank == 0 else None
+            0, "the merged scores", lambda: _write_merged(output, estimated, seconds, scored_now) if rank == 0 else None
         )
 
 
@@ -418,6 +419,7 @@ def _write_merged(output: Path, config: dict[str, Any], seconds: float, scored_n
         "uid_field": config["uid_field"],
         "group_by": list(config["group_by"]),
         "target": config["target_report"],
+        "estimate": config.get("estimate", {}),
         "scored": int(len(ids)),
         "skipped": bad,
         "duplicates": {"count": int(len(duplicated)), "ids": duplicated[:20].tolist()},

@@ -391,6 +391,9 @@ def _settings_section(rounds: list[_Summary], run_dir: Path, offline: bool, mani
     ]  # fmt: skip
     if offline:
         rows += [(key, manifest[key]) for key in ("uid_field", "scored", "skipped") if key in manifest]
+        estimate = manifest.get("estimate")
+        rows += [(f"estimate.{k}", f"{v:.3g}" if isinstance(v, float) else v)
+                 for k, v in (estimate.items() if isinstance(estimate, dict) else ())]  # fmt: skip
         if isinstance(manifest.get("shards"), dict | list):
             rows.append(("shards", len(manifest["shards"])))
     text = _table(("setting", "value"), rows)

@@ -50,8 +50,9 @@ def test_bank_rank_counts_the_bank_entries_the_true_partner_beats():
 def test_plausibility_weight_is_the_power_of_the_best_rank():
     a, b = torch.tensor([0.2, 0.9, 0.5]), torch.tensor([0.8, 0.1, 0.5])
     torch.testing.assert_close(plausibility_weight([a, b], 10.0), torch.tensor([0.8, 0.9, 0.5]) ** 10)
+    assert torch.equal(plausibility_weight([a], 0.0), torch.ones(3))  # gamma 0: no weight (a clean pool)
     with pytest.raises(ValueError, match="power"):
-        plausibility_weight([a], 0.0)
+        plausibility_weight([a], -1.0)
     with pytest.raises(ValueError, match="at least one"):
         plausibility_weight([], 1.0)
 
@@ -87,7 +88,7 @@ def test_plausibility_multiplies_the_paper_utility_by_the_documented_weight():
     common = dict(sketch_dim=None, bank_size=20, curvature_samples=60, seed=5)
     paper = chips_scores(p_v, p_t, t_v, t_t, ep, **common)
     robust = chips_scores(p_v, p_t, t_v, t_t, ep, components=ROBUST_COMPONENTS, plausibility_power=7.0,
-                          reference_steps=20, reference_lr=1e-2, **common)  # fmt: skip
+                          noise_adaptive=False, reference_steps=20, reference_lr=1e-2, **common)  # fmt: skip
     assert torch.equal(paper.plausibility, torch.ones(60, dtype=torch.float64))  # not computed for the paper
     for name in (*COMPONENTS, "utility"):
         if name != "utility":
@@ -101,7 +102,8 @@ def test_plausibility_multiplies_the_paper_utility_by_the_documented_weight():
                        exclude) for m in (ep, ref)]  # fmt: skip
     torch.testing.assert_close(robust.plausibility, torch.maximum(*ranks) ** 7.0)
     # without a reference, only the scored model's rank counts
-    alone = chips_scores(p_v, p_t, t_v, t_t, ep, components=ROBUST_COMPONENTS, reference_steps=0, **common)
+    alone = chips_scores(p_v, p_t, t_v, t_t, ep, components=ROBUST_COMPONENTS, reference_steps=0,
+                         noise_adaptive=False, **common)  # fmt: skip
     torch.testing.assert_close(alone.plausibility, ranks[0] ** 10.0)
 
 
@@ -125,14 +127,14 @@ def test_mismatched_target_pairs_lose_plausibility_that_the_reference_restores()
     caption_labels = torch.where(mismatched, (labels + 1) % concepts, labels)
     pool = pairs(labels, caption_labels)
     scorer = CHIPS(sketch_dim=None, bank_size=100, curvature_samples=200, components=ROBUST_COMPONENTS,
-                   reference_steps=100, reference_lr=1e-2)  # fmt: skip
+                   reference_steps=100, reference_lr=1e-2, noise_adaptive=False)  # fmt: skip
     from lightning_chips.features import PairFeatures
 
     scorer.prepare(ep, PairFeatures(torch.arange(60), *target), PairFeatures(torch.arange(200), *pool))
     w = scorer.score_components(PairFeatures(torch.arange(200), *pool)).plausibility
     assert float(binary_auroc(w, (~mismatched).long())) >= 0.95  # 0.987 measured
     blind = CHIPS(sketch_dim=None, bank_size=100, curvature_samples=200, components=ROBUST_COMPONENTS,
-                  reference_steps=0)  # fmt: skip
+                  reference_steps=0, noise_adaptive=False)  # fmt: skip
     blind.prepare(ep, PairFeatures(torch.arange(60), *target), PairFeatures(torch.arange(200), *pool))
     w0 = blind.score_components(PairFeatures(torch.arange(200), *pool)).plausibility
     assert float(w0[~mismatched].mean()) < 0.5 * float(w[~mismatched].mean())  # 0.10 vs 0.66: the model alone
@@ -147,7 +149,10 @@ def test_mismatched_target_pairs_lose_plausibility_that_the_reference_restores()
         ({"reference_steps": 2.5}, "reference_steps"),
         ({"reference_lr": 0.0}, "reference_lr"),
         ({"relative_damping": 0.0}, "relative_damping"),
-        ({"components": "plausibility"}, "components"),
+        ({"components": "robust"}, "components"),
+        ({"noise_range": (0.2, 0.1)}, "noise_range"),
+        ({"noise_range": (0.1, 1.5)}, "noise_range"),
+        ({"noise_adaptive": "yes"}, "noise_adaptive"),
         ({"components": ("alignment", "noise")}, "components"),
         ({"sketch_layout": "dense"}, "sketch_layout"),
     ],

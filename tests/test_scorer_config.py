@@ -51,7 +51,8 @@ ALTERNATIVES: dict[str, dict[str, object]] = {
     "chips": {
         "alpha": 0.6, "beta": 0.25, "sketch_dim": 256, "sketch": "rademacher", "sketch_layout": "kronecker",
         "solver": "kernel", "damping": 0.01, "relative_damping": 1e-2, "bank_size": 512, "curvature_samples": 4096,
-        "negatives_per_sample": 2, "components": ("alignment",), "plausibility_power": 5.0, "reference_steps": 10,
+        "negatives_per_sample": 2, "components": ("alignment",), "plausibility_power": 5.0, "noise_adaptive": False,
+        "noise_range": (0.1, 0.3), "reference_steps": 10,
         "reference_lr": 1e-2, "seed": 1, "dtype": "float32",
     },
     "random": {"seed": 1, "fixed": True},
@@ -125,7 +126,8 @@ def test_repr_lists_every_field_in_order_and_configs_nest():
     assert repr(CHIPS(bank_size=8)) == (
         "CHIPS(alpha=0.7, beta=0.5, sketch_dim=512, sketch='gaussian', sketch_layout='khatri_rao', solver='sketch', "
         "damping=None, relative_damping=0.001, bank_size=8, curvature_samples=8192, negatives_per_sample=4, "
-        "components=('alignment', 'learnability', 'relevance'), plausibility_power=10.0, reference_steps=50, "
+        "components=('alignment', 'learnability', 'relevance'), plausibility_power=10.0, noise_adaptive=True, "
+        "noise_range=(0.1, 0.2), reference_steps=50, "
         "reference_lr=0.001, seed=0, dtype='float64', exact_when_small=True)"
     )
     assert isinstance(CHIPS().arguments, ChipsArguments)

@@ -81,11 +81,12 @@ def test_quick_run_covers_every_scenario_and_method_with_their_compositions(tmp_
 
 def test_chips_variant_names_map_to_keyword_arguments():
     bench = _load()
-    assert bench.chips_kwargs("chips") == {}
-    assert bench.chips_kwargs("chips-reselect") == {}
-    assert bench.chips_kwargs("chips+plausibility") == bench.RECOMMENDED
+    assert bench.chips_kwargs("chips") == {"components": "paper"}
+    assert bench.chips_kwargs("chips-reselect") == {"components": "paper"}
+    assert bench.chips_kwargs("chips+plausibility") == {"components": bench.PLAUSIBILITY, "noise_adaptive": False}
+    assert bench.chips_kwargs("chips+adaptive") == {"components": bench.PLAUSIBILITY, "noise_adaptive": True}
     assert bench.chips_kwargs("chips:solver=kernel,curvature_samples=1024,relative_damping=1e-2") == {
-        "solver": "kernel", "curvature_samples": 1024, "relative_damping": 0.01}  # fmt: skip
+        "components": "paper", "solver": "kernel", "curvature_samples": 1024, "relative_damping": 0.01}  # fmt: skip
     assert bench.chips_kwargs("chips+plausibility:components=alignment*plausibility")["components"] == (
         "alignment", "plausibility")  # fmt: skip
     with pytest.raises(ValueError, match="not a CHIPS variant"):

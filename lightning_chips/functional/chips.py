@@ -83,7 +83,14 @@ from lightning_chips.functional.endpoint import (
     through_normalisation,
 )
 from lightning_chips.functional.linalg import Solver, solve_direction
-from lightning_chips.functional.plausibility import adapt_endpoint, bank_rank, plausibility_weight
+from lightning_chips.functional.plausibility import (
+    NoiseEstimate,
+    adapt_endpoint,
+    adaptive_power,
+    bank_rank,
+    estimate_noise_share,
+    plausibility_weight,
+)
 from lightning_chips.functional.sketch import SketchKind, SketchLayout
 
 __all__ = [
@@ -103,6 +110,11 @@ COMPONENTS = ("alignment", "learnability", "relevance")
 """The paper's utility factors (the default ``components``)."""
 ALL_COMPONENTS = (*COMPONENTS, "plausibility")
 """Every factor ``components`` may name; ``"plausibility"`` is ours (module docstring)."""
+PRESETS = {"paper": COMPONENTS, "plausibility": ALL_COMPONENTS}
+"""Names ``components`` may take instead of a list: ``"paper"`` (the paper's utility) and ``"plausibility"``."""
+NOISE_RANGE = (0.1, 0.2)
+"""``noise_range``'s default: the noise shares between which the adaptive ``gamma`` goes from 0 to its full value
+(docs/methods.md, "How strong")."""
 
 
 @dataclass
@@ -137,6 +149,9 @@ class ChipsState:
     reference_bank: tuple[Tensor, Tensor] | None = None
     """The bank's image and text embeddings under :attr:`reference`."""
     plausibility_power: float = 10.0
+    """The ``gamma`` in use this round (with ``noise_adaptive``: scaled by the noise estimate)."""
+    noise: NoiseEstimate | None = None
+    """The pool's estimated noise share (``"plausibility"`` with ``noise_adaptive`` only)."""
 
 
 def _atoms_one_direction(
@@ -317,8 +332,13 @@ class ChipsArguments:
         curvature_samples: pool pairs for ``Phi_pos`` / ``Phi_neg`` (``>= N``: the whole pool sample).
         negatives_per_sample: sampled GGN atoms per sample and direction for ``Phi_neg`` (softmax draws for InfoNCE,
             draws in proportion to ``sigma (1 - sigma)`` for the sigmoid loss).
-        components: factors of the utility, a subset of :data:`ALL_COMPONENTS` (default: the paper's three).
-        plausibility_power: ``gamma`` of ``w_P = max(pi_theta, pi_ref)^gamma``.
+        components: factors of the utility, a subset of :data:`ALL_COMPONENTS`, or a name of :data:`PRESETS`
+            (default: the paper's three).
+        plausibility_power: ``gamma`` of ``w_P = max(pi_theta, pi_ref)^gamma`` (with ``noise_adaptive``: its
+            largest value).
+        noise_adaptive: scale ``gamma`` by the pool's estimated noise share each round
+            (:func:`~lightning_chips.functional.plausibility.adaptive_power`): no weight on a pool estimated clean.
+        noise_range: ``(a, b)`` of that scaling: ``gamma_eff = 0`` below a noise share of ``a``, ``gamma`` above ``b``.
         reference_steps: Adam steps adapting the reference end point to the target set (0: ``pi_ref = pi_theta``).
         reference_lr: their learning rate.
         seed: seed of the bank, the curvature sample, the negative draws and the sketch.
@@ -349,6 +369,8 @@ class ChipsArguments:
     negatives_per_sample: int = 4
     components: tuple[str, ...] = COMPONENTS
     plausibility_power: float = 10.0
+    noise_adaptive: bool = True
+    noise_range: tuple[float, float] = NOISE_RANGE
     reference_steps: int = 50
     reference_lr: float = 1e-3
     seed: int = 0
@@ -361,9 +383,12 @@ class ChipsArguments:
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"`beta` (text share of the relevance weight) must be in [0, 1], got {self.beta}.")
         if isinstance(self.components, str):
-            raise ValueError(
-                f"`components` must be a sequence of names such as ('alignment',), got the string {self.components!r}."
-            )
+            if self.components not in PRESETS:
+                raise ValueError(
+                    f"`components` must be a sequence of names such as ('alignment',) or a preset name in "
+                    f"{sorted(PRESETS)}, got the string {self.components!r}."
+                )
+            object.__setattr__(self, "components", PRESETS[self.components])
         object.__setattr__(self, "components", tuple(self.components))
         unknown = set(self.components) - set(ALL_COMPONENTS)
         if unknown or not self.components:
@@ -388,6 +413,12 @@ class ChipsArguments:
             raise ValueError(f"`negatives_per_sample` must be >= 0, got {self.negatives_per_sample}.")
         if not (math.isfinite(self.plausibility_power) and self.plausibility_power > 0):
             raise ValueError(f"`plausibility_power` must be a finite number > 0, got {self.plausibility_power}.")
+        if not isinstance(self.noise_adaptive, bool):
+            raise ValueError(f"`noise_adaptive` must be True or False, got {self.noise_adaptive!r}.")
+        low_high = tuple(float(v) for v in self.noise_range)
+        if len(low_high) != 2 or not 0.0 <= low_high[0] < low_high[1] <= 1.0:
+            raise ValueError(f"`noise_range` must be (a, b) with 0 <= a < b <= 1, got {self.noise_range}.")
+        object.__setattr__(self, "noise_range", low_high)
         steps = self.reference_steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"`reference_steps` must be an integer >= 0, got {steps!r}.")
@@ -462,12 +493,16 @@ def chips_prepare(
         seed=seed + 3, exact_when_small=args.exact_when_small, sketch_layout=args.sketch_layout,
         relative_damping=args.relative_damping,
     )  # fmt: skip
-    reference = reference_bank = None
+    reference = reference_bank = noise = None
+    power = args.plausibility_power
     if "plausibility" in components:
         bank_idx = subsample(n, bank_size, seed, device)  # the bank's rows, as make_bank drew them
         reference = adapt_endpoint(ep, target_image, target_text, pool_image[bank_idx], pool_text[bank_idx],
                                    steps=args.reference_steps, lr=args.reference_lr)  # fmt: skip
         reference_bank = (reference.embed_image(pool_image[bank_idx]), reference.embed_text(pool_text[bank_idx]))
+        if args.noise_adaptive:
+            noise = estimate_noise_share([(bank.image, bank.text), reference_bank], seed=seed + 4)
+            power = adaptive_power(power, noise.share, args.noise_range)
     return ChipsState(
         endpoint=ep,
         bank=bank,
@@ -481,7 +516,8 @@ def chips_prepare(
         num_atoms=len(atoms),
         reference=reference,
         reference_bank=reference_bank,
-        plausibility_power=args.plausibility_power,
+        plausibility_power=power,
+        noise=noise,
     )
 
 
@@ -499,7 +535,7 @@ def chips_score_batch(state: ChipsState, image: Tensor, text: Tensor, ids: Tenso
     learnability = stats.learnability()
     relevance = torch.sigmoid((1.0 - state.beta) * (stats.x @ state.mu_image) + state.beta * (stats.y @ state.mu_text))
     plausibility = torch.ones_like(alignment)
-    if "plausibility" in state.components:
+    if "plausibility" in state.components and state.plausibility_power > 0:
         exclude = state.bank.exclusion(ids)
         ref, (ref_image, ref_text) = state.reference, state.reference_bank
         ranks = [

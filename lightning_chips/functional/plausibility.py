@@ -25,11 +25,35 @@ caption belongs to the image. The plausibility weight does:
 * ``gamma`` (default 10) sets how sharply: ``pi^gamma ~ exp(-gamma (1 - pi))``, so a pair whose caption is beaten
   by 10 % of the bank keeps about ``e^-1`` of its utility and one beaten by 30 % about 5 %.
 
+**How strong: the pool's noise share.** A fixed ``gamma`` also reorders clean pairs (a clean pair beaten by 5 % of
+the bank loses 40 % of its utility), which costs accuracy on a clean pool. :func:`estimate_noise_share` estimates
+the share ``eta`` of the pool whose caption does not belong to its image, from the bank alone: the bank pairs'
+plausibility ``pi`` is compared with that of the same bank with its captions *shuffled* (each image with another
+bank pair's caption, both true partners excluded from the ranks): the distribution a mismatched pair has, by
+construction of the pool's own captions. With ``F`` the bank's distribution of ``pi`` and ``F_0`` the shuffled one,
+and clean pairs rarely below the shuffled median ``t``,
+
+.. math::
+
+    F(t) = (1 - \\eta) F_{clean}(t) + \\eta F_0(t) \\quad\\Rightarrow\\quad
+    \\hat\\eta = \\min\\Big(1, \\frac{F(t)}{F_0(t)}\\Big) \\ \\ (t = \\mathrm{median}\\ F_0)
+
+(Storey's estimator of the null share, with the shuffled captions as the null). It over-estimates by
+``(1 - eta) F_clean(t) / F_0(t)`` (clean pairs neither model finds plausible, e.g. a target domain the reference has
+not learnt) and by what captions *worse* than a random one add (a generic string fits no image: its ``pi`` sits below
+the shuffled one); it under-estimates when mismatched captions still fit their images better than a random caption
+(e.g. a caption of a near-duplicate). With a bank of ``B`` pairs its standard error is about ``sqrt(eta / B)``.
+:func:`adaptive_power` then scales ``gamma`` with it: ``gamma_eff = gamma * clip((eta - a) / (b - a), 0, 1)``, so a
+pool estimated below ``a`` gets the paper's utility (``w_P = 1``) and one above ``b`` the full weight.
+
 Cost: the reference adaptation is ``steps`` full-batch Adam steps on the end point over the target pairs and the
-bank (no backbone pass), once per round; scoring adds two projections and two bank similarity rows per pair.
+bank (no backbone pass), once per round; the noise estimate ranks the bank against itself (``B x B`` similarities
+per end point and shuffle); scoring adds two projections and two bank similarity rows per pair.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +61,10 @@ from torch import Tensor
 
 from lightning_chips.endpoint import TENSOR_FIELDS, EndPoint
 
-__all__ = ["adapt_endpoint", "bank_rank", "plausibility_weight"]
+NOISE_LEVEL = 0.35
+"""The quantile ``F_0(t)`` of the shuffled pairs at which the noise share is read (module docstring)."""
+
+__all__ = ["adapt_endpoint", "adaptive_power", "bank_rank", "estimate_noise_share", "plausibility_weight"]
 
 
 def adapt_endpoint(
@@ -155,6 +182,109 @@ def plausibility_weight(ranks: list[Tensor], power: float) -> Tensor:
     """``w_P = max_m(pi_m)^gamma`` over the bank ranks of several end points (module docstring)."""
     if not ranks:
         raise ValueError("plausibility_weight needs the bank ranks of at least one end point.")
-    if not power > 0:
-        raise ValueError(f"The plausibility power must be > 0, got {power}.")
+    if not power >= 0:
+        raise ValueError(f"The plausibility power must be >= 0, got {power}.")
     return torch.stack(ranks).amax(0).pow(power)
+
+
+def _max_rank(embeddings: list[tuple[Tensor, Tensor]], rows: Tensor, captions: Tensor, chunk: int) -> Tensor:
+    """``max_m pi_m`` of bank images ``rows`` paired with bank captions ``captions``, both partners excluded."""
+    out = []
+    for start in range(0, len(rows), chunk):
+        r, c = rows[start : start + chunk], captions[start : start + chunk]
+        ranks = []
+        for image, text in embeddings:
+            exclude = torch.zeros(len(r), len(image), dtype=torch.bool, device=image.device)
+            exclude[torch.arange(len(r), device=image.device), r] = True
+            exclude[torch.arange(len(r), device=image.device), c] = True
+            ranks.append(bank_rank(image[r], text[c], image, text, exclude))
+        out.append(torch.stack(ranks).amax(0))
+    return torch.cat(out)
+
+
+@dataclass(frozen=True)
+class NoiseEstimate:
+    """What :func:`estimate_noise_share` measured on a bank: the estimate and the two distributions it compares."""
+
+    share: float
+    """``eta``: the estimated share of pairs whose caption does not belong to the image, in ``[0, 1]``."""
+    threshold: float
+    """``t``: the ``level`` quantile of the shuffled pairs' plausibility."""
+    plausibility: Tensor
+    """``[B]`` ``pi`` of the bank pairs (max over the end points)."""
+    shuffled: Tensor
+    """``[draws * B]`` ``pi`` of the shuffled pairs."""
+
+
+def estimate_noise_share(
+    embeddings: list[tuple[Tensor, Tensor]],
+    *,
+    seed: int = 0,
+    draws: int = 4,
+    level: float = NOISE_LEVEL,
+    chunk: int = 1024,
+) -> NoiseEstimate:
+    """The share of a bank's pairs whose caption does not belong to the image (module docstring).
+
+    ``pi`` of each bank pair is its bank rank against the rest of the bank under every end point, the max taken;
+    the shuffled pairs are ``draws`` seeded derangements of the captions (image ``i`` with caption ``sigma(i)``,
+    entries ``i`` and ``sigma(i)`` excluded from its ranks). ``eta = min(1, F(t) / F_0(t))`` at ``t`` the
+    ``level`` quantile of the shuffled pairs' ``pi``.
+
+    Args:
+        embeddings: per end point (the model, the reference), the ``[B, e]`` normalised image and text embeddings
+            of the same bank pairs, row ``i`` the pair ``i``.
+        seed: seed of the shuffles.
+        draws: shuffles (each adds ``B`` shuffled pairs to ``F_0``).
+        level: ``F_0(t)``: lower counts fewer implausible clean pairs as noise, more of the captions that fit worse
+            than a random one, and has more variance.
+        chunk: bank rows ranked at once (memory ``chunk x B`` per end point).
+
+    Example::
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = F.normalize(torch.randn(400, 16, generator=g), dim=1)
+        >>> y = F.normalize(x + 0.3 * torch.randn(400, 16, generator=g), dim=1)  # captions that fit their images
+        >>> y_noisy = torch.cat([y[:300], y[300:].roll(1, 0)])  # the last quarter mismatched
+        >>> abs(estimate_noise_share([(x, y_noisy)]).share - 0.25) < 0.1  # 100 of 400 are noisy
+        True
+    """
+    if not embeddings:
+        raise ValueError("estimate_noise_share needs the bank embeddings under at least one end point.")
+    n = len(embeddings[0][0])
+    if n < 3:
+        raise ValueError(f"estimate_noise_share needs a bank of at least 3 pairs, got {n}.")
+    if draws < 1:
+        raise ValueError(f"`draws` must be >= 1, got {draws}.")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"`level` must be in (0, 1), got {level}.")
+    device = embeddings[0][0].device
+    rows = torch.arange(n, device=device)
+    pi = _max_rank(embeddings, rows, rows, chunk)
+    generator = torch.Generator().manual_seed(int(seed))
+    shuffled = []
+    for _ in range(draws):
+        order = torch.randperm(n, generator=generator).to(device)
+        sigma = torch.empty_like(order)
+        sigma[order] = order.roll(-1)  # one cycle through a random order: no pair keeps its caption
+        shuffled.append(_max_rank(embeddings, rows, sigma, chunk))
+    pi0 = torch.cat(shuffled)
+    t = float(pi0.quantile(level))
+    below0 = float((pi0 <= t).double().mean())
+    share = min(1.0, float((pi <= t).double().mean()) / below0)
+    return NoiseEstimate(share, t, pi, pi0)
+
+
+def adaptive_power(power: float, share: float, noise_range: tuple[float, float]) -> float:
+    """``gamma_eff = gamma * clip((eta - a) / (b - a), 0, 1)`` with ``(a, b) = noise_range``: no plausibility weight
+    on a pool estimated cleaner than ``a``, the full ``gamma`` above ``b``.
+
+    Example::
+
+        >>> [round(adaptive_power(10.0, eta, (0.05, 0.15)), 3) for eta in (0.02, 0.1, 0.3)]
+        [0.0, 5.0, 10.0]
+    """
+    low, high = noise_range
+    if not 0.0 <= low < high <= 1.0:
+        raise ValueError(f"`noise_range` must be (a, b) with 0 <= a < b <= 1, got {noise_range}.")
+    return power * min(1.0, max(0.0, (share - low) / (high - low))) if share < high else power

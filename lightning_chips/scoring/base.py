@@ -210,6 +210,11 @@ class Scorer(ABC):
         """One line describing the prepared state (logged once per round)."""
         return type(self).__name__
 
+    def round_metrics(self) -> dict[str, float]:
+        """Quantities the prepared round estimated, by name (e.g. CHIPS's ``noise_share``): logged as
+        ``selection/<name>`` each round, kept in the round file's settings and shown by the report. None by default."""
+        return {}
+
 
 def _is_dataclass_instance(value: object) -> bool:
     return dataclasses.is_dataclass(value) and not isinstance(value, type)

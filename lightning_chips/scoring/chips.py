@@ -11,6 +11,7 @@ from lightning_chips.endpoint import EndPoint
 from lightning_chips.features import PairFeatures
 from lightning_chips.functional.chips import (
     COMPONENTS,
+    NOISE_RANGE,
     ChipsArguments,
     ChipsScores,
     ChipsState,
@@ -102,8 +103,10 @@ class CHIPS(Scorer):
         bank_size: int = 1024,
         curvature_samples: int = 8192,
         negatives_per_sample: int = 4,
-        components: Sequence[str] = COMPONENTS,
+        components: Sequence[str] | str = COMPONENTS,
         plausibility_power: float = 10.0,
+        noise_adaptive: bool = True,
+        noise_range: tuple[float, float] = NOISE_RANGE,
         reference_steps: int = 50,
         reference_lr: float = 1e-3,
         seed: int = 0,
@@ -113,7 +116,9 @@ class CHIPS(Scorer):
             alpha=alpha, beta=beta, sketch_dim=sketch_dim, sketch=sketch, sketch_layout=sketch_layout, solver=solver,
             damping=damping, relative_damping=relative_damping, bank_size=bank_size,
             curvature_samples=curvature_samples, negatives_per_sample=negatives_per_sample,
-            components=tuple(components), plausibility_power=plausibility_power, reference_steps=reference_steps,
+            components=components if isinstance(components, str) else tuple(components),
+            plausibility_power=plausibility_power, noise_adaptive=noise_adaptive, noise_range=tuple(noise_range),
+            reference_steps=reference_steps,
             reference_lr=reference_lr, seed=seed, dtype=dtype,
         )  # fmt: skip
         self.state: ChipsState | None = None
@@ -147,6 +152,14 @@ class CHIPS(Scorer):
     def score(self, batch: PairFeatures) -> Tensor:
         return self.score_components(batch).utility
 
+    def round_metrics(self) -> dict[str, float]:
+        """``noise_share`` (the pool's estimated share of pairs whose caption does not fit the image) and
+        ``plausibility_power`` (the ``gamma`` it set) of the prepared round, when the plausibility weight adapts."""
+        noise = None if self.state is None else self.state.noise
+        if noise is None:
+            return {}
+        return {"noise_share": noise.share, "plausibility_power": self.state.plausibility_power}
+
     def summary(self) -> str:
         if self.state is None:
             return "CHIPS (not prepared)"
@@ -155,9 +168,7 @@ class CHIPS(Scorer):
             f"CHIPS alpha={self.alpha} solver={self.solver} k={st.sketch_dim} atoms={st.num_atoms} "
             f"bank={len(st.bank.ids)} lambda={st.damping:.3g} components={'*'.join(self.components)}"
             + (" loss=sigmoid" if st.endpoint.loss == "sigmoid" else "")
-            + (
-                f" gamma={self.plausibility_power:g} reference_steps={self.reference_steps}"
-                if "plausibility" in self.components
-                else ""
-            )  # fmt: skip
+            + (f" reference_steps={self.reference_steps}" if "plausibility" in self.components else "")
+            + (f" gamma={st.plausibility_power:.3g}" if "plausibility" in self.components else "")
+            + (f" (of {self.plausibility_power:g}: noise_share~{st.noise.share:.2f})" if st.noise is not None else "")
         )

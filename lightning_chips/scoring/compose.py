@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -23,6 +23,10 @@ def _fraction(label: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < float(value) <= 1.0:
         raise ValueError(f"{label} must be in (0, 1], got {value!r}.")
     return float(value)
+
+
+def _part_metrics(parts: Iterable[tuple[str, Scorer]]) -> dict[str, float]:
+    return {f"{prefix}.{name}": value for prefix, part in parts for name, value in part.round_metrics().items()}
 
 
 class _PartScores:
@@ -202,6 +206,10 @@ class Chain(Scorer):
     def summary(self) -> str:
         return f"Chain(top {self.keep_fraction:.0%} by {type(self.first).__name__}, then {type(self.second).__name__})"
 
+    def round_metrics(self) -> dict[str, float]:
+        """The parts' :meth:`Scorer.round_metrics`, named ``first.<name>`` and ``second.<name>``."""
+        return _part_metrics((("first", self.first), ("second", self.second)))
+
 
 class Intersect(Scorer):
     """Keep the pairs in the top ``fractions[i]`` of *every* scorer, then rank the survivors by one of them.
@@ -318,6 +326,10 @@ class Intersect(Scorer):
     def load_state_dict(self, state: dict) -> None:
         for scorer, sub in zip(self.scorers, state.get("scorers", []), strict=False):
             scorer.load_state_dict(sub)
+
+    def round_metrics(self) -> dict[str, float]:
+        """The parts' :meth:`Scorer.round_metrics`, named ``<i>.<name>`` (``i`` the part's position)."""
+        return _part_metrics((str(i), scorer) for i, scorer in enumerate(self.scorers))
 
     def summary(self) -> str:
         tops = " & ".join(
