@@ -85,3 +85,71 @@ def test_the_estimate_moves_the_weight_clean_pool_paper_utility_noisy_pool_full_
             assert torch.equal(scores.plausibility, torch.ones_like(scores.plausibility))
             torch.testing.assert_close(scores.utility, paper.utility)
     assert CHIPS(components="paper").round_metrics() == {}  # nothing estimated without the weight
+
+
+def test_a_fit_logs_the_estimate_each_round_and_keeps_it_in_the_round_file_and_report(tmp_path):
+    import copy
+    import csv
+    import json
+
+    import lightning.pytorch as pl
+    import numpy as np
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_chips import DataSelectionCallback, OpenCLIPModule, ScoredSubsetDataModule, TwoDomainPairs
+    from lightning_chips.report import build_report
+
+    from .conftest import TINY_VIT
+
+    pl.seed_everything(0)
+    module = OpenCLIPModule(model_config=copy.deepcopy(TINY_VIT), lr=2e-3)
+    data = ScoredSubsetDataModule(TwoDomainPairs(160, noise_fraction=0.3, target_fraction=0.3),
+                                  TwoDomainPairs(16, target_fraction=1.0, split="val"), batch_size=8,
+                                  steps_per_round=3, eval_batch_size=64)  # fmt: skip
+    scorer = CHIPS(components="plausibility", sketch_dim=64, bank_size=64, curvature_samples=64, reference_steps=5)
+    callback = DataSelectionCallback(scorer, fraction=0.3, every_n_epochs=1, save_dir=str(tmp_path / "rounds"))
+    logger = CSVLogger(tmp_path, name="csv")
+    pl.Trainer(accelerator="cpu", devices=1, max_epochs=2, callbacks=[callback], logger=logger,
+               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+               log_every_n_steps=1).fit(module, datamodule=data)  # fmt: skip
+    estimates = [h["noise_share"] for h in callback.history]
+    assert len(estimates) == 2 and all(0.0 <= e <= 1.0 for e in estimates)
+    with open(f"{logger.log_dir}/metrics.csv") as handle:
+        logged = [float(r["selection/noise_share"]) for r in csv.DictReader(handle) if r.get("selection/noise_share")]
+    assert logged == pytest.approx(estimates)
+    files = sorted((tmp_path / "rounds").glob("round_*.npz"))
+    settings = [json.loads(str(np.load(f)["settings"])) for f in files]
+    assert [s["estimate.noise_share"] for s in settings] == pytest.approx(estimates)
+    assert all(s["scorer.noise_adaptive"] is True for s in settings)
+    page = build_report(tmp_path / "rounds", tmp_path / "report.html")
+    assert "estimate.noise_share" in page.read_text()
+
+
+def test_offline_score_keeps_the_estimate_in_its_manifest_and_report(tmp_path):
+    import copy
+    import json
+
+    import lightning.pytorch as pl
+
+    from lightning_chips import OpenCLIPModule
+    from lightning_chips.offline import score_pool
+    from lightning_chips.report import build_report
+
+    from .conftest import TINY_VIT
+    from .shards import write_pool
+
+    write_pool(tmp_path / "pool", num_pairs=24, per_shard=8)
+    write_pool(tmp_path / "target", num_pairs=8, per_shard=8, target_fraction=1.0, split="val", prefix="target")
+    pl.seed_everything(0)
+    module = OpenCLIPModule(model_config=copy.deepcopy(TINY_VIT))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False)  # fmt: skip
+    scorer = CHIPS(components="plausibility", sketch_dim=32, bank_size=24, curvature_samples=16, reference_steps=3)
+    out = tmp_path / "out"
+    score_pool(module, scorer, str(tmp_path / "pool"), str(out), target=str(tmp_path / "target"), batch_size=8,
+               num_workers=0, trainer=trainer)  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["estimate"] == pytest.approx(scorer.round_metrics())
+    assert 0.0 <= manifest["estimate"]["noise_share"] <= 1.0
+    page = build_report(out, tmp_path / "report.html").read_text()
+    assert "estimate.noise_share" in page
