@@ -60,7 +60,7 @@ def run(name: str, pool_size: int, target_size: int, batch_size: int, reps: int,
     common = dict(image_size=int(size), tokenizer=tokenizer, transform=clip_normalize())
     pool = _batches(TwoDomainPairs(pool_size, target_fraction=0.2, **common), batch_size, device)
     target = _batches(TwoDomainPairs(target_size, target_fraction=1.0, split="val", **common), batch_size, device)
-    scorer = CHIPS()  # paper defaults: k = 512, alpha = 0.7, bank 1024, curvature 8192
+    scorer = CHIPS(components="paper")  # paper defaults: k = 512, alpha = 0.7, bank 1024, curvature 8192
 
     def forward_only() -> None:
         extract_features(adapter, target, device=device)

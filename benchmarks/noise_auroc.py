@@ -42,9 +42,9 @@ SCORERS = {
     "clipscore": lambda: build_scorer("clipscore"),
     "negclip": lambda: build_scorer("negclip"),
     "chips: alignment only": lambda: CHIPS(bank_size=256, components=("alignment",)),
-    "chips (paper)": lambda: CHIPS(bank_size=256),
-    "chips + plausibility": lambda: CHIPS(bank_size=256, components=ROBUST_COMPONENTS),
-    "plausibility weight alone": lambda: CHIPS(bank_size=256, components=ROBUST_COMPONENTS),
+    "chips (paper)": lambda: CHIPS(bank_size=256, components="paper"),
+    "chips + plausibility": lambda: CHIPS(bank_size=256, components=ROBUST_COMPONENTS, noise_adaptive=False),
+    "plausibility weight alone": lambda: CHIPS(bank_size=256, components=ROBUST_COMPONENTS, noise_adaptive=False),
 }
 COLUMNS = ("clean target > clean general", "clean > mismatched (target domain)", "clean > mismatched (whole pool)")
 

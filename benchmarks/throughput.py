@@ -219,7 +219,7 @@ def chips_pass(setup: Setup) -> dict:
         pool_f = extract_features(setup.adapter, setup.pool, device=device)
         _sync(device)
         t1 = time.perf_counter()
-        scorer = CHIPS(sketch_dim=SKETCH)  # paper defaults: alpha 0.7, bank 1024, curvature 8192
+        scorer = CHIPS(sketch_dim=SKETCH, components="paper")  # paper defaults: alpha 0.7, bank 1024, curvature 8192
         scorer.prepare(setup.adapter.endpoint(), target_f, pool_f)
         _sync(device)
         t2 = time.perf_counter()
@@ -473,7 +473,7 @@ def memory_probe(name: str, pool: int, sample: int, target: int, batch_size: int
     adapter = resolve_adapter(model)
     pool_ds, target_ds = datasets(model, pool, target)
     target_f = extract_features(adapter, DataLoader(target_ds, batch_size), device=device)
-    scorer = CHIPS(sketch_dim=SKETCH)
+    scorer = CHIPS(sketch_dim=SKETCH, components="paper")
     warm = extract_features(
         adapter,
         DataLoader(Subset(pool_ds, range(min(batch_size, pool))), batch_size),

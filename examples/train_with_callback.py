@@ -27,7 +27,7 @@ TINY_VIT = {
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 SCORERS = {
-    "chips": lambda: CHIPS(sketch_dim=512, alpha=0.7, curvature_samples=4096),
+    "chips": lambda: CHIPS(sketch_dim=512, alpha=0.7, curvature_samples=4096),  # with the noise-adaptive weight
     "robust": lambda: CHIPS(sketch_dim=512, alpha=0.7, curvature_samples=4096, components=ROBUST_COMPONENTS),
     "random": Random,
 }

@@ -257,8 +257,8 @@ def test_bad_arguments_are_rejected_eagerly(kwargs, match):
 
 def test_one_arguments_object_drives_the_scorer_and_the_functional_forms():
     pool_v, pool_t, target_v, target_t, ep = _problem(n=120)
-    args = ChipsArguments(bank_size=40, curvature_samples=80, sketch_dim=48, alpha=0.5, seed=3)
-    scorer = CHIPS(bank_size=40, curvature_samples=80, sketch_dim=48, alpha=0.5, seed=3)
+    args = ChipsArguments(bank_size=40, curvature_samples=80, sketch_dim=48, alpha=0.5, seed=3)  # the paper's
+    scorer = CHIPS(bank_size=40, curvature_samples=80, sketch_dim=48, alpha=0.5, seed=3, components="paper")
     assert scorer.arguments == args and scorer.alpha == 0.5 and scorer.components == args.components
     by_object = chips_scores(pool_v, pool_t, target_v, target_t, ep, args).utility
     by_keywords = chips_scores(pool_v, pool_t, target_v, target_t, ep, bank_size=40, curvature_samples=80,

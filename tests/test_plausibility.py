@@ -183,5 +183,6 @@ def test_relative_damping_is_the_same_theta_space_rule_for_both_solvers():
 
 def test_robust_components_are_the_paper_ones_plus_plausibility():
     assert ROBUST_COMPONENTS == (*COMPONENTS, "plausibility")
-    assert CHIPS().components == COMPONENTS  # the default stays the paper's formula
+    assert CHIPS().components == ROBUST_COMPONENTS and CHIPS().noise_adaptive  # the recommended configuration
+    assert CHIPS(components="paper").components == COMPONENTS  # the paper's formula, one argument away
     assert all(c in ROBUST_COMPONENTS for c in itertools.chain(COMPONENTS))

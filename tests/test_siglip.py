@@ -575,7 +575,7 @@ def test_scorers_run_with_a_sigmoid_end_point_and_match_the_functional_forms():
     pool = PairFeatures(torch.arange(60), pool_v, pool_t)
     target = PairFeatures(torch.arange(5) + 500, target_v, target_t)
     context = RoundContext(round=0, learning_rate=0.1)
-    chips = CHIPS(sketch_dim=None, bank_size=20, curvature_samples=60)
+    chips = CHIPS(sketch_dim=None, bank_size=20, curvature_samples=60, components="paper")
     chips.prepare(ep, target, pool, context)
     assert "loss=sigmoid" in chips.summary()
     torch.testing.assert_close(chips.score(pool), chips_scores(pool_v, pool_t, target_v, target_t, ep, sketch_dim=None,

@@ -333,7 +333,8 @@ class ChipsArguments:
         negatives_per_sample: sampled GGN atoms per sample and direction for ``Phi_neg`` (softmax draws for InfoNCE,
             draws in proportion to ``sigma (1 - sigma)`` for the sigmoid loss).
         components: factors of the utility, a subset of :data:`ALL_COMPONENTS`, or a name of :data:`PRESETS`
-            (default: the paper's three).
+            (default here: the paper's three, so the functional forms compute the paper's formula;
+            :class:`~lightning_chips.scoring.CHIPS` defaults to all four).
         plausibility_power: ``gamma`` of ``w_P = max(pi_theta, pi_ref)^gamma`` (with ``noise_adaptive``: its
             largest value).
         noise_adaptive: scale ``gamma`` by the pool's estimated noise share each round

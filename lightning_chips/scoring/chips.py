@@ -23,11 +23,13 @@ from lightning_chips.scoring.base import RoundContext, Scorer, check_prepare_inp
 __all__ = ["CHIPS", "ROBUST_COMPONENTS"]
 
 ROBUST_COMPONENTS: tuple[str, ...] = (*COMPONENTS, "plausibility")
-"""The paper's utility times the plausibility weight: ``CHIPS(components=ROBUST_COMPONENTS)``."""
+"""The paper's utility times the plausibility weight: ``CHIPS()``'s default components (the ``"plausibility"``
+preset; ``components="paper"`` is the paper's utility alone)."""
 
 
 class CHIPS(Scorer):
-    """CHIPS utility ``U = A * w_L * w_R`` (Zhuang et al., CVPR 2026; docs/methods.md, CHIPS).
+    """CHIPS utility ``U = A * w_L * w_R * w_P`` (Zhuang et al., CVPR 2026, times our noise-adaptive plausibility
+    weight ``w_P``; ``CHIPS(components="paper")`` is the paper's ``A * w_L * w_R``; docs/methods.md, CHIPS).
 
     ``A(z) = g(z)^T M^{-1} u`` is the curvature-aware Newton alignment of a pool pair's end-point gradient with
     the mean target gradient, ``M = (1 - alpha) Phi_pos + alpha Phi_neg + lambda I`` estimated on a pool sample
@@ -35,13 +37,16 @@ class CHIPS(Scorer):
     the model already solves and boosts violated ones; ``w_R`` weighs closeness to the target's mean
     embeddings. See :mod:`lightning_chips.functional.chips` for the formulas and the ``Phi_neg`` estimator.
 
-    **Plausibility (ours, beyond the paper; off by default).** With ``"plausibility"`` among the ``components``
-    the utility is also multiplied by ``w_P = max(pi_theta, pi_ref)^gamma``: the bank rank of each pair's true
-    partner under the model and under a copy of the end point adapted to the target set
+    **Plausibility (ours, beyond the paper; on by default).** With ``"plausibility"`` among the ``components``
+    (the default) the utility is also multiplied by ``w_P = max(pi_theta, pi_ref)^gamma_eff``: the bank rank of
+    each pair's true partner under the model and under a copy of the end point adapted to the target set
     (:mod:`lightning_chips.functional.plausibility`). The paper's product rewards mismatched and uninformative
     captions, whose gradients are large and, for target-domain images, point to the target; ``w_P`` stops that.
-    ``CHIPS()`` is the paper's formula; ``CHIPS(components=ROBUST_COMPONENTS)`` is the configuration
-    docs/benchmarks/quality.md recommends for pools with noisy captions.
+    With ``noise_adaptive`` (the default) each round estimates the pool's share of such captions from the bank
+    and sets ``gamma_eff`` from it: 0 (the paper's utility, exactly) on a pool estimated cleaner than
+    ``noise_range[0]``, ``plausibility_power`` above ``noise_range[1]``. ``CHIPS()`` is the configuration
+    docs/benchmarks/quality.md measures as the best or tied on noisy and clean pools; ``components="paper"`` is the
+    paper's formula.
 
     :meth:`prepare` keeps only the bank (``bank_size x e``), a theta-space direction and two mean embeddings
     (plus, with plausibility, the reference end point and the bank under it), so streaming :meth:`score` over
@@ -64,8 +69,13 @@ class CHIPS(Scorer):
         negatives_per_sample: sampled GGN atoms per sample and direction for ``Phi_neg`` (softmax draws for InfoNCE,
             draws in proportion to ``sigma (1 - sigma)`` for a SigLIP model's sigmoid loss).
         components: utility factors, a subset of ``("alignment", "learnability", "relevance", "plausibility")``
-            (ablations: ``("alignment",)``, ``("alignment", "learnability")``, ...; default: the paper's three).
-        plausibility_power: ``gamma`` of the plausibility weight.
+            (ablations: ``("alignment",)``, ``("alignment", "learnability")``, ...), or a preset name:
+            ``"plausibility"`` (the default: all four) or ``"paper"`` (the paper's three).
+        plausibility_power: ``gamma`` of the plausibility weight (with ``noise_adaptive``: its largest value).
+        noise_adaptive: set ``gamma`` each round from the pool's estimated noise share (``False``: always
+            ``plausibility_power``).
+        noise_range: ``(a, b)``: no weight on a pool estimated below ``a`` noisy, the full ``gamma`` above ``b``,
+            linear in between.
         reference_steps: Adam steps adapting the reference end point to the target set (0: no reference).
         reference_lr: their learning rate.
         seed: seed of the bank, curvature sample, negative draws and sketch.
@@ -81,8 +91,9 @@ class CHIPS(Scorer):
 
     Example::
 
-        >>> scorer = CHIPS(sketch_dim=256, bank_size=128)  # the paper's utility
-        >>> robust = CHIPS(components=ROBUST_COMPONENTS)  # and the plausibility weight
+        >>> scorer = CHIPS(bank_size=2048)  # the recommended configuration: noise-adaptive plausibility
+        >>> paper = CHIPS(components="paper")  # the paper's utility
+        >>> fixed = CHIPS(noise_adaptive=False)  # the plausibility weight at gamma = plausibility_power always
         >>> scorer.prepare(endpoint, target_features, pool_features)  # doctest: +SKIP
         >>> scores = scorer.score(pool_features.index(slice(0, 512)))  # doctest: +SKIP
     """
@@ -103,7 +114,7 @@ class CHIPS(Scorer):
         bank_size: int = 1024,
         curvature_samples: int = 8192,
         negatives_per_sample: int = 4,
-        components: Sequence[str] | str = COMPONENTS,
+        components: Sequence[str] | str = ROBUST_COMPONENTS,
         plausibility_power: float = 10.0,
         noise_adaptive: bool = True,
         noise_range: tuple[float, float] = NOISE_RANGE,
