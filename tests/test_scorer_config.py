@@ -126,9 +126,9 @@ def test_repr_lists_every_field_in_order_and_configs_nest():
     assert repr(CHIPS(bank_size=8)) == (
         "CHIPS(alpha=0.7, beta=0.5, sketch_dim=512, sketch='gaussian', sketch_layout='khatri_rao', solver='sketch', "
         "damping=None, relative_damping=0.001, bank_size=8, curvature_samples=8192, negatives_per_sample=4, "
-        "components=('alignment', 'learnability', 'relevance', 'plausibility'), plausibility_power=10.0, noise_adaptive=True, "
-        "noise_range=(0.1, 0.2), reference_steps=50, "
-        "reference_lr=0.001, seed=0, dtype='float64', exact_when_small=True)"
+        "components=('alignment', 'learnability', 'relevance', 'plausibility'), plausibility_power=10.0, "
+        "noise_adaptive=True, noise_range=(0.1, 0.2), reference_steps=50, reference_lr=0.001, seed=0, "
+        "dtype='float64', exact_when_small=True)"
     )
     assert isinstance(CHIPS().arguments, ChipsArguments)
     assert repr(NormSim()) == "NormSim(p=inf)" and NormSim().config()["arguments"] == {"p": "inf"}
