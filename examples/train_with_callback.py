@@ -6,6 +6,7 @@ round held: the share of target-domain pairs and of mismatched captions (the poo
 
     python examples/train_with_callback.py                         # CHIPS, the paper's utility
     python examples/train_with_callback.py --scorer robust         # CHIPS times the plausibility weight
+    python examples/train_with_callback.py --scorer adaptive       # that weight as strong as the pool's noise asks
     python examples/train_with_callback.py --compare random        # and a Random run beside it, same seed
 """
 
@@ -27,8 +28,11 @@ TINY_VIT = {
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 SCORERS = {
-    "chips": lambda: CHIPS(sketch_dim=512, alpha=0.7, curvature_samples=4096),  # with the noise-adaptive weight
-    "robust": lambda: CHIPS(sketch_dim=512, alpha=0.7, curvature_samples=4096, components=ROBUST_COMPONENTS),
+    "chips": lambda: CHIPS(sketch_dim=512, alpha=0.7, curvature_samples=4096, components="paper"),  # the paper's
+    "robust": lambda: CHIPS(
+        sketch_dim=512, alpha=0.7, curvature_samples=4096, components=ROBUST_COMPONENTS, noise_adaptive=False
+    ),  # the plausibility weight at a fixed gamma
+    "adaptive": lambda: CHIPS(sketch_dim=512, alpha=0.7, curvature_samples=4096),  # CHIPS()'s default
     "random": Random,
 }
 

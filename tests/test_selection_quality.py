@@ -50,6 +50,8 @@ def test_quick_run_covers_every_scenario_and_method_with_their_compositions(tmp_
         expected = {*bench.METHODS, *bench.REFERENCES, "pretrained (no CPT)"}
         if scenario == "clean":  # no re-selection rows there: nothing to filter, one-shot rows answer it
             expected -= {m for m in bench.METHODS if m.endswith("-reselect")}
+        if scenario in bench.VARIANTS:  # the noise variants answer one question: the noise weights' methods
+            expected = {*bench.VARIANT_METHODS, *bench.REFERENCES, "pretrained (no CPT)"}
         assert set(result.rows) == expected, scenario
         assert f"## Scenario: {scenario}" in table
         pool, size = result.extra["pool_composition"], result.extra["pool_size"]
@@ -63,15 +65,21 @@ def test_quick_run_covers_every_scenario_and_method_with_their_compositions(tmp_
                         assert run["selected"] == round(0.3 * size), (scenario, method)
                         assert 0.0 <= run["mismatched_share"] + run["uninformative_share"] <= 1.0
         # the pools are what the scenarios say
-        if scenario == "indomain":
-            assert pool["target_share"] > 0.7 and pool["uninformative_share"] > 0.05 and pool["head_share"] > 0.5
+        clean = scenario in ("clean", "indomain-clean")
+        if scenario.startswith("indomain"):
+            assert pool["target_share"] > 0.7 and pool["head_share"] > 0.5
+            assert (pool["uninformative_share"] > 0.05) == (not clean)
         else:
             assert pool["target_share"] < 0.3 and pool["uninformative_share"] == 0.0
-        assert (pool["mismatched_share"] == 0.0) == (scenario == "clean")
+        assert (pool["mismatched_share"] == 0.0) == clean
+        true_noise = pool["mismatched_share"] + pool["uninformative_share"]
+        if scenario in bench.VARIANTS:  # the noise estimate and the weight it sets
+            runs = result.rows["chips+adaptive"]["30%"]
+            assert abs(runs[0]["noise_share"] - true_noise) < 0.15, (scenario, runs[0]["noise_share"], true_noise)
         # the plausibility weight keeps fewer noisy captions than the paper's CHIPS wherever there are some
         noisy = {m: result.rows[m]["30%"][0]["mismatched_share"] + result.rows[m]["30%"][0]["uninformative_share"]
                  for m in ("chips", "chips+plausibility")}  # fmt: skip
-        if scenario != "clean":
+        if not clean:
             assert noisy["chips+plausibility"] < 0.6 * noisy["chips"], (scenario, noisy)
     for name in bench.ABLATIONS:  # the ablation variants build (they run in the full benchmark)
         assert bench.make_scorer(name, 0.3, 0, {"prompts": {"all_classnames": ["x"]}}) is not None
