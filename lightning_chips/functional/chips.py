@@ -39,10 +39,12 @@ atoms of either loss, solve, plausibility reference) and the per-batch scores th
 * ``w_L = (1 - p_corr)(1 + sigmoid(-m))`` (:meth:`BankStats.learnability`; ``p_corr = sigma(z_ii)`` for the sigmoid
   loss).
 * ``w_R = sigmoid((1 - beta) cos(x, mu_x) + beta cos(y, mu_y))`` with ``mu`` the mean target embeddings.
-* ``w_P`` **[ours, beyond the paper; off by default]**: the plausibility weight
-  ``max(pi_theta(z), pi_ref(z))^gamma`` (:mod:`.plausibility`), the bank rank of the pair's true partner under the
-  model and under a reference adapted to the target set. Add ``"plausibility"`` to ``components`` to use it: it
-  stops the utility from rewarding mismatched and uninformative captions, which the paper's product ranks high.
+* ``w_P`` **[ours, beyond the paper; on in** :class:`~lightning_chips.scoring.CHIPS` **by default, off in the
+  functional forms]**: the plausibility weight ``max(pi_theta(z), pi_ref(z))^gamma`` (:mod:`.plausibility`), the
+  bank rank of the pair's true partner under the model and under a reference adapted to the target set, with
+  ``gamma`` scaled by the pool's estimated noise share (``noise_adaptive``): it stops the utility from rewarding
+  mismatched and uninformative captions, which the paper's product ranks high, and leaves a clean pool's
+  utility as the paper's.
 
 Three solvers produce the same object, a dense direction ``v = M^{-1} u`` in theta-space, so that scoring a
 pool pair costs one factored inner product ``g . v = h_v^T V_v d_v + h_t^T V_t d_t + g_s v_s``:
