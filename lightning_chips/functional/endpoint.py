@@ -430,14 +430,29 @@ def grads_from_stats(
     pa = torch.where(p > 0, p * a, torch.zeros_like(a)).sum(1)
     qb = torch.where(q > 0, q * b, torch.zeros_like(b)).sum(1)
     g_scale = 0.5 * ((pa - a[:, 0]) + (qb - b[:, 0]))
+    return _factored(h_image, h_text, stats, grad_x, grad_y, g_scale, endpoint)
+
+
+def _factored(
+    h_image: Tensor,
+    h_text: Tensor,
+    stats: BankStats,
+    grad_x: Tensor,
+    grad_y: Tensor,
+    scale: Tensor,
+    endpoint: EndPoint,
+    bias: Tensor | None = None,
+) -> EndPointGrads:
+    """Per-sample gradients from the loss's gradients w.r.t. the normalised embeddings, the logit scale and bias."""
     return EndPointGrads(
         h_image=h_image,
         d_image=through_normalisation(grad_x, stats.x, stats.norm_image),
         h_text=h_text,
         d_text=through_normalisation(grad_y, stats.y, stats.norm_text),
-        scale=g_scale,
+        scale=scale,
         image_bias=endpoint.image_bias is not None,
         text_bias=endpoint.text_bias is not None,
+        bias=bias,
     )
 
 
@@ -456,16 +471,7 @@ def _sigmoid_grads(
     qb = torch.where(q[:, 1:] > 0, q[:, 1:] * (b[:, 1:] - beta), torch.zeros_like(q[:, 1:])).sum(1)
     g_scale = coef[:, 0] * (a[:, 0] - beta) + 0.5 * (pa + qb)
     g_bias = coef[:, 0] + 0.5 * (p[:, 1:].sum(1) + q[:, 1:].sum(1))
-    return EndPointGrads(
-        h_image=h_image,
-        d_image=through_normalisation(grad_x, stats.x, stats.norm_image),
-        h_text=h_text,
-        d_text=through_normalisation(grad_y, stats.y, stats.norm_text),
-        scale=g_scale,
-        image_bias=endpoint.image_bias is not None,
-        text_bias=endpoint.text_bias is not None,
-        bias=g_bias,
-    )
+    return _factored(h_image, h_text, stats, grad_x, grad_y, g_scale, endpoint, bias=g_bias)
 
 
 def endpoint_per_sample_grads(

@@ -192,12 +192,10 @@ def _max_rank(embeddings: list[tuple[Tensor, Tensor]], rows: Tensor, captions: T
     out = []
     for start in range(0, len(rows), chunk):
         r, c = rows[start : start + chunk], captions[start : start + chunk]
-        ranks = []
-        for image, text in embeddings:
-            exclude = torch.zeros(len(r), len(image), dtype=torch.bool, device=image.device)
-            exclude[torch.arange(len(r), device=image.device), r] = True
-            exclude[torch.arange(len(r), device=image.device), c] = True
-            ranks.append(bank_rank(image[r], text[c], image, text, exclude))
+        exclude = torch.zeros(len(r), len(embeddings[0][0]), dtype=torch.bool, device=rows.device)
+        exclude[torch.arange(len(r), device=rows.device), r] = True
+        exclude[torch.arange(len(r), device=rows.device), c] = True
+        ranks = [bank_rank(image[r], text[c], image, text, exclude) for image, text in embeddings]
         out.append(torch.stack(ranks).amax(0))
     return torch.cat(out)
 
