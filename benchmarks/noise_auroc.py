@@ -41,10 +41,12 @@ from tests.conftest import TINY_VIT  # noqa: E402
 SCORERS = {
     "clipscore": lambda: build_scorer("clipscore"),
     "negclip": lambda: build_scorer("negclip"),
-    "chips: alignment only": lambda: CHIPS(bank_size=256, components=("alignment",)),
+    "chips: alignment only": lambda: CHIPS(bank_size=256, components=("alignment",), alpha=0.7),
     "chips (paper)": lambda: CHIPS(bank_size=256, components="paper"),
-    "chips + plausibility": lambda: CHIPS(bank_size=256, components=ROBUST_COMPONENTS, noise_adaptive=False),
-    "plausibility weight alone": lambda: CHIPS(bank_size=256, components=ROBUST_COMPONENTS, noise_adaptive=False),
+    "chips + plausibility": lambda: CHIPS(bank_size=256, components=ROBUST_COMPONENTS, noise_adaptive=False, alpha=0.7),
+    "plausibility weight alone": lambda: CHIPS(
+        bank_size=256, components=ROBUST_COMPONENTS, noise_adaptive=False, alpha=0.7
+    ),
 }
 COLUMNS = ("clean target > clean general", "clean > mismatched (target domain)", "clean > mismatched (whole pool)")
 

@@ -146,7 +146,8 @@ METHODS = ["random", "clipscore", "negclip", "normsim", "negclip+normsim", "clip
            "chips+plausibility-reselect", "random-siglip", "chips-siglip"]  # fmt: skip
 """Every selection method of the table. ``chips`` is the paper's CHIPS (``CHIPS(components="paper")``);
 ``chips+plausibility`` multiplies it by the plausibility weight at a fixed ``gamma`` (:data:`FIXED`);
-``chips+adaptive`` scales ``gamma`` by the pool's estimated noise share (:data:`ADAPTIVE`, ``CHIPS()``'s default);
+``chips+adaptive`` is ``CHIPS()``'s default (:data:`ADAPTIVE`): ``gamma`` scaled by the pool's estimated noise share,
+the curvature mix by its estimated target-domain share;
 ``-reselect`` re-scores every epoch;
 ``-siglip`` runs the method with a model pretrained and continually pre-trained with SigLIP's sigmoid loss (a logit
 bias in its end point) instead of InfoNCE, on the same pool: CHIPS then uses the sigmoid loss's gradients and
@@ -154,12 +155,12 @@ curvature (docs/methods.md, SigLIP)."""
 SIGLIP = "-siglip"
 
 PLAUSIBILITY = ("alignment", "learnability", "relevance", "plausibility")
-PAPER = {"components": "paper"}
-"""The paper's CHIPS: ``CHIPS(**PAPER)``."""
-FIXED = {"components": PLAUSIBILITY, "noise_adaptive": False}
-"""The plausibility weight at a fixed ``gamma``."""
-ADAPTIVE = {"components": PLAUSIBILITY, "noise_adaptive": True}
-"""The plausibility weight with ``gamma`` set by the pool's estimated noise share."""
+PAPER = {"components": "paper", "alpha": 0.7}
+"""The paper's CHIPS: ``CHIPS(**PAPER)`` (its ablations change one setting of it, the curvature mix stays 0.7)."""
+FIXED = {"components": PLAUSIBILITY, "noise_adaptive": False, "alpha": 0.7}
+"""The plausibility weight at a fixed ``gamma``, on the paper's curvature mix."""
+ADAPTIVE = {"components": PLAUSIBILITY, "noise_adaptive": True, "alpha": "auto"}
+"""``CHIPS()``: ``gamma`` set by the pool's estimated noise share, ``alpha`` by its estimated target-domain share."""
 
 ABLATIONS = [
     "chips:components=alignment",
@@ -504,13 +505,20 @@ def chips_kwargs(name: str) -> dict:
         key, _, value = item.partition("=")
         if key == "components":
             kwargs[key] = tuple(value.split("*"))
-        elif key in ("solver", "sketch_layout"):
+        elif key in ("solver", "sketch_layout") or value == "auto":
             kwargs[key] = value
-        elif key in ("curvature_samples", "reference_steps"):
+        elif key in ("curvature_samples", "reference_steps", "sketch_dim", "bank_size", "negatives_per_sample"):
             kwargs[key] = int(value)
         else:
             kwargs[key] = float(value)
     return kwargs
+
+
+def _is_chips_variant(name: str) -> bool:
+    try:
+        return ":" in name and bool(chips_kwargs(name))
+    except ValueError:
+        return False
 
 
 def make_scorer(name: str, budget: float, seed: int, sets: dict) -> Scorer:
@@ -563,7 +571,8 @@ def pool_scores(name: str, budget: float, seed: int, model: TwoTowerCLIP, sets: 
     context = RoundContext(text_encoder=_PromptFeatures(model, sets), seed=seed)
     with torch.enable_grad():
         scorer.prepare(model.endpoint(), sets["target"].pairs(), pool.pairs(), context)
-    ESTIMATES[(name, seed)] = scorer.round_metrics()
+    estimates = scorer.round_metrics()  # "target_share" is also a composition column: kept apart as "estimated_"
+    ESTIMATES[(name, seed)] = {("estimated_" + k if k == "target_share" else k): v for k, v in estimates.items()}
     with torch.no_grad():
         return torch.cat([scorer.score(b) for b in pool.pairs().batches(2048)]).double().numpy()
 
@@ -737,6 +746,14 @@ def render(results: Results, budgets: list[str], scenario: str) -> str:
                   f"{true:.1f} % mismatched or uninformative captions): " + "; ".join(
                       f"{m} {100 * statistics.mean(v):.1f} ± {100 * statistics.pstdev(v):.1f} %"
                       for m, v in estimated.items())]  # fmt: skip
+    shares = {m: [r["estimated_target_share"] for runs in by_budget.values() for r in runs]
+              for m, by_budget in results.rows.items() if any("estimated_target_share" in r
+                                                             for rs in by_budget.values() for r in rs)}  # fmt: skip
+    if shares and pool:
+        parts += ["", "Target-domain share `alpha=\"auto\"` estimated (mean ± std over seeds; the pool holds "
+                  f"{100 * pool['target_share']:.1f} % target-domain pairs): " + "; ".join(
+                      f"{m} {100 * statistics.mean(v):.1f} ± {100 * statistics.pstdev(v):.1f} %"
+                      for m, v in shares.items())]  # fmt: skip
     siglip = results.extra.get("pretrained_siglip")
     if siglip:
         parts += ["", "The `-siglip` rows start from a model pretrained like the others but with SigLIP's sigmoid "
@@ -809,6 +826,19 @@ DESCRIPTIONS = {
 }  # fmt: skip
 
 
+def scenario_methods(cfg: Config, scenario: str, only: list[str] | None = None) -> list[str]:
+    """The selection methods a scenario runs: every method (no re-selection rows on the clean pool, where there is
+    nothing to filter), the ablations when ``cfg`` asks, only :data:`VARIANT_METHODS` on a noise variant; of them,
+    those in ``only``, and any CHIPS variant ``only`` names (``chips:alpha=0``, :func:`chips_kwargs`) on any
+    scenario."""
+    methods = [m for m in METHODS if cfg.reselect and scenario != "clean" or not m.endswith("-reselect")]
+    methods += ABLATIONS if cfg.ablations and scenario != "clean" else []
+    methods = VARIANT_METHODS if scenario in VARIANTS else methods
+    if only is None:
+        return methods
+    return [m for m in methods if m in only] + [m for m in only if ":" in m and m not in methods]
+
+
 def run(cfg: Config, cache: Path, scenario: str, log: Callable[[str], None] = print,
         only: list[str] | None = None) -> Results:  # fmt: skip
     start = time.perf_counter()
@@ -839,10 +869,7 @@ def run(cfg: Config, cache: Path, scenario: str, log: Callable[[str], None] = pr
     for seed in cfg.seeds if only is None else ():
         results.add("full pool", "100%", cpt(cfg, sets, state, None, seed))
         results.add("random 50%", "50%", cpt(cfg, sets, state, choose("random", 0.5, seed, pretrained, sets), seed))
-    methods = [m for m in METHODS if cfg.reselect and scenario != "clean" or not m.endswith("-reselect")]
-    methods += ABLATIONS if cfg.ablations and scenario != "clean" else []
-    methods = VARIANT_METHODS if scenario in VARIANTS else methods
-    methods = [m for m in methods if only is None or m in only]
+    methods = scenario_methods(cfg, scenario, only)
     sigmoid: tuple[TwoTowerCLIP, dict] | None = None  # the SigLIP-loss model, pretrained like the InfoNCE one
     for method in methods:
         t0 = time.perf_counter()
@@ -955,7 +982,8 @@ def main(argv: list[str] | None = None) -> dict[str, Results]:
     cfg = QUICK if args.quick else Config()
     torch.set_num_threads(args.threads)
     scenarios = SCENARIOS if "all" in args.scenario else tuple(dict.fromkeys(args.scenario))
-    if args.methods is not None and (unknown := [m for m in args.methods if m not in METHODS + ABLATIONS]):
+    if args.methods is not None and (unknown := [m for m in args.methods if m not in METHODS + ABLATIONS
+                                                 and not _is_chips_variant(m)]):  # fmt: skip
         parser.error(f"--methods: unknown {unknown}; choose from {METHODS}")
     results = {name: run(cfg, args.cache, name, only=args.methods) for name in scenarios}
     command = "python benchmarks/selection_quality.py" + (" --quick" if args.quick else "")

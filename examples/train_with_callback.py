@@ -32,7 +32,7 @@ SCORERS = {
     "robust": lambda: CHIPS(
         sketch_dim=512, alpha=0.7, curvature_samples=4096, components=ROBUST_COMPONENTS, noise_adaptive=False
     ),  # the plausibility weight at a fixed gamma
-    "adaptive": lambda: CHIPS(sketch_dim=512, alpha=0.7, curvature_samples=4096),  # CHIPS()'s default
+    "adaptive": lambda: CHIPS(sketch_dim=512, alpha=0.7, curvature_samples=4096),  # CHIPS()'s weight, alpha 0.7
     "random": Random,
 }
 

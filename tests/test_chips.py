@@ -187,7 +187,9 @@ def test_streaming_scorer_matches_the_functional_on_a_real_open_clip_model():
     target = TwoDomainPairs(16, target_fraction=1.0, split="val", tokenizer=tokenizer)
     loader = lambda ds: torch.utils.data.DataLoader(ds, batch_size=32)  # noqa: E731
     pool_f, target_f = extract_features(adapter, loader(pool)), extract_features(adapter, loader(target))
-    scorer = build_scorer("chips", sketch_dim=256, bank_size=48, curvature_samples=64, components=("alignment",))
+    scorer = build_scorer(
+        "chips", sketch_dim=256, bank_size=48, curvature_samples=64, components=("alignment",), alpha=0.7
+    )  # the functional default: the paper's curvature mix
     assert isinstance(scorer, CHIPS)
     scorer.prepare(adapter.endpoint(), target_f, pool_f)
     streamed = torch.cat([scorer.score(batch) for batch in pool_f.batches(20)])

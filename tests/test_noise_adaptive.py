@@ -65,7 +65,7 @@ def test_adaptive_power_goes_from_none_to_the_full_weight():
 def test_the_estimate_moves_the_weight_clean_pool_paper_utility_noisy_pool_full_weight():
     ep = _endpoint()
     target, _ = _pool(40, 0.0, 0.0, seed=9)
-    common = dict(sketch_dim=None, bank_size=1024, curvature_samples=512, seed=1, reference_steps=10)
+    common = dict(sketch_dim=None, bank_size=1024, curvature_samples=512, seed=1, reference_steps=10, alpha=0.7)
     for mismatched, expect_full in ((0.0, False), (0.4, True)):
         pool, _ = _pool(1024, mismatched, 0.0, seed=3)
         args = (pool.image, pool.text, target.image, target.text, ep)
@@ -121,6 +121,10 @@ def test_a_fit_logs_the_estimate_each_round_and_keeps_it_in_the_round_file_and_r
     settings = [json.loads(str(np.load(f)["settings"])) for f in files]
     assert [s["estimate.noise_share"] for s in settings] == pytest.approx(estimates)
     assert all(s["scorer.noise_adaptive"] is True for s in settings)
+    shares = [h["target_share"] for h in callback.history]  # alpha="auto": the target-share estimate, the same way
+    assert all(0.0 <= e <= 1.0 for e in shares) and [h["alpha"] for h in callback.history] == pytest.approx(
+        [0.7 * (1 - e) for e in shares])  # fmt: skip
+    assert [s["estimate.target_share"] for s in settings] == pytest.approx(shares)
     page = build_report(tmp_path / "rounds", tmp_path / "report.html")
     assert "estimate.noise_share" in page.read_text()
 

@@ -128,7 +128,7 @@ def test_chips_prefers_clean_target_domain_pairs(pretrained, components):
     for the alignment alone and for the paper's whole utility (``CHIPS()``: 0.876 / 0.841 / 0.842 within the
     target domain)."""
     adapter, pool, pool_f, target_f = pretrained
-    scorer = CHIPS(bank_size=256, **({} if components is None else {"components": components}))
+    scorer = CHIPS(bank_size=256, components="paper" if components is None else components, alpha=0.7)
     scorer.prepare(adapter.endpoint(), target_f, pool_f)
     scores = scorer.score(pool_f)
     clean, target = torch.as_tensor(~pool.noisy), torch.as_tensor(pool.domains == 1)
@@ -146,7 +146,7 @@ def test_chips_with_plausibility_ranks_clean_target_pairs_above_mismatched_ones(
     clean, target = torch.as_tensor(~pool.noisy), torch.as_tensor(pool.domains == 1)
     within = {}
     for name, components in (("paper", None), ("robust", ROBUST_COMPONENTS)):
-        scorer = CHIPS(bank_size=256, **({"components": "paper"} if components is None else
+        scorer = CHIPS(bank_size=256, alpha=0.7, **({"components": "paper"} if components is None else
                                           {"components": components, "noise_adaptive": False}))  # fmt: skip
         scorer.prepare(adapter.endpoint(), target_f, pool_f)
         scores = scorer.score(pool_f)

@@ -124,7 +124,7 @@ def test_config_is_json_and_names_the_scorer(name):
 
 def test_repr_lists_every_field_in_order_and_configs_nest():
     assert repr(CHIPS(bank_size=8)) == (
-        "CHIPS(alpha=0.7, beta=0.5, sketch_dim=512, sketch='gaussian', sketch_layout='khatri_rao', solver='sketch', "
+        "CHIPS(alpha='auto', beta=0.5, sketch_dim=512, sketch='gaussian', sketch_layout='khatri_rao', solver='sketch', "
         "damping=None, relative_damping=0.001, bank_size=8, curvature_samples=8192, negatives_per_sample=4, "
         "components=('alignment', 'learnability', 'relevance', 'plausibility'), plausibility_power=10.0, "
         "noise_adaptive=True, noise_range=(0.1, 0.2), reference_steps=50, reference_lr=0.001, seed=0, "
@@ -149,7 +149,7 @@ def test_repr_lists_every_field_in_order_and_configs_nest():
 
 def test_settings_are_frozen_and_read_as_attributes():
     scorer = CHIPS(bank_size=8, seed=4)
-    assert scorer.bank_size == 8 and scorer.seed == 4 and scorer.alpha == 0.7
+    assert scorer.bank_size == 8 and scorer.seed == 4 and scorer.alpha == "auto"
     with pytest.raises(AttributeError, match="build a new scorer"):
         scorer.bank_size = 16
     with pytest.raises(dataclasses.FrozenInstanceError):

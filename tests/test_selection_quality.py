@@ -36,20 +36,23 @@ def _data_installed() -> str | None:
 
 
 @pytest.mark.slow
-def test_quick_run_covers_every_scenario_and_method_with_their_compositions(tmp_path):
+def test_quick_run_covers_both_pool_designs_and_every_method_with_their_compositions(tmp_path):
+    """The quick run of one scenario of each pool builder: the general pool with every method, and a noise variant
+    of the in-domain pool (the same builder as ``indomain`` and ``indomain-clean``) with the variants' methods."""
     missing = _data_installed()
     if missing:
         pytest.skip(missing)
     bench = _load()
-    results = bench.main(["--quick", "--out", str(tmp_path), "--cache", str(tmp_path / "cache")])
-    assert set(results) == set(bench.SCENARIOS)
+    scenarios = ["standard", "indomain-noisy"]
+    results = bench.main(["--quick", "--scenario", *scenarios, "--out", str(tmp_path), "--cache",
+                          str(tmp_path / "cache")])  # fmt: skip
+    assert list(results) == scenarios
     payload = json.loads((tmp_path / "results.json").read_text())
-    assert payload["command"].endswith("--quick") and set(payload["scenarios"]) == set(bench.SCENARIOS)
+    assert payload["command"].endswith("--quick --scenario standard indomain-noisy")
+    assert list(payload["scenarios"]) == scenarios
     table = (tmp_path / "table.md").read_text()
     for scenario, result in results.items():
         expected = {*bench.METHODS, *bench.REFERENCES, "pretrained (no CPT)"}
-        if scenario == "clean":  # no re-selection rows there: nothing to filter, one-shot rows answer it
-            expected -= {m for m in bench.METHODS if m.endswith("-reselect")}
         if scenario in bench.VARIANTS:  # the noise variants answer one question: the noise weights' methods
             expected = {*bench.VARIANT_METHODS, *bench.REFERENCES, "pretrained (no CPT)"}
         assert set(result.rows) == expected, scenario
@@ -73,9 +76,9 @@ def test_quick_run_covers_every_scenario_and_method_with_their_compositions(tmp_
             assert pool["target_share"] < 0.3 and pool["uninformative_share"] == 0.0
         assert (pool["mismatched_share"] == 0.0) == clean
         true_noise = pool["mismatched_share"] + pool["uninformative_share"]
-        if scenario in bench.VARIANTS:  # the noise estimate and the weight it sets
-            runs = result.rows["chips+adaptive"]["30%"]
-            assert abs(runs[0]["noise_share"] - true_noise) < 0.15, (scenario, runs[0]["noise_share"], true_noise)
+        runs = result.rows["chips+adaptive"]["30%"]  # the estimates of CHIPS() and what they set
+        assert abs(runs[0]["noise_share"] - true_noise) < 0.15, (scenario, runs[0]["noise_share"], true_noise)
+        assert abs(runs[0]["estimated_target_share"] - pool["target_share"]) < 0.2, (scenario, runs[0])
         # the plausibility weight keeps fewer noisy captions than the paper's CHIPS wherever there are some
         noisy = {m: result.rows[m]["30%"][0]["mismatched_share"] + result.rows[m]["30%"][0]["uninformative_share"]
                  for m in ("chips", "chips+plausibility")}  # fmt: skip
@@ -87,14 +90,37 @@ def test_quick_run_covers_every_scenario_and_method_with_their_compositions(tmp_
     assert set(rendered) == set(results)
 
 
+def test_each_scenario_runs_its_methods():
+    bench = _load()
+    for scenario in bench.SCENARIOS:
+        methods = bench.scenario_methods(bench.QUICK, scenario)
+        if scenario in bench.VARIANTS:  # the noise variants answer one question: the noise weights' methods
+            assert methods == bench.VARIANT_METHODS, scenario
+        elif scenario == "clean":  # no re-selection rows there: nothing to filter, one-shot rows answer it
+            assert methods == [m for m in bench.METHODS if not m.endswith("-reselect")]
+        else:
+            assert methods == bench.METHODS, scenario
+    assert bench.scenario_methods(bench.Config(), "standard")[-len(bench.ABLATIONS) :] == bench.ABLATIONS
+    assert bench.scenario_methods(bench.QUICK, "standard", only=["trak", "nope"]) == ["trak"]
+    # a CHIPS variant named on the command line runs on any scenario, the noise variants included
+    assert bench.scenario_methods(bench.QUICK, "indomain-clean", only=["chips:alpha=0", "trak"]) == [
+        "trak", "chips:alpha=0"]  # fmt: skip
+    assert bench.chips_kwargs("chips:sketch_dim=2048")["sketch_dim"] == 2048
+
+
 def test_chips_variant_names_map_to_keyword_arguments():
     bench = _load()
-    assert bench.chips_kwargs("chips") == {"components": "paper"}
-    assert bench.chips_kwargs("chips-reselect") == {"components": "paper"}
-    assert bench.chips_kwargs("chips+plausibility") == {"components": bench.PLAUSIBILITY, "noise_adaptive": False}
-    assert bench.chips_kwargs("chips+adaptive") == {"components": bench.PLAUSIBILITY, "noise_adaptive": True}
+    paper = {"components": "paper", "alpha": 0.7}  # the paper's formula and its ablations keep its curvature mix
+    assert bench.chips_kwargs("chips") == paper
+    assert bench.chips_kwargs("chips-reselect") == paper
+    assert bench.chips_kwargs("chips+plausibility") == {"components": bench.PLAUSIBILITY, "noise_adaptive": False,
+                                                        "alpha": 0.7}  # fmt: skip
+    assert bench.chips_kwargs("chips+adaptive") == {"components": bench.PLAUSIBILITY, "noise_adaptive": True,
+                                                    "alpha": "auto"}  # fmt: skip
+    assert bench.chips_kwargs("chips:components=alignment")["alpha"] == 0.7
+    assert bench.chips_kwargs("chips+plausibility:alpha=auto")["alpha"] == "auto"
     assert bench.chips_kwargs("chips:solver=kernel,curvature_samples=1024,relative_damping=1e-2") == {
-        "components": "paper", "solver": "kernel", "curvature_samples": 1024, "relative_damping": 0.01}  # fmt: skip
+        **paper, "solver": "kernel", "curvature_samples": 1024, "relative_damping": 0.01}  # fmt: skip
     assert bench.chips_kwargs("chips+plausibility:components=alignment*plausibility")["components"] == (
         "alignment", "plausibility")  # fmt: skip
     with pytest.raises(ValueError, match="not a CHIPS variant"):

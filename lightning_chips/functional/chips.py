@@ -94,6 +94,7 @@ from lightning_chips.functional.plausibility import (
     plausibility_weight,
 )
 from lightning_chips.functional.sketch import SketchKind, SketchLayout
+from lightning_chips.functional.target_share import TargetShare, adaptive_alpha, estimate_target_share
 
 __all__ = [
     "ALL_COMPONENTS",
@@ -113,7 +114,10 @@ COMPONENTS = ("alignment", "learnability", "relevance")
 ALL_COMPONENTS = (*COMPONENTS, "plausibility")
 """Every factor ``components`` may name; ``"plausibility"`` is ours (module docstring)."""
 PRESETS = {"paper": COMPONENTS, "plausibility": ALL_COMPONENTS}
-"""Names ``components`` may take instead of a list: ``"paper"`` (the paper's utility) and ``"plausibility"``."""
+"""Names ``components`` may take instead of a list: ``"paper"`` (the paper's utility; with ``alpha="auto"`` it also
+sets the paper's ``alpha``) and ``"plausibility"``."""
+PAPER_ALPHA = 0.7
+"""The paper's curvature mix, and the largest value ``alpha="auto"`` takes."""
 NOISE_RANGE = (0.1, 0.2)
 """``noise_range``'s default: the noise shares between which the adaptive ``gamma`` goes from 0 to its full value
 (docs/methods.md, "How strong")."""
@@ -154,6 +158,10 @@ class ChipsState:
     """The ``gamma`` in use this round (with ``noise_adaptive``: scaled by the noise estimate)."""
     noise: NoiseEstimate | None = None
     """The pool's estimated noise share (``"plausibility"`` with ``noise_adaptive`` only)."""
+    alpha: float = PAPER_ALPHA
+    """The curvature mix in use this round (with ``alpha="auto"``: set from the target-share estimate)."""
+    target_share: TargetShare | None = None
+    """The pool's estimated target-domain share (``alpha="auto"`` only)."""
 
 
 def _atoms_one_direction(
@@ -322,7 +330,9 @@ class ChipsArguments:
     :class:`~lightning_chips.scoring.CHIPS` take one instead of repeating sixteen keywords).
 
     Args:
-        alpha: curvature mixing ``M = (1 - alpha) Phi_pos + alpha Phi_neg + lambda I`` (paper: 0.7).
+        alpha: curvature mixing ``M = (1 - alpha) Phi_pos + alpha Phi_neg + lambda I`` (paper: 0.7), or
+            ``"auto"``: ``0.7 (1 - hat pi_T)`` with ``hat pi_T`` the pool sample's estimated target-domain share
+            (:mod:`.target_share`). With the ``"paper"`` preset of ``components``, ``"auto"`` is the paper's 0.7.
         beta: text share of the relevance weight.
         sketch_dim: JL sketch dimension ``k`` (paper: 512); ``None`` = exact (dense solve; small models).
         sketch: ``"gaussian"`` or ``"rademacher"`` sketch entries.
@@ -359,7 +369,7 @@ class ChipsArguments:
         0.6
     """
 
-    alpha: float = 0.7
+    alpha: float | str = PAPER_ALPHA
     beta: float = 0.5
     sketch_dim: int | None = 512
     sketch: SketchKind = "gaussian"
@@ -381,8 +391,14 @@ class ChipsArguments:
     exact_when_small: bool = True
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"`alpha` (curvature mixing) must be in [0, 1], got {self.alpha}.")
+        if isinstance(self.components, str) and self.components == "paper" and self.alpha == "auto":
+            object.__setattr__(self, "alpha", PAPER_ALPHA)  # the paper's formula: its own curvature mix
+        if self.alpha != "auto" and (
+            isinstance(self.alpha, (bool, str))
+            or not isinstance(self.alpha, (int, float))
+            or not 0.0 <= self.alpha <= 1.0
+        ):
+            raise ValueError(f"`alpha` (curvature mixing) must be a number in [0, 1] or 'auto', got {self.alpha!r}.")
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"`beta` (text share of the relevance weight) must be in [0, 1], got {self.beta}.")
         if isinstance(self.components, str):
@@ -468,7 +484,7 @@ def chips_prepare(
     ``components`` the reference end point is adapted to the target set here, with the bank as negatives.
     """
     args = ChipsArguments.of(arguments, changes)
-    alpha, beta, seed, components = args.alpha, args.beta, args.seed, args.components
+    beta, seed, components = args.beta, args.seed, args.components
     bank_size = args.bank_size
     if len(target_image) == 0:
         raise ValueError("The target set is empty: CHIPS needs at least one target pair to align with.")
@@ -487,6 +503,14 @@ def chips_prepare(
     curv_idx = subsample(n, args.curvature_samples, seed + 1, device)
     c_image, c_text = pool_image[curv_idx], pool_text[curv_idx]
     c_stats = bank.stats(c_image, c_text, ep, pool_ids[curv_idx])
+    t_image, t_text = ep.embed_image(target_image), ep.embed_text(target_text)
+    alpha, share = args.alpha, None
+    if alpha == "auto":  # from the curvature sample's embeddings (already computed) and the target's
+        if len(target_image) < 2:
+            alpha = PAPER_ALPHA  # nothing to compare a single target pair with: the paper's mix
+        else:
+            share = estimate_target_share(c_stats.x, c_stats.y, t_image, t_text, beta=beta)
+            alpha = adaptive_alpha(PAPER_ALPHA, share.share)
     atoms, weights = curvature_atoms(
         c_image, c_text, c_stats, bank.image, bank.text, ep, alpha=alpha,
         negatives_per_sample=args.negatives_per_sample, generator=torch.Generator().manual_seed(int(seed) + 2),
@@ -510,8 +534,8 @@ def chips_prepare(
         endpoint=ep,
         bank=bank,
         direction=direction,
-        mu_image=F.normalize(ep.embed_image(target_image).mean(0), dim=0),
-        mu_text=F.normalize(ep.embed_text(target_text).mean(0), dim=0),
+        mu_image=F.normalize(t_image.mean(0), dim=0),
+        mu_text=F.normalize(t_text.mean(0), dim=0),
         beta=beta,
         components=tuple(components),
         damping=lam,
@@ -521,6 +545,8 @@ def chips_prepare(
         reference_bank=reference_bank,
         plausibility_power=power,
         noise=noise,
+        alpha=float(alpha),
+        target_share=share,
     )
 
 

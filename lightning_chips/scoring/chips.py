@@ -37,6 +37,12 @@ class CHIPS(Scorer):
     the model already solves and boosts violated ones; ``w_R`` weighs closeness to the target's mean
     embeddings. See :mod:`lightning_chips.functional.chips` for the formulas and the ``Phi_neg`` estimator.
 
+    **Curvature mix (ours; on by default).** ``alpha="auto"`` (the default) sets ``alpha = 0.7 (1 - hat pi_T)``
+    each round from the pool sample's estimated target-domain share ``hat pi_T``
+    (:mod:`lightning_chips.functional.target_share`): the paper's 0.7 on a pool where the target domain is rare,
+    (almost) positive-only curvature on a pool that is mostly the target domain, where the paper's mix drifts to
+    rare classes at small budgets (docs/methods.md, "How much negative curvature").
+
     **Plausibility (ours, beyond the paper; on by default).** With ``"plausibility"`` among the ``components``
     (the default) the utility is also multiplied by ``w_P = max(pi_theta, pi_ref)^gamma_eff``: the bank rank of
     each pair's true partner under the model and under a copy of the end point adapted to the target set
@@ -46,7 +52,7 @@ class CHIPS(Scorer):
     and sets ``gamma_eff`` from it: 0 (the paper's utility, exactly) on a pool estimated cleaner than
     ``noise_range[0]``, ``plausibility_power`` above ``noise_range[1]``. ``CHIPS()`` is the configuration
     docs/benchmarks/quality.md measures as the best or tied on noisy and clean pools; ``components="paper"`` is the
-    paper's formula.
+    paper's formula (its three factors, and ``alpha = 0.7`` unless ``alpha`` is given a number).
 
     :meth:`prepare` keeps only the bank (``bank_size x e``), a theta-space direction and two mean embeddings
     (plus, with plausibility, the reference end point and the bank under it), so streaming :meth:`score` over
@@ -54,7 +60,9 @@ class CHIPS(Scorer):
     ``O((d_v + d_t) e + bank_size * e)`` on top of its forward pass (twice that with plausibility).
 
     Args:
-        alpha: curvature mixing (paper: 0.7, best in [0.6, 0.8]); 0 = positive-only curvature.
+        alpha: curvature mixing (paper: 0.7, best in [0.6, 0.8] on its pools); 0 = positive-only curvature;
+            ``"auto"`` (default): ``0.7 (1 - hat pi_T)`` from the pool's estimated target-domain share (0.7 with
+            ``components="paper"``).
         beta: text share of the relevance weight.
         sketch_dim: JL sketch dimension (paper: 512); ``None`` = exact.
         sketch: ``"gaussian"`` or ``"rademacher"`` entries.
@@ -92,7 +100,7 @@ class CHIPS(Scorer):
     Example::
 
         >>> scorer = CHIPS(bank_size=2048)  # the recommended configuration: noise-adaptive plausibility
-        >>> paper = CHIPS(components="paper")  # the paper's utility
+        >>> paper = CHIPS(components="paper")  # the paper's utility (alpha = 0.7)
         >>> fixed = CHIPS(noise_adaptive=False)  # the plausibility weight at gamma = plausibility_power always
         >>> scorer.prepare(endpoint, target_features, pool_features)  # doctest: +SKIP
         >>> scores = scorer.score(pool_features.index(slice(0, 512)))  # doctest: +SKIP
@@ -103,7 +111,7 @@ class CHIPS(Scorer):
     def __init__(
         self,
         *,
-        alpha: float = 0.7,
+        alpha: float | Literal["auto"] = "auto",
         beta: float = 0.5,
         sketch_dim: int | None = 512,
         sketch: Literal["gaussian", "rademacher"] = "gaussian",
@@ -164,19 +172,27 @@ class CHIPS(Scorer):
         return self.score_components(batch).utility
 
     def round_metrics(self) -> dict[str, float]:
-        """``noise_share`` (the pool's estimated share of pairs whose caption does not fit the image) and
-        ``plausibility_power`` (the ``gamma`` it set) of the prepared round, when the plausibility weight adapts."""
-        noise = None if self.state is None else self.state.noise
-        if noise is None:
-            return {}
-        return {"noise_share": noise.share, "plausibility_power": self.state.plausibility_power}
+        """The prepared round's estimates and the settings they set: ``target_share`` (the pool's estimated
+        target-domain share) and ``alpha`` (the curvature mix it set) with ``alpha="auto"``; ``noise_share`` (the
+        pool's estimated share of pairs whose caption does not fit the image) and ``plausibility_power`` (the
+        ``gamma`` it set) when the plausibility weight adapts."""
+        metrics: dict[str, float] = {}
+        if self.state is None:
+            return metrics
+        if self.state.target_share is not None:
+            metrics.update(target_share=self.state.target_share.share, alpha=self.state.alpha)
+        if self.state.noise is not None:
+            metrics.update(noise_share=self.state.noise.share, plausibility_power=self.state.plausibility_power)
+        return metrics
 
     def summary(self) -> str:
         if self.state is None:
             return "CHIPS (not prepared)"
         st = self.state
         return (
-            f"CHIPS alpha={self.alpha} solver={self.solver} k={st.sketch_dim} atoms={st.num_atoms} "
+            f"CHIPS alpha={st.alpha:.3g}"
+            + (f" (auto: target_share~{st.target_share.share:.2f})" if st.target_share is not None else "")
+            + f" solver={self.solver} k={st.sketch_dim} atoms={st.num_atoms} "
             f"bank={len(st.bank.ids)} lambda={st.damping:.3g} components={'*'.join(self.components)}"
             + (" loss=sigmoid" if st.endpoint.loss == "sigmoid" else "")
             + (f" reference_steps={self.reference_steps}" if "plausibility" in self.components else "")
