@@ -261,6 +261,8 @@ class DataSelectionCallback(Callback):
         self._check_round_dir(trainer)  # here, not in setup: a resumed fit's state is restored by now
         if self._restored and self.selection is not None:
             trainer.datamodule.selection = self.selection
+            if self.history:  # a monitor of a selection metric finds the last round's value after a resume
+                self._publish(trainer, self.history[-1])
         elif self.selection is None and self.warmup_steps == 0:
             self.run_round(trainer, pl_module)
 
@@ -340,6 +342,7 @@ class DataSelectionCallback(Callback):
         if not result.positional:
             metrics["unreadable_shards"] = float(len(shard_errors))
         self.history.append(metrics)
+        self._publish(trainer, metrics)
 
         def write() -> None:  # rank 0 writes; the others learn whether it could
             if trainer.is_global_zero:
@@ -396,6 +399,13 @@ class DataSelectionCallback(Callback):
 
         collective.optional(f"round {r}'s logging (metrics, score histogram, gallery, summary line)", extras)
         return selection
+
+    @staticmethod
+    def _publish(trainer: Trainer, metrics: dict[str, float]) -> None:
+        """The round's metrics as ``trainer.callback_metrics["selection/..."]`` on every rank (they agree), where
+        ``ModelCheckpoint(monitor=...)`` and ``EarlyStopping`` look; the loggers get them separately (rank 0)."""
+        for key, value in metrics.items():
+            trainer.callback_metrics[f"selection/{key}"] = torch.tensor(float(value))
 
     def _metrics(self, selection: Selection, previous: Selection | None, scores: np.ndarray, n: int) -> dict:
         q10, q50, q90 = np.quantile(scores, [0.1, 0.5, 0.9])
