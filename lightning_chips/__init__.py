@@ -16,8 +16,12 @@ if TYPE_CHECKING:
     from lightning_chips.endpoint import EndPoint
     from lightning_chips.evaluation import BuiltinZeroShotTask, RetrievalTask, ZeroShotEvaluation, ZeroShotTask
     from lightning_chips.features import PairFeatures
+    from lightning_chips.functional.chips import ChipsArguments
     from lightning_chips.metrics import RetrievalRecallAtK, ZeroShotAccuracy, build_zero_shot_classifier
     from lightning_chips.models import OpenCLIPModule, TwoTowerCLIP
+    from lightning_chips.offline import score_pool
+    from lightning_chips.report import build_report
+    from lightning_chips.reshard import select_subset
     from lightning_chips.scoring import (
         CHIPS,
         ROBUST_COMPONENTS,
@@ -32,6 +36,7 @@ if TYPE_CHECKING:
         NegCLIPLoss,
         NormSim,
         Random,
+        RoundContext,
         Scorer,
         TracIn,
         build_scorer,
@@ -46,11 +51,16 @@ _MODULES = {
     "lightning_chips.endpoint": ("EndPoint",),
     "lightning_chips.evaluation": ("BuiltinZeroShotTask", "RetrievalTask", "ZeroShotEvaluation", "ZeroShotTask"),
     "lightning_chips.features": ("PairFeatures",),
+    "lightning_chips.functional.chips": ("ChipsArguments",),
     "lightning_chips.metrics": ("RetrievalRecallAtK", "ZeroShotAccuracy", "build_zero_shot_classifier"),
     "lightning_chips.models": ("OpenCLIPModule", "TwoTowerCLIP"),
+    "lightning_chips.offline": ("score_pool",),
+    "lightning_chips.report": ("build_report",),
+    "lightning_chips.reshard": ("select_subset",),
     "lightning_chips.scoring": (
         "CHIPS", "ROBUST_COMPONENTS", "SCORERS", "TRAK", "Chain", "ClipCov", "ClipPowered", "CLIPScore", "Dot",
-        "Intersect", "NegCLIPLoss", "NormSim", "Random", "Scorer", "TracIn", "build_scorer", "register_scorer",
+        "Intersect", "NegCLIPLoss", "NormSim", "Random", "RoundContext", "Scorer", "TracIn", "build_scorer",
+        "register_scorer",
     ),
     "lightning_chips.selection": ("Selection", "select"),
 }  # fmt: skip
@@ -91,6 +101,7 @@ __all__ = [
     "build_zero_shot_classifier",
     # scorers
     "CHIPS",
+    "ChipsArguments",
     "ROBUST_COMPONENTS",
     "Random",
     "CLIPScore",
@@ -104,12 +115,17 @@ __all__ = [
     "Chain",
     "Intersect",
     "Scorer",
+    "RoundContext",
     "SCORERS",
     "build_scorer",
     "register_scorer",
     # selection
     "Selection",
     "select",
+    # offline scoring, selection and reports (what `lightning-chips score` / `select` / `report` run)
+    "score_pool",
+    "select_subset",
+    "build_report",
     # the model contract
     "CLIPAdapter",
     "SupportsEndPoint",

@@ -48,7 +48,9 @@ class _Probe(Callback):
 
 def test_early_stopping_on_a_selection_metric_and_a_resumed_fit_sees_the_last_round(tmp_path):
     # overlap with the previous selection never improves above 1: patience 1 stops after two more epochs
-    stop = EarlyStopping(monitor="selection/overlap", mode="max", patience=1, min_delta=1.0, check_on_train_epoch_end=True)
+    stop = EarlyStopping(
+        monitor="selection/overlap", mode="max", patience=1, min_delta=1.0, check_on_train_epoch_end=True
+    )
     last = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     selector, trainer = _fit(tmp_path, [stop, last], max_epochs=10)
     assert trainer.current_epoch < 10 and trainer.should_stop
