@@ -37,7 +37,7 @@ from lightning_chips.engine import (
     skipped_arrays,
 )
 from lightning_chips.gallery import log_round_images
-from lightning_chips.groups import check_group_by, group_metrics, starved_text
+from lightning_chips.groups import check_group_by, group_metrics, shares_text, starved_text
 from lightning_chips.metrics import PromptEncoder
 from lightning_chips.scoring import RoundContext, Scorer, build_scorer
 from lightning_chips.selection import MODES, Mode, Selection, budget_for, select, write_round_file
@@ -382,7 +382,9 @@ class DataSelectionCallback(Callback):
                             "file lists them)" if skipped else "")  # fmt: skip
             if shard_errors:
                 skipped_text += f"; {len(shard_errors)} shards could not be read to the end"
-            skipped_text += starved_text(result.groups, selected, metrics["fraction"])
+            skipped_text += shares_text(result.groups, selected) + starved_text(
+                result.groups, selected, metrics["fraction"]
+            )
             rank_zero_info(
                 f"[lightning-chips] round {r} at step {trainer.global_step}: kept {len(selection):,} of {n:,} pool "
                 f"pairs ({metrics['fraction']:.1%}) by {selection.method}{kept_before}{skipped_text}; the round took "

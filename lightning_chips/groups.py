@@ -265,6 +265,18 @@ def group_metrics(groups: Mapping[str, GroupColumn], selected: np.ndarray) -> di
     return metrics
 
 
+def shares_text(groups: Mapping[str, GroupColumn], selected: np.ndarray, top: int = 3) -> str:
+    """``; selection vs pool: domain=1 61.5% (20.0%), domain=0 38.5% (80.0%); noisy=True 4.8% (10.0%)``: each
+    field's ``top`` largest groups of the pool, their share of the selection and (in brackets) of the pool; ``""``
+    without groups."""
+    parts = []
+    for field, column in groups.items():
+        shares = sorted(column.shares(selected), key=lambda s: (-s.pool, s.value))[:top]
+        if shares:
+            parts.append(", ".join(f"{field}={s.value} {s.selected_share:.1%} ({s.pool_share:.1%})" for s in shares))
+    return f"; selection vs pool: {'; '.join(parts)}" if parts else ""
+
+
 def starved_text(groups: Mapping[str, GroupColumn], selected: np.ndarray, fraction: float) -> str:
     """``; starved: field=value kept 0.4% (of 1,280 pairs; 30.0% overall)`` for groups kept at under a tenth of the
     overall rate (the worst two), or ``""``."""

@@ -396,7 +396,6 @@ def _settings_section(rounds: list[_Summary], run_dir: Path, offline: bool, mani
                  for k, v in (estimate.items() if isinstance(estimate, dict) else ())]  # fmt: skip
         if isinstance(manifest.get("shards"), dict | list):
             rows.append(("shards", len(manifest["shards"])))
-    text = _table(("setting", "value"), rows)
     parsed: list[tuple[int, dict[str, Any] | str]] = []
     for r in rounds:
         if r.settings:
@@ -406,9 +405,10 @@ def _settings_section(rounds: list[_Summary], run_dir: Path, offline: bool, mani
                 value = r.settings
             parsed.append((r.index, value if isinstance(value, dict) else str(value)))
     if not parsed:
-        return text
+        return _table(("setting", "value"), rows)
     label = "scorer" if offline else "settings"
     if not all(isinstance(v, dict) for _, v in parsed):  # not JSON objects: shown as they are, once each
+        text = _table(("setting", "value"), rows)
         for value in dict.fromkeys(str(v) for _, v in parsed):
             text += f"<h3>{_e(label)}</h3><pre>{_e(value)}</pre>"
         return text
@@ -417,7 +417,7 @@ def _settings_section(rounds: list[_Summary], run_dir: Path, offline: bool, mani
              for k in keys}  # fmt: skip
     same = [k for k in keys if len(set(shown[k])) == 1]
     varying = [k for k in keys if k not in same]
-    text += f"<h3>{_e(label)}</h3>" + _table(("setting", "value"), [(k, shown[k][0]) for k in same])
+    text = _table(("setting", "value"), rows + [(k, shown[k][0]) for k in same])  # one table of what holds
     if varying:
         text += "<h3>settings that change between rounds</h3>" + _table(
             ("round", *varying), [(i, *(shown[k][j] for k in varying)) for j, (i, _) in enumerate(parsed)]

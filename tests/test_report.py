@@ -201,6 +201,7 @@ def test_the_page_holds_settings_statistics_overlap_and_a_section_per_round(tmp_
     assert settings["method"] == "CHIPS" and settings["fraction"] == "0.25" and settings["pool size"] == "48"
     assert settings["rounds"].startswith("3") and settings["group fields"] == "domain, half"
     assert '"sketch_dim": 512' in html.unescape(page.text)  # the settings JSON, pretty-printed
+    assert "<h3>settings</h3>" not in page.text and "callback" in settings  # one table: the run's and the JSON's
     stats = page.table("scores")[1:]
     assert [row[3] for row in stats] == ["12", "12", "9"]  # selected per round
     assert [row[-2:] for row in stats] == [["0", "0"], ["2", "1"], ["0", "0"]]  # skipped pairs, unreadable shards

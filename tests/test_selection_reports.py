@@ -197,6 +197,9 @@ def test_a_starved_group_is_named_and_logged(tmp_path, caplog):
     assert metrics["group/domain=0/pool"] == pytest.approx(0.5)
     assert metrics["group/domain=0/kept"] < 0.02 and metrics["group/domain=1/selected"] > 0.9
     assert "starved groups: domain=0 kept" in caplog.text
+    # the round line gives each group's share of the selection beside its share of the pool
+    s1, s0 = metrics["group/domain=1/selected"], metrics["group/domain=0/selected"]
+    assert f"selection vs pool: domain=0 {s0:.1%} (50.0%), domain=1 {s1:.1%} (50.0%)" in caplog.text
     f = np.load(tmp_path / "rounds" / "round_0000.npz")
     shares = {s.value: s for s in read_group_arrays(f)["domain"].shares(f["selected"])}
     assert shares["0"].kept == pytest.approx(metrics["group/domain=0/kept"])
