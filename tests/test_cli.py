@@ -26,7 +26,8 @@ def test_quickstart_yaml_instantiates_model_data_callback_and_trainer():
     assert isinstance(pool, TwoDomainPairs) and len(pool) == 6400 and pool.noise_fraction == 0.1
     assert isinstance(target, TwoDomainPairs) and set(target.domains.tolist()) == {1}
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, DataSelectionCallback)]
-    assert isinstance(callback.scorer, CHIPS) and callback.scorer.alpha == 0.7 and callback.scorer.sketch_dim == 512
+    # the recommended CHIPS(), sizes aside
+    assert repr(callback.scorer) == repr(CHIPS(sketch_dim=512, bank_size=1024, curvature_samples=4096))
     assert callback.fraction == 0.3 and callback.every_n_steps == 100
 
 
