@@ -115,6 +115,14 @@ def _import_components() -> None:
     import lightning_chips.scoring  # noqa: F401
 
 
+_CLI_SETTINGS: dict[str, Any] = {
+    "subclass_mode_model": True,
+    "subclass_mode_data": True,
+    "save_config_kwargs": {"overwrite": True},
+}
+"""How both entry points (:func:`build_cli` and the command line) build the LightningCLI."""
+
+
 def build_cli(args: list[str] | None = None, *, run: bool = True) -> Any:
     """Parse ``args`` (default: the command line) and, with ``run=True``, execute the subcommand; returns the
     :class:`LightningChipsCLI` (a ``LightningCLI`` with subclass mode for model and data).
@@ -127,9 +135,7 @@ def build_cli(args: list[str] | None = None, *, run: bool = True) -> Any:
     return _cli_class()(
         LightningModule,
         LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
+        **_CLI_SETTINGS,
         args=args,
         run=run,
     )
@@ -252,9 +258,7 @@ def _run_lightning(command: str | None, *, verbose: bool, components: bool = Tru
     return CommandLineCLI(
         LightningModule,
         LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
+        **_CLI_SETTINGS,
         parser_kwargs=parser_kwargs,
     )
 
