@@ -37,7 +37,14 @@ from lightning_chips.engine import (
     skipped_arrays,
 )
 from lightning_chips.gallery import log_round_images
-from lightning_chips.groups import check_group_by, group_metrics, shares_text, starved_text
+from lightning_chips.groups import (
+    check_group_by,
+    check_group_labels,
+    dataset_group_labels,
+    group_metrics,
+    shares_text,
+    starved_text,
+)
 from lightning_chips.metrics import PromptEncoder
 from lightning_chips.scoring import RoundContext, Scorer, build_scorer
 from lightning_chips.selection import MODES, Mode, Selection, budget_for, select, write_round_file
@@ -111,6 +118,10 @@ class DataSelectionCallback(Callback):
         adapter: an explicit :class:`~lightning_chips.adapters.CLIPAdapter` for a model
             :func:`~lightning_chips.adapters.resolve_adapter` does not know.
         group_by: metadata fields to report the selection by (e.g. ``["source", "label"]``).
+        group_labels: names of the values of ``group_by`` fields, e.g. ``{"domain": ["general", "target"]}`` (a
+            list names the values 0, 1, ...) or ``{"source": {"w": "web"}}``; they replace the values in round
+            files, metrics, the round line and the report. By default the names the pool dataset declares in its
+            ``group_labels`` attribute (the built-in and real datasets name ``domain``); these win over them.
         gallery: pairs per gallery (top, bottom, entered, left) read back and logged each round; 0 (default)
             reads nothing and costs nothing.
         thumbnail_size: side in pixels of the gallery thumbnails.
@@ -150,6 +161,7 @@ class DataSelectionCallback(Callback):
         adapter: CLIPAdapter | None = None,
         overwrite: bool = False,
         group_by: Sequence[str] | None = None,
+        group_labels: dict[str, dict[str, str] | list[str]] | None = None,
         gallery: int = 0,
         thumbnail_size: int = 64,
         report: bool = False,
@@ -157,6 +169,7 @@ class DataSelectionCallback(Callback):
     ) -> None:
         super().__init__()
         group_fields = check_group_by(group_by)
+        labels = check_group_labels(group_labels, group_fields)
         check_max_skipped(max_skipped)
         if gallery < 0:
             raise ValueError(f"`gallery` must be >= 0 (pairs per gallery; 0 = none), got {gallery}.")
@@ -200,6 +213,7 @@ class DataSelectionCallback(Callback):
         self.adapter = adapter
         self.overwrite = overwrite
         self.group_by = group_fields
+        self.group_labels = labels
         self.gallery = gallery
         self.thumbnail_size = thumbnail_size
         self.report = report
@@ -319,7 +333,8 @@ class DataSelectionCallback(Callback):
             self.scorer, adapter, datamodule, self.context, target=self.target, pool_sample=self.pool_sample,
             collective=collective, device=pl_module.device,
             progress=self.progress and trainer.progress_bar_callback is not None,
-            precision=trainer.precision_plugin.forward_context, group_by=self.group_by, max_skipped=self.max_skipped,
+            precision=trainer.precision_plugin.forward_context, group_by=self.group_by,
+            group_labels=self._group_labels(datamodule), max_skipped=self.max_skipped,
         )  # fmt: skip
         skipped, shard_errors = result.skipped, result.shard_errors
         n = len(result.ids)
@@ -451,6 +466,14 @@ class DataSelectionCallback(Callback):
             groups=result.groups, round=selection.round, method=selection.method, fraction=self.fraction,
             settings=json.dumps(self._settings(trainer, len(result.ids))), **bad_arrays,
         )  # fmt: skip
+
+    def _group_labels(self, datamodule: Any) -> dict[str, dict[str, str]]:
+        """The pool dataset's value names of the ``group_by`` fields, updated with the constructor's."""
+        declared = dataset_group_labels(getattr(datamodule, "pool", None))
+        labels = {field: declared[field] for field in self.group_by if field in declared}
+        for field, names in self.group_labels.items():
+            labels[field] = {**labels.get(field, {}), **names}
+        return labels
 
     def _settings(self, trainer: Trainer, n: int) -> dict[str, Any]:
         """What a report shows as the run's settings."""

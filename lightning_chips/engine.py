@@ -32,7 +32,7 @@ import contextlib
 import dataclasses
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -495,6 +495,7 @@ def run_round(
     progress: bool = False,
     precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     group_by: Sequence[str] = (),
+    group_labels: Mapping[str, Mapping[str, str]] | None = None,
     max_skipped: float | None = None,
 ) -> RoundScores:
     """Score every pair of ``pool`` for one round (steps 1-4 of the module docstring), on every rank.
@@ -502,7 +503,8 @@ def run_round(
     With ``pool_sample=None`` (or at least the pool's size) the whole pool is the sample: its features are
     extracted once, gathered for ``prepare`` and scored from memory (``O(N d)`` features per rank). Otherwise the
     sample is drawn with ``(context.seed, context.round)`` and the pool streams through the towers (memory: one
-    batch). ``group_by`` names metadata fields kept per scored pair (:mod:`lightning_chips.groups`).
+    batch). ``group_by`` names metadata fields kept per scored pair (:mod:`lightning_chips.groups`); ``group_labels``
+    (:func:`~lightning_chips.groups.check_group_labels`'s output) names their values.
     ``max_skipped`` (a share in [0, 1]; None: no limit) bounds the pool pairs that may fail to load or the checks
     (:func:`check_skipped`; duplicate ids do not count); the check runs on the gathered lists, so every rank
     raises the same error, before ``scorer.end_round``.
@@ -524,7 +526,7 @@ def run_round(
     kwargs = {"device": device, "progress": progress and rank == 0, "precision": precision}
     size = pool.pool_size()
     sink: list[SkippedSample] = []
-    groups = GroupEncoder(group_by) if group_by else None
+    groups = GroupEncoder(group_by, labels=group_labels) if group_by else None
     if pool_sample is not None and (size is None or pool_sample < size):
         target_skipped = prepare_round(
             scorer,

@@ -7,6 +7,12 @@ A field's value for a pair is read from the batch: the item's own field (map-sty
 and field while scoring (a stable hash of the value, so ranks agree without talking), and at most
 :data:`MAX_GROUP_VALUES` distinct values per field; later new values are counted in :data:`OTHER`.
 
+**Value names.** A field whose values are codes (``domain`` 0 / 1) is reported by name (``domain=target``) when the
+data names them: a pool dataset's ``group_labels`` attribute (``{"domain": ("general", "target")}``: a sequence names
+the values 0, 1, ...; a mapping names any value; read through ``Subset`` and ``ConcatDataset``), or the callback's
+``group_labels=`` (which wins). The name replaces the value everywhere: round files, metrics, the round line, the
+report.
+
 In a round file (and ``scores.npz``) a field ``i`` of ``group_fields`` is two arrays: ``group_values_{i}`` (the
 distinct values) and ``group_codes_{i}`` (int32 per pair, aligned with ``ids``, indexing the values).
 
@@ -40,6 +46,8 @@ __all__ = [
     "GroupEncoder",
     "GroupShare",
     "check_group_by",
+    "check_group_labels",
+    "dataset_group_labels",
     "group_arrays",
     "group_metrics",
     "read_group_arrays",
@@ -74,6 +82,69 @@ def check_group_by(group_by: Sequence[str] | str | None) -> tuple[str, ...]:
     return fields
 
 
+def check_group_labels(
+    labels: Mapping[str, Mapping[Any, str] | Sequence[str]] | None, fields: Sequence[str] | None = None
+) -> dict[str, dict[str, str]]:
+    """Validate value names per field: ``{field: {value: name}}`` or ``{field: [name of 0, name of 1, ...]}``; values
+    are matched as text (``1``, ``"1"`` and ``1.0`` are one value). With ``fields``, every named field must be one
+    of them. Returns ``{field: {value text: name}}``.
+
+    Example::
+
+        >>> check_group_labels({"domain": ["general", "target"], "source": {"w": "web"}})
+        {'domain': {'0': 'general', '1': 'target'}, 'source': {'w': 'web'}}
+    """
+    if labels is None:
+        return {}
+    if not isinstance(labels, Mapping):
+        raise ValueError(f"`group_labels` must map a field to its value names, e.g. {_LABELS_EXAMPLE}; got {labels!r}.")
+    out: dict[str, dict[str, str]] = {}
+    for field, names in labels.items():
+        if fields is not None and field not in fields:
+            raise ValueError(f"`group_labels` names field {field!r}, which is not in `group_by` {list(fields)}.")
+        if isinstance(names, Mapping):
+            pairs = [(_as_text(value), name) for value, name in names.items()]
+        elif isinstance(names, Sequence) and not isinstance(names, str):
+            pairs = [(str(i), name) for i, name in enumerate(names)]
+        else:
+            raise ValueError(
+                f"`group_labels[{field!r}]` must be a list of names or a value -> name mapping, e.g. "
+                f"{_LABELS_EXAMPLE}; got {names!r}."
+            )
+        for value, name in pairs:
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"`group_labels[{field!r}]` names value {value!r} {name!r}: names are non-empty strings.")
+        named = [name for _, name in pairs]
+        if len(set(named)) != len(named):
+            raise ValueError(f"`group_labels[{field!r}]` gives two values one name: {named}; names must be distinct.")
+        out[field] = dict(pairs)
+    return out
+
+
+_LABELS_EXAMPLE = '{"domain": ["general", "target"]} or {"domain": {"0": "general", "1": "target"}}'
+
+
+def dataset_group_labels(dataset: Any) -> dict[str, dict[str, str]]:
+    """The value names a dataset declares in its ``group_labels`` attribute (checked as in
+    :func:`check_group_labels`), looking through ``Subset`` (``.dataset``) and ``ConcatDataset`` (``.datasets``; a
+    field two parts name differently is left unnamed). ``{}`` when nothing declares any."""
+    declared = getattr(dataset, "group_labels", None)
+    if declared is not None:
+        return check_group_labels(declared)
+    if isinstance(getattr(dataset, "datasets", None), Sequence):
+        merged: dict[str, dict[str, str]] = {}
+        conflicting: set[str] = set()
+        for part in dataset.datasets:
+            for field, names in dataset_group_labels(part).items():
+                known = merged.setdefault(field, {})
+                if any(known.get(value, name) != name for value, name in names.items()):
+                    conflicting.add(field)
+                known.update(names)
+        return {field: names for field, names in merged.items() if field not in conflicting}
+    inner = getattr(dataset, "dataset", None)
+    return dataset_group_labels(inner) if inner is not None and inner is not dataset else {}
+
+
 def _as_text(value: Any) -> str:
     if value is None:
         return MISSING
@@ -102,11 +173,18 @@ class GroupEncoder:
     Args:
         fields: the field names (see :func:`check_group_by`).
         max_values: distinct values kept per field; later ones are :data:`OTHER`.
+        labels: names of values per field (:func:`check_group_labels`'s output); a named value is kept as its name.
     """
 
-    def __init__(self, fields: Sequence[str], max_values: int = MAX_GROUP_VALUES) -> None:
+    def __init__(
+        self,
+        fields: Sequence[str],
+        max_values: int = MAX_GROUP_VALUES,
+        labels: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> None:
         self.fields = tuple(fields)
         self.max_values = max_values
+        self._labels = [dict((labels or {}).get(field, {})) for field in self.fields]
         self.values: list[dict[int, str]] = [{} for _ in self.fields]
         self._known: list[dict[str, int]] = [{} for _ in self.fields]  # value -> key (OTHER's for late values)
 
@@ -114,9 +192,10 @@ class GroupEncoder:
         """``[n, F]`` keys of the batch's pairs."""
         keys = torch.empty(n, len(self.fields), dtype=torch.int64)
         for f, field in enumerate(self.fields):
-            seen, known = self.values[f], self._known[f]
+            seen, known, names = self.values[f], self._known[f], self._labels[f]
             column = []
             for value in batch_values(batch, field, n):
+                value = names.get(value, value)
                 key = known.get(value)
                 if key is None:
                     key = id_key(value)

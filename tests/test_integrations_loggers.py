@@ -125,7 +125,7 @@ def test_wandb_offline_run_has_the_rounds_metrics_histogram_and_galleries(logged
     callback, files = logged_fit["callback"], Path(logged_fit["wandb_files"])
     assert len(callback.history) == EPOCHS
     expected = _expected_metrics(callback)
-    assert "selection/group/domain=1/selected" in expected and "selection/score_q50" in expected
+    assert "selection/group/domain=target/selected" in expected and "selection/score_q50" in expected
     history = _wandb_history(files)
     rows = [r for r in history if "selection/round" in r]
     assert len(rows) == EPOCHS
@@ -158,10 +158,10 @@ def test_mlflow_file_store_has_the_rounds_metrics_histogram_and_galleries(logged
     client = mlflow.tracking.MlflowClient(logged_fit["tracking_uri"])
     run_id = logged_fit["mlflow_run_id"]
     expected = _expected_metrics(callback)
-    assert "selection/group/domain=1/selected" in expected
+    assert "selection/group/domain=target/selected" in expected
     for name, values in expected.items():
-        # Lightning's MLFlowLogger drops characters MLflow refuses: "selection/group/domain=1/kept" is stored as
-        # "selection/group/domain1/kept".
+        # Lightning's MLFlowLogger drops characters MLflow refuses: "selection/group/domain=target/kept" is stored as
+        # "selection/group/domaintarget/kept".
         stored = re.sub("[^a-zA-Z0-9_/. -]+", "", name)
         history = client.get_metric_history(run_id, stored)
         assert [m.value for m in history] == pytest.approx(values, abs=1e-6, nan_ok=True), name

@@ -187,25 +187,38 @@ def test_gallery_thumbnails_are_the_pools_images(logged_run):
 
 def test_a_starved_group_is_named_and_logged(tmp_path, caplog):
     """NormSim scores pool images by their similarity to the target domain's: on a pool of half general-domain
-    pairs it selects (almost) none of them, and the logs must say so."""
-    callback = DataSelectionCallback("normsim", fraction=0.2, save_dir=str(tmp_path / "rounds"), group_by=["domain"])
+    pairs it selects (almost) none of them, and the logs must say so, naming the groups as the data names them (the
+    built-in pool names its domains) or as ``group_labels=`` does."""
+    callback = DataSelectionCallback("normsim", fraction=0.2, save_dir=str(tmp_path / "rounds"),
+                                     group_by=["domain", "noisy"], group_labels={"noisy": {"False": "clean"}})  # fmt: skip
     logger = CSVLogger(tmp_path, name="csv")
     with caplog.at_level("INFO"):
         _trainer(tmp_path, [callback], [logger], max_epochs=1).fit(
             _module(), datamodule=_datamodule(_pool(target_fraction=0.5, noise=0.0)))  # fmt: skip
     metrics = callback.history[-1]
-    assert metrics["group/domain=0/pool"] == pytest.approx(0.5)
-    assert metrics["group/domain=0/kept"] < 0.02 and metrics["group/domain=1/selected"] > 0.9
-    assert "starved groups: domain=0 kept" in caplog.text
+    assert metrics["group/domain=general/pool"] == pytest.approx(0.5)
+    assert metrics["group/noisy=clean/pool"] == 1.0 and not any("=0/" in k or "=False/" in k for k in metrics)
+    assert metrics["group/domain=general/kept"] < 0.02 and metrics["group/domain=target/selected"] > 0.9
+    assert "starved groups: domain=general kept" in caplog.text
     # the round line gives each group's share of the selection beside its share of the pool
-    s1, s0 = metrics["group/domain=1/selected"], metrics["group/domain=0/selected"]
-    assert f"selection vs pool: domain=0 {s0:.1%} (50.0%), domain=1 {s1:.1%} (50.0%)" in caplog.text
+    s1, s0 = metrics["group/domain=target/selected"], metrics["group/domain=general/selected"]
+    assert f"selection vs pool: domain=general {s0:.1%} (50.0%), domain=target {s1:.1%} (50.0%)" in caplog.text
     f = np.load(tmp_path / "rounds" / "round_0000.npz")
     shares = {s.value: s for s in read_group_arrays(f)["domain"].shares(f["selected"])}
-    assert shares["0"].kept == pytest.approx(metrics["group/domain=0/kept"])
+    assert shares["general"].kept == pytest.approx(metrics["group/domain=general/kept"])
     page = Page(build_report(tmp_path / "rounds"))  # and the report marks it
     groups = [row for row in page.rows if row["section"] == "groups" and row["cells"][:1] == ["0"]]
-    assert {row["cells"][1]: "starved" in row["class"].split() for row in groups} == {"0": True, "1": False}
+    starved = {row["cells"][1]: "starved" in row["class"].split() for row in groups}
+    assert starved["general"] and not starved["target"], starved
+
+
+def test_group_labels_are_checked_eagerly():
+    with pytest.raises(ValueError, match="not in `group_by`"):
+        DataSelectionCallback("random", group_by=["domain"], group_labels={"source": ["a"]})
+    with pytest.raises(ValueError, match="distinct"):
+        DataSelectionCallback("random", group_by=["domain"], group_labels={"domain": ["a", "a"]})
+    with pytest.raises(ValueError, match="list of names or a value -> name mapping"):
+        DataSelectionCallback("random", group_by=["domain"], group_labels={"domain": "general"})
 
 
 def test_galleries_off_read_nothing_from_the_pool(tmp_path, monkeypatch):

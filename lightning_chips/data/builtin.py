@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import lru_cache
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -343,6 +343,9 @@ class TwoDomainPairs(LabelledPairs):
         >>> TwoDomainPairs.classnames("target")[:2]
         ('round cell', 'spindle cell')
     """
+
+    group_labels: ClassVar[dict[str, tuple[str, ...]]] = {"domain": DOMAINS}
+    """Names of the ``domain`` values (0 = general, 1 = target), used when a selection is reported by domain."""
 
     def __init__(
         self,

@@ -55,7 +55,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import ClassVar, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -220,6 +220,8 @@ class _RealPairs(LabelledPairs):
     dataset: str = ""
     classnames: tuple[str, ...] = ()
     templates: tuple[str, ...] = ()
+    group_labels: ClassVar[dict[str, tuple[str, ...]]] = {"domain": REAL_DOMAINS}
+    """Names of the ``domain`` values (the dataset of each pair), used when a selection is reported by domain."""
 
     def _init_common(
         self,
