@@ -29,12 +29,17 @@ the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import io
 import math
 import os
 import re
 import sys
+from collections.abc import Callable
 from typing import Any, NoReturn
+
+from lightning_chips.help_cache import cached_help, help_key, store_help
 
 __all__ = ["build_cli", "main", "offline_parser", "run_offline"]
 
@@ -781,16 +786,43 @@ def main(args: list[str] | None = None) -> None:
         known = (*LIGHTNING_COMMANDS, *OFFLINE_COMMANDS)
         _fail(None, f"unknown subcommand {command!r}{_did_you_mean(command, known)}",
               f"one of {', '.join(known)}; run `lightning-chips --help` for what each does")  # fmt: skip
+    if command in (*LIGHTNING_COMMANDS, *OFFLINE_COMMANDS) and rest in (["-h"], ["--help"]):  # cached: help_cache.py
+        _print_help(command, lambda: _dispatch(command, rest, argv, verbose=verbose, hint=hint))
+        return
+    _dispatch(command, rest, argv, verbose=verbose, hint=hint)
+
+
+def _print_help(command: str, build: Callable[[], None]) -> None:
+    """Print ``command``'s help page: the stored one, else the one ``build`` prints (stored for next time)."""
+    key = help_key(command)
+    page = cached_help(key)
+    if page is None:
+        buffer = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(buffer):
+                build()
+        except SystemExit as exc:
+            if exc.code not in (0, None):
+                sys.stdout.write(buffer.getvalue())
+                raise
+        page = buffer.getvalue()
+        store_help(key, page)
+    sys.stdout.write(page)
+
+
+def _dispatch(command: str, rest: list[str], argv: list[str], *, verbose: bool, hint: str) -> None:
+    """Run a subcommand (or LightningCLI's top-level options when ``command`` starts with "-")."""
     if command not in OFFLINE_COMMANDS:
+        command_: str | None = command
         if command.startswith("-"):  # options before the subcommand (LightningCLI's top-level --config)
-            command, rest = None, argv
+            command_, rest = None, argv
             hint = "run `lightning-chips --help` for the subcommands, or add --verbose for the full error"
         saved = sys.argv
-        sys.argv = [saved[0] if saved else "lightning-chips", *([command] if command else []), *rest]
+        sys.argv = [saved[0] if saved else "lightning-chips", *([command_] if command_ else []), *rest]
         try:
-            _run_lightning(command, verbose=verbose, components=rest not in (["-h"], ["--help"]))
+            _run_lightning(command_, verbose=verbose, components=rest not in (["-h"], ["--help"]))
         except _UserError as exc:
-            _fail(command, str(exc), hint)
+            _fail(command_, str(exc), hint)
         finally:
             sys.argv = saved
         return

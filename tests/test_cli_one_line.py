@@ -6,6 +6,7 @@ nothing."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -23,9 +24,9 @@ QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 BANNER = re.compile(r"^(INFO: )?(Seed set to|GPU available|TPU available|HPU available|💡 Tip)")
 
 
-def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def _run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lightning_chips", *args], capture_output=True, text=True,
-                          timeout=300, cwd=cwd)  # fmt: skip
+                          timeout=300, cwd=cwd, env=None if env is None else {**os.environ, **env})  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +76,42 @@ def test_a_user_error_is_one_line_naming_it_and_a_hint_with_exit_code_2(configs,
 
 
 def test_fit_help_starts_with_examples_and_warns_of_nothing(tmp_path):
-    result = _run("fit", "--help", cwd=tmp_path)
+    """The page is built once (importing Lightning), then answered from the help cache without importing it."""
+    cache = {"LIGHTNING_CHIPS_CACHE": str(tmp_path / "cache"), "COLUMNS": "100"}
+    result = _run("fit", "--help", cwd=tmp_path, env=cache)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr == ""  # no "LightningCLI's args parameter is intended to run from within Python"
     head = result.stdout.splitlines()[:12]
     assert head[0].startswith("usage: lightning-chips fit") and "examples:" in head
     assert any(line.strip().startswith("lightning-chips fit --config") for line in head), head
+    assert "--trainer.max_epochs" in result.stdout and "--data CONFIG" in result.stdout
+    (stored,) = (tmp_path / "cache" / "help").iterdir()
+    assert stored.name.startswith("fit-") and stored.read_text() == result.stdout
+    again = subprocess.run(
+        [sys.executable, "-c", "import sys; from lightning_chips.cli import main; main(['fit', '--help']); "
+         "print(sorted(m for m in ('lightning', 'torch', 'jsonargparse') if m in sys.modules), file=sys.stderr)"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, **cache},
+    )  # fmt: skip
+    assert again.returncode == 0 and again.stdout == result.stdout
+    assert again.stderr.strip() == "[]"  # nothing heavy was imported for the second answer
+    off = _run("fit", "--help", cwd=tmp_path, env={**cache, "LIGHTNING_CHIPS_CACHE": ""})  # cache off: built again
+    assert off.stdout == result.stdout and len(list((tmp_path / "cache" / "help").iterdir())) == 1
+
+
+def test_help_cache_key_follows_what_builds_the_page(monkeypatch, tmp_path):
+    from lightning_chips import help_cache
+
+    key = help_cache.help_key("fit", columns=100)
+    assert help_cache.help_key("fit", columns=100) == key
+    assert help_cache.help_key("fit", columns=80) != key and help_cache.help_key("score", columns=100) != key
+    real = help_cache.metadata.version
+    monkeypatch.setattr(help_cache.metadata, "version", lambda n: "0.0" if n == "lightning" else real(n))
+    assert help_cache.help_key("fit", columns=100) != key  # another Lightning builds another page
+    monkeypatch.setenv("LIGHTNING_CHIPS_CACHE", str(tmp_path))
+    help_cache.store_help("k.txt", "page")
+    assert help_cache.cached_help("k.txt") == "page" and help_cache.cached_help("other.txt") is None
+    (tmp_path / "help" / "bad.txt").write_bytes(b"\xff\xfe")  # unreadable: built again, not an error
+    assert help_cache.cached_help("bad.txt") is None
 
 
 # In the test process (no interpreter start): the other kinds of mistakes, and --verbose.
