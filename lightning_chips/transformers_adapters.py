@@ -26,13 +26,13 @@ for the same reason).
 - image: the vision tower has no projection after its attention-pool (MAP) head, which ends in a residual MLP,
   ``pooled = r + mlp(layernorm(r))``: the end point is the MLP's last layer ``fc2`` and the features are ``[h, r]``
   (its input and the residual, read with forward pre-hooks during the model's own forward;
-  :class:`~lightning_chips.adapters.ResidualTail`, ``EndPoint.image_residual``);
+  :class:`~lightning_chips.adapter_base.ResidualTail`, ``EndPoint.image_residual``);
 - text: the last token after ``final_layer_norm``, then ``text_model.head`` (weight and bias);
 - the logit scale and the logit bias (``EndPoint.logit_bias``: the sigmoid loss).
 
 SigLIP is trained without an attention mask on captions padded to the full context and pools the last token, so
 ``text_features`` passes no mask and no position is trimmed. ``Siglip2Model`` (patch inputs with spatial shapes)
-raises :class:`~lightning_chips.adapters.UnsupportedModelError`; open_clip's SigLIP 2 configs resolve through the
+raises :class:`~lightning_chips.adapter_base.UnsupportedModelError`; open_clip's SigLIP 2 configs resolve through the
 open_clip adapter.
 """
 
@@ -42,7 +42,7 @@ import sys
 
 from torch import Tensor, nn
 
-from lightning_chips.adapters import PROTOCOL_HINT, CLIPAdapter, ResidualTail, UnsupportedModelError
+from lightning_chips.adapter_base import PROTOCOL_HINT, CLIPAdapter, ResidualTail, UnsupportedModelError
 from lightning_chips.endpoint import EndPoint
 
 __all__ = ["TransformersCLIPAdapter", "TransformersSiglipAdapter", "is_transformers_clip", "transformers_adapter"]
@@ -79,6 +79,12 @@ def transformers_adapter(model: nn.Module) -> CLIPAdapter:
     if isinstance(model, _loaded(_SIGLIP)):
         return TransformersSiglipAdapter(model)
     return TransformersCLIPAdapter(model)
+
+
+def _linear_endpoint(model: nn.Module, image: nn.Linear, text: nn.Linear, **extra: object) -> EndPoint:
+    """The end point of a ``transformers`` CLIP whose towers end in the linear maps ``image`` and ``text``."""
+    return EndPoint(image_proj=image.weight.T, text_proj=text.weight.T, logit_scale=model.logit_scale,
+                    image_bias=image.bias, text_bias=text.bias, **extra)  # type: ignore[arg-type]  # fmt: skip
 
 
 class TransformersCLIPAdapter(CLIPAdapter):
@@ -123,15 +129,7 @@ class TransformersCLIPAdapter(CLIPAdapter):
         return tokens if pooled is None else tokens[:, : int(pooled.max()) + 1]
 
     def endpoint(self) -> EndPoint:
-        model = self._model
-        image, text = model.visual_projection, model.text_projection
-        return EndPoint(
-            image_proj=image.weight.T,
-            text_proj=text.weight.T,
-            logit_scale=model.logit_scale,
-            image_bias=image.bias,
-            text_bias=text.bias,
-        )
+        return _linear_endpoint(self._model, self._model.visual_projection, self._model.text_projection)
 
 
 class TransformersSiglipAdapter(CLIPAdapter):
@@ -177,13 +175,5 @@ class TransformersSiglipAdapter(CLIPAdapter):
 
     def endpoint(self) -> EndPoint:
         model = self._model
-        image, text = self._image.linear, model.text_model.head
-        return EndPoint(
-            image_proj=image.weight.T,
-            text_proj=text.weight.T,
-            logit_scale=model.logit_scale,
-            image_bias=image.bias,
-            text_bias=text.bias,
-            logit_bias=model.logit_bias,
-            image_residual=True,
-        )
+        return _linear_endpoint(model, self._image.linear, model.text_model.head, logit_bias=model.logit_bias,
+                                image_residual=True)  # fmt: skip
