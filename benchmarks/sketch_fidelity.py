@@ -44,9 +44,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import selection_quality as sq  # noqa: E402
 
 from lightning_chips.endpoint import EndPoint  # noqa: E402
+from lightning_chips.functional.bank import make_bank  # noqa: E402
 from lightning_chips.functional.chips import chips_scores, curvature_atoms  # noqa: E402
-from lightning_chips.functional.endpoint import make_bank, round_inputs, subsample  # noqa: E402
 from lightning_chips.functional.linalg import solve_direction  # noqa: E402
+from lightning_chips.functional.rounds import round_inputs, subsample  # noqa: E402
 from lightning_chips.functional.sketch import make_sketch  # noqa: E402
 
 FAMILIES = (  # (label, layout, kind)

@@ -54,7 +54,7 @@ from lightning_chips.adapters import CLIPAdapter, EndPoint, resolve_adapter  # n
 from lightning_chips.data import TwoDomainPairs, clip_normalize  # noqa: E402
 from lightning_chips.features import PairFeatures, extract_features, iter_features  # noqa: E402
 from lightning_chips.functional import bank_loss, bank_stats  # noqa: E402
-from lightning_chips.functional.endpoint import NegativeBank, endpoint_per_sample_grads, make_bank  # noqa: E402
+from lightning_chips.functional.bank import NegativeBank, endpoint_per_sample_grads, make_bank  # noqa: E402
 from lightning_chips.functional.influence import grad_dot  # noqa: E402
 from lightning_chips.scoring import CHIPS  # noqa: E402
 

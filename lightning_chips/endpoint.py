@@ -17,7 +17,22 @@ __all__ = ["EndPoint"]
 
 
 @dataclass
-class EndPoint:
+class EndPointTensors:
+    """The tensor fields of theta-space, block-wise and in canonical order: ``image_proj`` ``[d_v, e]``, ``text_proj``
+    ``[d_t, e]``, ``logit_scale`` (0-d), then the optional ``image_bias`` ``[e]``, ``text_bias`` ``[e]`` and
+    ``logit_bias`` (0-d). The parameters themselves (:class:`EndPoint`) and a vector in their space
+    (:class:`~lightning_chips.functional.gradients.EndPointDirection`) both hold them."""
+
+    image_proj: Tensor
+    text_proj: Tensor
+    logit_scale: Tensor
+    image_bias: Tensor | None = None
+    text_bias: Tensor | None = None
+    logit_bias: Tensor | None = None
+
+
+@dataclass
+class EndPoint(EndPointTensors):
     """The end-point parameters of a CLIP: two projection heads and the logit scale (and SigLIP's logit bias).
 
     The tensors are the model's *live* parameters (or views of them, e.g. the transpose of an ``nn.Linear``
@@ -48,12 +63,6 @@ class EndPoint:
         tensor([[0.6000, 0.8000]])
     """
 
-    image_proj: Tensor
-    text_proj: Tensor
-    logit_scale: Tensor
-    image_bias: Tensor | None = None
-    text_bias: Tensor | None = None
-    logit_bias: Tensor | None = None
     image_residual: bool = False
 
     def __post_init__(self) -> None:
@@ -168,7 +177,7 @@ class EndPoint:
         return self.replace(**{name: _to(getattr(self, name), *args, **kwargs) for name in TENSOR_FIELDS})
 
 
-TENSOR_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(EndPoint) if f.name != "image_residual")
+TENSOR_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(EndPointTensors))
 """The names of :class:`EndPoint`'s tensor fields, in canonical order."""
 
 

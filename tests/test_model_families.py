@@ -26,7 +26,7 @@ from torch import nn
 
 from lightning_chips.adapters import OpenCLIPAdapter, UnsupportedModelError, resolve_adapter
 from lightning_chips.endpoint import TENSOR_FIELDS, EndPoint
-from lightning_chips.functional.endpoint import endpoint_per_sample_grads
+from lightning_chips.functional.bank import endpoint_per_sample_grads
 
 from .conftest import TINY_TEXT
 

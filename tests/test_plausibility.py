@@ -12,7 +12,7 @@ from torchmetrics.functional.classification import binary_auroc
 from lightning_chips.adapters import EndPoint
 from lightning_chips.functional import adapt_endpoint, bank_rank, chips_prepare, chips_scores, plausibility_weight
 from lightning_chips.functional.chips import COMPONENTS
-from lightning_chips.functional.endpoint import subsample
+from lightning_chips.functional.rounds import subsample
 from lightning_chips.scoring import CHIPS, ROBUST_COMPONENTS
 
 

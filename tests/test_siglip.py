@@ -46,7 +46,7 @@ from lightning_chips.functional import (
     tracin_scores,
     trak_scores,
 )
-from lightning_chips.functional.endpoint import make_bank
+from lightning_chips.functional.bank import make_bank
 from lightning_chips.functional.quality import sigmoid_threshold
 from lightning_chips.functional.sketch import make_sketch
 from lightning_chips.scoring import CHIPS, TRAK, CLIPScore, Dot, NegCLIPLoss, RoundContext, TracIn

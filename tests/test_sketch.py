@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_chips.functional import sketch as sketch_module
-from lightning_chips.functional.endpoint import EndPointDirection, EndPointGrads
+from lightning_chips.functional.gradients import EndPointDirection, EndPointGrads
 from lightning_chips.functional.linalg import solve_direction
 from lightning_chips.functional.sketch import (
     EndPointSketch,

@@ -1,5 +1,6 @@
 """Pure tensor math (no Lightning): end-point gradients, sketches, CHIPS, baselines."""
 
+from lightning_chips.functional.bank import BankStats, bank_loss, bank_stats, endpoint_per_sample_grads
 from lightning_chips.functional.chips import (
     ChipsArguments,
     ChipsScores,
@@ -11,14 +12,7 @@ from lightning_chips.functional.chips import (
 )
 from lightning_chips.functional.clip_powered import clip_powered_scores, clip_powered_select
 from lightning_chips.functional.clipcov import clipcov_order, clipcov_select
-from lightning_chips.functional.endpoint import (
-    BankStats,
-    EndPointDirection,
-    EndPointGrads,
-    bank_loss,
-    bank_stats,
-    endpoint_per_sample_grads,
-)
+from lightning_chips.functional.gradients import EndPointDirection, EndPointGrads
 from lightning_chips.functional.influence import grad_dot, tracin_scores, trak_scores
 from lightning_chips.functional.influence_full import (
     GradientProjection,
@@ -83,3 +77,36 @@ __all__ = [
     "bank_rank",
     "plausibility_weight",
 ]
+
+_MOVED_FROM_ENDPOINT = {
+    "bank": ("BankStats", "NegativeBank", "bank_loss", "bank_stats", "endpoint_per_sample_grads", "grads_from_stats",
+             "make_bank"),
+    "gradients": ("EndPointDirection", "EndPointGrads", "through_normalisation"),
+    "rounds": ("round_inputs", "subsample"),
+}  # fmt: skip
+
+
+def __getattr__(name: str):
+    """``lightning_chips.functional.endpoint``, deprecated: its content now lives in :mod:`.bank` (the bank loss and
+    its gradients), :mod:`.gradients` (the factored algebra) and :mod:`.rounds` (round inputs, seeded subsets). The
+    attribute returns a module holding the old names; ``import lightning_chips.functional.endpoint`` no longer
+    works."""
+    if name != "endpoint":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    import types
+    import warnings
+
+    warnings.warn(
+        "lightning_chips.functional.endpoint is deprecated: import from lightning_chips.functional.bank (bank loss, "
+        "NegativeBank, gradients of the bank loss), .gradients (EndPointGrads, EndPointDirection) or .rounds "
+        "(round_inputs, subsample).",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    module = types.ModuleType(f"{__name__}.endpoint", __getattr__.__doc__)
+    for part, names in _MOVED_FROM_ENDPOINT.items():
+        source = importlib.import_module(f"{__name__}.{part}")
+        module.__dict__.update({n: getattr(source, n) for n in names})
+    module.__all__ = [n for names in _MOVED_FROM_ENDPOINT.values() for n in names]
+    return module

@@ -8,7 +8,7 @@ atoms of either loss, solve, plausibility reference) and the per-batch scores th
     U(z) = A(z)\\, w_L(z)\\, w_R(z), \\qquad A(z) = g(z)^\\top M^{-1} u, \\qquad
     M = (1 - \\alpha)\\,\\Phi_{pos} + \\alpha\\,\\Phi_{neg} + \\lambda I
 
-* ``g(z)``: the closed-form end-point gradient of the per-sample bank loss (:mod:`.endpoint`).
+* ``g(z)``: the closed-form end-point gradient of the per-sample bank loss (:mod:`.bank`).
 * ``u``: the mean bank-loss gradient over the target pairs (the pool bank as negatives).
 * ``Phi_pos = (1/R) sum_r g_r g_r^T`` over ``R`` seeded curvature samples of the pool (empirical Fisher).
 * ``Phi_neg`` **[ours]**: the Gauss-Newton term of the InfoNCE softmax. For the image->text logits
@@ -20,7 +20,7 @@ atoms of either loss, solve, plausibility reference) and the per-batch scores th
   is estimated without bias by drawing ``K = negatives_per_sample`` indices ``j ~ p`` per sample and direction:
   each draw is an *atom* ``J_j - Jbar`` with weight ``1 / (2 K R)``. Every atom keeps the rank-one structure of
   a gradient (``J_j`` for the image head is ``h_v (x) s (I - x x^T) c_j / ||e_v||``; only ``c_0`` touches the text
-  head), so atoms are :class:`~lightning_chips.functional.endpoint.EndPointGrads` like the gradients. ``M`` is a
+  head), so atoms are :class:`~lightning_chips.functional.gradients.EndPointGrads` like the gradients. ``M`` is a
   positive combination of PSD terms plus ``lambda I``: positive definite.
 * SigLIP's sigmoid loss (an end point with a logit bias; docs/methods.md, SigLIP's sigmoid loss): every logit is a
   Bernoulli term of its own with output Hessian ``v(z) = sigma(z)(1 - sigma(z))`` and no softmax coupling, so the
@@ -73,17 +73,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_chips.endpoint import EndPoint
-from lightning_chips.functional.endpoint import (
-    BankStats,
-    EndPointDirection,
-    EndPointGrads,
-    NegativeBank,
-    grads_from_stats,
-    make_bank,
-    round_inputs,
-    subsample,
-    through_normalisation,
-)
+from lightning_chips.functional.bank import BankStats, NegativeBank, grads_from_stats, make_bank
+from lightning_chips.functional.gradients import EndPointDirection, EndPointGrads, through_normalisation
 from lightning_chips.functional.linalg import Solver, solve_direction
 from lightning_chips.functional.plausibility import (
     NoiseEstimate,
@@ -93,6 +84,7 @@ from lightning_chips.functional.plausibility import (
     estimate_noise_share,
     plausibility_weight,
 )
+from lightning_chips.functional.rounds import round_inputs, subsample
 from lightning_chips.functional.sketch import SketchKind, SketchLayout
 from lightning_chips.functional.target_share import TargetShare, adaptive_alpha, estimate_target_share
 

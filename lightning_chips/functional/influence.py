@@ -1,7 +1,7 @@
 """Influence baselines in the end-point subspace (docs/methods.md, influence baselines): Dot, TracIn, TRAK.
 
 All use the same per-sample bank loss and closed-form end-point gradients as CHIPS
-(:mod:`lightning_chips.functional.endpoint`; the model's own loss: InfoNCE, or SigLIP's sigmoid loss when the end
+(:mod:`lightning_chips.functional.bank`; the model's own loss: InfoNCE, or SigLIP's sigmoid loss when the end
 point has a logit bias), with ``u`` the mean target gradient:
 
 * **Dot**: ``g(z)^T u`` (exact from the factors; with ``sketch_dim`` the JL estimate ``(P g)^T (P u)``).
@@ -26,15 +26,10 @@ import torch
 from torch import Tensor
 
 from lightning_chips.endpoint import EndPoint
-from lightning_chips.functional.endpoint import (
-    EndPointDirection,
-    NegativeBank,
-    grads_from_stats,
-    make_bank,
-    round_inputs,
-    subsample,
-)
+from lightning_chips.functional.bank import NegativeBank, grads_from_stats, make_bank
+from lightning_chips.functional.gradients import EndPointDirection
 from lightning_chips.functional.linalg import solve_direction
+from lightning_chips.functional.rounds import round_inputs, subsample
 from lightning_chips.functional.sketch import SketchKind, make_sketch
 
 __all__ = [
@@ -116,7 +111,7 @@ def _kernel_and_q(
     state: InfluenceState, image: Tensor, text: Tensor, ids: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """``g . v`` and the out-to-loss term ``Q = 1 - p_corr`` of a batch (``p_corr = sigma(z_ii)`` for the sigmoid
-    loss: :meth:`~lightning_chips.functional.endpoint.BankStats.p_corr`)."""
+    loss: :meth:`~lightning_chips.functional.bank.BankStats.p_corr`)."""
     dtype, device = state.bank.image.dtype, state.bank.image.device
     image, text = image.to(device, dtype), text.to(device, dtype)
     stats = state.bank.stats(image, text, state.endpoint, ids)

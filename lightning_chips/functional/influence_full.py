@@ -14,7 +14,7 @@ subset chosen by name prefix, e.g. the last tower blocks plus the end point -- w
     \\quad a = s\\,[x_i \\cdot y_i,\\ x_i \\cdot Y_B], \\quad b = s\\,[x_i \\cdot y_i,\\ X_B \\cdot y_i],
 
 with ``x_i = normalize(W_v^T f_v(image_i; theta))``, ``y_i = normalize(W_t^T f_t(tokens_i; theta))`` computed
-through the towers (SigLIP's sigmoid loss instead when the adapter's end point has a logit bias: :mod:`.endpoint`),
+through the towers (SigLIP's sigmoid loss instead when the adapter's end point has a logit bias: :mod:`.bank`),
 and the bank ``(X_B, Y_B)`` embedded once with the current weights and held constant
 (:func:`full_parameter_bank`; each pool pair is excluded from its own negatives by id). Per-sample gradients
 ``g_i = d ell(z_i) / d theta`` come from ``vmap(grad(ell))`` over chunks of ``chunk_size`` pairs
@@ -60,8 +60,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from lightning_chips.adapters import CLIPAdapter, resolve_adapter
-from lightning_chips.functional.endpoint import NegativeBank, bank_stats, subsample
+from lightning_chips.functional.bank import NegativeBank, bank_stats
 from lightning_chips.functional.linalg import damped_cholesky_solve
+from lightning_chips.functional.rounds import subsample
 from lightning_chips.functional.sketch import SketchKind
 
 __all__ = [
@@ -199,7 +200,7 @@ def full_parameter_bank(
 ) -> NegativeBank:
     """The negative bank of a round: ``bank_size`` pool pairs drawn with ``seed``, embedded with the current weights.
 
-    The same pairs as :func:`~lightning_chips.functional.endpoint.make_bank` over the pool's features, so
+    The same pairs as :func:`~lightning_chips.functional.bank.make_bank` over the pool's features, so
     full-parameter and end-point scores share their loss.
     """
     adapter = resolve_adapter(model)

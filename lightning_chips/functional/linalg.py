@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_chips.functional.endpoint import EndPointDirection, EndPointGrads
+from lightning_chips.functional.gradients import EndPointDirection, EndPointGrads
 from lightning_chips.functional.sketch import IdentitySketch, SketchKind, SketchLayout, make_sketch
 
 __all__ = ["KERNEL_MAX_BYTES", "Solver", "damped_cholesky_solve", "solve_direction"]

@@ -85,7 +85,7 @@ def adapt_endpoint(
     collapsing the rest of the space onto them. With a logit bias (:attr:`EndPoint.loss` ``"sigmoid"``) it is
     SigLIP's sigmoid loss on the same logits (``s x . y + beta_l``, +1 for the ``T`` true pairs, -1 for every
     other target and bank entry), half image->text and half text->image rows, averaged over the ``T`` pairs (in
-    value, the mean of the per-sample bank loss of :mod:`.endpoint` with the other targets and the bank as
+    value, the mean of the per-sample bank loss of :mod:`.bank` with the other targets and the bank as
     negatives; the targets are live on both sides, as in a training batch), and the logit bias adapts with the rest.
     Deterministic (full batch, no sampling); the input end point is not modified.
 

@@ -70,7 +70,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_chips.functional.endpoint import EndPointDirection, EndPointGrads
+from lightning_chips.functional.gradients import EndPointDirection, EndPointGrads
 
 __all__ = [
     "EndPointSketch",
