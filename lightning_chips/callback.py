@@ -33,6 +33,7 @@ from lightning_chips.engine import (
     RoundScores,
     check_max_skipped,
     name_skipped,
+    round_learning_rate,
     run_round,
     skipped_arrays,
 )
@@ -325,7 +326,7 @@ class DataSelectionCallback(Callback):
         collate_tokenizer = getattr(getattr(datamodule, "collate", None), "tokenizer", None)
         # prompts need a tokenizer only when a scorer embeds them: without one, that call says what to pass
         tokenizer = collate_tokenizer or resolve_tokenizer(None, None, pl_module, required=False)
-        lr = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else 1.0
+        lr = round_learning_rate(pl_module, trainer.optimizers)
         self.context = RoundContext(round=r, learning_rate=lr, text_encoder=PromptEncoder(adapter, tokenizer),
                                     seed=self.seed)  # fmt: skip
         collective = Collective(trainer)

@@ -22,33 +22,33 @@ float32. Before every gather the ranks :meth:`Collective.agree` that their part 
 is an error on all, not a hang. Work that is not part of the round (logging, galleries, reports) runs through
 :meth:`Collective.optional`: its failure is a warning on every rank, never an exception or a hang.
 
-One module (over 500 lines) because it is one thing: the steps of a round and the rank bookkeeping they need
-(rows with their pool positions, gathers, duplicates, skipped samples), which only a round uses.
+The rank bookkeeping a round needs lives beside it: :mod:`lightning_chips.collective` (agree and gather) and
+:mod:`lightning_chips.round_rows` (rows with their pool positions, gathers, duplicate ids), which
+``lightning-chips score`` uses for the same decisions.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import warnings
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch import Trainer
 from torch import Tensor
+from torch.optim import Optimizer
 from torch.utils.data import Dataset
 
 from lightning_chips.adapters import CLIPAdapter
-from lightning_chips.data.checks import SkippedSample, describe_error, format_traceback
-from lightning_chips.data.pool import PoolItem, SelectablePool
+from lightning_chips.collective import NO_ID, Collective, skip_key
+from lightning_chips.data.checks import SkippedSample
+from lightning_chips.data.pool import SelectablePool
 from lightning_chips.endpoint import EndPoint
-from lightning_chips.features import PairFeatures, iter_features
+from lightning_chips.features import PairFeatures
 from lightning_chips.groups import GroupColumn, GroupEncoder
-from lightning_chips.ids import Id, id_keys, ids_array
+from lightning_chips.ids import ids_array
+from lightning_chips.round_rows import DUPLICATE_REASON, Rows, extract_rows, gather_rows, iter_rows
 from lightning_chips.scoring import RoundContext, Scorer
 
 __all__ = [
@@ -62,277 +62,16 @@ __all__ = [
     "name_skipped",
     "prepare_round",
     "prepare_scorer",
+    "round_learning_rate",
     "run_round",
     "score_batch",
     "skipped_arrays",
 ]
 
-_T = TypeVar("_T")
-
-NO_ID: int = int(np.iinfo(np.int64).min)
-"""``bad_ids`` entry of a round file for a skipped pair that has no usable id."""
-
-DUPLICATE_REASON = "duplicate id: an earlier pair of the pool has this id (that one is scored, this one skipped)"
-"""The reason of a pool pair skipped because an earlier pair (in pool order) has the same id."""
-
 
 class TooManySkippedError(RuntimeError):
     """A round skipped more of the pool's pairs (failed to load or the checks) than ``max_skipped`` allows: a
     loading bug or broken data that would bias the selection (see :func:`check_skipped`)."""
-
-
-# --------------------------------------------------------------------------------------------------------------
-# the ranks of a round
-# --------------------------------------------------------------------------------------------------------------
-class Collective:
-    """How the ranks of a round agree and gather; without a trainer (or with one rank) nothing is communicated.
-
-    Args:
-        trainer: the Trainer whose strategy joins the ranks (``fit`` or ``predict``), or None for one process.
-    """
-
-    def __init__(self, trainer: Trainer | None = None) -> None:
-        self.trainer = trainer if trainer is not None and trainer.world_size > 1 else None
-        self.rank = 0 if trainer is None else trainer.global_rank
-        self.world = 1 if trainer is None else trainer.world_size
-
-    def agree(self, round_: int, what: str, fn: Callable[[], _T]) -> _T:
-        """Run this rank's part of a round, then agree with every rank that all parts succeeded (before the next
-        gather, so no rank waits for one that has failed). The failing rank re-raises its own error; the others
-        raise a ``RuntimeError`` naming the failed ranks and their errors."""
-        error: Exception | None = None
-        result: Any = None
-        try:
-            result = fn()
-        except Exception as exc:  # re-raised below, after the other ranks know
-            error = exc
-        if self.trainer is not None:
-            strategy = self.trainer.strategy
-            flag = torch.tensor([int(error is not None)], device=strategy.root_device)
-            failed = torch.nonzero(strategy.all_gather(flag).reshape(-1)).reshape(-1).tolist()
-            messages = self.objects(None if error is None else describe_error(error)) if failed else []
-            if failed and error is None:
-                detail = "; ".join(f"rank {i}: {messages[i]}" for i in failed)
-                raise RuntimeError(
-                    f"Selection round {round_} stopped on rank {self.rank}: rank(s) {failed} failed while computing "
-                    f"{what} ({detail}); see that rank's traceback."
-                )
-        if error is not None:
-            raise error
-        return result
-
-    def optional(self, what: str, fn: Callable[[], object], *, rank: int | None = 0) -> list[str]:
-        """Run ``fn`` on ``rank`` (every rank when None): work outside a round's agreement (logging, galleries, a
-        report) that must never end the fit. An exception in it is caught, then every rank learns which ranks
-        failed (one object gather, also when none did, so the ranks stay in step) and warns: ``"[lightning-chips]
-        WHAT failed on rank i (Type: message); it was left out and the fit goes on"`` with that rank's traceback.
-        Returns the warnings given (the same list on every rank)."""
-        failure: tuple[str, str] | None = None
-        if rank is None or rank == self.rank:
-            try:
-                fn()
-            except Exception as exc:  # reported to every rank below, never raised
-                failure = (describe_error(exc), format_traceback(exc))
-        messages = []
-        for i, found in enumerate(self.objects(failure)):
-            if found is not None:
-                messages.append(f"[lightning-chips] {what} failed on rank {i} ({found[0]}); it was left out and the "
-                                f"fit goes on. Rank {i}'s traceback:\n{found[1]}")  # fmt: skip
-                warnings.warn(messages[-1], UserWarning, stacklevel=2)
-        return messages
-
-    def objects(self, mine: _T) -> list[_T]:
-        """Every rank's ``mine`` (picklable), in rank order."""
-        if self.trainer is None:
-            return [mine]
-        everyone: list[Any] = [None] * self.world
-        torch.distributed.all_gather_object(everyone, mine)
-        return everyone
-
-    def cat(self, values: Tensor) -> Tensor:
-        """Every rank's ``values`` concatenated along dim 0 in rank order, on the CPU (lengths may differ; the
-        other dims and the dtype must agree)."""
-        if self.trainer is None:
-            return values.cpu()
-        strategy = self.trainer.strategy
-        device = strategy.root_device
-        lengths = strategy.all_gather(torch.tensor([values.shape[0]], device=device)).reshape(-1).tolist()
-        padded = torch.zeros(max(lengths), *values.shape[1:], dtype=values.dtype, device=device)
-        padded[: values.shape[0]] = values.to(device)
-        gathered = strategy.all_gather(padded).reshape(len(lengths), max(lengths), *values.shape[1:])
-        return torch.cat([gathered[i, :n] for i, n in enumerate(lengths)]).cpu()
-
-    def skipped(self, mine: Sequence[SkippedSample]) -> tuple[list[SkippedSample], dict[str, str]]:
-        """Every rank's skipped pairs, each once, in pool order, and the unreadable shards (URL -> error)."""
-        merged = {_skip_key(s): s for part in self.objects(list(mine)) for s in part}
-        ordered = [merged[k] for k in sorted(merged)]
-        pairs = [s for s in ordered if s.kind == "pair"]
-        return pairs, {s.shard: s.reason for s in ordered if s.kind == "shard" and s.shard is not None}
-
-
-def _skip_key(s: SkippedSample) -> tuple:
-    return (s.kind, -1 if s.index is None else s.index, s.shard or "", s.key or "", NO_ID if s.id is None else s.id)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# rows: features or scores of pool pairs with where they are in the pool
-# --------------------------------------------------------------------------------------------------------------
-@dataclass
-class _Rows:
-    """Pairs read in a pass: their features (or None once scored), scores, pool positions and order keys."""
-
-    ids: Tensor
-    index: Tensor  # dataset index (map-style pools) or the id (shard pools)
-    order: Tensor  # pool order: the dataset index, or a shard pool's order key, or the read order
-    labels: Tensor | None
-    features: PairFeatures | None = None
-    scores: Tensor | None = None
-    uids: list[Id] | None = None  # the ids as given, when they are strings (``ids`` holds their keys)
-    groups: Tensor | None = None  # [n, F] keys of the ``group_by`` values (:class:`GroupEncoder`)
-
-    def take(self, rows: Tensor) -> _Rows:
-        return _Rows(
-            self.ids[rows], self.index[rows], self.order[rows], None if self.labels is None else self.labels[rows],
-            None if self.features is None else self.features.index(rows),
-            None if self.scores is None else self.scores[rows],
-            None if self.uids is None else [self.uids[i] for i in rows.tolist()],
-            None if self.groups is None else self.groups[rows],
-        )  # fmt: skip
-
-    @staticmethod
-    def cat(parts: list[_Rows]) -> _Rows:
-        def join(name: str) -> Tensor | None:
-            values = [getattr(p, name) for p in parts]
-            return None if any(v is None for v in values) else torch.cat(values)
-
-        features = [p.features for p in parts]
-        uids = None if all(p.uids is None for p in parts) else [u for p in parts for u in _uids_of(p)]
-        return _Rows(
-            torch.cat([p.ids for p in parts]), torch.cat([p.index for p in parts]), torch.cat([p.order for p in parts]),
-            join("labels"), None if any(f is None for f in features) else PairFeatures.cat(features),  # type: ignore[arg-type]
-            join("scores"), uids, join("groups"),
-        )  # fmt: skip
-
-    def keep_first(self, positional: bool = False) -> tuple[_Rows, list[SkippedSample]]:
-        """The rows in pool order with each id once (its first row); the other rows as skipped samples (with their
-        dataset index when ``positional``)."""
-        rows = self.take(torch.argsort(self.order, stable=True))
-        ids = rows.ids.numpy()
-        keep = np.zeros(len(ids), dtype=bool)
-        keep[np.unique(ids, return_index=True)[1]] = True
-        given = _uids_of(rows)
-        duplicates = [
-            SkippedSample(DUPLICATE_REASON, id=given[i], index=int(rows.index[i]) if positional else None)
-            for i in np.flatnonzero(~keep)
-        ]  # fmt: skip
-        return rows.take(torch.from_numpy(np.flatnonzero(keep))), duplicates
-
-
-def _uids_of(rows: _Rows) -> list[Id]:
-    """The ids of ``rows`` as given (int ids are their keys)."""
-    return rows.uids if rows.uids is not None else rows.ids.tolist()
-
-
-def _gather_rows(collective: Collective, mine: _Rows | None, *, features: bool) -> _Rows:
-    """Every rank's rows (a rank without any sends none), in rank order."""
-    shapes = collective.objects(None if mine is None else (
-        mine.labels is not None,
-        None if mine.features is None else (mine.features.image.shape[1], mine.features.text.shape[1]),
-        0 if mine.groups is None else mine.groups.shape[1],
-    ))  # fmt: skip
-    present = [s for s in shapes if s is not None]
-    if not present:
-        empty = torch.zeros(0, dtype=torch.int64)
-        return _Rows(empty, empty, empty, None, None, torch.zeros(0))
-    with_labels = all(s[0] for s in present)
-    if mine is None:
-        empty = torch.zeros(0, dtype=torch.int64)
-        dims = present[0][1]
-        mine = _Rows(empty, empty, empty, empty if with_labels else None,
-                     PairFeatures(empty, torch.zeros(0, dims[0]), torch.zeros(0, dims[1]), None) if dims else None,
-                     torch.zeros(0))  # fmt: skip
-    labels = collective.cat(mine.labels) if with_labels and mine.labels is not None else None
-    gathered_features = None
-    if features and mine.features is not None:
-        f = mine.features
-        gathered_features = PairFeatures(collective.cat(f.ids), collective.cat(f.image), collective.cat(f.text),
-                                          labels)  # fmt: skip
-    uids = collective.objects(mine.uids)
-    gathered_uids = None
-    if any(u is not None for u in uids):  # string ids somewhere: every rank's ids as given, in rank order
-        gathered_uids = [u for part, n in zip(uids, collective.objects(len(mine.ids)), strict=True)
-                         for u in (part if part is not None else [None] * n)]  # fmt: skip
-    rows = _Rows(collective.cat(mine.ids), collective.cat(mine.index), collective.cat(mine.order), labels,
-                 gathered_features, None if mine.scores is None else collective.cat(mine.scores))  # fmt: skip
-    if mine.groups is not None or any(s[2] for s in present):
-        width = next(s[2] for s in present if s[2])
-        own_groups = mine.groups if mine.groups is not None else torch.zeros(0, width, dtype=torch.int64)
-        rows.groups = collective.cat(own_groups)
-    if gathered_uids is not None:
-        rows.uids = [k if u is None else u for u, k in zip(gathered_uids, rows.ids.tolist(), strict=True)]
-    return rows
-
-
-def _iter_rows(
-    adapter: CLIPAdapter,
-    items: Iterable[PoolItem],
-    sink: list[SkippedSample],
-    *,
-    device: torch.device | str,
-    progress: bool,
-    description: str,
-    precision: Callable[[], contextlib.AbstractContextManager],
-    groups: GroupEncoder | None = None,
-) -> Iterator[_Rows]:
-    """The features of each batch of ``items`` with its pool positions (and ``groups`` keys); skipped samples go to
-    ``sink``."""
-    pending: deque[tuple[Tensor, Tensor, list[Id] | None, Tensor | None]] = deque()
-    read = 0
-    traced = any(s.traceback for s in sink)
-
-    def batches() -> Iterator[dict[str, Any]]:
-        nonlocal read, traced
-        for batch, skipped in items:
-            for s in skipped:  # the first loading error's traceback is kept (for the max_skipped error), no other
-                if s.traceback and traced:
-                    s = dataclasses.replace(s, traceback="")
-                traced = traced or bool(s.traceback)
-                sink.append(s)
-            if batch is None or len(batch["id"]) == 0:
-                continue
-            uids = list(batch["id"]) if isinstance(batch["id"], list | tuple) else None  # string ids
-            if uids is not None:
-                batch["id"] = torch.from_numpy(id_keys(uids))
-            ids = torch.as_tensor(batch["id"], dtype=torch.int64)
-            if "index" in batch:
-                index = torch.as_tensor(batch.pop("index"), dtype=torch.int64)
-                order = index
-            elif "order" in batch:
-                index, order = ids, torch.as_tensor(batch.pop("order"), dtype=torch.int64)
-            else:
-                index, order = ids, torch.arange(read, read + len(ids), dtype=torch.int64)
-            read += len(ids)
-            pending.append((index, order, uids, None if groups is None else groups(batch, len(ids))))
-            yield batch
-
-    try:
-        total: int | None = len(items)  # type: ignore[arg-type]
-    except TypeError:  # a stream of unknown length
-        total = None
-    with precision():
-        for features in iter_features(adapter, batches(), device=device, progress=progress, description=description,
-                                      total=total):  # fmt: skip
-            index, order, uids, keys = pending.popleft()
-            labels = None if features.labels is None else features.labels.cpu()
-            yield _Rows(features.ids.cpu(), index, order, labels, features, uids=uids, groups=keys)
-
-
-def _extract(adapter: CLIPAdapter, items: Iterable[PoolItem], sink: list[SkippedSample],
-             **kwargs: Any) -> _Rows | None:  # fmt: skip
-    parts = [rows for rows in _iter_rows(adapter, items, sink, **kwargs)]
-    for rows in parts:
-        rows.features = rows.features.to("cpu")  # type: ignore[union-attr]
-    return _Rows.cat(parts) if parts else None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -391,9 +130,9 @@ def _target_features(scorer: Scorer, adapter: CLIPAdapter, pool: SelectablePool,
     own = collective.agree(
         round_,
         "the target features",
-        lambda: _extract(adapter, items, sink, description=f"round {round_}: target", **kwargs),
+        lambda: extract_rows(adapter, items, sink, description=f"round {round_}: target", **kwargs),
     )
-    rows = _gather_rows(collective, own, features=True)
+    rows = gather_rows(collective, own, features=True)
     skipped, _ = collective.skipped(sink)
     if rows.features is None or len(rows.ids) == 0:
         raise ValueError(f"Every pair of the target failed to load or to pass the checks ({len(skipped)} pairs: "
@@ -408,9 +147,9 @@ def _sample_features(adapter: CLIPAdapter, pool: SelectablePool, size: int | Non
     own = collective.agree(
         r,
         "the pool sample features",
-        lambda: _extract(adapter, items, [], description=f"round {r}: pool sample", **kwargs),
+        lambda: extract_rows(adapter, items, [], description=f"round {r}: pool sample", **kwargs),
     )
-    rows = _gather_rows(collective, own, features=True)
+    rows = gather_rows(collective, own, features=True)
     if rows.features is None or len(rows.ids) == 0:
         raise ValueError(f"Round {r}: the pool sample holds no usable pair (every pair read failed to load).")
     return rows.keep_first()[0].features  # type: ignore[return-value]
@@ -422,8 +161,8 @@ def prepare_round(
     pool: SelectablePool,
     context: RoundContext,
     *,
-    target: Dataset | None = None,
     pool_sample: int | None = None,
+    target: Dataset | None = None,
     collective: Collective | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
@@ -528,27 +267,18 @@ def run_round(
     sink: list[SkippedSample] = []
     groups = GroupEncoder(group_by, labels=group_labels) if group_by else None
     if pool_sample is not None and (size is None or pool_sample < size):
-        target_skipped = prepare_round(
-            scorer,
-            adapter,
-            pool,
-            context,
-            target=target,
-            pool_sample=pool_sample,
-            collective=collective,
-            device=device,
-            progress=progress,
-            precision=precision,
-        )
+        target_skipped = prepare_round(scorer, adapter, pool, context, pool_sample=pool_sample, target=target,
+                                       collective=collective, device=device, progress=progress,
+                                       precision=precision)  # fmt: skip
 
-        def score_stream() -> _Rows | None:
+        def score_stream() -> Rows | None:
             parts = []
-            for rows in _iter_rows(adapter, pool.scoring_batches(rank, world), sink,
-                                   description=f"round {r}: scoring", groups=groups, **kwargs):  # fmt: skip
+            for rows in iter_rows(adapter, pool.scoring_batches(rank, world), sink,
+                                  description=f"round {r}: scoring", groups=groups, **kwargs):  # fmt: skip
                 rows.scores = score_batch(scorer, rows.features)  # type: ignore[arg-type]
                 rows.features = None
                 parts.append(rows)
-            return _Rows.cat(parts) if parts else None
+            return Rows.cat(parts) if parts else None
 
         own = collective.agree(r, "the pool scores", score_stream)
     else:
@@ -556,15 +286,15 @@ def run_round(
         items = pool.scoring_batches(rank, world)
         own = collective.agree(
             r, "the pool features",
-            lambda: _extract(adapter, items, sink, description=f"round {r}: pool", groups=groups, **kwargs),
+            lambda: extract_rows(adapter, items, sink, description=f"round {r}: pool", groups=groups, **kwargs),
         )  # fmt: skip
-        everything = _gather_rows(collective, own, features=True)
+        everything = gather_rows(collective, own, features=True)
         if len(everything.ids) == 0:
             skipped, _ = collective.skipped(sink)
             raise ValueError(_nothing_scored(skipped))
         sample = everything.keep_first()[0].features
 
-        def score_own() -> _Rows | None:
+        def score_own() -> Rows | None:
             prepare_scorer(scorer, adapter.endpoint(), target_features, sample, context, device)  # type: ignore[arg-type]
             if own is None:
                 return None
@@ -573,7 +303,7 @@ def run_round(
             return own
 
         own = collective.agree(r, "the pool scores", score_own)
-    rows = _gather_rows(collective, own, features=False)
+    rows = gather_rows(collective, own, features=False)
     skipped, shard_errors = collective.skipped(sink)
     if len(rows.ids) == 0:
         raise ValueError(_nothing_scored(skipped))
@@ -593,7 +323,7 @@ def run_round(
         scores=kept.scores.numpy(),  # type: ignore[union-attr]
         labels=None if kept.labels is None else kept.labels.numpy(),
         indices=kept.index.numpy(),
-        skipped=sorted(skipped + duplicates, key=_skip_key),
+        skipped=sorted(skipped + duplicates, key=skip_key),
         shard_errors=shard_errors,
         target_skipped=target_skipped,
         positional=positional,
@@ -601,6 +331,19 @@ def run_round(
         groups=columns,
         order=kept.order.numpy(),
     )
+
+
+def round_learning_rate(model: object, optimizers: Sequence[Optimizer] = ()) -> float:
+    """The learning rate a round weights its scores by (:attr:`RoundContext.learning_rate`: TracIn's ``eta``), read
+    the same way by every entry point: the first optimizer's first parameter group's ``lr`` (the callback passes the
+    trainer's optimizers), else the model's ``lr`` (an attribute or a hyperparameter, as ``OpenCLIPModule(lr=...)``
+    has; ``lightning-chips score``, a predict pass without optimizers, unless ``--learning_rate`` is given), else 1.
+    """
+    if optimizers:
+        return float(optimizers[0].param_groups[0]["lr"])
+    hparams = getattr(model, "hparams", None)
+    lr = getattr(model, "lr", hparams.get("lr") if hasattr(hparams, "get") else None)
+    return float(lr) if isinstance(lr, int | float) else 1.0
 
 
 def check_max_skipped(max_skipped: float | None) -> float | None:

@@ -113,7 +113,9 @@ def check_group_labels(
             )
         for value, name in pairs:
             if not isinstance(name, str) or not name:
-                raise ValueError(f"`group_labels[{field!r}]` names value {value!r} {name!r}: names are non-empty strings.")
+                raise ValueError(
+                    f"`group_labels[{field!r}]` names value {value!r} {name!r}: names are non-empty strings."
+                )
         named = [name for _, name in pairs]
         if len(set(named)) != len(named):
             raise ValueError(f"`group_labels[{field!r}]` gives two values one name: {named}; names must be distinct.")

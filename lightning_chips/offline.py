@@ -47,7 +47,14 @@ from lightning_chips.data.preprocess import model_image_input, resolve_tokenizer
 from lightning_chips.data.subset import PairCollate
 from lightning_chips.data.target import ListDataset, load_target_pairs
 from lightning_chips.data.webdataset import ShardReport, WebDatasetPairs, expand_shards
-from lightning_chips.engine import Collective, check_max_skipped, check_skipped, prepare_round, score_batch
+from lightning_chips.engine import (
+    Collective,
+    check_max_skipped,
+    check_skipped,
+    prepare_round,
+    round_learning_rate,
+    score_batch,
+)
 from lightning_chips.features import iter_features
 from lightning_chips.groups import GroupColumn, batch_values, check_group_by, group_arrays, read_group_arrays
 from lightning_chips.ids import id_key, ids_array
@@ -629,9 +636,7 @@ def score_pool(
     if scorer.requires_target and target is None:
         raise ValueError(f"The {type(scorer).__name__} scorer needs target pairs: pass `target`.")
     if learning_rate is None:
-        hparams = getattr(model, "hparams", None)
-        learning_rate = getattr(model, "lr", hparams.get("lr") if hasattr(hparams, "get") else None)
-        learning_rate = float(learning_rate) if isinstance(learning_rate, int | float) else 1.0
+        learning_rate = round_learning_rate(model)  # as a callback round reads it; a predict pass has no optimizer
     if not (np.isfinite(learning_rate) and learning_rate > 0):
         raise ValueError(f"`learning_rate` must be a finite number > 0, got {learning_rate}.")
     learning_rate = float(learning_rate)
