@@ -77,6 +77,7 @@ __all__ = [
     "IdentitySketch",
     "KhatriRaoSketch",
     "KroneckerSketch",
+    "RandomSketch",
     "Sketch",
     "SketchKind",
     "SketchLayout",
@@ -147,40 +148,27 @@ def _grid(budget: int, rows: int, cols: int) -> tuple[int, int]:
     return k_h, k_d
 
 
-class KhatriRaoSketch:
-    """The ``"khatri_rao"`` layout (default): row ``j`` of ``P`` is ``(a_j (x) b_j, a'_j (x) b'_j, c_j) / sqrt(k)``.
+class RandomSketch:
+    """What the three random layouts share: the constructor and the end point's bias flags.
 
-    ``(P g)_j = [(a_j . h_v)(b_j . d_v) + (a'_j . h_t)(b'_j . d_t) + c_j s (+ c'_j beta)] / sqrt(k)`` with ``h``
-    augmented by a constant 1 for a bias (module docstring: formula, variance, cost). ``E[P^T P] = I`` and
-    :attr:`dim` is ``sketch_dim`` exactly.
+    The constructor validates ``sketch_dim`` (:meth:`_check_dim`) and ``kind``, stores the flags, ``kind`` and
+    ``seed``, and hands the row counts ``H_v = d_v [+ 1]``, ``H_t = d_t [+ 1]`` and ``e`` to the layout's
+    :meth:`_draw` with a CPU generator seeded by ``seed`` (the same sketch on every device and rank). Every layout
+    maps gradients (``sketch_grads``), dense directions (``sketch_direction``) and back (``transpose``), exact
+    adjoints of one another.
 
     Args:
         image_dim: ``d_v``.
         text_dim: ``d_t``.
         embed_dim: ``e``.
-        sketch_dim: ``k``, the realised dimension.
+        sketch_dim: ``k``: the realised dimension (Khatri-Rao, TensorSketch) or the total budget (Kronecker).
         image_bias: the end point has an image bias.
         text_bias: the end point has a text bias.
         logit_bias: the end point has SigLIP's logit bias (one more scalar coordinate).
         kind: ``"gaussian"`` (``N(0, 1)`` factor entries) or ``"rademacher"`` (``+-1``).
-        seed: seed of the CPU generator that draws the factors (the same sketch on every device and rank).
+        seed: seed of the CPU generator that draws the random factors.
         dtype: dtype of the factors when applied.
         device: device of the factors when applied.
-
-    Example::
-
-        >>> import torch
-        >>> sk = KhatriRaoSketch(64, 32, 16, sketch_dim=100, image_bias=True, seed=0)
-        >>> sk.dim
-        100
-        >>> g = EndPointGrads(torch.randn(5, 64, dtype=torch.float64), torch.randn(5, 16, dtype=torch.float64),
-        ...                   torch.randn(5, 32, dtype=torch.float64), torch.randn(5, 16, dtype=torch.float64),
-        ...                   torch.randn(5, dtype=torch.float64), image_bias=True)
-        >>> sk.sketch_grads(g).shape
-        torch.Size([5, 100])
-        >>> z = torch.randn(100, dtype=torch.float64)  # adjoint: <P g, z> = <g, P^T z>
-        >>> torch.allclose(sk.sketch_grads(g) @ z, g.dot(sk.transpose(z)))
-        True
     """
 
     def __init__(
@@ -198,12 +186,55 @@ class KhatriRaoSketch:
         dtype: torch.dtype = torch.float64,
         device: torch.device | str = "cpu",
     ) -> None:
-        if sketch_dim < 1:
-            raise ValueError(f"`sketch_dim` must be >= 1, got {sketch_dim}.")
-        k = int(sketch_dim)
-        self.image_bias, self.text_bias = image_bias, text_bias
+        self._check_dim(sketch_dim, logit_bias)
+        if kind not in ("gaussian", "rademacher"):
+            raise ValueError(f"Unknown sketch kind {kind!r}; use 'gaussian' or 'rademacher'.")
+        self.image_bias, self.text_bias, self.logit_bias = image_bias, text_bias, logit_bias
+        self.kind = kind
+        self.seed = seed
         rows_v, rows_t = image_dim + int(image_bias), text_dim + int(text_bias)
         generator = torch.Generator().manual_seed(int(seed))
+        self._draw(sketch_dim, rows_v, rows_t, embed_dim, kind, generator, dtype, device)
+
+    @staticmethod
+    def _check_dim(sketch_dim: int, logit_bias: bool) -> None:
+        if sketch_dim < 1:
+            raise ValueError(f"`sketch_dim` must be >= 1, got {sketch_dim}.")
+
+    def _draw(self, sketch_dim: int, rows_v: int, rows_t: int, embed_dim: int, kind: SketchKind,
+              generator: torch.Generator, dtype: torch.dtype, device: torch.device | str) -> None:  # fmt: skip
+        """Draw the layout's random factors from ``generator`` (in a fixed order: the sketch is the seed's)."""
+        raise NotImplementedError
+
+
+class KhatriRaoSketch(RandomSketch):
+    """The ``"khatri_rao"`` layout (default): row ``j`` of ``P`` is ``(a_j (x) b_j, a'_j (x) b'_j, c_j) / sqrt(k)``.
+
+    ``(P g)_j = [(a_j . h_v)(b_j . d_v) + (a'_j . h_t)(b'_j . d_t) + c_j s (+ c'_j beta)] / sqrt(k)`` with ``h``
+    augmented by a constant 1 for a bias (module docstring: formula, variance, cost). ``E[P^T P] = I`` and
+    :attr:`dim` is ``sketch_dim`` exactly.
+
+    Args: those of :class:`RandomSketch`; ``sketch_dim`` is ``k``, the realised dimension.
+
+    Example::
+
+        >>> import torch
+        >>> sk = KhatriRaoSketch(64, 32, 16, sketch_dim=100, image_bias=True, seed=0)
+        >>> sk.dim
+        100
+        >>> g = EndPointGrads(torch.randn(5, 64, dtype=torch.float64), torch.randn(5, 16, dtype=torch.float64),
+        ...                   torch.randn(5, 32, dtype=torch.float64), torch.randn(5, 16, dtype=torch.float64),
+        ...                   torch.randn(5, dtype=torch.float64), image_bias=True)
+        >>> sk.sketch_grads(g).shape
+        torch.Size([5, 100])
+        >>> z = torch.randn(100, dtype=torch.float64)  # adjoint: <P g, z> = <g, P^T z>
+        >>> torch.allclose(sk.sketch_grads(g) @ z, g.dot(sk.transpose(z)))
+        True
+    """
+
+    def _draw(self, sketch_dim: int, rows_v: int, rows_t: int, embed_dim: int, kind: SketchKind,
+              generator: torch.Generator, dtype: torch.dtype, device: torch.device | str) -> None:  # fmt: skip
+        k = int(sketch_dim)
         # 1/sqrt(k) rides on the h-side factors and the scale column, so each row is (a (x) b) / sqrt(k).
         factors = [
             _entries(k, rows_v, kind, generator) / math.sqrt(k),
@@ -217,10 +248,8 @@ class KhatriRaoSketch:
         )
         # Drawn last, so an end point without a logit bias gets the same factors as before it existed.
         self.bias = None
-        if logit_bias:
+        if self.logit_bias:
             self.bias = (_entries(k, 1, kind, generator)[:, 0] / math.sqrt(k)).to(device=device, dtype=dtype)
-        self.kind = kind
-        self.seed = seed
 
     @property
     def dim(self) -> int:
@@ -267,7 +296,7 @@ class KhatriRaoSketch:
         return out
 
 
-class TensorSketch:
+class TensorSketch(RandomSketch):
     """The ``"tensorsketch"`` layout: count sketches of ``h`` and ``d`` multiplied in the FFT domain.
 
     Each block ``H (x) E`` is count-sketched into ``k`` buckets with bucket ``(beta_h(i) + beta_d(l)) mod k`` and
@@ -276,18 +305,9 @@ class TensorSketch:
     blocks; :meth:`sketch_direction` and :meth:`transpose` apply the same bucket map entry-wise, so they are exact
     adjoints of it. Every column of ``P`` has one ``+-1``: ``diag(P^T P) = 1`` and ``E[P^T P] = I``.
 
-    Args:
-        image_dim: ``d_v``.
-        text_dim: ``d_t``.
-        embed_dim: ``e``.
-        sketch_dim: ``k``, the realised dimension.
-        image_bias: the end point has an image bias.
-        text_bias: the end point has a text bias.
-        logit_bias: the end point has SigLIP's logit bias (one more scalar coordinate).
-        kind: accepted for a uniform signature; the signs are always ``+-1``.
-        seed: seed of the CPU generator that draws the hashes and signs.
-        dtype: dtype of the signs (and outputs).
-        device: device of the hashes and signs.
+    Args: those of :class:`RandomSketch`; ``sketch_dim`` is ``k``, the realised dimension; ``kind`` is accepted
+    (and validated) for a uniform signature, the signs are always ``+-1``; the seed draws the hashes and signs,
+    ``dtype`` is the signs' (and the outputs'), ``device`` the hashes' and signs'.
 
     Example::
 
@@ -296,30 +316,10 @@ class TensorSketch:
         100
     """
 
-    def __init__(
-        self,
-        image_dim: int,
-        text_dim: int,
-        embed_dim: int,
-        *,
-        sketch_dim: int,
-        image_bias: bool = False,
-        text_bias: bool = False,
-        logit_bias: bool = False,
-        kind: SketchKind = "gaussian",
-        seed: int = 0,
-        dtype: torch.dtype = torch.float64,
-        device: torch.device | str = "cpu",
-    ) -> None:
-        if sketch_dim < 1:
-            raise ValueError(f"`sketch_dim` must be >= 1, got {sketch_dim}.")
-        if kind not in ("gaussian", "rademacher"):
-            raise ValueError(f"Unknown sketch kind {kind!r}; use 'gaussian' or 'rademacher'.")
+    def _draw(self, sketch_dim: int, rows_v: int, rows_t: int, embed_dim: int, kind: SketchKind,
+              generator: torch.Generator, dtype: torch.dtype, device: torch.device | str) -> None:  # fmt: skip
         k = int(sketch_dim)
         self.k = k
-        self.image_bias, self.text_bias = image_bias, text_bias
-        rows_v, rows_t = image_dim + int(image_bias), text_dim + int(text_bias)
-        generator = torch.Generator().manual_seed(int(seed))
 
         def draw(n: int) -> tuple[Tensor, Tensor]:
             bucket = torch.randint(0, k, (n,), generator=generator, dtype=torch.int64)
@@ -327,11 +327,8 @@ class TensorSketch:
             return bucket.to(device), sign.to(device=device, dtype=dtype)
 
         self.hashes = [draw(n) for n in (rows_v, embed_dim, rows_t, embed_dim, 1)]
-        if logit_bias:  # drawn last: without a logit bias the hashes are the same as before it existed
+        if self.logit_bias:  # drawn last: without a logit bias the hashes are the same as before it existed
             self.hashes.append(draw(1))
-        self.logit_bias = logit_bias
-        self.kind = kind
-        self.seed = seed
 
     @property
     def dim(self) -> int:
@@ -396,7 +393,7 @@ class TensorSketch:
         return out
 
 
-class EndPointSketch:
+class EndPointSketch(RandomSketch):
     """The ``"kronecker"`` layout: a seeded sketch ``P = P_h (x) P_d`` per block, plus the logit scale (and a logit
     bias) as is.
 
@@ -404,18 +401,7 @@ class EndPointSketch:
     docstring). The budget is split between the blocks and each block's ``k_h x k_d`` grid follows its aspect ratio,
     so :attr:`dim` is at most ``sketch_dim``.
 
-    Args:
-        image_dim: ``d_v``.
-        text_dim: ``d_t``.
-        embed_dim: ``e``.
-        sketch_dim: total budget ``k``.
-        image_bias: the end point has an image bias.
-        text_bias: the end point has a text bias.
-        logit_bias: the end point has SigLIP's logit bias (one more scalar coordinate).
-        kind: ``"gaussian"`` or ``"rademacher"``.
-        seed: seed of the random factors.
-        dtype: dtype of the factors when applied.
-        device: device of the factors when applied.
+    Args: those of :class:`RandomSketch`; ``sketch_dim`` is the total budget ``k``.
 
     Example::
 
@@ -424,35 +410,22 @@ class EndPointSketch:
         True
     """
 
-    def __init__(
-        self,
-        image_dim: int,
-        text_dim: int,
-        embed_dim: int,
-        *,
-        sketch_dim: int,
-        image_bias: bool = False,
-        text_bias: bool = False,
-        logit_bias: bool = False,
-        kind: SketchKind = "gaussian",
-        seed: int = 0,
-        dtype: torch.dtype = torch.float64,
-        device: torch.device | str = "cpu",
-    ) -> None:
+    @staticmethod
+    def _check_dim(sketch_dim: int, logit_bias: bool) -> None:
         if sketch_dim < 3 + int(logit_bias):
             raise ValueError(
                 f"`sketch_dim` must be >= {3 + int(logit_bias)} (image, text, scale{' and bias' * logit_bias} "
                 f"coordinates), got {sketch_dim}."
             )
-        self.image_bias, self.text_bias, self.logit_bias = image_bias, text_bias, logit_bias
-        rows_v, rows_t = image_dim + int(image_bias), text_dim + int(text_bias)
+
+    def _draw(self, sketch_dim: int, rows_v: int, rows_t: int, embed_dim: int, kind: SketchKind,
+              generator: torch.Generator, dtype: torch.dtype, device: torch.device | str) -> None:  # fmt: skip
         size_v, size_t = rows_v * embed_dim, rows_t * embed_dim
-        budget = sketch_dim - 1 - int(logit_bias)
+        budget = sketch_dim - 1 - int(self.logit_bias)
         budget_v = max(1, round(budget * size_v / (size_v + size_t)))
         budget_t = max(1, budget - budget_v)
         kv_h, kv_d = _grid(budget_v, rows_v, embed_dim)
         kt_h, kt_d = _grid(budget_t, rows_t, embed_dim)
-        generator = torch.Generator().manual_seed(int(seed))
         factors = [
             _random_matrix(kv_h, rows_v, kind, generator),
             _random_matrix(kv_d, embed_dim, kind, generator),
@@ -460,8 +433,6 @@ class EndPointSketch:
             _random_matrix(kt_d, embed_dim, kind, generator),
         ]
         self.image_h, self.image_d, self.text_h, self.text_d = (f.to(device=device, dtype=dtype) for f in factors)
-        self.kind = kind
-        self.seed = seed
 
     @property
     def dim(self) -> int:
@@ -487,18 +458,10 @@ class EndPointSketch:
             parts.append(grads.bias.to(dtype)[:, None])
         return torch.cat(parts, dim=1)
 
-    def _blocks(self, direction: EndPointDirection) -> tuple[Tensor, Tensor]:
-        wv, wt = direction.image_proj, direction.text_proj
-        if self.image_bias:
-            wv = torch.cat([wv, direction.image_bias[None, :]], dim=0)
-        if self.text_bias:
-            wt = torch.cat([wt, direction.text_bias[None, :]], dim=0)
-        return wv, wt
-
     def sketch_direction(self, direction: EndPointDirection) -> Tensor:
         """``[k]`` sketch ``P v`` of a dense direction: ``P_h V P_d^T`` per block."""
         dtype = self.image_h.dtype
-        wv, wt = self._blocks(direction)
+        wv, wt = _with_bias_rows(direction, self.image_bias, self.text_bias)
         parts = [
             (self.image_h @ wv.to(dtype) @ self.image_d.T).reshape(-1),
             (self.text_h @ wt.to(dtype) @ self.text_d.T).reshape(-1),
@@ -516,13 +479,9 @@ class EndPointSketch:
         zt = z[kv : kv + kt].reshape(self.text_h.shape[0], self.text_d.shape[0])
         wv = self.image_h.T @ zv @ self.image_d
         wt = self.text_h.T @ zt @ self.text_d
-        image_bias = text_bias = None
-        if self.image_bias:
-            wv, image_bias = wv[:-1], wv[-1]
-        if self.text_bias:
-            wt, text_bias = wt[:-1], wt[-1]
-        logit_bias = z[kv + kt + 1] if self.logit_bias else None
-        return EndPointDirection(wv, wt, z[kv + kt], image_bias, text_bias, logit_bias)
+        out = _split_bias_rows(wv, wt, z[kv + kt], self.image_bias, self.text_bias)
+        out.logit_bias = z[kv + kt + 1] if self.logit_bias else None
+        return out
 
 
 class IdentitySketch:
@@ -569,21 +528,11 @@ Sketch = KhatriRaoSketch | TensorSketch | EndPointSketch | IdentitySketch
 
 
 def make_sketch(
-    image_dim: int,
-    text_dim: int,
-    embed_dim: int,
-    *,
-    sketch_dim: int | None,
-    image_bias: bool = False,
-    text_bias: bool = False,
-    logit_bias: bool = False,
-    kind: SketchKind = "gaussian",
-    seed: int = 0,
-    dtype: torch.dtype = torch.float64,
-    device: torch.device | str = "cpu",
-    exact_when_small: bool = True,
+    image_dim: int, text_dim: int, embed_dim: int, *, sketch_dim: int | None, image_bias: bool = False,
+    text_bias: bool = False, logit_bias: bool = False, kind: SketchKind = "gaussian", seed: int = 0,
+    dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu", exact_when_small: bool = True,
     layout: SketchLayout = "khatri_rao",
-) -> Sketch:
+) -> Sketch:  # fmt: skip
     """A JL sketch of theta-space in the given ``layout``, or the identity when ``sketch_dim`` is None or (with
     ``exact_when_small``) ``dim(theta) <= sketch_dim``.
 
