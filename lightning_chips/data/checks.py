@@ -4,7 +4,8 @@ A bad sample is skipped and counted with its id and reason, never dropped silent
 dataloader worker. The byte-level checks (:func:`decode_caption`, :func:`decode_image`, :func:`parse_id`) serve
 WebDataset shards and image folders (:func:`~lightning_chips.data.webdataset.decode_pair`); :class:`CheckedPairs`
 applies them, and catches the user's loading errors, for map-style pools
-(:class:`~lightning_chips.data.ScoredSubsetDataModule`).
+(:class:`~lightning_chips.data.ScoredSubsetDataModule`). A shard's bad samples and read error are gathered in its
+:class:`ShardReport`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch.utils.data import Dataset
 __all__ = [
     "SkippedSample",
     "BadSample",
+    "ShardReport",
     "CheckedPairs",
     "check_pair",
     "decode_caption",
@@ -261,3 +263,43 @@ class CheckedPairs(Dataset):
 
     def __repr__(self) -> str:
         return f"CheckedPairs({self.dataset!r})"
+
+
+@dataclass
+class ShardReport:
+    """What reading one shard gave: valid pairs, skipped samples (key and reason) and a read error, if any."""
+
+    url: str
+    samples: int = 0
+    bad: list[tuple[str, str]] = field(default_factory=list)
+    error: str | None = None
+    filtered: int = 0
+    """Valid pairs left out because they are not in the selection (not an error)."""
+    bad_ids: list[int | str | None] = field(default_factory=list)
+    """The uid of each entry of :attr:`bad` (None when the sample's json gives none); see :meth:`skip`."""
+
+    def skip(self, key: str, reason: str, uid: int | str | None = None) -> None:
+        """Record a skipped sample: its key, the reason and its uid (when its json has one)."""
+        self.bad.append((key, reason))
+        self.bad_ids.append(uid)
+
+    def bad_samples(self) -> list[SkippedSample]:
+        """The skipped samples of this shard, in reading order (an entry of :attr:`bad` added without
+        :meth:`skip` has no uid)."""
+        ids = self.bad_ids + [None] * (len(self.bad) - len(self.bad_ids))
+        return [SkippedSample(reason, id=uid, key=key, shard=self.url)
+                for (key, reason), uid in zip(self.bad, ids, strict=False)]  # fmt: skip
+
+    def skipped(self) -> list[SkippedSample]:
+        """:meth:`bad_samples`, then the unread rest of the shard (``kind="shard"``) when it could not be read to
+        the end."""
+        rest = [] if self.error is None else [SkippedSample(self.error, shard=self.url, kind="shard")]
+        return self.bad_samples() + rest
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "samples": self.samples,
+            "bad": [{"key": k, "reason": r} for k, r in self.bad],
+            "error": self.error,
+        }

@@ -21,28 +21,47 @@ could not be used (and of a shard that could not be read to the end). How a pool
 :class:`MapPool` serves map-style datasets (:class:`~lightning_chips.data.ScoredSubsetDataModule`);
 :class:`ShardPool` serves WebDataset shards (:class:`~lightning_chips.data.WebDatasetDataModule` and
 ``lightning-chips score``). A data module of one's own is selectable when it has ``selection`` and ``target``
-attributes and these methods (``isinstance(dm, SelectablePool)`` checks it).
+attributes and these methods (``isinstance(dm, SelectablePool)`` checks it); :class:`PoolMethods` gives a data
+module these methods from a :class:`MapPool` or :class:`ShardPool` it builds.
+
+Galleries (``gallery=K``) read the pairs they show through :meth:`PairSource.load_pairs`, which :class:`MapPool`,
+:class:`ShardPool` and the data modules have; a pool of one's own gets galleries when it has it too (without it, its
+rounds run and its gallery pairs are listed as missing, docs/selection.md "One round").
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_chips.data.checks import CheckedPairs, SkippedSample
-from lightning_chips.data.subset import PairCollate
-from lightning_chips.data.webdataset import SAMPLE_PER_SHARD, ShardCollate, ShardReport, WebDatasetPairs
+from lightning_chips.data.checks import CheckedPairs, ShardReport, SkippedSample
+from lightning_chips.data.collate import PairCollate, ShardCollate
+from lightning_chips.data.webdataset import SAMPLE_PER_SHARD, WebDatasetPairs, find_pairs
+from lightning_chips.ids import Id
 from lightning_chips.selection import Selection
 
-__all__ = ["MapBatches", "MapPool", "PoolItem", "SelectablePool", "ShardBatches", "ShardPool", "shard_indices"]
+__all__ = [
+    "MapBatches",
+    "MapPool",
+    "PairSource",
+    "PoolItem",
+    "PoolMethods",
+    "SelectablePool",
+    "ShardBatches",
+    "ShardPool",
+    "shard_indices",
+]
 
 PoolItem = tuple[dict[str, Any] | None, list[SkippedSample]]
 """One item of a pool's scoring streams: a collated batch (or None) and the samples skipped since the last item."""
+
+LoadedPairs = Mapping[Id, tuple[Any, Any] | str]
+"""What :meth:`PairSource.load_pairs` returns: id -> ``(image, caption)``, or the reason the pair could not be read."""
 
 
 SHARD_STRIDE = 1 << 40
@@ -101,6 +120,46 @@ class SelectablePool(Protocol):
     def scoring_batches(self, rank: int, world: int) -> Iterable[PoolItem]:
         """This rank's share of the whole pool, each pair once, its skipped samples alongside."""
         ...
+
+
+@runtime_checkable
+class PairSource(Protocol):
+    """A pool that gives pairs back by id: what a round's galleries (``gallery=K``) read."""
+
+    def load_pairs(self, ids: Sequence[Id], order: Sequence[int] | None = None) -> LoadedPairs:
+        """``id -> (image, caption)`` of ``ids`` (the image as the pool holds it: PIL, uint8 or float in [0, 1];
+        the caption a string), or ``id -> reason`` for a pair that could not be read; an id left out is missing.
+        ``order``: the pairs' pool positions as the round recorded them
+        (:attr:`~lightning_chips.engine.RoundScores.order`), or None."""
+        ...
+
+
+class PoolMethods:
+    """The :class:`SelectablePool` streams and :meth:`PairSource.load_pairs` of a data module, served by the
+    :class:`MapPool` or :class:`ShardPool` its :meth:`scoring_pool` builds (the module keeps ``selection``,
+    ``target`` and ``pool_size``)."""
+
+    def scoring_pool(self) -> MapPool | ShardPool:
+        """The pool that serves this module's selection rounds."""
+        raise NotImplementedError
+
+    def target_batches(self, target: Dataset | None, rank: int, world: int) -> Iterable[PoolItem]:
+        """This rank's share of the target set (or the given one), bad pairs alongside."""
+        return self.scoring_pool().target_batches(target, rank, world)
+
+    def pool_sample_batches(self, size: int | None, round: int, seed: int, rank: int,
+                            world: int) -> Iterable[PoolItem]:  # fmt: skip
+        """This rank's part of a pool sample of ``size`` pairs drawn with ``(seed, round)`` (see the pool's
+        ``pool_sample_batches``)."""
+        return self.scoring_pool().pool_sample_batches(size, round, seed, rank, world)
+
+    def scoring_batches(self, rank: int, world: int) -> Iterable[PoolItem]:
+        """This rank's share of the pool, unshuffled, its skipped samples (and unreadable shards) alongside."""
+        return self.scoring_pool().scoring_batches(rank, world)
+
+    def load_pairs(self, ids: Sequence[Id], order: Sequence[int] | None = None) -> LoadedPairs:
+        """The pairs of ``ids``, for galleries (:meth:`PairSource.load_pairs`)."""
+        return self.scoring_pool().load_pairs(ids, order)
 
 
 class _Indexed(Dataset):
@@ -176,6 +235,19 @@ class MapPool:
 
     def scoring_batches(self, rank: int, world: int) -> MapBatches:
         return self._batches(self.pool, shard_indices(np.arange(self.pool_size()), rank, world))
+
+    def load_pairs(self, ids: Sequence[Id], order: Sequence[int] | None = None) -> LoadedPairs:
+        """The pairs by dataset index (``order``); a pair that fails to load gives the reason."""
+        if order is None:
+            return dict.fromkeys(ids, "no dataset index (a map-style pool reads its pairs back by index)")
+        loaded: dict[Id, tuple[Any, Any] | str] = {}
+        for uid, index in zip(ids, order, strict=True):
+            try:
+                item = self.pool[int(index)]
+                loaded[uid] = (item["image"], item.get("text"))
+            except Exception as exc:  # a pair that loaded for scoring may still fail here: reported
+                loaded[uid] = f"failed to load: {type(exc).__name__}: {exc}"
+        return loaded
 
 
 class ShardBatches:
@@ -271,6 +343,15 @@ class ShardPool:
         reading = copy.copy(self.pairs).bind(rank, world)
         known = reading.known_samples([u for u in reading.shards_of_rank() if u not in self.skip])
         return ShardBatches(self._scoring_items(rank, world), None if known is None else -(-known // self.batch_size))
+
+    def load_pairs(self, ids: Sequence[Id], order: Sequence[int] | None = None) -> LoadedPairs:
+        """The pairs by uid (:func:`~lightning_chips.data.webdataset.find_pairs`), read from the shards that hold
+        them when their pool positions (``order``) are known, else from every shard up to the last one needed."""
+        urls = self.pairs.urls
+        if order is not None:  # the shards that hold the pairs, in pool order
+            urls = [urls[int(s)] for s in np.unique(np.asarray(order, dtype=np.int64) // SHARD_STRIDE)]
+        found, missing = find_pairs(urls, ids, uid_field=self.pairs.uid_field)
+        return {**missing, **found}
 
     def _scoring_items(self, rank: int, world: int) -> Iterator[PoolItem]:
         scored, read, order = 0, 0, _ShardOrder()  # a shard is read by one worker of one rank, in order

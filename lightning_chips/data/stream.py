@@ -10,7 +10,7 @@ with a seeded shuffle buffer.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -19,16 +19,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from typing_extensions import override
 
-from lightning_chips.data.checks import SkippedSample
-from lightning_chips.data.pool import PoolItem, ShardPool
+from lightning_chips.data.checks import ShardReport, SkippedSample
+from lightning_chips.data.collate import LazyIterator, PairCollate, SelectionDataLoader, StreamCollate
+from lightning_chips.data.pool import PoolMethods, ShardPool
 from lightning_chips.data.preprocess import model_context_length, model_image_input, resolve_tokenizer
-from lightning_chips.data.subset import LazyIterator, PairCollate, SelectionDataLoader, hide_unset_loaders
 from lightning_chips.data.target import ListDataset, load_target_pairs
-from lightning_chips.data.webdataset import (
-    ShardReport,
-    WebDatasetPairs,
-    iter_raw_samples,
-)
+from lightning_chips.data.webdataset import WebDatasetPairs, iter_raw_samples
 from lightning_chips.selection import Selection
 
 __all__ = ["SelectedStream", "WebDatasetDataModule"]
@@ -200,17 +196,6 @@ class _StreamSkips:
         self._new_bad, self._new_errors, self._epoch = [], {}, None
 
 
-class _StreamCollate(PairCollate):
-    """:class:`PairCollate` that gathers the pairs' ``"reports"`` (see :class:`SelectedStream`) into
-    ``batch["reports"]``."""
-
-    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        reports = [report for item in items for report in item.get("reports", ())]
-        batch = super().__call__([{k: v for k, v in item.items() if k != "reports"} for item in items])
-        batch["reports"] = reports
-        return batch
-
-
 class _StreamIterator(LazyIterator):
     """A :class:`SelectionDataLoader` iterator that takes ``batch["reports"]`` out of each batch into the
     loader's :class:`_StreamSkips` (so the LightningModule never sees them) and warns at the epoch's end."""
@@ -239,7 +224,7 @@ class _StreamLoader(SelectionDataLoader):
         return _StreamIterator(self)
 
 
-class WebDatasetDataModule(LightningDataModule):
+class WebDatasetDataModule(PoolMethods, LightningDataModule):
     """A WebDataset pool to select from, a target set, and training batches from the live selection.
 
     Pair it with :class:`~lightning_chips.DataSelectionCallback`. Each round every rank scores its shards
@@ -274,8 +259,6 @@ class WebDatasetDataModule(LightningDataModule):
         ...                           steps_per_round=500, num_workers=8)
         >>> trainer = Trainer(callbacks=[DataSelectionCallback("chips", fraction=0.3, pool_sample=8192)])
     """
-
-    streaming = True
 
     def __init__(
         self,
@@ -319,7 +302,8 @@ class WebDatasetDataModule(LightningDataModule):
         self._train_loader: DataLoader | None = None
         self._skips = _StreamSkips()
         self.rank, self.world_size = 0, 1
-        hide_unset_loaders(self, val=val)
+        if val is not None:  # bound as in ScoredSubsetDataModule: no validation loop (nor its warning) without val
+            self.val_dataloader = self._val_loader  # type: ignore[method-assign]
 
     @override
     def setup(self, stage: str) -> None:
@@ -392,37 +376,23 @@ class WebDatasetDataModule(LightningDataModule):
             stream = SelectedStream(pool, live, batches=self.steps_per_round * accumulate, batch_size=self.batch_size,
                                     seed=self.seed, shuffle_buffer=self.shuffle_buffer, reports=True)  # fmt: skip
             self._skips.epoch_fn = epoch_fn
-            self._train_loader = self._loader(stream, self.batch_size, _StreamCollate(collate.tokenizer,
+            self._train_loader = self._loader(stream, self.batch_size, StreamCollate(collate.tokenizer,
                                               collate.image, collate.context_length), _StreamLoader,
                                               skips=self._skips)  # fmt: skip
         return self._train_loader
 
     # -- the SelectablePool contract (lightning_chips.data.pool): what a selection round reads ----------------------
+    @override
     def scoring_pool(self) -> ShardPool:
-        """The :class:`~lightning_chips.data.pool.ShardPool` that serves this module's selection rounds."""
+        """The :class:`~lightning_chips.data.pool.ShardPool` that serves this module's selection rounds: rank ``r``
+        scores ``shards[r::world]``; the pool sample is drawn with ``(seed, round)`` from a seeded subset of the
+        shards, each read by one rank (docs/offline.md, "The pool sample"); pairs are read back by uid."""
         pool, collate = self._require_setup()
         return ShardPool(pool, self.target, collate, self.eval_batch_size, self.num_workers, self.worker_start_method)
 
     def pool_size(self) -> None:
         return None  # a stream's length is known only once it is read
 
-    def target_batches(self, target: Dataset | None, rank: int, world: int) -> Iterator[PoolItem]:
-        """This rank's share of the target set (or the given one)."""
-        return self.scoring_pool().target_batches(target, rank, world)
-
-    def pool_sample_batches(self, size: int | None, round: int, seed: int, rank: int,
-                            world: int) -> Iterator[PoolItem]:  # fmt: skip
-        """This rank's part of a pool sample of ``size`` pairs drawn with ``(seed, round)`` from a seeded subset of
-        the shards, each drawn shard read by one rank (:meth:`~lightning_chips.data.pool.ShardPool.pool_sample_batches`;
-        docs/offline.md, "The pool sample")."""
-        return self.scoring_pool().pool_sample_batches(size, round, seed, rank, world)
-
-    def scoring_batches(self, rank: int, world: int) -> Iterator[PoolItem]:
-        """This rank's shards (``shards[rank::world]``), unshuffled, their skipped samples and read errors
-        alongside."""
-        return self.scoring_pool().scoring_batches(rank, world)
-
-    @override
-    def val_dataloader(self) -> DataLoader | list:
+    def _val_loader(self) -> DataLoader:
         _, collate = self._require_setup()
-        return [] if self.val is None else DataLoader(self.val, batch_size=self.eval_batch_size, collate_fn=collate)
+        return DataLoader(self.val, batch_size=self.eval_batch_size, collate_fn=collate)  # type: ignore[arg-type]

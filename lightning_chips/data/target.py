@@ -12,7 +12,9 @@ from collections.abc import Sequence
 
 from torch.utils.data import Dataset
 
-from lightning_chips.data.webdataset import ImageCaptionFolder, ShardReport, WebDatasetPairs
+from lightning_chips.data.checks import ShardReport
+from lightning_chips.data.folder import ImageCaptionFolder
+from lightning_chips.data.webdataset import WebDatasetPairs
 
 __all__ = ["TARGET_HINT", "ListDataset", "is_image_folder", "load_target_pairs"]
 

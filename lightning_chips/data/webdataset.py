@@ -1,7 +1,8 @@
 """WebDataset pools: image-caption tar shards read as ``{"image", "text", "id"}`` pairs, bad samples counted.
 
-One module because it is one thing: how a shard becomes pairs (expanding shard specs, reading members, decoding,
-checking, reporting), used by every reader of shards (streaming CPT, ``score``, targets).
+How a shard becomes pairs (expanding shard specs, reading members, sampling, finding pairs by uid), used by every
+reader of shards (streaming CPT, ``score``, targets, galleries); a sample's decoding is
+:mod:`lightning_chips.data.decode`, its :class:`ShardReport` :mod:`lightning_chips.data.checks`.
 
 A shard holds samples as consecutive tar members that share a key: ``KEY.jpg`` (or ``png`` / ``webp`` /
 ``jpeg``), ``KEY.txt`` (the caption) and ``KEY.json`` with an int64 ``uid`` (the sample's id: never the tar
@@ -26,28 +27,30 @@ from __future__ import annotations
 
 import glob
 import heapq
+import io
 import json
 import os
 import tarfile
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
-from lightning_chips.data.checks import (
-    BadSample,
-    SkippedSample,
-    decode_caption,
-    decode_image,
-    describe_error,
-    parse_id,
+from lightning_chips.data.checks import ShardReport
+from lightning_chips.data.collate import ShardCollate
+from lightning_chips.data.decode import (
+    IMAGE_EXTENSIONS,
+    Reason,
+    decode_pair,
+    image_transform,
+    known_uid,
+    read_uid,
+    split_member,
 )
-from lightning_chips.data.subset import PairCollate
-from lightning_chips.ids import id_key, id_keys
+from lightning_chips.data.folder import ImageCaptionFolder
+from lightning_chips.ids import Id, id_key, id_keys
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -59,11 +62,14 @@ __all__ = [
     "WebDatasetPairs",
     "decode_pair",
     "expand_shards",
+    "find_pairs",
     "image_transform",
     "iter_raw_samples",
+    "open_image",
 ]
+# ImageCaptionFolder, ShardCollate and ShardReport live in folder.py, collate.py and checks.py; also importable
+# from here, as before.
 
-IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 SHARD_SUFFIXES: tuple[str, ...] = (".tar", ".tar.gz", ".tgz")
 
 SAMPLE_PER_SHARD = 256
@@ -121,131 +127,6 @@ def _is_remote(url: str) -> bool:
     return url.startswith("pipe:") or "://" in url
 
 
-@dataclass
-class ShardReport:
-    """What reading one shard gave: valid pairs, skipped samples (key and reason) and a read error, if any."""
-
-    url: str
-    samples: int = 0
-    bad: list[tuple[str, str]] = field(default_factory=list)
-    error: str | None = None
-    filtered: int = 0
-    """Valid pairs left out because they are not in the selection (not an error)."""
-    bad_ids: list[int | str | None] = field(default_factory=list)
-    """The uid of each entry of :attr:`bad` (None when the sample's json gives none); see :meth:`skip`."""
-
-    def skip(self, key: str, reason: str, uid: int | str | None = None) -> None:
-        """Record a skipped sample: its key, the reason and its uid (when its json has one)."""
-        self.bad.append((key, reason))
-        self.bad_ids.append(uid)
-
-    def bad_samples(self) -> list[SkippedSample]:
-        """The skipped samples of this shard, in reading order (an entry of :attr:`bad` added without
-        :meth:`skip` has no uid)."""
-        ids = self.bad_ids + [None] * (len(self.bad) - len(self.bad_ids))
-        return [SkippedSample(reason, id=uid, key=key, shard=self.url)
-                for (key, reason), uid in zip(self.bad, ids, strict=False)]  # fmt: skip
-
-    def skipped(self) -> list[SkippedSample]:
-        """:meth:`bad_samples`, then the unread rest of the shard (``kind="shard"``) when it could not be read to
-        the end."""
-        rest = [] if self.error is None else [SkippedSample(self.error, shard=self.url, kind="shard")]
-        return self.bad_samples() + rest
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "url": self.url,
-            "samples": self.samples,
-            "bad": [{"key": k, "reason": r} for k, r in self.bad],
-            "error": self.error,
-        }
-
-
-class _ResizeCenterCrop:
-    """PIL image -> ``[3, S, S]`` float tensor in [0, 1]: resize the short side to S (bicubic), centre crop."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def __call__(self, image: Any) -> Tensor:
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms import functional as TF
-
-        image = TF.resize(image, self.size, interpolation=InterpolationMode.BICUBIC, antialias=True)
-        image = TF.center_crop(image, [self.size, self.size])
-        return TF.to_tensor(image)
-
-
-def image_transform(image_size: int) -> Callable[[Any], Tensor]:
-    """open_clip's evaluation preprocessing without the normalisation (the collate applies it): resize the short
-    side to ``image_size`` (bicubic), centre crop, to a float tensor in [0, 1]. Picklable."""
-    if image_size < 1:
-        raise ValueError(f"`image_size` must be >= 1, got {image_size}.")
-    return _ResizeCenterCrop(image_size)
-
-
-def decode_pair(
-    raw: dict[str, bytes],
-    transform: Callable[[Any], Tensor],
-    *,
-    uid_field: str = "uid",
-    image_extensions: Sequence[str] = IMAGE_EXTENSIONS,
-) -> dict[str, Any] | str:
-    """Decode one raw sample (``{extension: bytes}``) into ``{"image", "text", "id", "json"}``, or return the
-    reason it is unusable (``"undecodable image: ..."``, ``"missing caption"``, ``"missing uid"``, ...; see
-    :mod:`lightning_chips.data.checks`). ``"json"`` is the sample's parsed json (its other fields: a source, a
-    label, ...; what ``group_by`` reads)."""
-    uid = _parse_uid(raw.get("json"), uid_field)
-    if isinstance(uid, Reason):
-        return str(uid)
-    meta = json.loads(raw["json"])  # parsed once more: _parse_uid succeeded, so it is a dict
-    try:
-        caption = decode_caption(raw.get("txt"))
-        ext = next((e for e in image_extensions if e in raw), None)
-        if ext is None:
-            return f"missing image (no {'/'.join(image_extensions)} member)"
-        image = decode_image(raw[ext], transform)
-    except BadSample as bad:
-        return bad.reason
-    return {"image": image, "text": caption, "id": uid, "json": meta}
-
-
-class Reason(str):
-    """Why a sample is unusable (what :func:`_parse_uid` returns instead of a uid, which may itself be a string)."""
-
-
-def _parse_uid(data: bytes | None, uid_field: str) -> int | str | Reason:
-    """The uid (``uid_field`` of the json: an int64 or a string, see :func:`~lightning_chips.data.checks.parse_id`)
-    or the :class:`Reason` there is none."""
-    if data is None:
-        return Reason("missing uid (no json member)")
-    try:
-        meta = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return Reason("missing uid (json does not parse)")
-    value = meta.get(uid_field) if isinstance(meta, dict) else None
-    if value is None:
-        return Reason(f"missing uid (no {uid_field!r} in json)")
-    try:
-        return parse_id(value, name="uid")
-    except BadSample:
-        return Reason(f"missing uid ({uid_field}={value!r:.60} is not an int64 or a string)")
-
-
-def _known(uid: int | str | Reason) -> int | str | None:
-    return None if isinstance(uid, Reason) else uid
-
-
-def _split_member(name: str) -> tuple[str, str] | None:
-    """``dir/KEY.EXT.EXT2`` -> ``("dir/KEY", "ext.ext2")`` (WebDataset's rule: the key ends at the first dot of
-    the file name)."""
-    head, _, base = name.rpartition("/")
-    if "." not in base:
-        return None
-    key, ext = base.split(".", 1)
-    return (f"{head}/{key}" if head else key), ext.lower()
-
-
 def _open(url: str) -> Any:
     if _is_remote(url):
         import webdataset
@@ -266,7 +147,7 @@ def iter_raw_samples(
             for info in tar:
                 if not info.isfile():
                     continue
-                split = _split_member(info.name)
+                split = split_member(info.name)
                 if split is None or split[0].rsplit("/", 1)[-1].startswith("__"):
                     continue
                 if split[0] != key:
@@ -285,7 +166,56 @@ def iter_raw_samples(
             raise RuntimeError(f"Shard {url} is unreadable: {message}") from exc
         report.error = f"truncated or unreadable after {report.samples + len(report.bad)} samples ({message})"
         if key is not None:
-            report.skip(key, "cut off by the shard's read error", _known(_parse_uid(members.get("json"), uid_field)))
+            report.skip(key, "cut off by the shard's read error", known_uid(read_uid(members.get("json"), uid_field)))
+
+
+def open_image(data: bytes) -> Any:
+    """The PIL image of an image member's bytes, decoded at its full size."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def find_pairs(
+    urls: Sequence[str], wanted: Iterable[Id], *, uid_field: str = "uid", decode: Callable[[bytes], Any] = open_image
+) -> tuple[dict[Id, tuple[Any, str]], dict[Id, str]]:
+    """Read ``wanted`` uids back from shards: ``(found: uid -> (decode(image bytes), caption), missing: uid ->
+    reason)``. Reads the shards in order and stops once every uid is found; only the wanted samples' images are
+    decoded (one that ``decode`` fails on is missing, with the error). A shard that cannot be read to the end is
+    passed over: its error is named in the reason of every uid left missing."""
+    keys = {id_key(uid): uid for uid in wanted}
+    found: dict[Id, tuple[Any, str]] = {}
+    missing: dict[Id, str] = {}
+    errors = []
+    for url in urls:
+        if len(found) + len(missing) == len(keys):
+            break
+        report = ShardReport(url)
+        for _, raw in iter_raw_samples(url, report, uid_field):
+            uid = read_uid(raw.get("json"), uid_field)
+            given = None if isinstance(uid, Reason) else keys.get(id_key(uid))
+            if given is None or given in found or given in missing:
+                continue
+            ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+            if ext is None:
+                missing[given] = f"no image member ({'/'.join(IMAGE_EXTENSIONS)})"
+                continue
+            try:
+                found[given] = (decode(raw[ext]), raw.get("txt", b"").decode("utf-8", errors="replace").strip())
+            except Exception as exc:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+                missing[given] = f"undecodable image ({type(exc).__name__}: {exc})"
+            if len(found) + len(missing) == len(keys):
+                break
+        if report.error:
+            errors.append(f"{url}: {report.error}")
+    where = f"the {len(urls)} pool shards" if len(urls) != 1 else f"its shard {urls[0]}"
+    reason = f"not found in {where}" + (f" ({'; '.join(errors[:3])})" if errors else "")
+    for uid in keys.values():
+        if uid not in found and uid not in missing:
+            missing[uid] = reason
+    return found, missing
 
 
 class WebDatasetPairs(IterableDataset):
@@ -371,7 +301,7 @@ class WebDatasetPairs(IterableDataset):
         for key, raw in iter_raw_samples(url, report, self.uid_field):
             pair = decode_pair(raw, self.transform, uid_field=self.uid_field, image_extensions=self.image_extensions)
             if isinstance(pair, str):
-                report.skip(key, pair, _known(_parse_uid(raw.get("json"), self.uid_field)))
+                report.skip(key, pair, known_uid(read_uid(raw.get("json"), self.uid_field)))
                 continue
             if self.selection is not None and not _contains(self.selection, id_key(pair["id"])):
                 report.filtered += 1
@@ -490,12 +420,12 @@ class WebDatasetPairs(IterableDataset):
         """Whether a raw sample's uid is in the selection (always True without one; False without a uid)."""
         if self.selection is None:
             return True
-        uid = _parse_uid(raw.get("json"), self.uid_field)
+        uid = read_uid(raw.get("json"), self.uid_field)
         return not isinstance(uid, Reason) and _contains(self.selection, id_key(uid))
 
     def uid(self, raw: dict[str, bytes]) -> int | str | None:
         """A raw sample's uid (``uid_field`` of its json), or None when it gives none."""
-        return _known(_parse_uid(raw.get("json"), self.uid_field))
+        return known_uid(read_uid(raw.get("json"), self.uid_field))
 
     def decode_or_reason(self, raw: dict[str, bytes]) -> dict[str, Any] | str:
         """Decode one raw sample with this pool's transform, or return the reason it is unusable."""
@@ -529,111 +459,3 @@ def _apportion(total: int, weights: Sequence[int]) -> np.ndarray:
 def _contains(sorted_ids: np.ndarray, uid: int) -> bool:
     pos = int(np.searchsorted(sorted_ids, uid))
     return pos < len(sorted_ids) and int(sorted_ids[pos]) == uid
-
-
-class ShardCollate(PairCollate):
-    """:class:`PairCollate` that passes :class:`ShardReport` items through as ``batch["reports"]``.
-
-    A batch may hold only reports (e.g. a shard with no valid pair); its ``"id"`` is then empty.
-    """
-
-    def __call__(self, items: Sequence[dict[str, Any] | ShardReport]) -> dict[str, Any]:  # type: ignore[override]
-        reports = [item for item in items if isinstance(item, ShardReport)]
-        pairs = [item for item in items if not isinstance(item, ShardReport)]
-        batch = super().__call__(pairs) if pairs else {"id": torch.empty(0, dtype=torch.int64)}
-        batch["reports"] = reports
-        return batch
-
-
-class ImageCaptionFolder(torch.utils.data.Dataset):
-    """A directory of ``NAME.{jpg,png,webp}`` images with ``NAME.txt`` captions as a map-style dataset of
-    ``{"image", "text", "id"}``; ids are positions in the sorted list of names, unless a ``NAME.json`` gives a
-    ``uid``.
-
-    By default every pair is decoded once, here, and kept in memory (a small target set); unusable pairs are
-    listed in :attr:`bad` (name, reason) and left out. With ``lazy=True`` (a pool of any size) only the names
-    and ids are read here: every name is an item, its files are read and decoded in ``__getitem__``, and an
-    unusable one raises :class:`~lightning_chips.data.checks.BadSample` with its id and reason, which
-    :class:`~lightning_chips.data.ScoredSubsetDataModule` skips and reports (the round file names it).
-
-    Args:
-        root: the directory.
-        image_size: side of the square images (resize + centre crop); ignored when ``transform`` is given.
-        transform: PIL image -> tensor, instead of the default :func:`image_transform`.
-        uid_field: the id's field in each ``NAME.json`` (an int64 or a string).
-        lazy: read and decode each pair when it is asked for, instead of all of them now.
-
-    Example::
-
-        >>> pool = ImageCaptionFolder("images/", image_size=224, lazy=True)
-        >>> data = ScoredSubsetDataModule(pool, ImageCaptionFolder("target/", image_size=224))
-    """
-
-    def __init__(
-        self,
-        root: str | os.PathLike,
-        *,
-        image_size: int = 224,
-        transform: Callable[[Any], Tensor] | None = None,
-        uid_field: str = "uid",
-        lazy: bool = False,
-    ) -> None:
-        root = os.fspath(root)
-        if not os.path.isdir(root):
-            raise ValueError(f"{root!r} is not a directory.")
-        self.transform = transform if transform is not None else image_transform(image_size)
-        self.uid_field, self.lazy = uid_field, lazy
-        groups: dict[str, dict[str, str]] = {}
-        for name in sorted(os.listdir(root)):
-            split = _split_member(name)
-            if split is not None:
-                groups.setdefault(split[0], {})[split[1]] = os.path.join(root, name)
-        self.root, self.pairs, self.bad = root, [], []
-        self.names: list[str] = []
-        self.files: list[dict[str, str]] = []
-        self._ids: list[int | str] = []
-        for position, (key, files) in enumerate(sorted(groups.items())):
-            if lazy:
-                self.names.append(key)
-                self.files.append(files)
-                self._ids.append(self._read_id(files, position))
-                continue
-            pair = decode_pair(self._read(files, position), self.transform, uid_field=uid_field)
-            if isinstance(pair, str):
-                self.bad.append((key, pair))
-            else:
-                self.pairs.append(pair)
-        if not (self.files if lazy else self.pairs):
-            raise ValueError(f"No usable image-caption pair in {root!r} (bad: {self.bad[:3]}).")
-
-    def _read(self, files: dict[str, str], position: int) -> dict[str, bytes]:
-        raw = {}
-        for ext, path in files.items():
-            with open(path, "rb") as f:
-                raw[ext] = f.read()
-        raw.setdefault("json", json.dumps({self.uid_field: position}).encode())
-        return raw
-
-    def _read_id(self, files: dict[str, str], position: int) -> int | str:
-        if "json" not in files:
-            return position
-        with open(files["json"], "rb") as f:
-            return _parse_uid(f.read(), self.uid_field)
-
-    def __len__(self) -> int:
-        return len(self.files) if self.lazy else len(self.pairs)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if not self.lazy:
-            return self.pairs[index]
-        uid = self._ids[index]
-        if isinstance(uid, Reason):
-            raise BadSample(str(uid))
-        try:
-            raw = self._read(self.files[index], uid)
-        except OSError as exc:
-            raise BadSample(f"unreadable file: {describe_error(exc)}", uid) from None
-        pair = decode_pair(raw, self.transform, uid_field=self.uid_field)
-        if isinstance(pair, str):
-            raise BadSample(pair, uid)
-        return pair
