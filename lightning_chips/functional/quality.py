@@ -7,6 +7,7 @@ All take L2-normalised embeddings ``[N, e]``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +24,7 @@ def clip_score(image_emb: Tensor, text_emb: Tensor) -> Tensor:
         >>> clip_score(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.6, 0.8]]))
         tensor([0.6000])
     """
-    if image_emb.shape != text_emb.shape:
-        raise ValueError(
-            f"image and text embeddings must have the same shape, got {image_emb.shape}, {text_emb.shape}."
-        )
+    _check_pairs(image_emb, text_emb)
     return (image_emb * text_emb).sum(-1)
 
 
@@ -59,28 +57,18 @@ def negclip_loss(
         repeats: number of random partitions ``K`` (paper: 10).
         seed: seed of the partitions.
     """
-    n = image_emb.shape[0]
-    if image_emb.shape != text_emb.shape:
-        raise ValueError(
-            f"image and text embeddings must have the same shape, got {image_emb.shape}, {text_emb.shape}."
-        )
+    _check_pairs(image_emb, text_emb)
     if temperature <= 0 or batch_size < 1 or repeats < 1:
         raise ValueError(
             f"need temperature > 0, batch_size >= 1, repeats >= 1; got {temperature}, {batch_size}, {repeats}."
         )
-    total = torch.zeros(n, dtype=torch.float64, device=image_emb.device)
-    x, y = image_emb.double(), text_emb.double()
-    generator = torch.Generator().manual_seed(int(seed))
-    for _ in range(repeats):
-        order = torch.randperm(n, generator=generator) if batch_size < n else torch.arange(n)
-        order = order.to(image_emb.device)
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            sims = x[idx] @ y[idx].T
-            rows = torch.logsumexp(sims / temperature, dim=1)
-            cols = torch.logsumexp(sims / temperature, dim=0)
-            total[idx] += sims.diagonal() - 0.5 * temperature * (rows + cols)
-    return (total / repeats).to(image_emb.dtype)
+
+    def per_batch(sims: Tensor) -> Tensor:
+        rows = torch.logsumexp(sims / temperature, dim=1)
+        cols = torch.logsumexp(sims / temperature, dim=0)
+        return sims.diagonal() - 0.5 * temperature * (rows + cols)
+
+    return _over_random_batches(image_emb, text_emb, per_batch, batch_size=batch_size, repeats=repeats, seed=seed)
 
 
 def sigmoid_threshold(logit_scale: Tensor | float, logit_bias: Tensor | float) -> float:
@@ -128,16 +116,38 @@ def negsiglip_loss(
         repeats: number of random partitions ``K`` (paper: 10).
         seed: seed of the partitions.
     """
-    n = image_emb.shape[0]
-    if image_emb.shape != text_emb.shape:
-        raise ValueError(
-            f"image and text embeddings must have the same shape, got {image_emb.shape}, {text_emb.shape}."
-        )
+    _check_pairs(image_emb, text_emb)
     if temperature <= 0 or batch_size < 1 or repeats < 1 or not math.isfinite(threshold):
         raise ValueError(
             "need temperature > 0, batch_size >= 1, repeats >= 1 and a finite threshold; got "
             f"{temperature}, {batch_size}, {repeats}, {threshold}."
         )
+
+    def per_batch(sims: Tensor) -> Tensor:
+        z = (sims - threshold) / temperature
+        eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
+        negatives = F.softplus(z).masked_fill(eye, 0.0)
+        loss = F.softplus(-z.diagonal()) + 0.5 * (negatives.sum(1) + negatives.sum(0))
+        return -(temperature * loss)
+
+    return _over_random_batches(image_emb, text_emb, per_batch, batch_size=batch_size, repeats=repeats, seed=seed)
+
+
+def _check_pairs(image_emb: Tensor, text_emb: Tensor) -> None:
+    if image_emb.shape != text_emb.shape:
+        raise ValueError(
+            f"image and text embeddings must have the same shape, got {image_emb.shape}, {text_emb.shape}."
+        )
+
+
+def _over_random_batches(
+    image_emb: Tensor, text_emb: Tensor, per_batch: Callable[[Tensor], Tensor], *, batch_size: int, repeats: int,
+    seed: int,
+) -> Tensor:
+    """``1/K sum_k per_batch(S_k)[i]`` over ``K = repeats`` seeded random partitions of the pool into batches of
+    ``batch_size`` (the whole pool with ``batch_size >= N``; the last batch holds the remainder), ``S_k`` the float64
+    cosine matrix ``[b, b]`` of the batch holding ``i`` (:func:`negclip_loss`, :func:`negsiglip_loss`)."""
+    n = image_emb.shape[0]
     total = torch.zeros(n, dtype=torch.float64, device=image_emb.device)
     x, y = image_emb.double(), text_emb.double()
     generator = torch.Generator().manual_seed(int(seed))
@@ -146,11 +156,7 @@ def negsiglip_loss(
         order = order.to(image_emb.device)
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
-            z = (x[idx] @ y[idx].T - threshold) / temperature
-            eye = torch.eye(len(idx), dtype=torch.bool, device=z.device)
-            negatives = F.softplus(z).masked_fill(eye, 0.0)
-            loss = F.softplus(-z.diagonal()) + 0.5 * (negatives.sum(1) + negatives.sum(0))
-            total[idx] -= temperature * loss
+            total[idx] += per_batch(x[idx] @ y[idx].T)
     return (total / repeats).to(image_emb.dtype)
 
 
