@@ -212,14 +212,9 @@ def _sigmoid_stats(
 
 
 def bank_loss(
-    h_image: Tensor,
-    h_text: Tensor,
-    endpoint: EndPoint,
-    bank_image: Tensor,
-    bank_text: Tensor,
-    *,
+    h_image: Tensor, h_text: Tensor, endpoint: EndPoint, bank_image: Tensor, bank_text: Tensor, *,
     exclude: Tensor | None = None,
-) -> Tensor:
+) -> Tensor:  # fmt: skip
     """``[N]`` per-sample bank losses ``l(z_i)`` (docs/methods.md, CHIPS: per-sample loss)."""
     return bank_stats(h_image, h_text, endpoint, bank_image, bank_text, exclude=exclude).loss
 
@@ -285,14 +280,9 @@ def _sigmoid_grads(
 
 
 def endpoint_per_sample_grads(
-    h_image: Tensor,
-    h_text: Tensor,
-    endpoint: EndPoint,
-    bank_image: Tensor,
-    bank_text: Tensor,
-    *,
+    h_image: Tensor, h_text: Tensor, endpoint: EndPoint, bank_image: Tensor, bank_text: Tensor, *,
     exclude: Tensor | None = None,
-) -> EndPointGrads:
+) -> EndPointGrads:  # fmt: skip
     """Closed-form per-sample gradients of the bank loss (the end point's: InfoNCE, or sigmoid with a logit bias)
     w.r.t. the end-point parameters.
 

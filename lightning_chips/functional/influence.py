@@ -57,22 +57,11 @@ class InfluenceState:
 
 
 def influence_prepare(
-    endpoint: EndPoint,
-    target_image: Tensor,
-    target_text: Tensor,
-    pool_image: Tensor,
-    pool_text: Tensor,
-    pool_ids: Tensor | None = None,
-    *,
-    method: Method = "dot",
-    sketch_dim: int | None = None,
-    sketch: SketchKind = "gaussian",
-    damping: float | None = None,
-    bank_size: int = 1024,
-    train_samples: int = 8192,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float64,
-) -> InfluenceState:
+    endpoint: EndPoint, target_image: Tensor, target_text: Tensor, pool_image: Tensor, pool_text: Tensor,
+    pool_ids: Tensor | None = None, *, method: Method = "dot", sketch_dim: int | None = None,
+    sketch: SketchKind = "gaussian", damping: float | None = None, bank_size: int = 1024, train_samples: int = 8192,
+    seed: int = 0, dtype: torch.dtype = torch.float64,
+) -> InfluenceState:  # fmt: skip
     """Prepare Dot (``method="dot"``) or TRAK (``"trak"``) from target pairs and a pool sample.
 
     TRAK's kernel ``Phi^T Phi`` sums over ``train_samples`` seeded pool pairs; ``damping`` is its ``lambda``
@@ -206,18 +195,10 @@ def trak_scores(
 
 
 def grad_dot(
-    pool_image: Tensor,
-    pool_text: Tensor,
-    target_image: Tensor,
-    target_text: Tensor,
-    endpoint: EndPoint,
-    *,
-    sketch_dim: int | None = None,
-    bank_size: int = 1024,
-    seed: int = 0,
-    batch_size: int = 4096,
+    pool_image: Tensor, pool_text: Tensor, target_image: Tensor, target_text: Tensor, endpoint: EndPoint, *,
+    sketch_dim: int | None = None, bank_size: int = 1024, seed: int = 0, batch_size: int = 4096,
     dtype: torch.dtype = torch.float64,
-) -> Tensor:
+) -> Tensor:  # fmt: skip
     """Dot ``g(z)^T u`` of every pool pair (pre-projection features; JL-sketched with ``sketch_dim``)."""
     state = influence_prepare(endpoint, target_image, target_text, pool_image, pool_text, method="dot",
                               sketch_dim=sketch_dim, bank_size=bank_size, seed=seed, dtype=dtype)  # fmt: skip
