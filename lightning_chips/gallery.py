@@ -1,9 +1,11 @@
 """Galleries of a selection round: the top-k and bottom-k pairs by score and the pairs that entered and left the
 selection, as thumbnails with caption, id and score.
 
-:func:`pick_gallery` chooses the pairs from a round's scores and selections; :func:`load_pairs` reads them back
-from the pool (a map-style dataset by index, WebDataset shards by uid through :func:`fetch_shard_pairs`, only the
-shards that hold them when their pool positions are known);
+:func:`pick_gallery` chooses the pairs from a round's scores and selections (one function per decision:
+:func:`score_order` ranks, :func:`top_rows`, :func:`bottom_rows`, :func:`entered_rows`, :func:`left_rows` pick;
+``lightning-chips report`` picks with them too); :func:`load_pairs` reads them back through the pool's
+:meth:`~lightning_chips.data.pool.PairSource.load_pairs` (a map-style dataset by index, WebDataset shards by uid,
+only the shards that hold them when their pool positions are known);
 :func:`write_gallery` stores them in ``round_{r:04d}_gallery.npz`` beside the round file (what ``lightning-chips
 report`` shows); :func:`render_grid` draws one gallery as an image for the trainer's loggers, and
 :func:`histogram_image` the round's score histogram for loggers without a native histogram.
@@ -24,7 +26,6 @@ Example::
 from __future__ import annotations
 
 import io
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,10 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
-from lightning_chips.ids import Id, id_key
+from lightning_chips.ids import Id, id_keys
 from lightning_chips.io import atomic_savez, atomic_writer
 
 __all__ = [
@@ -51,7 +50,12 @@ __all__ = [
     "log_round_images",
     "pick_gallery",
     "png_bytes",
+    "bottom_rows",
+    "entered_rows",
+    "left_rows",
     "render_grid",
+    "score_order",
+    "top_rows",
     "thumbnail",
     "write_gallery",
 ]
@@ -78,20 +82,47 @@ def gallery_path(round_file: str | os.PathLike) -> Path:
     return path.with_name(f"{path.stem}_gallery.npz")
 
 
+def score_order(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Row indices by score descending (NaN and inf last), ties by id key ascending: the order in which
+    :func:`~lightning_chips.selection.select` ranks pairs (string ids by their int64 key, :mod:`lightning_chips.ids`).
+    The one tie-break of the galleries and the report."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return np.lexsort((id_keys(np.asarray(ids)), -np.where(np.isfinite(scores), scores, -np.inf)))
+
+
+def top_rows(order: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` highest-scored rows of a :func:`score_order`."""
+    return order[:k]
+
+
+def bottom_rows(order: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` lowest-scored rows of a :func:`score_order`, lowest first."""
+    return order[::-1][:k]
+
+
+def entered_rows(order: np.ndarray, selected: np.ndarray, previous: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` highest-scored rows selected now and not in ``previous`` (masks over the rows)."""
+    return order[(np.asarray(selected, bool) & ~np.asarray(previous, bool))[order]][:k]
+
+
+def left_rows(order: np.ndarray, selected: np.ndarray, previous: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` lowest-scored rows in ``previous`` and not selected now (masks over the rows), lowest first."""
+    lowest = order[::-1]
+    return lowest[(np.asarray(previous, bool) & ~np.asarray(selected, bool))[lowest]][:k]
+
+
 def pick_gallery(ids: np.ndarray, scores: np.ndarray, selected: np.ndarray, previous: np.ndarray | None,
                  k: int) -> dict[str, np.ndarray]:  # fmt: skip
-    """Rows of each gallery: ``top`` (k highest scores, ties by id), ``bottom`` (k lowest), ``entered`` (selected now
-    and not in ``previous``: the k highest-scored), ``left`` (in ``previous`` and not now: the k lowest-scored). No
-    ``entered`` / ``left`` without a previous round."""
+    """Rows of each gallery: ``top`` (k highest scores), ``bottom`` (k lowest), ``entered`` (selected now and not in
+    ``previous``: the k highest-scored), ``left`` (in ``previous`` and not now: the k lowest-scored); ties as
+    :func:`score_order` breaks them. No ``entered`` / ``left`` without a previous round."""
     if k < 1:
         raise ValueError(f"`k` must be >= 1, got {k}.")
-    scores = np.asarray(scores, dtype=np.float64)
-    order = np.lexsort((np.asarray(ids), -scores))  # score descending, id ascending
-    picked = {"top": order[:k], "bottom": order[::-1][:k]}
+    order = score_order(ids, scores)
+    picked = {"top": top_rows(order, k), "bottom": bottom_rows(order, k)}
     if previous is not None:
-        selected, previous = np.asarray(selected, bool), np.asarray(previous, bool)
-        picked["entered"] = order[(selected & ~previous)[order]][:k]
-        picked["left"] = order[::-1][(previous & ~selected)[order[::-1]]][:k]
+        picked["entered"] = entered_rows(order, selected, previous, k)
+        picked["left"] = left_rows(order, selected, previous, k)
     return picked
 
 
@@ -101,7 +132,7 @@ def thumbnail(image: Any, size: int) -> np.ndarray:
     from PIL import Image
 
     if not isinstance(image, Image.Image):
-        array = image.detach().cpu().numpy() if isinstance(image, Tensor) else np.asarray(image)
+        array = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)  # a tensor
         if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
             array = array.transpose(1, 2, 0)
         if array.ndim == 2:
@@ -134,79 +165,45 @@ def _caption(text: Any) -> str:
 def fetch_shard_pairs(urls: Sequence[str], wanted: Iterable[Id], *, uid_field: str = "uid",
                       size: int = 64) -> tuple[dict[Id, tuple[np.ndarray, str]], dict[Id, str]]:  # fmt: skip
     """Read ``wanted`` uids back from WebDataset shards: ``(found: uid -> (thumbnail, caption), missing: uid ->
-    reason)``. Reads the shards in order and stops once every uid is found; only the wanted samples' images are
-    decoded. A shard that cannot be read to the end is passed over: its error is named in the reason of every uid
-    left missing."""
-    from lightning_chips.data.checks import BadSample, parse_id
-    from lightning_chips.data.webdataset import IMAGE_EXTENSIONS, ShardReport, iter_raw_samples
+    reason)`` (:func:`~lightning_chips.data.webdataset.find_pairs`, each image thumbnailed as it is decoded)."""
+    from PIL import Image
 
-    keys = {id_key(uid): uid for uid in wanted}
-    found: dict[Id, tuple[np.ndarray, str]] = {}
-    missing: dict[Id, str] = {}
-    errors = []
-    for url in urls:
-        if len(found) + len(missing) == len(keys):
-            break
-        report = ShardReport(url)
-        for _, raw in iter_raw_samples(url, report, uid_field):
-            try:
-                meta = json.loads(raw.get("json") or b"null")
-                key = id_key(parse_id(meta.get(uid_field) if isinstance(meta, dict) else None, name="uid"))
-            except (ValueError, UnicodeDecodeError, BadSample):
-                continue
-            if key not in keys or keys[key] in found or keys[key] in missing:
-                continue
-            given = keys[key]
-            ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
-            if ext is None:
-                missing[given] = f"no image member ({'/'.join(IMAGE_EXTENSIONS)})"
-                continue
-            try:
-                from PIL import Image
+    from lightning_chips.data.webdataset import find_pairs
 
-                with Image.open(io.BytesIO(raw[ext])) as image:
-                    found[given] = (thumbnail(image, size), _caption(raw.get("txt", b"")))
-            except Exception as exc:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-                missing[given] = f"undecodable image ({type(exc).__name__}: {exc})"
-            if len(found) + len(missing) == len(keys):
-                break
-        if report.error:
-            errors.append(f"{url}: {report.error}")
-    where = f"the {len(urls)} pool shards" if len(urls) != 1 else f"its shard {urls[0]}"
-    reason = f"not found in {where}" + (f" ({'; '.join(errors[:3])})" if errors else "")
-    for uid in keys.values():
-        if uid not in found and uid not in missing:
-            missing[uid] = reason
-    return found, missing
+    def decode(data: bytes) -> np.ndarray:
+        with Image.open(io.BytesIO(data)) as image:
+            return thumbnail(image, size)
+
+    return find_pairs(urls, wanted, uid_field=uid_field, decode=decode)
 
 
 def load_pairs(
     datamodule: Any, ids: Sequence[Id], indices: Sequence[int] | None, size: int, *, order: Sequence[int] | None = None
 ) -> tuple[dict[Id, tuple[np.ndarray, str]], dict[Id, str]]:
-    """Thumbnails and captions of pool pairs, from a data module's pool: a map-style pool by dataset index, a
-    WebDataset pool by uid (:func:`fetch_shard_pairs`). ``order`` (the pairs' pool positions,
-    :attr:`~lightning_chips.engine.RoundScores.order`) names each pair's shard, so only the shards that hold the
-    pairs are read; without it every shard may be. A pair that fails to load is missing, with the reason."""
-    from lightning_chips.data.pool import SHARD_STRIDE, MapPool, ShardPool
+    """Thumbnails and captions of pool pairs, from the data module's (or pool's)
+    :meth:`~lightning_chips.data.pool.PairSource.load_pairs`, given the pairs' pool positions (``order``,
+    :attr:`~lightning_chips.engine.RoundScores.order`; default ``indices``, the dataset indices of a map-style pool):
+    a shard pool reads only the shards that hold the pairs. A pair that fails to load is missing, with the reason;
+    a pool without ``load_pairs`` gives none."""
+    from lightning_chips.data.pool import PairSource
 
-    pool = datamodule.scoring_pool() if hasattr(datamodule, "scoring_pool") else datamodule
+    if not isinstance(datamodule, PairSource):
+        reason = (f"{type(datamodule).__name__} cannot give pairs back by id: galleries need its "
+                  "`load_pairs(ids, order)` (lightning_chips.data.pool.PairSource)")  # fmt: skip
+        return {}, dict.fromkeys(ids, reason)
     found: dict[Id, tuple[np.ndarray, str]] = {}
     missing: dict[Id, str] = {}
-    if isinstance(pool, MapPool) and indices is not None:
-        for uid, index in zip(ids, indices, strict=True):
-            try:
-                item = pool.pool[int(index)]
-                found[uid] = (thumbnail(item["image"], size), _caption(item.get("text")))
-            except Exception as exc:  # a pair that loaded for scoring may still fail here: reported
-                missing[uid] = f"failed to load: {type(exc).__name__}: {exc}"
-        return found, missing
-    if isinstance(pool, ShardPool):
-        urls = pool.pairs.urls
-        if order is not None:  # the shards that hold the pairs, in pool order
-            urls = [urls[int(s)] for s in np.unique(np.asarray(order, dtype=np.int64) // SHARD_STRIDE)]
-        return fetch_shard_pairs(urls, ids, uid_field=pool.pairs.uid_field, size=size)
-    reason = f"{type(pool).__name__} cannot give pairs back by id (galleries need a ScoredSubsetDataModule or shards)"
-    return found, dict.fromkeys(ids, reason)
+    loaded = datamodule.load_pairs(list(ids), order if order is not None else indices)
+    for uid in ids:
+        pair = loaded.get(uid, "not given back by the pool's load_pairs")
+        if isinstance(pair, str):
+            missing[uid] = pair
+            continue
+        try:
+            found[uid] = (thumbnail(pair[0], size), _caption(pair[1]))
+        except Exception as exc:  # an image the pool holds in a form no thumbnail is made of: reported
+            missing[uid] = f"failed to load: {type(exc).__name__}: {exc}"
+    return found, missing
 
 
 def write_gallery(path: str | os.PathLike, pairs: Sequence[GalleryPair], size: int) -> Path:
@@ -324,6 +321,7 @@ def log_image(logger: Any, tag: str, image: np.ndarray, step: int) -> bool:
 
 def log_histogram(logger: Any, tag: str, values: np.ndarray, step: int) -> bool:
     """Log a native histogram where the logger has one (TensorBoard); False otherwise."""
+    import torch
     from lightning.pytorch.loggers import TensorBoardLogger
 
     if isinstance(logger, TensorBoardLogger):

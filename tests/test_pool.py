@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 
 from lightning_chips import DataSelectionCallback, OpenCLIPModule, TwoDomainPairs
 from lightning_chips.data import PairCollate, ScoredSubsetDataModule, SkippedSample, WebDatasetPairs
-from lightning_chips.data.pool import SHARD_STRIDE, MapPool, SelectablePool, ShardPool
+from lightning_chips.data.pool import SHARD_STRIDE, MapPool, PairSource, SelectablePool, ShardPool
+from lightning_chips.gallery import gallery_path, pick_gallery
 from lightning_chips.scoring import CHIPS
 
 from .conftest import TINY_VIT
@@ -143,6 +144,43 @@ def test_a_data_module_of_ones_own_implementing_the_contract_is_selected_from(tm
     assert seen.ids == set(callback.selection.ids.tolist())  # it trained on the selection only
     with np.load(tmp_path / "round_0000.npz") as f:
         assert sorted(f["ids"].tolist()) == pool.ids.tolist()
+
+
+class OwnPoolWithPairs(OwnPool):
+    """:class:`OwnPool` that also gives its pairs back by id (``PairSource.load_pairs``), in its own way."""
+
+    def load_pairs(self, ids, order=None):
+        where = {uid: n for n, uid in enumerate(self.pool.ids.tolist())}
+        return {uid: (self.pool[where[uid]]["image"], self.pool[where[uid]]["text"]) for uid in ids if uid in where}
+
+
+@pytest.mark.parametrize("own", [OwnPool, OwnPoolWithPairs])
+def test_a_data_module_of_ones_own_gets_galleries_when_it_gives_its_pairs_back(tmp_path, own):
+    """Two rounds with ``gallery=3``: a pool of one's own with ``load_pairs`` gets the four galleries the callback
+    picks from its round files (top and bottom, then entered and left); one without it still selects, and its
+    gallery file lists every pair as missing, with the reason."""
+    pool = TwoDomainPairs(40, target_fraction=0.3)
+    data = own(pool, TwoDomainPairs(8, target_fraction=1.0, split="val"))
+    assert isinstance(data, SelectablePool) and isinstance(data, PairSource) == (own is OwnPoolWithPairs)
+    callback = DataSelectionCallback("random", fraction=0.25, every_n_epochs=1, save_dir=str(tmp_path), gallery=3,
+                                     thumbnail_size=16, progress=False)  # fmt: skip
+    pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               callbacks=[callback], enable_model_summary=False).fit(_module(), datamodule=data)  # fmt: skip
+    previous = None
+    for r in (0, 1):
+        with np.load(tmp_path / f"round_{r:04d}.npz") as f:
+            ids, scores, selected = f["ids"], f["scores"], f["selected"].astype(bool)
+        picked = pick_gallery(ids, scores, selected, previous, 3)
+        wanted = [(kind, int(ids[row])) for kind, rows in picked.items() for row in rows.tolist()]
+        with np.load(gallery_path(tmp_path / f"round_{r:04d}.npz")) as f:
+            shown = list(zip(f["kinds"].tolist(), f["ids"].tolist(), strict=True))
+            missing = f["missing_ids"].tolist()
+        if own is OwnPoolWithPairs:
+            assert shown == wanted and not missing and {k for k, _ in shown} >= {"top", "bottom"}
+        else:
+            assert shown == [] and set(missing) == {str(i) for _, i in wanted}
+        previous = selected  # the same pool in the same order: round 1 reads round 0's mask
+    assert {kind for kind, _ in wanted} == {"top", "bottom", "entered", "left"}
 
 
 def test_one_skipped_sample_record_names_map_style_and_shard_samples():

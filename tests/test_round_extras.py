@@ -61,7 +61,7 @@ def test_a_shard_pools_gallery_opens_only_the_shards_holding_its_pairs(tmp_path,
     urls = sorted(str(p) for p in (tmp_path / "pool").glob("pool-*.tar"))
     opened: list[str] = []
     in_gallery = [False]
-    open_shard, fetch = webdataset._open, g.fetch_shard_pairs
+    open_shard, fetch = webdataset._open, g.load_pairs
 
     def counting_open(url):
         if in_gallery[0]:
@@ -76,7 +76,7 @@ def test_a_shard_pools_gallery_opens_only_the_shards_holding_its_pairs(tmp_path,
             in_gallery[0] = False
 
     monkeypatch.setattr(webdataset, "_open", counting_open)
-    monkeypatch.setattr(g, "fetch_shard_pairs", fetch_in_gallery)
+    monkeypatch.setattr(g, "load_pairs", fetch_in_gallery)
     data = WebDatasetDataModule(str(tmp_path / "pool"), batch_size=8, steps_per_round=2, eval_batch_size=16)
     callback = DataSelectionCallback(Permuted(), fraction=0.25, save_dir=str(tmp_path / "rounds"), gallery=2,
                                      thumbnail_size=16, progress=False)  # fmt: skip
