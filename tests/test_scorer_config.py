@@ -185,6 +185,25 @@ def test_bad_settings_fail_when_built_saying_what_to_pass(build, match):
         build()
 
 
+@pytest.mark.parametrize("name", sorted(SCORERS))
+def test_a_scorer_built_from_its_arguments_equals_the_one_built_from_keywords(name):
+    cls, base = SCORERS[name], BASE.get(name, {})
+    for scorer in (cls(**base), cls(**{**base, **ALTERNATIVES[name]})):
+        built = cls.from_arguments(scorer.arguments)
+        assert type(built) is cls and built.arguments == scorer.arguments and repr(built) == repr(scorer)
+
+
+def test_chips_from_chips_arguments_equals_chips_from_keywords():
+    keywords = {"alpha": 0.6, "bank_size": 8, "components": "plausibility", "noise_range": [0.1, 0.3], "seed": 2}
+    assert CHIPS.from_arguments(ChipsArguments(**keywords)).config() == CHIPS(**keywords).config()
+    with pytest.raises(ValueError, match=r"exact_when_small=False \(it sets True\)"):
+        CHIPS.from_arguments(ChipsArguments(exact_when_small=False))
+    with pytest.raises(TypeError, match="settings dataclass, got InfluenceArguments"):
+        CHIPS.from_arguments(TracIn().arguments)
+    with pytest.raises(TypeError, match="settings dataclass, got dict"):
+        CHIPS.from_arguments({"alpha": 0.6})
+
+
 def test_a_scorer_without_arguments_still_works_and_one_with_them_is_told_apart():
     class Plain(Scorer):
         requires_target = False

@@ -9,6 +9,7 @@ import inspect
 import math
 import numbers
 import operator
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -86,6 +87,11 @@ class Scorer(ABC):
     arguments: Any = None
     """The settings: a frozen dataclass instance (``None``: a scorer without settings, or one written without them;
     see the class docstring)."""
+    reads_endpoint: ClassVar[bool] = True
+    """Whether :meth:`prepare` reads the end point (checked finite before :meth:`prepare_round`)."""
+    reads_pool_sample: ClassVar[bool] = True
+    """Whether :meth:`prepare` computes from the pool sample (checked non-empty and finite before
+    :meth:`prepare_round`)."""
 
     def __getattr__(self, name: str) -> Any:
         """The settings read as attributes (``scorer.alpha``, ``scorer.seed``, ...)."""
@@ -120,6 +126,32 @@ class Scorer(ABC):
             "arguments": {key: _jsonable(value) for key, value in self._argument_items()},
         }
 
+    @classmethod
+    def from_arguments(cls, arguments: Any) -> Scorer:
+        """The scorer of a settings dataclass: ``CHIPS.from_arguments(ChipsArguments(alpha=0.6))`` is
+        ``CHIPS(alpha=0.6, ...)`` with every other keyword read from the same instance, so a configuration typed once
+        builds the scorer. A field the constructor does not take must hold the value the constructor sets (``CHIPS``
+        keeps ``exact_when_small=True``).
+
+        Raises:
+            TypeError: ``arguments`` is not this scorer's settings dataclass.
+            ValueError: a field the constructor does not take differs from the value it sets.
+        """
+        names, given = list(inspect.signature(cls).parameters), type(arguments).__name__
+        if not _is_dataclass_instance(arguments) or not all(hasattr(arguments, name) for name in names):
+            raise TypeError(f"{cls.__name__}.from_arguments takes its settings dataclass, got {given}.")
+        scorer = cls(**{name: getattr(arguments, name) for name in names})
+        if type(scorer.arguments) is not type(arguments):
+            raise TypeError(f"{cls.__name__}.from_arguments takes a {type(scorer.arguments).__name__}, got {given}.")
+        differ = [
+            f"{key}={getattr(arguments, key)!r} (it sets {value!r})"
+            for key, value in scorer._argument_items()
+            if value != getattr(arguments, key)
+        ]
+        if differ:
+            raise ValueError(f"{cls.__name__} cannot take {', '.join(differ)}.")
+        return scorer
+
     def __repr__(self) -> str:
         """``Name(field=value, ...)`` over every field of :attr:`arguments`, in field order (``Name()`` without)."""
         return f"{type(self).__name__}({', '.join(f'{key}={value!r}' for key, value in self._argument_items())})"
@@ -151,20 +183,27 @@ class Scorer(ABC):
         return self.context.text_encoder
 
     def __init_subclass__(cls, **kwargs) -> None:
-        """A scorer written before :class:`RoundContext` (``prepare(endpoint, target, pool_sample)``) keeps working:
-        its ``prepare`` is wrapped to take the context and record it, so :attr:`round` and friends read it."""
+        """Deprecated: a scorer written before :class:`RoundContext` (``prepare(endpoint, target, pool_sample)``)
+        still works, with a ``DeprecationWarning`` when its class is defined: its ``prepare`` is wrapped to take the
+        context and record it, so :attr:`round` and friends read it. Write :meth:`prepare_round` instead."""
         super().__init_subclass__(**kwargs)
         prepare = cls.__dict__.get("prepare")
-        if prepare is None or getattr(prepare, "__isabstractmethod__", False):
+        if prepare is None or len(inspect.signature(prepare).parameters) != 4:  # self, endpoint, target, pool_sample
             return
-        if len(inspect.signature(prepare).parameters) == 4:  # self, endpoint, target, pool_sample
+        warnings.warn(
+            f"{cls.__qualname__}.prepare(endpoint, target, pool_sample) without the `context` argument is deprecated: "
+            "write `prepare_round(self, endpoint, target, pool_sample)` (Scorer.prepare records the context and "
+            "checks the inputs first) or `prepare(self, endpoint, target, pool_sample, context=None)`.",
+            DeprecationWarning,
+            stacklevel=3,  # the class statement (through ABCMeta.__new__)
+        )
 
-            @functools.wraps(prepare)
-            def prepare_with_context(self, endpoint, target, pool_sample, context=None):  # noqa: ANN001
-                self.use_context(context)
-                return prepare(self, endpoint, target, pool_sample)
+        @functools.wraps(prepare)
+        def prepare_with_context(self, endpoint, target, pool_sample, context=None):  # noqa: ANN001
+            self.use_context(context)
+            return prepare(self, endpoint, target, pool_sample)
 
-            cls.prepare = prepare_with_context
+        cls.prepare = prepare_with_context
 
     def use_context(self, context: RoundContext | None) -> RoundContext:
         """Record the round's context (``None``: the defaults); implementations call it first in :meth:`prepare`."""
@@ -192,7 +231,6 @@ class Scorer(ABC):
     def load_state_dict(self, state: dict) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Restore :meth:`state_dict`."""
 
-    @abstractmethod
     def prepare(
         self,
         endpoint: EndPoint,
@@ -200,7 +238,29 @@ class Scorer(ABC):
         pool_sample: PairFeatures,
         context: RoundContext | None = None,
     ) -> None:
-        """Compute the round's statistics; ``context`` says which round (call :meth:`use_context` first)."""
+        """Compute the round's statistics; ``context`` says which round.
+
+        The preamble every scorer shares, written once: record the context (:meth:`use_context`), validate the
+        inputs (:func:`check_prepare_inputs`: the target when :attr:`requires_target`, the end point when
+        :attr:`reads_endpoint`, the pool sample when :attr:`reads_pool_sample`), then :meth:`prepare_round`, the
+        scorer's own part. A scorer overriding ``prepare`` itself calls :meth:`use_context` first.
+        """
+        self.use_context(context)
+        check_prepare_inputs(
+            self,
+            endpoint if self.reads_endpoint else None,
+            target,
+            pool_sample,
+            uses_target=self.requires_target,
+            uses_pool_sample=self.reads_pool_sample,
+        )
+        self.prepare_round(endpoint, target, pool_sample)
+
+    def prepare_round(  # noqa: B027 - optional hook, a no-op by default
+        self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures
+    ) -> None:
+        """The scorer's own part of :meth:`prepare`, called with the context recorded (:attr:`context`) and the
+        inputs validated. Nothing by default (a scorer that needs no statistics, such as ``Random``)."""
 
     @abstractmethod
     def score(self, batch: PairFeatures) -> Tensor:
@@ -303,6 +363,17 @@ def strings_setting(name: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, Sequence):
         raise ValueError(f"`{name}` must be a list of strings such as ['cat', 'dog'], got {value!r}.")
     return tuple(value)
+
+
+def on_endpoint_device(
+    endpoint: EndPoint, target: PairFeatures, pool_sample: PairFeatures
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(target image, target text, pool-sample image, pool-sample text, pool-sample ids)`` on the end point's
+    device: the leading inputs of :func:`~lightning_chips.functional.chips.chips_prepare` and
+    :func:`~lightning_chips.functional.influence.influence_prepare`."""
+    device = endpoint.image_proj.device
+    tensors = (target.image, target.text, pool_sample.image, pool_sample.text, pool_sample.ids)
+    return tuple(tensor.to(device) for tensor in tensors)
 
 
 class IdLookup:

@@ -18,7 +18,7 @@ from lightning_chips.functional.chips import (
     chips_prepare,
     chips_score_batch,
 )
-from lightning_chips.scoring.base import RoundContext, Scorer, check_prepare_inputs
+from lightning_chips.scoring.base import Scorer, on_endpoint_device
 
 __all__ = ["CHIPS", "ROBUST_COMPONENTS"]
 
@@ -94,6 +94,10 @@ class CHIPS(Scorer):
     as attributes (``scorer.alpha``); ``repr(scorer)`` and :meth:`~lightning_chips.scoring.Scorer.config` list every
     field.
 
+    A :class:`~lightning_chips.functional.chips.ChipsArguments` typed once builds the same scorer:
+    ``CHIPS.from_arguments(ChipsArguments(alpha=0.6, components="plausibility"))`` is
+    ``CHIPS(alpha=0.6, components="plausibility")`` with the other keywords at ``ChipsArguments``'s defaults.
+
     Raises:
         ValueError: on an argument out of range, naming it and what to pass.
 
@@ -142,25 +146,8 @@ class CHIPS(Scorer):
         )  # fmt: skip
         self.state: ChipsState | None = None
 
-    def prepare(
-        self,
-        endpoint: EndPoint,
-        target: PairFeatures | None,
-        pool_sample: PairFeatures,
-        context: RoundContext | None = None,
-    ) -> None:
-        self.use_context(context)
-        check_prepare_inputs(self, endpoint, target, pool_sample, uses_target=True)
-        device = endpoint.image_proj.device
-        self.state = chips_prepare(
-            endpoint,
-            target.image.to(device),
-            target.text.to(device),
-            pool_sample.image.to(device),
-            pool_sample.text.to(device),
-            pool_sample.ids.to(device),
-            self.arguments,
-        )
+    def prepare_round(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
+        self.state = chips_prepare(endpoint, *on_endpoint_device(endpoint, target, pool_sample), self.arguments)
 
     def score_components(self, batch: PairFeatures) -> ChipsScores:
         """Every per-pair quantity (utility, alignment, learnability, relevance, plausibility) of a batch."""

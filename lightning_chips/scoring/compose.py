@@ -11,7 +11,7 @@ from torch import Tensor
 
 from lightning_chips.endpoint import EndPoint
 from lightning_chips.features import PairFeatures
-from lightning_chips.scoring.base import RoundContext, Scorer, check_prepare_inputs, integer_setting
+from lightning_chips.scoring.base import Scorer, integer_setting
 
 __all__ = ["Chain", "ChainArguments", "Intersect", "IntersectArguments"]
 
@@ -66,6 +66,21 @@ class _PartScores:
             pos = torch.searchsorted(part_ids, ids).clamp(max=max(len(part_ids) - 1, 0))
             found = part_ids[pos] == ids if len(part_ids) else torch.zeros(len(ids), dtype=torch.bool)
             part.end_round(ids[found], part_scores[pos[found]])
+
+
+def _prepare_parts(
+    composite: Chain | Intersect,
+    parts: Sequence[Scorer],
+    endpoint: EndPoint,
+    target: PairFeatures | None,
+    pool_sample: PairFeatures,
+) -> None:
+    """Forget the last round's part scores and prepare every part with the composite's context. The composite's
+    own :meth:`Scorer.prepare` has checked only the target (``reads_endpoint`` and ``reads_pool_sample`` are off),
+    so a missing target fails before the first part does any work; each part checks what it reads."""
+    composite._part_scores.clear()
+    for part in parts:
+        part.prepare(endpoint, target, pool_sample, composite.context)
 
 
 def _all_ranks(mine: Any) -> list[Any]:
@@ -152,6 +167,8 @@ class Chain(Scorer):
     """
 
     name: ClassVar[str] = "chain"
+    reads_endpoint: ClassVar[bool] = False
+    reads_pool_sample: ClassVar[bool] = False
 
     def __init__(self, first: Scorer, second: Scorer, keep_fraction: float = 0.3) -> None:
         self.arguments = ChainArguments(first=first, second=second, keep_fraction=keep_fraction)
@@ -163,19 +180,8 @@ class Chain(Scorer):
     def keeps_history(self) -> bool:
         return self.first.keeps_history or self.second.keeps_history
 
-    def prepare(
-        self,
-        endpoint: EndPoint,
-        target: PairFeatures | None,
-        pool_sample: PairFeatures,
-        context: RoundContext | None = None,
-    ) -> None:
-        self.use_context(context)
-        self._part_scores.clear()
-        # a missing target fails before the first scorer does any work
-        check_prepare_inputs(self, None, target, None, uses_target=self.requires_target, uses_pool_sample=False)
-        for scorer in (self.first, self.second):
-            scorer.prepare(endpoint, target, pool_sample, context)
+    def prepare_round(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
+        _prepare_parts(self, (self.first, self.second), endpoint, target, pool_sample)
         scores = torch.cat([self.first.score(b).double().cpu() for b in pool_sample.batches(4096)])
         keep = max(1, round(self.keep_fraction * len(scores)))
         self.threshold = float(torch.sort(scores, descending=True).values[keep - 1])
@@ -258,6 +264,8 @@ class Intersect(Scorer):
     """
 
     name: ClassVar[str] = "intersect"
+    reads_endpoint: ClassVar[bool] = False
+    reads_pool_sample: ClassVar[bool] = False
 
     def __init__(self, scorers: list[Scorer], fractions: list[float], *, rank_by: int = -1) -> None:
         self.arguments = IntersectArguments(scorers=scorers, fractions=fractions, rank_by=rank_by)
@@ -271,19 +279,8 @@ class Intersect(Scorer):
     def keeps_history(self) -> bool:
         return any(scorer.keeps_history for scorer in self.scorers)
 
-    def prepare(
-        self,
-        endpoint: EndPoint,
-        target: PairFeatures | None,
-        pool_sample: PairFeatures,
-        context: RoundContext | None = None,
-    ) -> None:
-        self.use_context(context)
-        self._part_scores.clear()
-        # a missing target fails before the first scorer does any work
-        check_prepare_inputs(self, None, target, None, uses_target=self.requires_target, uses_pool_sample=False)
-        for scorer in self.scorers:
-            scorer.prepare(endpoint, target, pool_sample, context)
+    def prepare_round(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
+        _prepare_parts(self, self.scorers, endpoint, target, pool_sample)
         n = len(pool_sample)
         thresholds, kept = [], torch.ones(n, dtype=torch.bool)
         for scorer, fraction in zip(self.scorers, self.fractions, strict=True):

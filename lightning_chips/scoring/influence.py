@@ -11,14 +11,7 @@ from torch import Tensor
 from lightning_chips.endpoint import EndPoint
 from lightning_chips.features import PairFeatures
 from lightning_chips.functional.influence import InfluenceState, influence_prepare, influence_score_batch
-from lightning_chips.scoring.base import (
-    RoundContext,
-    Scorer,
-    check_prepare_inputs,
-    choice_setting,
-    integer_setting,
-    real_setting,
-)
+from lightning_chips.scoring.base import Scorer, choice_setting, integer_setting, on_endpoint_device, real_setting
 
 __all__ = ["TRAK", "Dot", "InfluenceArguments", "TracIn"]
 
@@ -74,7 +67,7 @@ class _InfluenceScorer(Scorer):
     def __init__(
         self,
         *,
-        sketch_dim: int | None,
+        sketch_dim: int | None = None,
         sketch: Literal["gaussian", "rademacher"] = "gaussian",
         damping: float | None = None,
         bank_size: int = 1024,
@@ -86,21 +79,11 @@ class _InfluenceScorer(Scorer):
                                             train_samples=train_samples, seed=seed, dtype=dtype)  # fmt: skip
         self.state: InfluenceState | None = None
 
-    def prepare(
-        self,
-        endpoint: EndPoint,
-        target: PairFeatures | None,
-        pool_sample: PairFeatures,
-        context: RoundContext | None = None,
-    ) -> None:
-        self.use_context(context)
-        check_prepare_inputs(self, endpoint, target, pool_sample, uses_target=True)
-        device = endpoint.image_proj.device
+    def prepare_round(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
         self.state = influence_prepare(
-            endpoint, target.image.to(device), target.text.to(device), pool_sample.image.to(device),
-            pool_sample.text.to(device), pool_sample.ids.to(device), method=self.method, sketch_dim=self.sketch_dim,
-            sketch=self.sketch, damping=self.damping, bank_size=self.bank_size, train_samples=self.train_samples,
-            seed=self.seed, dtype=_DTYPES[self.dtype],
+            endpoint, *on_endpoint_device(endpoint, target, pool_sample), method=self.method,
+            sketch_dim=self.sketch_dim, sketch=self.sketch, damping=self.damping, bank_size=self.bank_size,
+            train_samples=self.train_samples, seed=self.seed, dtype=_DTYPES[self.dtype],
         )  # fmt: skip
 
     def score(self, batch: PairFeatures) -> Tensor:
@@ -112,27 +95,13 @@ class _InfluenceScorer(Scorer):
 class Dot(_InfluenceScorer):
     """Gradient dot product ``g(z)^T u`` with the mean target gradient (exact; JL-sketched with ``sketch_dim``).
 
-    The settings (:class:`InfluenceArguments`, held in :attr:`arguments`): ``sketch_dim`` (default ``None``,
-    exact), ``sketch``, ``bank_size``, ``seed``, ``dtype``; ``damping`` and ``train_samples`` are TRAK's and do not
-    change Dot's scores.
+    The settings (:class:`InfluenceArguments`, held in :attr:`arguments`; ``Dot.from_arguments(InfluenceArguments(
+    ...))`` builds it from one): ``sketch_dim`` (default ``None``, exact), ``sketch``, ``bank_size``, ``seed``,
+    ``dtype``; ``damping`` and ``train_samples`` are TRAK's and do not change Dot's scores.
     """
 
     name: ClassVar[str] = "dot"
     method: ClassVar[str] = "dot"
-
-    def __init__(
-        self,
-        *,
-        sketch_dim: int | None = None,
-        sketch: Literal["gaussian", "rademacher"] = "gaussian",
-        damping: float | None = None,
-        bank_size: int = 1024,
-        train_samples: int = 8192,
-        seed: int = 0,
-        dtype: Literal["float32", "float64"] = "float64",
-    ) -> None:
-        super().__init__(sketch_dim=sketch_dim, sketch=sketch, damping=damping, bank_size=bank_size,
-                         train_samples=train_samples, seed=seed, dtype=dtype)  # fmt: skip
 
 
 class TRAK(_InfluenceScorer):
@@ -140,23 +109,16 @@ class TRAK(_InfluenceScorer):
 
     ``Phi`` stacks the sketched gradients of ``train_samples`` pool pairs; ``sketch_dim=None`` is the identity
     projection. Ensembles over checkpoints: :func:`lightning_chips.functional.influence.trak_scores`. The settings
-    are an :class:`InfluenceArguments`, held in :attr:`arguments`.
+    are an :class:`InfluenceArguments`, held in :attr:`arguments` (``TRAK.from_arguments`` builds it from one); they
+    are Dot's, with ``sketch_dim=512`` by default.
     """
 
     name: ClassVar[str] = "trak"
     method: ClassVar[str] = "trak"
 
-    def __init__(
-        self,
-        *,
-        sketch_dim: int | None = 512,
-        sketch: Literal["gaussian", "rademacher"] = "gaussian",
-        damping: float | None = None,
-        bank_size: int = 1024,
-        train_samples: int = 8192,
-        seed: int = 0,
-        dtype: Literal["float32", "float64"] = "float64",
-    ) -> None:
+    def __init__(self, *, sketch_dim: int | None = 512, sketch: Literal["gaussian", "rademacher"] = "gaussian",
+                 damping: float | None = None, bank_size: int = 1024, train_samples: int = 8192, seed: int = 0,
+                 dtype: Literal["float32", "float64"] = "float64") -> None:  # fmt: skip
         super().__init__(sketch_dim=sketch_dim, sketch=sketch, damping=damping, bank_size=bank_size,
                          train_samples=train_samples, seed=seed, dtype=dtype)  # fmt: skip
 
@@ -179,33 +141,17 @@ class TracIn(Dot):
     """
 
     name: ClassVar[str] = "tracin"
+    _past_ids: Tensor = torch.zeros(0, dtype=torch.int64)
+    """The ids with a recorded total, sorted (replaced, never changed in place, so the empty default is shared)."""
+    _past_totals: Tensor = torch.zeros(0, dtype=torch.float64)
+    """Their totals over the recorded rounds."""
+    _pending: tuple | list = ()
+    """This process's ``(ids, totals)`` scored since the last record (a list from the first :meth:`prepare`)."""
 
-    def __init__(
-        self,
-        *,
-        sketch_dim: int | None = None,
-        sketch: Literal["gaussian", "rademacher"] = "gaussian",
-        damping: float | None = None,
-        bank_size: int = 1024,
-        train_samples: int = 8192,
-        seed: int = 0,
-        dtype: Literal["float32", "float64"] = "float64",
-    ) -> None:
-        super().__init__(sketch_dim=sketch_dim, sketch=sketch, damping=damping, bank_size=bank_size,
-                         train_samples=train_samples, seed=seed, dtype=dtype)  # fmt: skip
-        self._past_ids = torch.zeros(0, dtype=torch.int64)
-        self._past_totals = torch.zeros(0, dtype=torch.float64)
-        self._pending: list[tuple[Tensor, Tensor]] = []
-
-    def prepare(
-        self,
-        endpoint: EndPoint,
-        target: PairFeatures | None,
-        pool_sample: PairFeatures,
-        context: RoundContext | None = None,
-    ) -> None:
+    def prepare_round(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
         self._commit()
-        super().prepare(endpoint, target, pool_sample, context)
+        self._pending = []
+        super().prepare_round(endpoint, target, pool_sample)
 
     def end_round(self, ids: Tensor, scores: Tensor) -> None:
         """Record the round's totals of every scored pair of every rank (``scores`` are this scorer's totals, as

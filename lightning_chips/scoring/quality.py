@@ -16,9 +16,7 @@ from lightning_chips.functional.quality import clip_score, negclip_loss, negsigl
 from lightning_chips.metrics import format_prompts
 from lightning_chips.scoring.base import (
     IdLookup,
-    RoundContext,
     Scorer,
-    check_prepare_inputs,
     choice_setting,
     integer_setting,
     real_setting,
@@ -49,16 +47,7 @@ class _EmbeddingScorer(Scorer):
     reads_pool_sample: ClassVar[bool] = True
     """Whether :meth:`prepare` computes from the pool sample (set-level scorers) or only keeps the end point."""
 
-    def prepare(
-        self,
-        endpoint: EndPoint,
-        target: PairFeatures | None,
-        pool_sample: PairFeatures,
-        context: RoundContext | None = None,
-    ) -> None:
-        self.use_context(context)
-        check_prepare_inputs(self, endpoint, target, pool_sample, uses_target=self.requires_target,
-                             uses_pool_sample=self.reads_pool_sample)  # fmt: skip
+    def prepare_round(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
         self.endpoint = endpoint.detach()
 
     def _embed(self, batch: PairFeatures) -> tuple[Tensor, Tensor]:
@@ -124,14 +113,8 @@ class NormSim(_EmbeddingScorer):
         self.arguments = NormSimArguments(p=p)
         self.target_image: Tensor | None = None
 
-    def prepare(
-        self,
-        endpoint: EndPoint,
-        target: PairFeatures | None,
-        pool_sample: PairFeatures,
-        context: RoundContext | None = None,
-    ) -> None:
-        super().prepare(endpoint, target, pool_sample, context)
+    def prepare_round(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
+        super().prepare_round(endpoint, target, pool_sample)
         self.target_image = self._embed(target)[0]
 
     def score(self, batch: PairFeatures) -> Tensor:
@@ -189,14 +172,8 @@ class NegCLIPLoss(_EmbeddingScorer):
         self._lookup: IdLookup | None = None
         self._sample: tuple[Tensor, Tensor] | None = None
 
-    def prepare(
-        self,
-        endpoint: EndPoint,
-        target: PairFeatures | None,
-        pool_sample: PairFeatures,
-        context: RoundContext | None = None,
-    ) -> None:
-        super().prepare(endpoint, target, pool_sample, context)
+    def prepare_round(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
+        super().prepare_round(endpoint, target, pool_sample)
         x, y = self._embed(pool_sample)
         if self.endpoint.loss == "sigmoid":
             scores = negsiglip_loss(
@@ -272,7 +249,19 @@ class ClipCovArguments:
             )
 
 
-class ClipCov(_EmbeddingScorer):
+class _SetLevelScorer(_EmbeddingScorer):
+    """A set-level score: :meth:`prepare_round` stores every pool-sample pair's score in ``_lookup`` by id, and
+    only those pairs can be scored."""
+
+    _lookup: IdLookup | None = None
+
+    def score(self, batch: PairFeatures) -> Tensor:
+        if self._lookup is None:
+            raise RuntimeError(f"{type(self).__name__}.score called before prepare().")
+        return self._lookup.require(batch.ids, type(self).__name__).to(batch.image.device)
+
+
+class ClipCov(_SetLevelScorer):
     """ClipCov (Joshi et al., AISTATS 2024): per latent class, the greedy order that preserves the image-caption
     cross-covariance (see :mod:`lightning_chips.functional.clipcov`), as a score.
 
@@ -308,35 +297,35 @@ class ClipCov(_EmbeddingScorer):
                                           templates=templates, seed=seed)  # fmt: skip
         self._lookup: IdLookup | None = None
 
-    def prepare(
-        self,
-        endpoint: EndPoint,
-        target: PairFeatures | None,
-        pool_sample: PairFeatures,
-        context: RoundContext | None = None,
-    ) -> None:
+    def prepare_round(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
         from lightning_chips.functional.clipcov import clipcov_order, kmeans
 
-        super().prepare(endpoint, target, pool_sample, context)
+        super().prepare_round(endpoint, target, pool_sample)
         x, y = self._embed(pool_sample)
-        if self.classes == "labels":
-            if pool_sample.labels is None:
-                raise ValueError("ClipCov(classes='labels') needs a 'label' per pool pair; use classes='kmeans'.")
-            labels = pool_sample.labels.cpu()
-        elif self.classes == "zeroshot":
-            prompts = _class_embeddings(self, self.classnames, self.templates)
-            labels = (x.double().cpu() @ prompts.cpu().T).argmax(1)
-        else:
+        if self.classes == "kmeans":
             labels = kmeans(x.cpu(), min(self.num_clusters, len(x)), seed=self.seed)
+        else:
+            prompts = _class_embeddings(self, self.classnames, self.templates) if self.classes == "zeroshot" else None
+            labels = _given_or_zeroshot_labels(self, "classes", x, prompts, pool_sample)
         order = clipcov_order(x.cpu(), y.cpu(), labels)
         sizes = torch.bincount(labels)[labels].double()
         scores = 1.0 - (order.double() + 0.5) / sizes
         self._lookup = IdLookup(pool_sample.ids, scores)
 
-    def score(self, batch: PairFeatures) -> Tensor:
-        if self._lookup is None:
-            raise RuntimeError("ClipCov.score called before prepare().")
-        return self._lookup.require(batch.ids, "ClipCov").to(batch.image.device)
+
+def _given_or_zeroshot_labels(
+    scorer: Scorer, keyword: str, x: Tensor, prompts: Tensor | None, pool_sample: PairFeatures
+) -> Tensor:
+    """The class of each pool-sample pair, ClipCov's ``classes`` and ClipPowered's ``labels`` alike (the value of the
+    ``keyword`` setting): ``"zeroshot"``, the argmax of the image embeddings ``x`` over the class ``prompts``;
+    ``"labels"``, the pool's own labels (a ``ValueError`` naming ``keyword`` when the pool has none)."""
+    if getattr(scorer, keyword) == "zeroshot":
+        return (x.double().cpu() @ prompts.cpu().T).argmax(1)
+    if pool_sample.labels is None:
+        raise ValueError(
+            f"{type(scorer).__name__}({keyword}='labels') needs a 'label' per pool pair; use {keyword}='kmeans'."
+        )
+    return pool_sample.labels.cpu()
 
 
 def _class_embeddings(scorer: Scorer, classnames: list[str], templates: list[str]) -> Tensor:
@@ -398,7 +387,7 @@ class ClipPoweredArguments:
         object.__setattr__(self, "seed", integer_setting("seed", self.seed))
 
 
-class ClipPowered(_EmbeddingScorer):
+class ClipPowered(_SetLevelScorer):
     """CLIP-powered selection (Yang et al., ICLR 2025): semantic alignment + diversity, as a set-level score.
 
     :meth:`prepare` embeds the class prompts (``templates`` over ``classnames``) with the caller's
@@ -449,16 +438,10 @@ class ClipPowered(_EmbeddingScorer):
         )  # fmt: skip
         self._lookup: IdLookup | None = None
 
-    def prepare(
-        self,
-        endpoint: EndPoint,
-        target: PairFeatures | None,
-        pool_sample: PairFeatures,
-        context: RoundContext | None = None,
-    ) -> None:
+    def prepare_round(self, endpoint: EndPoint, target: PairFeatures | None, pool_sample: PairFeatures) -> None:
         from lightning_chips.functional.clip_powered import clip_powered_scores
 
-        super().prepare(endpoint, target, pool_sample, context)
+        super().prepare_round(endpoint, target, pool_sample)
         x, y = (e.double().cpu() for e in self._embed(pool_sample))
         if self.labels == "kmeans":
             from lightning_chips.functional.clipcov import kmeans
@@ -468,19 +451,9 @@ class ClipPowered(_EmbeddingScorer):
             prompts = F.normalize(sums, dim=-1)  # each cluster's mean caption, as its "class prompt"
         else:
             prompts = _class_embeddings(self, self.classnames, self.templates).cpu()
-            if self.labels == "zeroshot":
-                labels = (x @ prompts.T).argmax(1)
-            elif pool_sample.labels is None:
-                raise ValueError("ClipPowered(labels='labels') needs a 'label' per pool pair; use labels='kmeans'.")
-            else:
-                labels = pool_sample.labels.cpu()
+            labels = _given_or_zeroshot_labels(self, "labels", x, prompts, pool_sample)
         scores = clip_powered_scores(
             x, prompts, labels, train_adapters=self.train_adapters, adapter_epochs=self.adapter_epochs,
             neighbours=self.neighbours, diversity_weight=self.diversity_weight, seed=self.seed,
         )  # fmt: skip
         self._lookup = IdLookup(pool_sample.ids, scores.combined)
-
-    def score(self, batch: PairFeatures) -> Tensor:
-        if self._lookup is None:
-            raise RuntimeError("ClipPowered.score called before prepare().")
-        return self._lookup.require(batch.ids, "ClipPowered").to(batch.image.device)

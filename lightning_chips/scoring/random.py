@@ -8,9 +8,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from lightning_chips.endpoint import EndPoint
 from lightning_chips.features import PairFeatures
-from lightning_chips.scoring.base import RoundContext, Scorer, integer_setting
+from lightning_chips.scoring.base import Scorer, integer_setting
 
 __all__ = ["Random", "RandomArguments"]
 
@@ -54,19 +53,13 @@ class Random(Scorer):
 
     name: ClassVar[str] = "random"
     requires_target = False
+    reads_endpoint: ClassVar[bool] = False
+    reads_pool_sample: ClassVar[bool] = False
+    """Nothing to prepare but the round (:meth:`Scorer.prepare` records it): scores depend only on (seed, round,
+    id)."""
 
     def __init__(self, *, seed: int = 0, fixed: bool = False) -> None:
         self.arguments = RandomArguments(seed=seed, fixed=fixed)
-
-    def prepare(
-        self,
-        endpoint: EndPoint,
-        target: PairFeatures | None,
-        pool_sample: PairFeatures,
-        context: RoundContext | None = None,
-    ) -> None:
-        """Nothing to prepare but the round: scores depend only on (seed, round, id)."""
-        self.use_context(context)
 
     def score(self, batch: PairFeatures) -> Tensor:
         salt = self.seed * 1_000_003 + (0 if self.fixed else self.round)
