@@ -1,5 +1,8 @@
 """Zero-shot evaluation as torchmetrics: classification accuracy and CLIP-style retrieval recall@k.
 
+The classes hold the state; :mod:`lightning_chips.functional.zero_shot` computes (its functions give the same
+numbers from tensors at hand).
+
 Semantics follow clip_benchmark (metric names ``acc1``, ``acc5``, ``mean_per_class_recall``,
 ``image_retrieval_recall@k``, ``text_retrieval_recall@k``); conventions follow torchmetrics (``update`` mutates
 state only, ``compute`` is pure, explicit ``dist_reduce_fx``).
@@ -20,6 +23,16 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from lightning_chips.adapters import CLIPAdapter, resolve_adapter
+from lightning_chips.functional.zero_shot import (
+    check_ks,
+    check_retrieval_ids,
+    first_occurrence,
+    retrieval_hits,
+    retrieval_recall_from_hits,
+    zero_shot_accuracy_from_counts,
+    zero_shot_counts,
+    zero_shot_hits,
+)
 
 __all__ = ["PromptEncoder", "RetrievalRecallAtK", "ZeroShotAccuracy", "build_zero_shot_classifier", "format_prompts"]
 
@@ -95,19 +108,6 @@ def _require_tokenizer(tokenizer: Callable[[list[str]], Tensor] | None, prompts:
         raise ValueError(f"Embedding the prompts ({shown}) needs a tokenizer. {reason}")
 
 
-def _first_occurrence(ids: Tensor) -> Tensor:
-    """Boolean mask keeping the first occurrence of every id."""
-    if ids.numel() == 0:
-        return torch.zeros(0, dtype=torch.bool, device=ids.device)
-    order = torch.argsort(ids, stable=True)
-    sorted_ids = ids[order]
-    first_sorted = torch.ones_like(sorted_ids, dtype=torch.bool)
-    first_sorted[1:] = sorted_ids[1:] != sorted_ids[:-1]
-    keep = torch.zeros_like(first_sorted)
-    keep[order] = first_sorted
-    return keep
-
-
 class PromptEncoder:
     """Prompts -> normalised text embeddings ``[P, e]`` with the current model (eval mode, no grad): the
     ``text_encoder`` a selection round gives scorers that embed class prompts (CLIP-powered, ClipCov zero-shot).
@@ -128,6 +128,12 @@ class PromptEncoder:
     def __call__(self, prompts: list[str]) -> Tensor:
         _require_tokenizer(self.tokenizer, prompts)
         return build_zero_shot_classifier(self.adapter, self.tokenizer, prompts, ["{}"]).T
+
+
+def _add_counts(states: list[Tensor], counts: tuple[Tensor, int, Tensor, Tensor]) -> None:
+    """Add :func:`~lightning_chips.functional.zero_shot.zero_shot_counts` into the count tensors, in place."""
+    for state, count in zip(states, counts, strict=True):
+        state += count
 
 
 class ZeroShotAccuracy(Metric):
@@ -153,9 +159,7 @@ class ZeroShotAccuracy(Metric):
         super().__init__(**kwargs)
         if classifier.dim() != 2:
             raise ValueError(f"`classifier` must be [embed_dim, num_classes], got shape {tuple(classifier.shape)}.")
-        if not top_k or any(int(k) < 1 for k in top_k):
-            raise ValueError(f"`top_k` must be a non-empty sequence of integers >= 1, got {top_k}.")
-        self.top_k = tuple(int(k) for k in top_k)
+        self.top_k = check_ks(top_k, "top_k")
         self.num_classes = int(classifier.shape[1])
         # A plain float32 attribute, not a buffer: module dtype casts (precision="bf16-true") must not round it.
         self.classifier = F.normalize(classifier.detach().float(), dim=0)
@@ -168,49 +172,27 @@ class ZeroShotAccuracy(Metric):
         self.add_state("sample_hits", [], dist_reduce_fx="cat")
         self.add_state("sample_targets", [], dist_reduce_fx="cat")
 
-    def _hits(self, image_embeddings: Tensor, target: Tensor) -> Tensor:
-        if self.classifier.device != image_embeddings.device:
-            self.classifier = self.classifier.to(image_embeddings.device)
-        logits = F.normalize(image_embeddings.float(), dim=-1) @ self.classifier
-        k_max = min(max(self.top_k), self.num_classes)
-        top = logits.topk(k_max, dim=1).indices
-        matches = top == target[:, None]
-        return torch.stack([matches[:, : min(k, k_max)].any(1) for k in self.top_k], dim=1)
-
     def update(self, image_embeddings: Tensor, target: Tensor, ids: Tensor | None = None) -> None:
         """Add a batch of image embeddings ``[B, e]`` with class targets ``[B]`` (and optional sample ids)."""
         target = target.long()
-        if target.numel() and (target.min() < 0 or target.max() >= self.num_classes):
-            raise ValueError(f"targets must be class indices in [0, {self.num_classes}), got {target.tolist()[:8]}.")
-        hits = self._hits(image_embeddings, target)
+        if self.classifier.device != image_embeddings.device:
+            self.classifier = self.classifier.to(image_embeddings.device)
+        hits = zero_shot_hits(image_embeddings, target, self.classifier, self.top_k)
         if ids is not None:
             self.sample_ids.append(ids.long())
             self.sample_hits.append(hits)
             self.sample_targets.append(target)
             return
-        self.correct += hits.long().sum(0)
-        self.total += target.numel()
-        self.class_total += torch.bincount(target, minlength=self.num_classes)
-        self.class_correct += torch.bincount(target[hits[:, 0]], minlength=self.num_classes)
+        _add_counts([self.correct, self.total, self.class_correct, self.class_total],
+                    zero_shot_counts(hits, target, self.num_classes))  # fmt: skip
 
     def compute(self) -> dict[str, Tensor]:
-        correct, total = self.correct.clone(), self.total.clone()
-        class_correct, class_total = self.class_correct.clone(), self.class_total.clone()
+        counts = [self.correct.clone(), self.total.clone(), self.class_correct.clone(), self.class_total.clone()]
         if isinstance(self.sample_ids, Tensor) or self.sample_ids:
-            ids = dim_zero_cat(self.sample_ids)
-            keep = _first_occurrence(ids)
+            keep = first_occurrence(dim_zero_cat(self.sample_ids))
             hits, targets = dim_zero_cat(self.sample_hits)[keep], dim_zero_cat(self.sample_targets)[keep]
-            correct += hits.long().sum(0)
-            total += targets.numel()
-            class_total += torch.bincount(targets, minlength=self.num_classes)
-            class_correct += torch.bincount(targets[hits[:, 0]], minlength=self.num_classes)
-        out = {}
-        for i, k in enumerate(self.top_k):
-            out[f"acc{k}"] = correct[i] / total if k <= self.num_classes else torch.tensor(float("nan"))
-        seen = class_total > 0
-        out["mean_per_class_recall"] = (class_correct[seen].double() / class_total[seen]).mean().float()
-        out = {key: value.float() for key, value in out.items()}
-        return out
+            _add_counts(counts, zero_shot_counts(hits, targets, self.num_classes))
+        return zero_shot_accuracy_from_counts(*counts, self.top_k)
 
 
 class RetrievalRecallAtK(Metric):
@@ -232,11 +214,10 @@ class RetrievalRecallAtK(Metric):
 
     def __init__(self, k: Sequence[int] = (1, 5, 10), chunk_size: int = 1024, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if not k or any(int(x) < 1 for x in k):
-            raise ValueError(f"`k` must be a non-empty sequence of integers >= 1, got {k}.")
+        k = check_ks(k, "k")
         if chunk_size < 1:
             raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size}.")
-        self.k, self.chunk_size = tuple(int(x) for x in k), chunk_size
+        self.k, self.chunk_size = k, chunk_size
         for name in ("image_embeddings", "image_ids", "text_embeddings", "text_image_ids", "text_ids"):
             self.add_state(name, [], dist_reduce_fx="cat")
 
@@ -249,8 +230,7 @@ class RetrievalRecallAtK(Metric):
         text_ids: Tensor | None = None,
     ) -> None:
         """Add images ``[B, e]`` with ids ``[B]`` and captions ``[T, e]`` with their image's id ``[T]``."""
-        if image_embeddings.shape[0] != image_ids.shape[0] or text_embeddings.shape[0] != text_image_ids.shape[0]:
-            raise ValueError("Each image needs one id and each caption one image id (first dimensions must match).")
+        check_retrieval_ids(image_embeddings, image_ids, text_embeddings, text_image_ids)
         self.image_embeddings.append(F.normalize(image_embeddings.float(), dim=-1))
         self.image_ids.append(image_ids.long())
         self.text_embeddings.append(F.normalize(text_embeddings.float(), dim=-1))
@@ -263,34 +243,20 @@ class RetrievalRecallAtK(Metric):
         images, image_ids = dim_zero_cat(self.image_embeddings), dim_zero_cat(self.image_ids)
         texts, text_image_ids = dim_zero_cat(self.text_embeddings), dim_zero_cat(self.text_image_ids)
         text_ids = dim_zero_cat(self.text_ids)
-        keep = _first_occurrence(image_ids)
+        keep = first_occurrence(image_ids)
         images, image_ids = images[keep], image_ids[keep]
         if (text_ids >= 0).all():
-            keep_t = _first_occurrence(text_ids)
+            keep_t = first_occurrence(text_ids)
         else:
             rows = torch.cat([text_image_ids[:, None].double(), texts.double()], dim=1)
             _, inverse = torch.unique(rows, dim=0, return_inverse=True)
-            keep_t = _first_occurrence(inverse)
+            keep_t = first_occurrence(inverse)
         return images, image_ids, texts[keep_t], text_image_ids[keep_t]
-
-    def _hits(self, queries: Tensor, query_ids: Tensor, keys: Tensor, key_ids: Tensor) -> Tensor:
-        """``[Q, min(max k, K)]``: whether the j-th ranked key shares the query's image id (chunked over queries)."""
-        k = min(max(self.k), keys.shape[0])
-        hits = []
-        for start in range(0, queries.shape[0], self.chunk_size):
-            top = (queries[start : start + self.chunk_size] @ keys.T).topk(k, dim=1).indices
-            hits.append(key_ids[top] == query_ids[start : start + self.chunk_size, None])
-        return torch.cat(hits)
 
     def compute(self) -> dict[str, Tensor]:
         images, image_ids, texts, text_image_ids = self._deduplicated()
         if images.shape[0] == 0 or texts.shape[0] == 0:
             raise ValueError("RetrievalRecallAtK.compute() needs at least one image and one caption.")
-        out: dict[str, Tensor] = {}
-        t2i = self._hits(texts, text_image_ids, images, image_ids)
-        i2t = self._hits(images, image_ids, texts, text_image_ids)
-        k_img, k_txt = t2i.shape[1], i2t.shape[1]
-        for k in self.k:
-            out[f"image_retrieval_recall@{k}"] = t2i[:, : min(k, k_img)].any(1).float().mean()
-            out[f"text_retrieval_recall@{k}"] = i2t[:, : min(k, k_txt)].any(1).float().mean()
-        return out
+        t2i = retrieval_hits(texts, text_image_ids, images, image_ids, max(self.k), self.chunk_size)
+        i2t = retrieval_hits(images, image_ids, texts, text_image_ids, max(self.k), self.chunk_size)
+        return retrieval_recall_from_hits(t2i, i2t, self.k)

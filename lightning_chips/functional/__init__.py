@@ -1,4 +1,4 @@
-"""Pure tensor math (no Lightning): end-point gradients, sketches, CHIPS, baselines."""
+"""Pure tensor math (no Lightning): end-point gradients, sketches, CHIPS, baselines, zero-shot metrics."""
 
 from lightning_chips.functional.bank import BankStats, bank_loss, bank_stats, endpoint_per_sample_grads
 from lightning_chips.functional.chips import (
@@ -33,6 +33,7 @@ from lightning_chips.functional.sketch import (
     TensorSketch,
     make_sketch,
 )
+from lightning_chips.functional.zero_shot import retrieval_recall_at_k, zero_shot_accuracy
 
 __all__ = [
     "ChipsArguments",
@@ -76,6 +77,8 @@ __all__ = [
     "damped_cholesky_solve",
     "bank_rank",
     "plausibility_weight",
+    "retrieval_recall_at_k",
+    "zero_shot_accuracy",
 ]
 
 _MOVED_FROM_ENDPOINT = {
