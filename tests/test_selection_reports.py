@@ -17,6 +17,7 @@ from PIL import Image
 from lightning_chips import DataSelectionCallback, OpenCLIPModule, ScoredSubsetDataModule, TwoDomainPairs
 from lightning_chips import gallery as g
 from lightning_chips.data import WebDatasetDataModule
+from lightning_chips.data.builtin import DOMAINS
 from lightning_chips.groups import MAX_GROUP_VALUES, OTHER, GroupColumn, GroupEncoder, read_group_arrays
 from lightning_chips.report import build_report
 from lightning_chips.scoring import CHIPS
@@ -95,7 +96,8 @@ def test_round_files_keep_each_pairs_group(logged_run):
         groups = read_group_arrays(f)
         assert list(groups) == ["domain", "noisy"]
         rows = [by_id[int(i)] for i in f["ids"]]
-        assert groups["domain"].labels().tolist() == [str(int(pool.domains[r])) for r in rows]
+        # the built-in pool names its domains (TwoDomainPairs.group_labels): 0 -> "general", 1 -> "target"
+        assert groups["domain"].labels().tolist() == [DOMAINS[int(pool.domains[r])] for r in rows]
         assert groups["noisy"].labels().tolist() == [str(bool(pool.noisy[r])) for r in rows]
         settings = json.loads(str(f["settings"]))
         assert settings["group_by"] == ["domain", "noisy"] and settings["fraction"] == 0.3
