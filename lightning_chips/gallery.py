@@ -34,8 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from lightning_chips.ids import Id, id_keys
+from lightning_chips.ids import Id
 from lightning_chips.io import atomic_savez, atomic_writer
+from lightning_chips.ranking import score_order
 
 __all__ = [
     "KINDS",
@@ -80,14 +81,6 @@ def gallery_path(round_file: str | os.PathLike) -> Path:
     """``round_0003.npz`` -> ``round_0003_gallery.npz``."""
     path = Path(round_file)
     return path.with_name(f"{path.stem}_gallery.npz")
-
-
-def score_order(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Row indices by score descending (NaN and inf last), ties by id key ascending: the order in which
-    :func:`~lightning_chips.selection.select` ranks pairs (string ids by their int64 key, :mod:`lightning_chips.ids`).
-    The one tie-break of the galleries and the report."""
-    scores = np.asarray(scores, dtype=np.float64)
-    return np.lexsort((id_keys(np.asarray(ids)), -np.where(np.isfinite(scores), scores, -np.inf)))
 
 
 def top_rows(order: np.ndarray, k: int) -> np.ndarray:

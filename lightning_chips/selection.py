@@ -13,6 +13,7 @@ import torch
 
 from lightning_chips.groups import GroupColumn, group_arrays
 from lightning_chips.io import atomic_savez
+from lightning_chips.ranking import score_order
 
 __all__ = ["Mode", "Selection", "budget_for", "draw_weighted", "select", "stratified_quotas", "write_round_file"]
 
@@ -85,11 +86,6 @@ def budget_for(num_candidates: int, fraction: float) -> int:
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"`fraction` must be in (0, 1], got {fraction}.")
     return max(1, min(num_candidates, int(round(fraction * num_candidates))))
-
-
-def _topk_order(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Indices sorted by score descending, ties broken by id ascending (the same on every rank)."""
-    return np.lexsort((ids, -scores))
 
 
 def stratified_quotas(labels: np.ndarray, budget: int) -> dict[int, int]:
@@ -171,10 +167,10 @@ def select(
         chosen_parts = []
         for label, quota in stratified_quotas(labels, budget).items():
             members = np.flatnonzero(labels == label)
-            chosen_parts.append(members[_topk_order(ids[members], scores[members])[:quota]])
+            chosen_parts.append(members[score_order(ids[members], scores[members])[:quota]])
         chosen = np.concatenate(chosen_parts)
     else:
-        chosen = _topk_order(ids, scores)[:budget]
+        chosen = score_order(ids, scores)[:budget]
 
     order = np.argsort(ids[chosen], kind="stable")
     chosen = chosen[order]
