@@ -107,7 +107,7 @@ class ProtocolAdapter(CLIPAdapter):
 
     def __init__(self, model: SupportsEndPoint) -> None:
         if not isinstance(model, SupportsEndPoint):
-            raise UnsupportedModelError(_unsupported_message(model))
+            raise UnsupportedModelError(unsupported_message(model))
         self._model = model
 
     @property
@@ -158,7 +158,7 @@ class ResidualTail:
         return torch.cat([h, r], dim=-1)
 
 
-def _unsupported_message(model: object) -> str:
+def unsupported_message(model: object) -> str:
     return (
         f"lightning-chips cannot find a CLIP in {type(model).__name__}: it is not an open_clip CLIP/CustomTextCLIP "
         "or a transformers CLIPModel, does not hold one under `model` or `clip` or as its one direct child of such "

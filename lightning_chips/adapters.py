@@ -56,7 +56,7 @@ from lightning_chips.adapter_base import (
     ResidualTail,
     SupportsEndPoint,
     UnsupportedModelError,
-    _unsupported_message,
+    unsupported_message,
 )
 from lightning_chips.endpoint import EndPoint
 
@@ -194,7 +194,7 @@ class OpenCLIPAdapter(CLIPAdapter):
         from open_clip.transformer import TextTransformer, VisionTransformer
 
         if not isinstance(model, open_clip.CLIP | open_clip.CustomTextCLIP):
-            raise UnsupportedModelError(_unsupported_message(model))
+            raise UnsupportedModelError(unsupported_message(model))
         self._model = model
         self._image_tail: _LinearTail | ResidualTail | None = None
         self._text_tail: _LinearTail | None = None
@@ -497,5 +497,5 @@ def resolve_adapter(model: object, adapter: CLIPAdapter | None = None) -> CLIPAd
         return ProtocolAdapter(model)
     clip = _find_clip(model)
     if clip is None:
-        raise UnsupportedModelError(_unsupported_message(model))
+        raise UnsupportedModelError(unsupported_message(model))
     return _clip_adapter(clip)

@@ -20,10 +20,10 @@
     lightning-chips report lightning_logs/version_0
     lightning-chips report scores/chips --fraction 0.3 --out chips.html
 
-This module is the command line's parsers and dispatch. A user error (an unknown or misspelled key, an invalid
-value, a missing file or checkpoint) is one line that names the key, value or path, with a "did you mean" where one
-is close, and a hint; exit code 2 (:mod:`lightning_chips.cli_errors` writes that line). ``--verbose`` shows the
-parser's full message or the traceback instead.
+One module: the command line's parsers and dispatch, every subcommand's options in one place. A user error (an
+unknown or misspelled key, an invalid value, a missing file or checkpoint) is one line that names the key, value or
+path, with a "did you mean" where one is close, and a hint; exit code 2 (:mod:`lightning_chips.cli_errors` writes
+that line). ``--verbose`` shows the parser's full message or the traceback instead.
 """
 
 from __future__ import annotations

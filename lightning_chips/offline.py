@@ -59,16 +59,16 @@ from lightning_chips.score_files import (  # the folder's files; their public na
     PARTS,
     SCORES,
     RefusedShardError,
-    _as_given,
-    _completed_shards,
-    _merge_parts,
-    _part_name,
-    _shard_source,
-    _write_merged,
-    _write_part,
+    as_given,
+    completed_shards,
     describe_damage,
     manifest_pool,
+    merge_parts,
+    part_name,
     read_scores,
+    shard_source,
+    write_merged,
+    write_part,
 )
 from lightning_chips.scoring import RoundContext, Scorer
 
@@ -200,7 +200,7 @@ class _PoolScoring(LightningModule):
         if len(ids) != report.samples:
             raise RuntimeError(f"Shard {report.url}: {report.samples} pairs read but {len(ids)} scored.")
         groups = {f: column.capped() for f, column in encoder.columns(keys).items()}
-        _write_part(Path(c["output"]) / PARTS / _part_name(report.url), report.url, ids, scores, report, c["run"],
+        write_part(Path(c["output"]) / PARTS / part_name(report.url), report.url, ids, scores, report, c["run"],
                     uids, groups, c["sources"][report.url])  # fmt: skip
         if c["after_shard"] is not None:
             c["after_shard"](report)
@@ -212,8 +212,8 @@ class _PoolScoring(LightningModule):
         output = Path(c["output"])
         rank, world = self.global_rank, self.trainer.world_size
         mine = c["urls"][rank::world]
-        merged = _merge_parts(output, mine, c["run"])
-        ids, scores, _ = _as_given(merged.keys, merged.scores, merged.uids)
+        merged = merge_parts(output, mine, c["run"])
+        ids, scores, _ = as_given(merged.keys, merged.scores, merged.uids)
         atomic_savez(output / f"scores-rank{rank}.npz", ids=ids, scores=scores, rank=np.asarray(rank))
         scored_now = int(self.trainer.strategy.reduce(torch.tensor(float(self.scored_now), device=self.device),
                                                       reduce_op="sum"))  # fmt: skip
@@ -223,7 +223,7 @@ class _PoolScoring(LightningModule):
         # rank 0 merges; every rank learns whether it could (an error there, e.g. too many skipped pairs or a full
         # disk, ends every rank instead of leaving the others at a barrier)
         Collective(self.trainer).agree(
-            0, "the merged scores", lambda: _write_merged(output, estimated, seconds, scored_now) if rank == 0 else None
+            0, "the merged scores", lambda: write_merged(output, estimated, seconds, scored_now) if rank == 0 else None
         )
 
 
@@ -396,8 +396,8 @@ def _score_locked(
 ) -> Path:
     """The part of :func:`score_pool` that writes into ``out`` (under its lock on rank 0)."""
     (out / PARTS).mkdir(parents=True, exist_ok=True)
-    sources = {url: _shard_source(url) for url in urls}  # before any shard is read: a later change is seen
-    done = _completed_shards(out / PARTS, urls, run, sources)
+    sources = {url: shard_source(url) for url in urls}  # before any shard is read: a later change is seen
+    done = completed_shards(out / PARTS, urls, run, sources)
     config = {
         "urls": urls,
         "sources": sources,

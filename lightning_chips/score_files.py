@@ -36,7 +36,7 @@ _PART_FIX = "Delete it and re-run `lightning-chips score` into the same --output
 _SCORES_FIX = "Re-run `lightning-chips score` into its folder: it resumes from the part files and writes it anew."
 
 
-def _part_name(url: str) -> str:
+def part_name(url: str) -> str:
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", url.rsplit("/", 1)[-1])[:80]
     return f"{base}-{hashlib.sha1(url.encode()).hexdigest()[:10]}.npz"
 
@@ -47,7 +47,7 @@ def _is_command_or_remote(url: str) -> bool:
     return url.startswith("pipe:") or "://" in url
 
 
-def _shard_source(url: str) -> dict[str, Any]:
+def shard_source(url: str) -> dict[str, Any]:
     """What a part records of its shard as it was when the run started: the size and modification time (ns) of a
     local file; for a ``pipe:`` or URL shard only ``{"remote": True}`` (nothing to stat without reading it)."""
     if _is_command_or_remote(url):
@@ -56,12 +56,12 @@ def _shard_source(url: str) -> dict[str, Any]:
     return {"size": int(stat.st_size), "mtime_ns": int(stat.st_mtime_ns)}
 
 
-def _write_part(path: Path, url: str, ids: np.ndarray, scores: np.ndarray, report: ShardReport, run: str,
+def write_part(path: Path, url: str, ids: np.ndarray, scores: np.ndarray, report: ShardReport, run: str,
                 uids: np.ndarray | None = None, groups: dict[str, GroupColumn] | None = None,
                 source: dict[str, Any] | None = None) -> None:  # fmt: skip
     """A shard's part: int64 keys as ``ids``, the string ids as ``uids`` when the pool has them, the ``group_by``
     columns (:func:`~lightning_chips.groups.group_arrays`), the shard's report (its ``error`` is None when the
-    shard was read to the end) and ``source``, what :func:`_shard_source` gave when the run started (so a later run
+    shard was read to the end) and ``source``, what :func:`shard_source` gave when the run started (so a later run
     sees a shard that changed since)."""
     extra = ({} if uids is None else {"uids": uids}) | group_arrays(groups or {})
     if source is not None:
@@ -96,7 +96,7 @@ def _read_part(path: Path) -> dict[str, Any]:
 def _stale(part: dict[str, Any], now: dict[str, Any]) -> str | None:
     """Why a part of this run no longer stands for its shard (None when it does): the shard was not read to the
     end, or the local file's size or modification time differ from what the part recorded (``now``:
-    :func:`_shard_source` of the shard at this run's start)."""
+    :func:`shard_source` of the shard at this run's start)."""
     error = part["report"].get("error")
     if error:
         return f"it was not read to the end ({error})"
@@ -109,12 +109,12 @@ def _stale(part: dict[str, Any], now: dict[str, Any]) -> str | None:
     return None
 
 
-def _completed_shards(parts: Path, urls: Sequence[str], run: str, sources: dict[str, dict[str, Any]]) -> set[str]:
+def completed_shards(parts: Path, urls: Sequence[str], run: str, sources: dict[str, dict[str, Any]]) -> set[str]:
     """Shards of ``urls`` with a part of this run that still stands for them (read to the end, unchanged since:
     :func:`_stale`); a part of another run is an error. Says in one line which shards are scored again and why."""
     done, again = set(), []
     for url in urls:
-        path = parts / _part_name(url)
+        path = parts / part_name(url)
         if not path.exists():
             continue
         try:
@@ -166,13 +166,13 @@ class _Merged(NamedTuple):
     duplicated: np.ndarray  # the keys that stand in several pairs, sorted
 
 
-def _merge_parts(output: Path, urls: Sequence[str], run: str) -> _Merged:
+def merge_parts(output: Path, urls: Sequence[str], run: str) -> _Merged:
     """The parts of ``urls`` merged: a uid in several shards keeps its first shard's score (the first pair of a
     repeated id, as in a callback round: :func:`~lightning_chips.round_rows.first_occurrences`). A part that
     another run wrote is an error naming it: the merge never mixes runs."""
     all_ids, all_scores, all_uids, reports, has_uids, groups = [], [], [], [], [], []
     for url in urls:
-        path = output / PARTS / _part_name(url)
+        path = output / PARTS / part_name(url)
         if not path.exists():
             raise RuntimeError(f"Shard {url} has no scores in {output / PARTS}; re-run `score` to finish it.")
         part = _read_part(path)
@@ -198,7 +198,7 @@ def _merge_parts(output: Path, urls: Sequence[str], run: str) -> _Merged:
     return _Merged(ids[first], scores[first], reports, uids, columns, len(ids), np.unique(ids[repeated]))
 
 
-def _as_given(
+def as_given(
     keys: np.ndarray, scores: np.ndarray, uids: np.ndarray | None, groups: dict[str, GroupColumn] | None = None
 ) -> tuple[np.ndarray, np.ndarray, dict[str, GroupColumn]]:
     """Ids as users read them, sorted (int64 ids, or the string ids of a pool that has them), with their scores
@@ -210,12 +210,12 @@ def _as_given(
     return uids[order], scores[order], {f: c.take(order) for f, c in groups.items()}
 
 
-def _write_merged(output: Path, config: dict[str, Any], seconds: float, scored_now: int) -> None:
+def write_merged(output: Path, config: dict[str, Any], seconds: float, scored_now: int) -> None:
     urls = config["urls"]
-    merged = _merge_parts(output, urls, config["run"])
+    merged = merge_parts(output, urls, config["run"])
     keys, uids, reports = merged.keys, merged.uids, merged.reports
     duplicated = merged.duplicated if uids is None else uids[np.searchsorted(keys, merged.duplicated)]
-    ids, scores, groups = _as_given(keys, merged.scores, uids, merged.groups)
+    ids, scores, groups = as_given(keys, merged.scores, uids, merged.groups)
     bad = sum(len(r["bad"]) for r in reports)
     errors = [r for r in reports if r["error"]]
     skipped = [SkippedSample(b["reason"], key=b["key"], shard=r["url"]) for r in reports for b in r["bad"]]

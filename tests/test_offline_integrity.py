@@ -27,7 +27,7 @@ from lightning_chips.offline import (
     LOCK,
     MANIFEST,
     PARTS,
-    _part_name,
+    part_name,
     read_scores,
     score_pool,
 )
@@ -149,7 +149,7 @@ def test_a_part_of_another_run_is_refused_at_the_merge(shards, tmp_path):
 
     def inject(report) -> None:  # the other run's part of the shard just finished replaces this run's own
         if not injected:
-            name = _part_name(report.url)
+            name = part_name(report.url)
             shutil.copy(other / PARTS / name, tmp_path / "out" / PARTS / name)
             injected.append(name)
 

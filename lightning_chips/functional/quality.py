@@ -141,7 +141,12 @@ def _check_pairs(image_emb: Tensor, text_emb: Tensor) -> None:
 
 
 def _over_random_batches(
-    image_emb: Tensor, text_emb: Tensor, per_batch: Callable[[Tensor], Tensor], *, batch_size: int, repeats: int,
+    image_emb: Tensor,
+    text_emb: Tensor,
+    per_batch: Callable[[Tensor], Tensor],
+    *,
+    batch_size: int,
+    repeats: int,
     seed: int,
 ) -> Tensor:
     """``1/K sum_k per_batch(S_k)[i]`` over ``K = repeats`` seeded random partitions of the pool into batches of
