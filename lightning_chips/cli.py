@@ -469,7 +469,9 @@ def _run_offline(parser: Any, command: str, args: list[str], *, one_line: bool =
     for flag in ("verbose", "strict"):  # handled by main(); listed in --help
         cfg.pop(flag, None)
     try:
-        init = parser.instantiate_classes(cfg)
+        # jsonargparse >= 4.49 names it `instantiate` (the old name warns); older ones have only `instantiate_classes`
+        instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+        init = instantiate(cfg)
     except user_error_types() as exc:
         root, message = explain_exception(exc, owner=True)
         if not one_line or not isinstance(root, user_error_types()):
