@@ -191,8 +191,9 @@ def test_a_starved_group_is_named_and_logged(tmp_path, caplog):
     """NormSim scores pool images by their similarity to the target domain's: on a pool of half general-domain
     pairs it selects (almost) none of them, and the logs must say so, naming the groups as the data names them (the
     built-in pool names its domains) or as ``group_labels=`` does."""
+    labels = {"noisy": {"False": "clean"}}
     callback = DataSelectionCallback("normsim", fraction=0.2, save_dir=str(tmp_path / "rounds"),
-                                     group_by=["domain", "noisy"], group_labels={"noisy": {"False": "clean"}})  # fmt: skip
+                                     group_by=["domain", "noisy"], group_labels=labels)  # fmt: skip
     logger = CSVLogger(tmp_path, name="csv")
     with caplog.at_level("INFO"):
         _trainer(tmp_path, [callback], [logger], max_epochs=1).fit(
