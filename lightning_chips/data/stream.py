@@ -302,7 +302,8 @@ class WebDatasetDataModule(PoolMethods, LightningDataModule):
         self._train_loader: DataLoader | None = None
         self._skips = _StreamSkips()
         self.rank, self.world_size = 0, 1
-        if val is not None:  # bound as in ScoredSubsetDataModule: no validation loop (nor its warning) without val
+        # bound as in ScoredSubsetDataModule: no validation loop (nor its warning) without val; a subclass's own wins
+        if val is not None and type(self).val_dataloader is LightningDataModule.val_dataloader:
             self.val_dataloader = self._val_loader  # type: ignore[method-assign]
 
     @override

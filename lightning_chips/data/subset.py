@@ -135,10 +135,11 @@ class ScoredSubsetDataModule(PoolMethods, LightningDataModule):
         self.sampler: ScoredSubsetSampler | None = None
         self._train_loader: DataLoader | None = None
         # Lightning runs a loop (and warns when the model has no step for it) when the loader method is overridden:
-        # the loaders of the sets given are bound here, as LightningDataModule.from_datasets binds them
-        if val is not None:
+        # the loaders of the sets given are bound here, as LightningDataModule.from_datasets binds them (a subclass
+        # that defines its own loader method keeps it)
+        if val is not None and type(self).val_dataloader is LightningDataModule.val_dataloader:
             self.val_dataloader = self._val_loader  # type: ignore[method-assign]
-        if test is not None:
+        if test is not None and type(self).test_dataloader is LightningDataModule.test_dataloader:
             self.test_dataloader = self._test_loader  # type: ignore[method-assign]
 
     # -- setup ------------------------------------------------------------------------------------------------
