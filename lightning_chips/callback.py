@@ -25,7 +25,7 @@ from typing_extensions import override
 
 from lightning_chips.adapters import CLIPAdapter, resolve_adapter
 from lightning_chips.data.checks import SkippedSample
-from lightning_chips.data.pool import SelectablePool
+from lightning_chips.data.pool import IndexedPool, SelectablePool
 from lightning_chips.data.preprocess import resolve_tokenizer
 from lightning_chips.engine import (
     NO_ID,
@@ -47,6 +47,7 @@ from lightning_chips.groups import (
     starved_text,
 )
 from lightning_chips.metrics import PromptEncoder
+from lightning_chips.rescore import CandidateRescore, CandidateState, check_rescore, kept_ranking, plan_round
 from lightning_chips.scoring import RoundContext, Scorer, build_scorer
 from lightning_chips.selection import MODES, Mode, Selection, budget_for, select, write_round_file
 
@@ -130,6 +131,11 @@ class DataSelectionCallback(Callback):
             page) and print where it is; otherwise print the command that writes it.
         max_skipped: the largest share of the pool's pairs, in [0, 1], a round may skip because they failed to
             load or the checks (default 0.05); above it the round fails (1 = no limit, 0 = none may fail).
+        rescore: which pairs a round after the first encodes: None / ``"all"`` (default: every pool pair), or
+            :class:`~lightning_chips.rescore.CandidateRescore` ``(widen, explore)`` (YAML: ``{widen: 2.0, explore:
+            0.05}``): the last round's top ``widen x budget``, a uniform ``explore`` share of the pool (also the
+            scorer's prepare sample) and the pairs it could not use; the others sit out the round
+            (:mod:`lightning_chips.rescore`, docs/selection.md "Candidate rounds"). Needs a map-style pool.
 
     Raises:
         ValueError: on a fraction outside (0, 1], both or negative schedules, an unknown scorer or mode, a
@@ -167,11 +173,13 @@ class DataSelectionCallback(Callback):
         thumbnail_size: int = 64,
         report: bool = False,
         max_skipped: float = 0.05,
+        rescore: CandidateRescore | dict[str, float] | str | None = None,
     ) -> None:
         super().__init__()
         group_fields = check_group_by(group_by)
         labels = check_group_labels(group_labels, group_fields)
         check_max_skipped(max_skipped)
+        self.rescore = check_rescore(rescore)
         if gallery < 0:
             raise ValueError(f"`gallery` must be >= 0 (pairs per gallery; 0 = none), got {gallery}.")
         if not 16 <= thumbnail_size <= 512:
@@ -228,6 +236,7 @@ class DataSelectionCallback(Callback):
         self.history: list[dict[str, float]] = []
         self.skipped: list[SkippedSample] = []  # the last round's pool pairs that could not be used
         self.shard_errors: dict[str, str] = {}  # streaming pools: the last round's unreadable shards -> error
+        self.candidates: CandidateState | None = None  # what the next candidate round needs (with `rescore`)
         self._restored = False
         self._fit_started: float | None = None
 
@@ -261,6 +270,12 @@ class DataSelectionCallback(Callback):
                 "ScoredSubsetDataModule or WebDatasetDataModule (or one of your own implementing lightning_chips.data."
                 "pool.SelectablePool), passed as `trainer.fit(model, datamodule=...)`; got "
                 f"{type(datamodule).__name__ if datamodule is not None else 'none'}."
+            )
+        if self.rescore is not None and not isinstance(datamodule, IndexedPool):
+            raise ValueError(
+                f"`rescore={self.rescore}` re-scores a part of the pool, read by dataset index, which "
+                f"{type(datamodule).__name__} cannot do (a shard pool reads whole shards): use a "
+                "ScoredSubsetDataModule, or leave `rescore` unset to score every pair each round."
             )
         resolve_adapter(pl_module, self.adapter)  # fail before training if the CLIP cannot be reached
         target = self.target if self.target is not None else getattr(datamodule, "target", None)
@@ -330,18 +345,30 @@ class DataSelectionCallback(Callback):
         self.context = RoundContext(round=r, learning_rate=lr, text_encoder=PromptEncoder(adapter, tokenizer),
                                     seed=self.seed)  # fmt: skip
         collective = Collective(trainer)
+        pool_size = datamodule.pool_size()
+        plan, budget = plan_round(self.rescore, self.candidates, pool_size=pool_size, fraction=self.fraction, round=r,
+                                  seed=self.seed, pool_sample=self.pool_sample)  # fmt: skip
         result = run_round(
             self.scorer, adapter, datamodule, self.context, target=self.target, pool_sample=self.pool_sample,
             collective=collective, device=pl_module.device,
             progress=self.progress and trainer.progress_bar_callback is not None,
             precision=trainer.precision_plugin.forward_context, group_by=self.group_by,
-            group_labels=self._group_labels(datamodule), max_skipped=self.max_skipped,
+            group_labels=self._group_labels(datamodule), max_skipped=self.max_skipped, candidates=plan,
         )  # fmt: skip
         skipped, shard_errors = result.skipped, result.shard_errors
         n = len(result.ids)
+        if self.rescore is not None and result.positional:
+            self.candidates = CandidateState.after_round(
+                self.candidates, indices=result.indices, ids=result.ids, scores=result.scores,
+                skipped_indices=np.array([s.index for s in skipped if s.index is not None], dtype=np.int64),
+                keep=kept_ranking(self.rescore, pool_size, self.fraction), pool_size=pool_size, round=r,
+                full=plan is None,
+            )  # fmt: skip
+            n = self.candidates.pool_pairs(pool_size) if plan is not None else n  # the budget is of the pool
+        budget_kwargs = {"fraction": self.fraction} if plan is None else {"count": min(budget, len(result.ids))}
         selection = select(
-            result.ids, result.scores, fraction=self.fraction, mode=self.mode, labels=result.labels,
-            indices=result.indices, temperature=self.temperature, round=r, method=type(self.scorer).__name__,
+            result.ids, result.scores, mode=self.mode, labels=result.labels, indices=result.indices,
+            temperature=self.temperature, round=r, method=type(self.scorer).__name__, **budget_kwargs,
         )  # fmt: skip
         previous = self.selection
         self.selection = selection
@@ -353,6 +380,7 @@ class DataSelectionCallback(Callback):
         selected = selection.contains(result.ids)
         metrics.update(group_metrics(result.groups, selected))
         metrics["skipped"] = float(len(skipped))
+        metrics["encoded"] = float(result.encoded)
         metrics["target_skipped"] = float(len(result.target_skipped))
         metrics.update({name: float(value) for name, value in self.scorer.round_metrics().items()})
         if not result.positional:
@@ -363,6 +391,10 @@ class DataSelectionCallback(Callback):
         def write() -> None:  # rank 0 writes; the others learn whether it could
             if trainer.is_global_zero:
                 arrays = skipped_arrays(skipped, shard_errors, result.positional)
+                seconds = time.perf_counter() - start
+                fit = max(time.perf_counter() - (self._fit_started or start), seconds)
+                arrays.update(encoded=np.int64(result.encoded), pool_pairs=np.int64(n), round_seconds=seconds,
+                              fit_share=seconds / fit if fit > 0 else 1.0)  # fmt: skip
                 self._write(trainer, selection, result, arrays)
 
         collective.agree(r, "the round file", write)
@@ -394,6 +426,10 @@ class DataSelectionCallback(Callback):
             seconds = time.perf_counter() - start
             fit_so_far = time.perf_counter() - (self._fit_started or start)
             kept_before = "" if previous is None else f"; {metrics['overlap']:.1%} of them were kept last round too"
+            total = f" of {pool_size:,}" if pool_size is not None else ""
+            kept_before += f"; encoded {result.encoded:,}{total} pool pairs" + (
+                "" if plan is None else f" ({plan.describe(pool_size, r - 1)})"
+            )  # type: ignore[arg-type]
             skipped_text = (f"; {len(skipped)} pairs skipped (unreadable, failed checks or duplicate ids; the round "
                             "file lists them)" if skipped else "")  # fmt: skip
             if shard_errors:
@@ -483,6 +519,7 @@ class DataSelectionCallback(Callback):
             "mode": self.mode, "every_n_steps": self.every_n_steps, "every_n_epochs": self.every_n_epochs,
             "warmup_steps": self.warmup_steps, "pool_sample": self.pool_sample, "seed": self.seed,
             "group_by": list(self.group_by), "gallery": self.gallery, "max_skipped": self.max_skipped,
+            "rescore": "all" if self.rescore is None else vars(self.rescore),
             "pool_pairs_scored": n, **{f"scorer.{k}": v for k, v in self.scorer.config()["arguments"].items()},
             **{f"estimate.{k}": v for k, v in self.scorer.round_metrics().items()},
             "global_step": trainer.global_step, "epoch": trainer.current_epoch, "world_size": trainer.world_size,
@@ -510,6 +547,7 @@ class DataSelectionCallback(Callback):
             "last_epoch": self.last_epoch,
             "history": list(self.history),
             "scorer": self.scorer.state_dict(),
+            "candidates": None if self.candidates is None else self.candidates.state_dict(),
         }
 
     @override
@@ -526,6 +564,8 @@ class DataSelectionCallback(Callback):
         self.last_epoch = int(state_dict["last_epoch"])
         self.history = list(state_dict.get("history", []))
         self.scorer.load_state_dict(state_dict.get("scorer", {}))
+        candidates = state_dict.get("candidates")
+        self.candidates = None if candidates is None else CandidateState.from_state_dict(candidates)
         sel = state_dict.get("selection")
         if sel is not None:
             self.selection = Selection.from_state_dict(

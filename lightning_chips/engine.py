@@ -30,7 +30,7 @@ The rank bookkeeping a round needs lives beside it: :mod:`lightning_chips.collec
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,11 +43,12 @@ from torch.utils.data import Dataset
 from lightning_chips.adapters import CLIPAdapter
 from lightning_chips.collective import NO_ID, Collective, skip_key
 from lightning_chips.data.checks import SkippedSample
-from lightning_chips.data.pool import SelectablePool
+from lightning_chips.data.pool import IndexedPool, PoolItem, SelectablePool
 from lightning_chips.endpoint import EndPoint
 from lightning_chips.features import PairFeatures
 from lightning_chips.groups import GroupColumn, GroupEncoder
 from lightning_chips.ids import ids_array
+from lightning_chips.rescore import CandidatePlan
 from lightning_chips.round_rows import DUPLICATE_REASON, Rows, extract_rows, gather_rows, iter_rows
 from lightning_chips.scoring import RoundContext, Scorer
 
@@ -141,9 +142,13 @@ def _target_features(scorer: Scorer, adapter: CLIPAdapter, pool: SelectablePool,
 
 
 def _sample_features(adapter: CLIPAdapter, pool: SelectablePool, size: int | None, context: RoundContext,
-                     collective: Collective, **kwargs: Any) -> PairFeatures:  # fmt: skip
+                     collective: Collective, indices: np.ndarray | None = None,
+                     **kwargs: Any) -> PairFeatures:  # fmt: skip
     r = context.round
-    items = pool.pool_sample_batches(size, r, context.seed, collective.rank, collective.world)  # type: ignore[arg-type]
+    if indices is not None:  # a candidate round's sample (lightning_chips.rescore)
+        items = _indexed(pool).indexed_batches(indices, collective.rank, collective.world)
+    else:
+        items = pool.pool_sample_batches(size, r, context.seed, collective.rank, collective.world)  # type: ignore[arg-type]
     own = collective.agree(
         r,
         "the pool sample features",
@@ -167,16 +172,18 @@ def prepare_round(
     device: torch.device | str | None = None,
     progress: bool = False,
     precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    sample_indices: np.ndarray | None = None,
 ) -> list[SkippedSample]:
     """Steps 1-2 of a round: extract the target and the pool sample (``pool_sample`` pairs drawn with
-    ``(context.seed, context.round)``; None: every pair of the pool) and prepare ``scorer`` on them. Returns the
-    target pairs that were skipped. ``lightning-chips score`` runs this, then :func:`score_batch` per batch."""
+    ``(context.seed, context.round)``; None: every pair of the pool; or the pairs at ``sample_indices`` of an
+    :class:`~lightning_chips.data.pool.IndexedPool`) and prepare ``scorer`` on them. Returns the target pairs that
+    were skipped. ``lightning-chips score`` runs this, then :func:`score_batch` per batch."""
     collective = collective or Collective()
     device = device if device is not None else next(adapter.module.parameters()).device
     kwargs = {"device": device, "progress": progress and collective.rank == 0, "precision": precision}
     target_features, target_skipped = _target_features(scorer, adapter, pool, target, collective, context.round,
                                                        **kwargs)  # fmt: skip
-    sample = _sample_features(adapter, pool, pool_sample, context, collective, **kwargs)
+    sample = _sample_features(adapter, pool, pool_sample, context, collective, sample_indices, **kwargs)
     collective.agree(
         context.round,
         "the prepared scorer",
@@ -206,6 +213,8 @@ class RoundScores:
             ids themselves); ``ids`` always holds the int64 keys (:mod:`lightning_chips.ids`).
         groups: the ``group_by`` field -> :class:`~lightning_chips.groups.GroupColumn` of the scored pairs (empty
             without ``group_by``).
+        encoded: pool pairs the scoring pass read (scored, skipped or duplicate): the pool, or a candidate round's
+            candidates.
     """
 
     ids: np.ndarray
@@ -219,6 +228,7 @@ class RoundScores:
     uids: np.ndarray | None = None
     groups: dict[str, GroupColumn] = field(default_factory=dict)
     order: np.ndarray | None = None
+    encoded: int = 0
 
 
 def run_round(
@@ -236,6 +246,7 @@ def run_round(
     group_by: Sequence[str] = (),
     group_labels: Mapping[str, Mapping[str, str]] | None = None,
     max_skipped: float | None = None,
+    candidates: CandidatePlan | None = None,
 ) -> RoundScores:
     """Score every pair of ``pool`` for one round (steps 1-4 of the module docstring), on every rank.
 
@@ -247,6 +258,11 @@ def run_round(
     ``max_skipped`` (a share in [0, 1]; None: no limit) bounds the pool pairs that may fail to load or the checks
     (:func:`check_skipped`; duplicate ids do not count); the check runs on the gathered lists, so every rank
     raises the same error, before ``scorer.end_round``.
+
+    ``candidates`` (a candidate round, :mod:`lightning_chips.rescore`; the pool must be an
+    :class:`~lightning_chips.data.pool.IndexedPool`): only the pairs at ``candidates.encode`` are read and scored,
+    and ``scorer.prepare`` sees the pairs at ``candidates.sample`` (a subset of them) instead of the pool sample.
+    With ``pool_sample=None`` their features are extracted once, as the whole pool's are in a full round.
 
     Raises:
         ValueError: when no pool pair or no target pair could be used, or on a ``max_skipped`` outside [0, 1].
@@ -266,15 +282,22 @@ def run_round(
     size = pool.pool_size()
     sink: list[SkippedSample] = []
     groups = GroupEncoder(group_by, labels=group_labels) if group_by else None
+    what = "candidates" if candidates is not None else "pool"
+
+    def scoring_items() -> Iterable[PoolItem]:
+        if candidates is None:
+            return pool.scoring_batches(rank, world)
+        return _indexed(pool).indexed_batches(candidates.encode, rank, world)
+
     if pool_sample is not None and (size is None or pool_sample < size):
         target_skipped = prepare_round(scorer, adapter, pool, context, pool_sample=pool_sample, target=target,
-                                       collective=collective, device=device, progress=progress,
-                                       precision=precision)  # fmt: skip
+                                       collective=collective, device=device, progress=progress, precision=precision,
+                                       sample_indices=None if candidates is None else candidates.sample)  # fmt: skip
 
         def score_stream() -> Rows | None:
             parts = []
-            for rows in iter_rows(adapter, pool.scoring_batches(rank, world), sink,
-                                  description=f"round {r}: scoring", groups=groups, **kwargs):  # fmt: skip
+            for rows in iter_rows(adapter, scoring_items(), sink, description=f"round {r}: scoring {what}",
+                                  groups=groups, **kwargs):  # fmt: skip
                 rows.scores = score_batch(scorer, rows.features)  # type: ignore[arg-type]
                 rows.features = None
                 parts.append(rows)
@@ -283,16 +306,21 @@ def run_round(
         own = collective.agree(r, "the pool scores", score_stream)
     else:
         target_features, target_skipped = _target_features(scorer, adapter, pool, target, collective, r, **kwargs)
-        items = pool.scoring_batches(rank, world)
         own = collective.agree(
-            r, "the pool features",
-            lambda: extract_rows(adapter, items, sink, description=f"round {r}: pool", groups=groups, **kwargs),
+            r, f"the {what} features",
+            lambda: extract_rows(adapter, scoring_items(), sink, description=f"round {r}: {what}", groups=groups,
+                                 **kwargs),
         )  # fmt: skip
         everything = gather_rows(collective, own, features=True)
         if len(everything.ids) == 0:
             skipped, _ = collective.skipped(sink)
             raise ValueError(_nothing_scored(skipped))
-        sample = everything.keep_first()[0].features
+        first = everything.keep_first()[0]
+        if candidates is not None:  # the exploration sample, not the top of the last round, prepares the scorer
+            first = first.take(torch.from_numpy(np.flatnonzero(np.isin(first.index.numpy(), candidates.sample))))
+            if len(first.ids) == 0:
+                raise ValueError(f"Round {r}: the exploration sample holds no usable pair (every pair read failed).")
+        sample = first.features
 
         def score_own() -> Rows | None:
             prepare_scorer(scorer, adapter.endpoint(), target_features, sample, context, device)  # type: ignore[arg-type]
@@ -330,7 +358,17 @@ def run_round(
         uids=None if kept.uids is None else ids_array(kept.uids),
         groups=columns,
         order=kept.order.numpy(),
+        encoded=len(rows.ids) + len(skipped),
     )
+
+
+def _indexed(pool: SelectablePool) -> IndexedPool:
+    if not isinstance(pool, IndexedPool):
+        raise TypeError(
+            f"A candidate round reads pairs by dataset index, which {type(pool).__name__} cannot (it has no "
+            "`indexed_batches`): use a map-style pool (ScoredSubsetDataModule), or score every pair (rescore=None)."
+        )
+    return pool
 
 
 def round_learning_rate(model: object, optimizers: Sequence[Optimizer] = ()) -> float:

@@ -41,11 +41,15 @@ def test_contrastive_loss_gathers_negatives_across_ranks(tmp_path):
     assert abs(local_only["val_loss"] - single["val_loss"]) > 0.05
 
 
+CANDIDATES = "1.5,0.1"
+"""Rounds 1 and 2 of the selection runs are candidate rounds: the top 1.5 x 75 of the last round + 30 explored."""
+
+
 def _select(tmp_path: Path, devices: int, batch_size: int, scorer: str) -> list[dict]:
     out = tmp_path / f"{scorer}{devices}"
     out.mkdir()
     result = subprocess.run(
-        [sys.executable, str(SELECT_SCRIPT), str(out), str(devices), str(batch_size), scorer],
+        [sys.executable, str(SELECT_SCRIPT), str(out), str(devices), str(batch_size), scorer, "1", CANDIDATES],
         capture_output=True,
         text=True,
         timeout=300,
@@ -59,7 +63,8 @@ def _select(tmp_path: Path, devices: int, batch_size: int, scorer: str) -> list[
 def test_ranks_agree_on_the_selection_and_split_the_single_process_sequence(tmp_path):
     """2 ranks x batch 8 vs 1 process x batch 16, Random scorer (model-independent, so the runs select alike):
     every round both ranks hold the same selection, and per step the two ranks' batches are exactly the two
-    halves (interleaved) of the single process's batch."""
+    halves (interleaved) of the single process's batch. Rounds 1 and 2 are candidate rounds (about half the pool
+    encoded): the ranks read their shares of the candidates and agree on the same selection as one process."""
     rank0, rank1 = _select(tmp_path, 2, 8, "random")
     (single,) = _select(tmp_path, 1, 16, "random")
     assert set(rank0["selections"]) == {"0", "1", "2"}
@@ -71,11 +76,23 @@ def test_ranks_agree_on_the_selection_and_split_the_single_process_sequence(tmp_
         assert interleaved == s
         assert set(s) <= set(single["selections"][epoch])
     assert rank0["selections"]["0"] != rank0["selections"]["1"]  # a new random subset every round
+    assert rank0["encoded"] == rank1["encoded"] == single["encoded"]
+    assert rank0["encoded"][0] == 300 and all(e <= (1.5 * 0.25 + 0.1) * 300 for e in rank0["encoded"][1:])
     # the round files (rank 0's) hold the same scores, groups and galleries as the single process's
     for r in range(3):
         name = f"rounds/round_{r:04d}.npz"
         ddp, one = np.load(tmp_path / "random2" / name), np.load(tmp_path / "random1" / name)
-        for key in ("ids", "scores", "selected", "group_fields", "group_values_0", "group_codes_0", "group_codes_1"):
+        for key in (
+            "ids",
+            "scores",
+            "selected",
+            "group_fields",
+            "group_values_0",
+            "group_codes_0",
+            "group_codes_1",
+            "encoded",
+            "pool_pairs",
+        ):
             assert np.array_equal(ddp[key], one[key]), key
         assert len(np.unique(one["group_codes_1"])) == 2  # both noisy and clean pairs are in the pool
         ddp_gallery = np.load(tmp_path / "random2" / name.replace(".npz", "_gallery.npz"))
@@ -89,8 +106,9 @@ def test_chips_selection_is_identical_on_both_ranks(tmp_path):
     rank0, rank1 = _select(tmp_path, 2, 8, "chips")
     for epoch in ("0", "1", "2"):
         assert rank0["selections"][epoch] == rank1["selections"][epoch]
-        assert len(rank0["selections"][epoch]) == 75  # round(0.25 * 300)
+        assert len(rank0["selections"][epoch]) == 75  # round(0.25 * 300), candidate rounds too
         assert set(rank0["batches"][epoch]) | set(rank1["batches"][epoch]) <= set(rank0["selections"][epoch])
+    assert rank0["encoded"] == rank1["encoded"] and max(rank0["encoded"][1:]) < 300
 
 
 GRAD_SCRIPT = Path(__file__).parent / "scripts" / "ddp_grad_step.py"

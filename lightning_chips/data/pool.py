@@ -48,6 +48,7 @@ from lightning_chips.selection import Selection
 __all__ = [
     "MapBatches",
     "MapPool",
+    "IndexedPool",
     "PairSource",
     "PoolItem",
     "PoolMethods",
@@ -131,6 +132,18 @@ class PairSource(Protocol):
         the caption a string), or ``id -> reason`` for a pair that could not be read; an id left out is missing.
         ``order``: the pairs' pool positions as the round recorded them
         (:attr:`~lightning_chips.engine.RoundScores.order`), or None."""
+        ...
+
+
+@runtime_checkable
+class IndexedPool(Protocol):
+    """A map-style pool that streams any set of its pairs by dataset index: what a candidate round
+    (:mod:`lightning_chips.rescore`) reads. :class:`MapPool` and :class:`~lightning_chips.data.ScoredSubsetDataModule`
+    have it; a shard pool does not (a pair is reached by reading its shard)."""
+
+    def indexed_batches(self, indices: np.ndarray, rank: int, world: int) -> Iterable[PoolItem]:
+        """This rank's contiguous share of the pairs at ``indices`` (sorted dataset indices), in index order, its
+        skipped samples alongside (as :meth:`SelectablePool.scoring_batches`)."""
         ...
 
 
@@ -235,6 +248,10 @@ class MapPool:
 
     def scoring_batches(self, rank: int, world: int) -> MapBatches:
         return self._batches(self.pool, shard_indices(np.arange(self.pool_size()), rank, world))
+
+    def indexed_batches(self, indices: np.ndarray, rank: int, world: int) -> MapBatches:
+        """This rank's share of the pairs at ``indices`` (:class:`IndexedPool`)."""
+        return self._batches(self.pool, shard_indices(np.sort(np.asarray(indices, dtype=np.int64)), rank, world))
 
     def load_pairs(self, ids: Sequence[Id], order: Sequence[int] | None = None) -> LoadedPairs:
         """The pairs by dataset index (``order``); a pair that fails to load gives the reason."""

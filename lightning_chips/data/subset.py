@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
+import numpy as np
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -12,7 +13,7 @@ from typing_extensions import override
 
 from lightning_chips.data.checks import CheckedPairs, SkippedSample
 from lightning_chips.data.collate import PairCollate, SelectionDataLoader
-from lightning_chips.data.pool import MapPool, PoolMethods
+from lightning_chips.data.pool import MapBatches, MapPool, PoolMethods
 from lightning_chips.data.preprocess import (
     MissingTokenizer,
     model_context_length,
@@ -243,6 +244,11 @@ class ScoredSubsetDataModule(PoolMethods, LightningDataModule):
 
     def pool_size(self) -> int:
         return len(self.pool)  # type: ignore[arg-type]
+
+    def indexed_batches(self, indices: np.ndarray, rank: int, world: int) -> MapBatches:
+        """This rank's share of the pool pairs at ``indices``, for a candidate round
+        (:class:`~lightning_chips.data.pool.IndexedPool`)."""
+        return self.scoring_pool().indexed_batches(indices, rank, world)
 
     def _val_loader(self) -> DataLoader:
         return self._eval_loader(self.val, fill=True)  # type: ignore[arg-type]

@@ -1,6 +1,8 @@
 """A 3-round selection fit on N CPU processes (gloo); every rank writes what it selected and drew as JSON.
 
-Usage: python ddp_select.py OUT_DIR DEVICES BATCH_SIZE SCORER [GATHER_WITH_GRAD]
+Usage: python ddp_select.py OUT_DIR DEVICES BATCH_SIZE SCORER [GATHER_WITH_GRAD] [WIDEN,EXPLORE]
+
+With WIDEN,EXPLORE, rounds 1 and 2 are candidate rounds (``rescore=CandidateRescore(WIDEN, EXPLORE)``).
 """
 
 import json
@@ -12,6 +14,7 @@ import torch
 from tiny import TINY, teardown
 
 from lightning_chips import DataSelectionCallback, OpenCLIPModule, ScoredSubsetDataModule, TwoDomainPairs
+from lightning_chips.rescore import CandidateRescore
 from lightning_chips.scoring import CHIPS, Random
 
 
@@ -32,6 +35,10 @@ def main() -> None:
     out, devices, batch_size, scorer_name = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     pl.seed_everything(0)
     gather_with_grad = len(sys.argv) < 6 or sys.argv[5] == "1"
+    rescore = None
+    if len(sys.argv) > 6:
+        widen, explore = (float(x) for x in sys.argv[6].split(","))
+        rescore = CandidateRescore(widen, explore)
     module = OpenCLIPModule(model_config=TINY, lr=1e-3, gather_with_grad=gather_with_grad)
     data = ScoredSubsetDataModule(
         TwoDomainPairs(300, noise_fraction=0.2),
@@ -48,8 +55,17 @@ def main() -> None:
         strategy="ddp" if devices > 1 else "auto",
         max_epochs=3,
         callbacks=[
-            DataSelectionCallback(scorer, fraction=0.25, every_n_epochs=1, save_dir=str(out / "rounds"), progress=False,
-                                  group_by=["domain", "noisy"], gallery=3, thumbnail_size=16),  # fmt: skip
+            DataSelectionCallback(
+                scorer,
+                fraction=0.25,
+                every_n_epochs=1,
+                save_dir=str(out / "rounds"),
+                progress=False,
+                group_by=["domain", "noisy"],
+                gallery=3,
+                thumbnail_size=16,
+                rescore=rescore,
+            ),  # fmt: skip
             record,
         ],
         logger=False,
@@ -61,7 +77,11 @@ def main() -> None:
     params = torch.cat([p.detach().reshape(-1) for p in module.model.parameters()])
     torch.save(params, out / f"rank{trainer.global_rank}_of{devices}.pt")
     with open(out / f"rank{trainer.global_rank}_of{devices}.json", "w") as f:
-        json.dump({"batches": record.batches, "selections": record.selections}, f)
+        (selector,) = [c for c in trainer.callbacks if isinstance(c, DataSelectionCallback)]
+        history = selector.history
+        json.dump(
+            {"batches": record.batches, "selections": record.selections, "encoded": [h["encoded"] for h in history]}, f
+        )
 
 
 if __name__ == "__main__":
