@@ -65,6 +65,7 @@ class Round:
     groups: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     shard_errors: list[str] = field(default_factory=list)
+    pool_pairs: int | None = None
     gallery: list[dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
@@ -126,6 +127,7 @@ def _read_round(path: Path, index: int, problems: list[Problem]) -> Round | None
         None if fraction is None else float(fraction), _scalar(arrays, "settings"), groups,
         [f"{n}: {r}" for n, r in zip(names + ["?"] * len(reasons), reasons, strict=False)],
         [f"{url}: {error}" for url, error in shards],
+        None if _scalar(arrays, "pool_pairs") is None else int(_scalar(arrays, "pool_pairs")),
     )  # fmt: skip
 
 
@@ -233,6 +235,7 @@ class Summary:
     shard_errors: list[str]
     gallery: list[dict[str, Any]] | None
     picks: list[tuple[str, Any, float]]  # (kind, id, score) to read from the pool when there is no gallery
+    pool_pairs: int = 0  # usable pool pairs: ``size`` unless a candidate round scored a part of the pool
 
 
 def _picks(r: Round, previous: Summary | None, k: int) -> list[tuple[str, Any, float]]:
@@ -268,6 +271,7 @@ def summarize(r: Round, previous: Summary | None, k: int) -> Summary:
         len(r.ids) - len(finite), np.histogram(finite, bins=60, density=True) if len(finite) else None,
         None if sel is None else r.ids[sel], None if sel is None else r.scores[sel], groups, r.skipped,
         r.shard_errors, r.gallery, _picks(r, previous, k) if r.gallery is None and k else [],
+        r.pool_pairs if r.pool_pairs is not None else len(r.ids),
     )  # fmt: skip
 
 

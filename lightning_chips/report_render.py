@@ -88,7 +88,7 @@ def _text(value: Any) -> str:
 
 
 def _settings_section(rounds: list[Summary], run_dir: Path, offline: bool, manifest: dict[str, Any]) -> str:
-    sizes = sorted({r.size for r in rounds})
+    sizes = sorted({r.pool_pairs for r in rounds})
     fractions = sorted({r.fraction for r in rounds if r.fraction is not None})
     names = [r.name for r in rounds[:3]] + ["..."] * (len(rounds) > 3)
     rows = [
@@ -151,12 +151,12 @@ def _scores_section(rounds: list[Summary], render: Callable | None) -> str:
     for r in rounds:
         n_sel = None if r.chosen is None else len(r.chosen)
         finite = np.array([]) if r.chosen_scores is None else r.chosen_scores[np.isfinite(r.chosen_scores)]
-        rows.append((r.index, r.name, f"{r.size:,}", "–" if n_sel is None else f"{n_sel:,}",
-                     _pct(n_sel / r.size) if n_sel is not None and r.size else "–", *r.stats,
+        rows.append((r.index, r.name, f"{r.pool_pairs:,}", f"{r.size:,}", "–" if n_sel is None else f"{n_sel:,}",
+                     _pct(n_sel / r.pool_pairs) if n_sel is not None and r.pool_pairs else "–", *r.stats,
                      f"{finite.min():.4g}" if len(finite) else "–", r.nonfinite, len(r.skipped),
                      len(r.shard_errors)))  # fmt: skip
     text = _figure(render, draw, (8, 4), "score histograms") if drawn else ""
-    text += _table(("round", "file", "pool pairs", "selected", "selected share", "min", "median", "max",
+    text += _table(("round", "file", "pool pairs", "scored", "selected", "selected share", "min", "median", "max",
                     "lowest selected", "NaN/inf scores", "skipped pairs", "unreadable shards"), rows)  # fmt: skip
     for r in rounds:
         if r.skipped or r.shard_errors:
@@ -200,6 +200,10 @@ def _groups_section(rounds: list[Summary], render: Callable | None) -> str:
     if not fields:
         return '<p class="note">No group fields in the round files.</p>'
     text = ""
+    partial = [str(r.index) for r in rounds if r.size < r.pool_pairs]
+    if partial:  # candidate rounds (DataSelectionCallback(rescore=...)) score a part of the pool
+        text += (f'<p class="note">Rounds {", ".join(partial)} scored a part of the pool (candidate rounds): their '
+                 "pool columns count the pairs they scored.</p>")  # fmt: skip
     for name in fields:
         having = [r for r in rounds if name in r.groups]
         rows, classes = [], []

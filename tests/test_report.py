@@ -203,7 +203,7 @@ def test_the_page_holds_settings_statistics_overlap_and_a_section_per_round(tmp_
     assert '"sketch_dim": 512' in html.unescape(page.text)  # the settings JSON, pretty-printed
     assert "<h3>settings</h3>" not in page.text and "callback" in settings  # one table: the run's and the JSON's
     stats = page.table("scores")[1:]
-    assert [row[3] for row in stats] == ["12", "12", "9"]  # selected per round
+    assert [row[4] for row in stats] == ["12", "12", "9"]  # selected per round (after pool pairs, scored)
     assert [row[-2:] for row in stats] == [["0", "0"], ["2", "1"], ["0", "0"]]  # skipped pairs, unreadable shards
     assert "undecodable image: not a PNG" in page.text and "truncated or unreadable after 3 samples" in page.text
     overlap = page.table("overlap")[1:]
@@ -320,7 +320,7 @@ def test_a_score_folder_gets_its_top_k_from_the_manifests_pool(tmp_path, pools, 
     for item in page.items:
         assert pairs[item["data-id"] if string_ids else int(item["data-id"])]["text"] in item["text"]
     stats = page.table("scores")[1]
-    assert stats[3] == "–" and "needs two or more rounds" in page.text  # no selection in a score folder
+    assert stats[4] == "–" and "needs two or more rounds" in page.text  # no selection in a score folder
     assert page.table("groups")[0] == ["round", "domain", "pool pairs", "pool share"]
 
 
@@ -330,14 +330,14 @@ def test_a_score_folder_with_a_selection_file_or_a_fraction(tmp_path, pools):
     ids, scores, domain = arrays["ids"], arrays["scores"], arrays["domain"]
     top = top_order(ids, scores)[:12]  # round(0.25 * 49) = 12
     page = Page(build_report(tmp_path / "scores", tmp_path / "fraction.html", fraction=0.25, gallery=0))
-    assert page.table("scores")[1][3] == "12"
+    assert page.table("scores")[1][4] == "12"
     groups = {row[1]: int(row[4]) for row in page.table("groups")[1:]}
     assert groups == {v: int((domain[top] == c).sum()) for c, v in enumerate(DOMAINS) if (domain == c).any()}
 
     chosen = np.concatenate([ids[[0, 3, 7]], [123]])
     np.save(tmp_path / "subset.npy", chosen)
     page = Page(build_report(tmp_path / "scores", tmp_path / "selection.html", selection=tmp_path / "subset.npy"))
-    assert page.table("scores")[1][3] == "3"
+    assert page.table("scores")[1][4] == "3"
     assert "subset.npy | 1 selected ids are not in scores.npz" in page.problems()
     np.save(tmp_path / "strings.npy", np.array(["a", "b"]))
     with pytest.raises(ValueError, match="string ids"):

@@ -67,9 +67,9 @@ def _module() -> OpenCLIPModule:
     return OpenCLIPModule(model_config=copy.deepcopy(TINY_VIT), lr=2e-3)
 
 
-def _fit(directory: Path, data, rescore, *, epochs=3, callbacks=(), ckpt_path=None, scorer=None):
+def _fit(directory: Path, data, rescore, *, epochs=3, callbacks=(), ckpt_path=None, scorer=None, **kwargs):
     callback = DataSelectionCallback(scorer or _chips(), fraction=FRACTION, every_n_epochs=1, rescore=rescore,
-                                     save_dir=str(directory / "rounds"), progress=False)  # fmt: skip
+                                     save_dir=str(directory / "rounds"), progress=False, **kwargs)  # fmt: skip
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, callbacks=[callback, *callbacks],
                          logger=False, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=directory)  # fmt: skip
@@ -144,7 +144,7 @@ def test_the_state_keeps_unusable_pairs_until_they_are_scored():
 def test_candidate_rounds_encode_at_most_the_bound_and_keep_the_budget(tmp_path):
     policy = CandidateRescore(widen=1.5, explore=0.1)
     data = CountingData(BrokenPairs(POOL, BROKEN))
-    callback = _fit(tmp_path, data, policy)
+    callback = _fit(tmp_path, data, policy, group_by=["domain"])
     assert [kind for kind, _ in data.reads] == ["all", "indexed", "indexed"]  # round 0 reads the whole pool
     usable = POOL - len(BROKEN)
     budget = round(FRACTION * usable)
@@ -166,6 +166,14 @@ def test_candidate_rounds_encode_at_most_the_bound_and_keep_the_budget(tmp_path)
     explored = np.random.default_rng([0, 2]).choice(POOL, size=round(0.1 * POOL), replace=False)
     assert set(callback.scorer.state.bank.ids.tolist()) <= set(data.pool.base.ids[explored].tolist())
     assert callback.history[0]["encoded"] == POOL
+    # the report counts the pool's pairs, not the candidates, and says which rounds scored a part of the pool
+    from lightning_chips.report import build_report
+    from lightning_chips.report_read import read_round, summarize
+
+    page = build_report(tmp_path / "rounds").read_text()
+    assert "Rounds 1, 2 scored a part of the pool (candidate rounds)" in page
+    summary = summarize(read_round(1, tmp_path / "rounds" / "round_0001.npz", False, []), None, 0)
+    assert (summary.pool_pairs, summary.size) == (usable, int(_round(tmp_path, 1)["encoded"]) - len(BROKEN))
 
 
 def test_candidates_that_cover_the_pool_give_the_full_rounds(tmp_path):
