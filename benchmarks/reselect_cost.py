@@ -187,7 +187,8 @@ def reselect_fit(model: pl.LightningModule, data: ScoredSubsetDataModule, scorer
 # ----------------------------------------------------------------------------------------------------------------
 # quality: the selection-quality benchmark's pools
 # ----------------------------------------------------------------------------------------------------------------
-def quality_run(cfg: sq.Config, sets: dict, state: dict, setting: str, budget: float, seed: int, root: Path) -> dict:
+def quality_run(cfg: sq.Config, sets: dict, state: dict, setting: str, budget: float, seed: int, root: Path,
+                shadow: bool = True) -> dict:  # fmt: skip
     pl.seed_everything(seed, verbose=False)
     pool = sets["pool"]
     model = sq._model(cfg, cfg.cpt_lr, state)
@@ -196,14 +197,15 @@ def quality_run(cfg: sq.Config, sets: dict, state: dict, setting: str, budget: f
                                   batch_size=cfg.batch_size, steps_per_round=steps, seed=seed, normalize="none",
                                   eval_batch_size=2048)  # fmt: skip
     out = reselect_fit(model, data, CHIPS(seed=seed), fraction=budget, epochs=cfg.cpt_epochs,
-                       rescore=SETTINGS[setting], seed=seed, root=root, features=setting == "full")  # fmt: skip
+                       rescore=SETTINGS[setting], seed=seed, root=root, features=setting == "full",
+                       shadow=shadow)  # fmt: skip
     metrics = sq.evaluate(model, sets)
     metrics.update(sq.composition(sets, out.pop("positions")))
     return {**metrics, **out}
 
 
 def quality(scenarios: list[str], budgets: list[float], seeds: list[int], settings: list[str], work: Path,
-            log=print) -> dict:  # fmt: skip
+            shadow_seeds: list[int], log=print) -> dict:  # fmt: skip
     cfg = sq.Config()
     results: dict = {}
     for scenario in scenarios:
@@ -215,7 +217,8 @@ def quality(scenarios: list[str], budgets: list[float], seeds: list[int], settin
         for budget in budgets:
             for setting in settings:
                 for seed in seeds:
-                    run = quality_run(cfg, sets, state, setting, budget, seed, work / f"{scenario}-{budget}-{seed}")
+                    run = quality_run(cfg, sets, state, setting, budget, seed, work / f"{scenario}-{budget}-{seed}",
+                                      shadow=seed in shadow_seeds)  # fmt: skip
                     results.setdefault(scenario, {}).setdefault(f"{round(100 * budget)}%", {}).setdefault(
                         setting, []).append(run)  # fmt: skip
                 log(f"[{scenario} {round(100 * budget)}%] {setting}: " + _cell(results[scenario]
@@ -355,37 +358,69 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3, help="wall-time repeats per setting")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--work", type=Path, default=Path("/tmp/reselect_cost"), help="round files go here")
+    parser.add_argument("--shadow-seeds", nargs="*", type=int, default=[0], help="seeds whose candidate rounds are "
+                        "compared with the full round of the same moment (each costs a full round)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="directory for table.md and results.json")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, help="merge the results.json of runs made "
+                        "side by side (e.g. one scenario per core) into --out")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     torch.set_num_threads(args.threads)
     payload: dict = {"command": "python benchmarks/reselect_cost.py " + " ".join(argv if argv is not None
                                                                                  else sys.argv[1:]),
                      "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
                                 f"{args.threads} thread(s)"}  # fmt: skip
-    text = []
     if args.part in ("quality", "both"):
-        payload["quality"] = quality(args.scenario, args.budgets, args.seeds, args.settings, args.work)
-        text += ["## Quality", "", quality_table(payload["quality"])]
-        reuse = {
-            f"{scenario} {budget} full": [x for run in runs.get("full", []) for x in run["reuse"]]
-            for scenario, by_budget in payload["quality"].items()
-            for budget, runs in by_budget.items()
-        }
-        text += ["Training features, frozen towers (heads-only CPT on cached features):", "", reuse_table(reuse), ""]
+        payload["quality"] = quality(args.scenario, args.budgets, args.seeds, args.settings, args.work,
+                                     args.shadow_seeds)  # fmt: skip
     if args.part in ("time", "both"):
         settings = [s for s in args.settings if s in ("full", "w1.5 e0.05")] or args.settings
         payload["time"] = wall_time(settings, args.repeats, args.work, pool=args.time_pool, epochs=args.time_epochs)
+    write(payload, args.out)
+    return payload
+
+
+def render(payload: dict) -> str:
+    text = []
+    if "quality" in payload:
+        text += ["## Quality", "", quality_table(payload["quality"])]
+        reuse = {f"{scenario} {budget} full": [x for run in runs.get("full", []) for x in run["reuse"]]
+                 for scenario, by_budget in payload["quality"].items()
+                 for budget, runs in by_budget.items()}  # fmt: skip
+        text += ["Training features, frozen towers (heads-only CPT on cached features):", "", reuse_table(reuse), ""]
+    if "time" in payload:
         text += ["## Wall time", "", time_table(payload["time"]), ""]
         reuse = {f"tiny open_clip, {s}": [x for run in runs for x in run["reuse"]]
                  for s, runs in payload["time"].items()}  # fmt: skip
         text += ["Training features, trainable towers (tiny open_clip):", "", reuse_table(reuse), ""]
-    rendered = "\n".join(text)
+    return "\n".join(text)
+
+
+def write(payload: dict, out: Path | None) -> None:
+    rendered = render(payload)
     print(rendered)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "table.md").write_text(f"Command: `{payload['command']}` ({payload['machine']})\n\n{rendered}\n")
-        (args.out / "results.json").write_text(json.dumps(payload, indent=1, default=float))
-    return payload
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "table.md").write_text(f"Command: `{payload['command']}` ({payload['machine']})\n\n{rendered}\n")
+        (out / "results.json").write_text(json.dumps(payload, indent=1, default=float))
+
+
+def merge(paths: list[Path], out: Path | None) -> dict:
+    """One payload from the results.json of runs made side by side (their quality cells and wall-time runs)."""
+    merged: dict = {"command": "", "machine": ""}
+    for path in paths:
+        part = json.loads(path.read_text())
+        merged["command"] += ("; " if merged["command"] else "") + part["command"]
+        merged["machine"] = part["machine"]
+        for scenario, by_budget in part.get("quality", {}).items():
+            for budget, by_setting in by_budget.items():
+                merged.setdefault("quality", {}).setdefault(scenario, {}).setdefault(budget, {}).update(by_setting)
+        if "time" in part:
+            merged["time"] = part["time"]
+    merged["command"] += f"; python benchmarks/reselect_cost.py --merge {' '.join(map(str, paths))} --out {out}"
+    write(merged, out)
+    return merged
 
 
 if __name__ == "__main__":

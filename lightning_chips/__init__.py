@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from lightning_chips.models import OpenCLIPModule, TwoTowerCLIP
     from lightning_chips.offline import score_pool
     from lightning_chips.report import build_report
+    from lightning_chips.rescore import CandidateRescore
     from lightning_chips.reshard import select_subset
     from lightning_chips.scoring import (
         CHIPS,
@@ -56,6 +57,7 @@ _MODULES = {
     "lightning_chips.models": ("OpenCLIPModule", "TwoTowerCLIP"),
     "lightning_chips.offline": ("score_pool",),
     "lightning_chips.report": ("build_report",),
+    "lightning_chips.rescore": ("CandidateRescore",),
     "lightning_chips.reshard": ("select_subset",),
     "lightning_chips.scoring": (
         "CHIPS", "ROBUST_COMPONENTS", "SCORERS", "TRAK", "Chain", "ClipCov", "ClipPowered", "CLIPScore", "Dot",
@@ -122,6 +124,7 @@ __all__ = [
     # selection
     "Selection",
     "select",
+    "CandidateRescore",
     # offline scoring, selection and reports (what `lightning-chips score` / `select` / `report` run)
     "score_pool",
     "select_subset",

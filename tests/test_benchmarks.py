@@ -78,3 +78,45 @@ def test_throughput_benchmark_runs_on_the_tiny_model(throughput, tmp_path):
     text = doc.read_text()
     assert text.count(title) == 1 and "STALE-TEXT" not in text
     assert "## A\ntext a" in text and "## B\ntext b" in text and text.index("## A") < text.index("## B")
+
+
+def test_reselect_cost_shadow_rounds_leave_the_fit_unchanged(tmp_path):
+    """benchmarks/reselect_cost.py compares each candidate round with the full round of the same moment (a "shadow"
+    round on a copy of the scorer): the fit with the shadow rounds is the fit without them, round for round."""
+    import copy
+
+    import lightning.pytorch as pl
+    import numpy as np
+
+    from lightning_chips import OpenCLIPModule, ScoredSubsetDataModule, TwoDomainPairs
+    from lightning_chips.rescore import CandidateRescore
+    from lightning_chips.scoring import CHIPS
+
+    from .conftest import TINY_VIT
+
+    spec = importlib.util.spec_from_file_location("_bench_reselect", PATH.parent / "reselect_cost.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    try:
+        spec.loader.exec_module(bench)
+        runs = {}
+        for shadow in (False, True):
+            pl.seed_everything(0)
+            model = OpenCLIPModule(model_config=copy.deepcopy(TINY_VIT), lr=2e-3)
+            data = ScoredSubsetDataModule(TwoDomainPairs(160, noise_fraction=0.2), TwoDomainPairs(16, split="val"),
+                                          batch_size=8, steps_per_round=3, eval_batch_size=64)  # fmt: skip
+            scorer = CHIPS(sketch_dim=64, bank_size=32, curvature_samples=64)
+            policy = CandidateRescore(1.5, 0.1)
+            runs[shadow] = bench.reselect_fit(model, data, scorer, fraction=0.3, epochs=3, seed=0, shadow=shadow,
+                                              rescore=policy, root=tmp_path / str(shadow))  # fmt: skip
+            runs[shadow]["params"] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    finally:
+        sys.modules.pop(spec.name, None)
+    plain, shadowed = runs[False], runs[True]
+    for r in range(3):
+        a, b = (np.load(tmp_path / name / "rounds" / f"round_{r:04d}.npz") for name in ("False", "True"))
+        assert np.array_equal(a["ids"], b["ids"]) and np.array_equal(a["selected"], b["selected"])
+    torch.testing.assert_close(plain["params"], shadowed["params"], rtol=0, atol=0)
+    assert [r["full_overlap"] is None for r in shadowed["rounds"]] == [True, False, False]
+    assert all(0 < r["full_overlap"] <= 1 for r in shadowed["rounds"][1:])
+    assert len(shadowed["reuse"]) == 2 and all(-1 <= r["spearman"] <= 1 for r in shadowed["reuse"])
