@@ -200,6 +200,11 @@ class DataSelectionCallback(Callback):
             raise ValueError(f"`pool_sample` must be >= 2 or None (the whole pool), got {pool_sample}.")
         if mode not in MODES:
             raise ValueError(f"Unknown `mode` {mode!r}; use one of {MODES}.")
+        if mode == "stratified" and self.rescore is not None:
+            raise ValueError(
+                "mode='stratified' sets label quotas from the whole pool, which a candidate round (`rescore`) does "
+                "not score: use mode='topk' or 'weighted' with `rescore`, or leave `rescore` unset."
+            )
         if temperature <= 0:
             raise ValueError(f"`temperature` must be > 0, got {temperature}.")
         if target is not None and len(target) == 0 and scorer.requires_target:

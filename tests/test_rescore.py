@@ -92,11 +92,13 @@ def _round(directory: Path, r: int) -> dict[str, np.ndarray]:
         ({"widen": True}, "must be a number"),
         ({"widen": 2, "explor": 0.1}, r"takes `widen` and `explore`, got \['explor'\]"),
         ("some", "must be None or 'all'"),
+        ({"mode": "stratified", "widen": 2}, "mode='stratified' sets label quotas from the whole pool"),
     ],
 )
 def test_a_bad_rescore_says_what_to_pass(rescore, match):
+    kwargs = {"mode": rescore.pop("mode"), "rescore": rescore} if "mode" in rescore else {"rescore": rescore}
     with pytest.raises(ValueError, match=match):
-        DataSelectionCallback("random", rescore=rescore)
+        DataSelectionCallback("random", **kwargs)
 
 
 def test_rescore_forms():
