@@ -54,11 +54,11 @@ from lightning_chips.selection import select  # noqa: E402
 
 SETTINGS: dict[str, CandidateRescore | None] = {
     "full": None,
-    "w1.25 e0.05": CandidateRescore(widen=1.25, explore=0.05),
-    "w1.5 e0.05": CandidateRescore(widen=1.5, explore=0.05),
-    "w2 e0.1": CandidateRescore(widen=2.0, explore=0.1),
+    "w1.5 e0.025 a0.025": CandidateRescore(widen=1.5, explore=0.025, anchor=0.025),
+    "w1.5 e0.05 a0.05": CandidateRescore(widen=1.5, explore=0.05, anchor=0.05),
 }
-"""Full re-scoring and the candidate settings compared with it (encoded share <= widen x budget + explore)."""
+"""Full re-scoring and the candidate settings compared with it (encoded share <= widen x budget + anchor + explore).
+The default ``CandidateRescore()`` is the first."""
 
 BUDGETS = (0.1, 0.2, 0.3)
 SEEDS = (0, 1, 2)
@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
         payload["quality"] = quality(args.scenario, args.budgets, args.seeds, args.settings, args.work,
                                      args.shadow_seeds)  # fmt: skip
     if args.part in ("time", "both"):
-        settings = [s for s in args.settings if s in ("full", "w1.5 e0.05")] or args.settings
+        settings = [s for s in args.settings if s in ("full", "w1.5 e0.025 a0.025")] or args.settings
         payload["time"] = wall_time(settings, args.repeats, args.work, pool=args.time_pool, epochs=args.time_epochs)
     write(payload, args.out)
     return payload

@@ -1,31 +1,35 @@
 """Candidate rounds: re-selection rounds that encode a part of the pool instead of all of it.
 
 A selection round's cost is the forward pass of the towers over the pool (the scoring after it is a small share,
-docs/benchmarks.md "Scoring cost"). With ``DataSelectionCallback(rescore=CandidateRescore(widen, explore))`` a round
-after the first encodes and scores only its **candidates** (docs/selection.md "Candidate rounds"):
+docs/benchmarks.md). With ``DataSelectionCallback(rescore=CandidateRescore(widen, explore, anchor))`` a round after
+the first encodes and scores only its **candidates** (docs/selection.md "Candidate rounds"):
 
 * the previous round's top ``round(widen * budget)`` pairs (its ranking, :func:`~lightning_chips.ranking.score_order`),
   where ``budget = round(fraction * P)`` and ``P`` is the number of usable pool pairs;
-* an **exploration sample** of ``round(explore * N)`` pairs drawn uniformly from the whole pool of ``N`` pairs with
-  ``numpy.random.default_rng([seed, round])`` (the draw of a ``pool_sample`` of that size), which is also the pairs
-  ``Scorer.prepare`` sees (a ``pool_sample`` smaller than it takes that many of them): a uniform sample, so the
-  bank, the curvature and the reference statistics see the pool as a full round would, not the top of it;
+* the **anchor**: ``round(anchor * N)`` pairs drawn uniformly from the whole pool of ``N`` pairs once, with
+  ``numpy.random.default_rng([seed, ANCHOR_STREAM])``, the same in every round. They are the pairs ``Scorer.prepare``
+  sees (a ``pool_sample`` smaller than the anchor takes a fixed part of it): a uniform sample, so the bank, the
+  curvature sample and the reference statistics see the pool as a full round would, and the same one every round,
+  as a full round over an unchanged pool does (a sample redrawn each round moves the scores from round to round:
+  docs/benchmarks.md, "Candidate rounds");
+* an **exploration sample** of ``round(explore * N)`` pairs drawn uniformly each round with
+  ``numpy.random.default_rng([seed, round])`` (the draw of a ``pool_sample`` of that size): the way back in for the
+  other pairs;
 * the pairs the previous round could not use (failed to load, failed the checks, repeated ids): tried again.
 
-The other pairs **sit out** the round: they are not scored, cannot be selected, and re-enter through the
-exploration sample (a pair's chance to be explored in a round is ``explore``). Their last score is not reused: a
+The other pairs **sit out** the round: they are not scored and cannot be selected. Their last score is not reused: a
 score belongs to the model and the prepared scorer of its round, and mixing rounds would rank pairs by when they
 were scored. The budget stays ``round(fraction * P)`` pairs of the pool (at most the candidates that could be
-scored). At most ``(widen * fraction + explore) * N`` pool pairs are encoded (plus the retried ones); when that
-bound reaches ``N`` the round is an ordinary full round (the same scores, the same selection).
+scored). At most ``(widen * fraction + anchor + explore) * N`` pool pairs are encoded (plus the retried ones); when
+that bound reaches ``N`` the round is an ordinary full round (the same scores, the same selection).
 
 Example::
 
-    >>> policy = CandidateRescore(widen=2.0, explore=0.05)
+    >>> policy = CandidateRescore(widen=2.0, explore=0.05, anchor=0.05)
     >>> plan = plan_candidates(policy, pool_size=1000, ranked=np.arange(600), unusable=np.array([7]),
     ...                        budget=300, round=1, seed=0)
-    >>> int(plan.top), int(plan.explored) <= 50, 7 in plan.encode
-    (600, True, True)
+    >>> plan.top, plan.anchored, plan.explored, 7 in plan.encode
+    (600, 50, 50, True)
 """
 
 from __future__ import annotations
@@ -41,7 +45,18 @@ import torch
 from lightning_chips.ranking import score_order
 from lightning_chips.selection import budget_for
 
-__all__ = ["CandidatePlan", "CandidateRescore", "CandidateState", "check_rescore", "plan_candidates", "plan_round"]
+__all__ = [
+    "ANCHOR_STREAM",
+    "CandidatePlan",
+    "CandidateRescore",
+    "CandidateState",
+    "check_rescore",
+    "plan_candidates",
+    "plan_round",
+]
+
+ANCHOR_STREAM = 2**32 - 1
+"""The second seed word of the anchor's draw (rounds use their index there)."""
 
 
 @dataclass(frozen=True)
@@ -49,19 +64,21 @@ class CandidateRescore:
     """How a candidate round picks the pairs it encodes (module docstring).
 
     Args:
-        widen: the previous round's top ``widen x budget`` pairs are encoded again (>= 1; 2 keeps twice the budget
-            in play, so a selected pair that drops a little is still compared with the ones that rise).
-        explore: share of the pool, in (0, 1], drawn uniformly each round: the pairs that re-enter the competition
-            and the sample ``Scorer.prepare`` sees.
+        widen: the previous round's top ``widen x budget`` pairs are encoded again (>= 1; 1.5 keeps half the budget
+            again in play, so a selected pair that drops a little is still compared with the ones that rise).
+        explore: share of the pool, in [0, 1], drawn uniformly each round: the pairs that re-enter the competition.
+        anchor: share of the pool, in (0, 1], drawn uniformly once and encoded every round: the sample
+            ``Scorer.prepare`` sees.
 
-    In YAML: ``rescore: {widen: 2.0, explore: 0.05}`` under the callback's ``init_args``.
+    In YAML: ``rescore: {widen: 1.5, explore: 0.025, anchor: 0.025}`` under the callback's ``init_args``.
     """
 
-    widen: float = 2.0
-    explore: float = 0.05
+    widen: float = 1.5
+    explore: float = 0.025
+    anchor: float = 0.025
 
     def __post_init__(self) -> None:
-        for name, value in (("widen", self.widen), ("explore", self.explore)):
+        for name, value in (("widen", self.widen), ("explore", self.explore), ("anchor", self.anchor)):
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise ValueError(f"`rescore.{name}` must be a number, got {value!r}.")
         if self.widen < 1:
@@ -69,15 +86,20 @@ class CandidateRescore:
                 f"`rescore.widen` must be >= 1 (the previous round's top widen x budget pairs are scored again; below "
                 f"1 the round could not keep its own selection), got {self.widen}."
             )
-        if not 0 < self.explore <= 1:
+        if not 0 <= self.explore <= 1:
             raise ValueError(
-                f"`rescore.explore` must be a share of the pool in (0, 1] (0.05: 5 % of the pool drawn each round, "
-                f"also the sample the scorer prepares on), got {self.explore}."
+                f"`rescore.explore` must be a share of the pool in [0, 1] (0.025: 2.5 % of the pool drawn each round "
+                f"to re-enter the competition), got {self.explore}."
+            )
+        if not 0 < self.anchor <= 1:
+            raise ValueError(
+                f"`rescore.anchor` must be a share of the pool in (0, 1] (0.025: 2.5 % of the pool drawn once, the "
+                f"sample the scorer prepares on every round), got {self.anchor}."
             )
 
     def bound(self, fraction: float) -> float:
-        """The share of the pool a candidate round encodes at most: ``widen * fraction + explore``."""
-        return self.widen * fraction + self.explore
+        """The share of the pool a candidate round encodes at most: ``widen * fraction + anchor + explore``."""
+        return self.widen * fraction + self.anchor + self.explore
 
 
 def check_rescore(rescore: CandidateRescore | Mapping[str, Any] | str | None) -> CandidateRescore | None:
@@ -88,13 +110,13 @@ def check_rescore(rescore: CandidateRescore | Mapping[str, Any] | str | None) ->
     if isinstance(rescore, CandidateRescore):
         return rescore
     if isinstance(rescore, Mapping):
-        unknown = sorted(set(rescore) - {"widen", "explore"})
+        unknown = sorted(set(rescore) - {"widen", "explore", "anchor"})
         if unknown:
-            raise ValueError(f"`rescore` takes `widen` and `explore`, got {unknown}.")
+            raise ValueError(f"`rescore` takes `widen`, `explore` and `anchor`, got {unknown}.")
         return CandidateRescore(**rescore)
     raise ValueError(
-        f"`rescore` must be None or 'all' (every pool pair every round) or CandidateRescore(widen=..., explore=...) "
-        f"(or a mapping of those), got {rescore!r}."
+        f"`rescore` must be None or 'all' (every pool pair every round) or CandidateRescore(widen=..., explore=..., "
+        f"anchor=...) (or a mapping of those), got {rescore!r}."
     )
 
 
@@ -104,20 +126,21 @@ class CandidatePlan:
 
     Attributes:
         encode: every pair the round encodes and scores.
-        sample: the pairs ``Scorer.prepare`` sees (a subset of ``encode``: the exploration sample, or
-            ``pool_sample`` pairs of it).
-        top: pairs from the previous round's ranking; ``explored``: the exploration sample's size;
-            ``retried``: pairs the previous round could not use.
+        sample: the pairs ``Scorer.prepare`` sees (a subset of ``encode``: the anchor, or ``pool_sample`` pairs
+            of it).
+        top: pairs from the previous round's ranking; ``anchored``: the anchor's size; ``explored``: the
+            exploration sample's size; ``retried``: pairs the previous round could not use.
     """
 
     encode: np.ndarray
     sample: np.ndarray
     top: int
+    anchored: int
     explored: int
     retried: int
 
     def describe(self, pool_size: int, previous_round: int) -> str:
-        return (f"top {self.top:,} of round {previous_round} + {self.explored:,} explored"
+        return (f"top {self.top:,} of round {previous_round} + {self.anchored:,} anchor + {self.explored:,} explored"
                 + (f" + {self.retried:,} retried" if self.retried else "")
                 + f"; the other {pool_size - len(self.encode):,} sit out")  # fmt: skip
 
@@ -134,29 +157,32 @@ def plan_candidates(
     pool_sample: int | None = None,
 ) -> CandidatePlan | None:
     """The candidates of round ``round`` (module docstring), or None when the round must score every pair (its
-    bound ``round(widen * budget) + round(explore * N)`` reaches ``N``, or the previous round's ranking is shorter
-    than the widened budget, e.g. after a resume with a larger ``widen``).
+    bound ``round(widen * budget) + round(anchor * N) + round(explore * N)`` reaches ``N``, or the previous round's
+    ranking is shorter than the widened budget, e.g. after a resume with a larger ``widen``).
 
     Args:
         ranked: the previous round's dataset indices, best first (at least its top ``round(widen * budget)``).
         unusable: dataset indices the previous round could not use.
         budget: this round's budget in pairs.
-        pool_sample: the callback's ``pool_sample`` (None: the whole exploration sample prepares the scorer).
+        pool_sample: the callback's ``pool_sample`` (None: the whole anchor prepares the scorer).
     """
-    top = min(pool_size, int(round_half(policy.widen * budget)))
-    explored = max(2, int(round_half(policy.explore * pool_size)))
-    if top + explored >= pool_size or len(ranked) < top:
+    top = min(pool_size, round_half(policy.widen * budget))
+    anchored = max(2, round_half(policy.anchor * pool_size))
+    explored = round_half(policy.explore * pool_size)
+    if top + anchored + explored >= pool_size or len(ranked) < top:
         return None
+    anchor = np.sort(np.random.default_rng([seed, ANCHOR_STREAM]).choice(pool_size, size=anchored, replace=False))
     sample = np.sort(np.random.default_rng([seed, round]).choice(pool_size, size=explored, replace=False))
     chosen = np.asarray(ranked[:top], dtype=np.int64)
     retried = np.asarray(unusable, dtype=np.int64)
     retried = retried[retried < pool_size]
-    encode = np.unique(np.concatenate([chosen[chosen < pool_size], sample, retried]))
-    prepare = sample
-    if pool_sample is not None and pool_sample < len(sample):
-        pick = np.random.default_rng([seed, round, 1]).choice(len(sample), size=pool_sample, replace=False)
-        prepare = np.sort(sample[pick])
-    return CandidatePlan(encode.astype(np.int64), prepare.astype(np.int64), len(chosen), explored, len(retried))
+    encode = np.unique(np.concatenate([chosen[chosen < pool_size], anchor, sample, retried]))
+    prepare = anchor
+    if pool_sample is not None and pool_sample < len(anchor):
+        pick = np.random.default_rng([seed, ANCHOR_STREAM - 1]).choice(len(anchor), size=pool_sample, replace=False)
+        prepare = np.sort(anchor[pick])
+    return CandidatePlan(encode.astype(np.int64), prepare.astype(np.int64), len(chosen), anchored, explored,
+                         len(retried))  # fmt: skip
 
 
 def plan_round(policy: CandidateRescore | None, state: CandidateState | None, *, pool_size: int | None,

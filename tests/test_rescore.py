@@ -87,10 +87,11 @@ def _round(directory: Path, r: int) -> dict[str, np.ndarray]:
     "rescore, match",
     [
         ({"widen": 0.5}, "widen` must be >= 1"),
-        ({"explore": 0.0}, r"explore` must be a share of the pool in \(0, 1\]"),
+        ({"explore": -0.1}, r"explore` must be a share of the pool in \[0, 1\]"),
+        ({"anchor": 0.0}, r"anchor` must be a share of the pool in \(0, 1\]"),
         ({"explore": 1.5}, r"explore` must be a share"),
         ({"widen": True}, "must be a number"),
-        ({"widen": 2, "explor": 0.1}, r"takes `widen` and `explore`, got \['explor'\]"),
+        ({"widen": 2, "explor": 0.1}, r"takes `widen`, `explore` and `anchor`, got \['explor'\]"),
         ("some", "must be None or 'all'"),
         ({"mode": "stratified", "widen": 2}, "mode='stratified' sets label quotas from the whole pool"),
     ],
@@ -103,29 +104,33 @@ def test_a_bad_rescore_says_what_to_pass(rescore, match):
 
 def test_rescore_forms():
     assert check_rescore(None) is None and check_rescore("all") is None
-    assert check_rescore({"widen": 3}) == CandidateRescore(widen=3.0, explore=0.05)
-    assert CandidateRescore(2.0, 0.05).bound(0.3) == pytest.approx(0.65)
+    assert check_rescore({"widen": 3}) == CandidateRescore(widen=3.0, explore=0.025, anchor=0.025)
+    assert CandidateRescore(2.0, 0.05, 0.1).bound(0.3) == pytest.approx(0.75)
 
 
-def test_the_plan_holds_the_top_the_exploration_sample_and_the_retried_pairs():
-    n, budget = 1000, 300
+def test_the_plan_holds_the_top_the_anchor_the_exploration_sample_and_the_retried_pairs():
+    n, budget, policy = 1000, 300, CandidateRescore(2.0, 0.05, 0.04)
     ranked = np.random.default_rng(1).permutation(n)[:600]
-    plan = plan_candidates(CandidateRescore(2.0, 0.05), pool_size=n, ranked=ranked, unusable=np.array([7, 999]),
-                           budget=budget, round=3, seed=11)  # fmt: skip
+    plans = [plan_candidates(policy, pool_size=n, ranked=ranked, unusable=np.array([7, 999]), budget=budget, round=r,
+                             seed=11) for r in (3, 4)]  # fmt: skip
     explored = np.sort(np.random.default_rng([11, 3]).choice(n, size=50, replace=False))  # a pool sample's draw
-    assert (plan.top, plan.explored, plan.retried) == (600, 50, 2)
-    np.testing.assert_array_equal(plan.sample, explored)
-    np.testing.assert_array_equal(plan.encode, np.unique(np.concatenate([ranked, explored, [7, 999]])))
-    assert len(plan.encode) <= (2.0 * 0.3 + 0.05) * n + 2
-    # a smaller pool_sample takes that many pairs of the exploration sample, so nothing more is encoded
-    small = plan_candidates(CandidateRescore(2.0, 0.05), pool_size=n, ranked=ranked, unusable=np.array([], int),
-                            budget=budget, round=3, seed=11, pool_sample=20)  # fmt: skip
-    assert len(small.sample) == 20 and np.isin(small.sample, explored).all()
+    plan = plans[0]
+    assert (plan.top, plan.anchored, plan.explored, plan.retried) == (600, 40, 50, 2)
+    np.testing.assert_array_equal(plans[0].sample, plans[1].sample)  # the anchor prepares, the same every round
+    assert len(plan.sample) == 40 and not np.array_equal(plan.sample, explored[:40])
+    np.testing.assert_array_equal(plan.encode, np.unique(np.concatenate([ranked, plan.sample, explored, [7, 999]])))
+    assert len(plan.encode) <= policy.bound(0.3) * n + 2
+    assert not np.isin(explored, plans[1].encode).all()  # the exploration sample is drawn again each round
+    # a smaller pool_sample takes a fixed part of the anchor, so nothing more is encoded
+    small = [plan_candidates(policy, pool_size=n, ranked=ranked, unusable=np.array([], int), budget=budget,
+                             round=r, seed=11, pool_sample=20) for r in (3, 4)]  # fmt: skip
+    assert len(small[0].sample) == 20 and np.isin(small[0].sample, plan.sample).all()
+    np.testing.assert_array_equal(small[0].sample, small[1].sample)
     # candidates that would cover the pool, or a ranking shorter than the widened budget: a full round
-    assert plan_candidates(CandidateRescore(3.0, 0.1), pool_size=n, ranked=np.arange(n), unusable=np.array([], int),
-                           budget=budget, round=1, seed=0) is None  # fmt: skip
-    assert plan_candidates(CandidateRescore(2.0, 0.05), pool_size=n, ranked=ranked[:599],
+    assert plan_candidates(CandidateRescore(3.0, 0.05, 0.05), pool_size=n, ranked=np.arange(n),
                            unusable=np.array([], int), budget=budget, round=1, seed=0) is None  # fmt: skip
+    assert plan_candidates(policy, pool_size=n, ranked=ranked[:599], unusable=np.array([], int), budget=budget,
+                           round=1, seed=0) is None  # fmt: skip
 
 
 def test_the_state_keeps_unusable_pairs_until_they_are_scored():
@@ -144,7 +149,7 @@ def test_the_state_keeps_unusable_pairs_until_they_are_scored():
 
 # -- fits ----------------------------------------------------------------------------------------------------------
 def test_candidate_rounds_encode_at_most_the_bound_and_keep_the_budget(tmp_path):
-    policy = CandidateRescore(widen=1.5, explore=0.1)
+    policy = CandidateRescore(widen=1.5, explore=0.05, anchor=0.05)
     data = CountingData(BrokenPairs(POOL, BROKEN))
     callback = _fit(tmp_path, data, policy, group_by=["domain"])
     assert [kind for kind, _ in data.reads] == ["all", "indexed", "indexed"]  # round 0 reads the whole pool
@@ -152,7 +157,7 @@ def test_candidate_rounds_encode_at_most_the_bound_and_keep_the_budget(tmp_path)
     budget = round(FRACTION * usable)
     for r in (1, 2):
         read = data.reads[r][1]
-        assert len(np.unique(read)) == len(read) <= (policy.widen * FRACTION + policy.explore) * POOL + len(BROKEN)
+        assert len(np.unique(read)) == len(read) <= policy.bound(FRACTION) * POOL + len(BROKEN)
         assert set(BROKEN) <= set(read.tolist())  # the pairs that failed are tried again
         previous = _round(tmp_path, r - 1)
         ranking = score_order(previous["ids"], previous["scores"])
@@ -164,9 +169,9 @@ def test_candidate_rounds_encode_at_most_the_bound_and_keep_the_budget(tmp_path)
         assert int(file["encoded"]) == len(read) == callback.history[r]["encoded"]
         assert int(file["pool_pairs"]) == usable and int(file["selected"].sum()) == budget  # the pool's budget
         assert 0 < float(file["fit_share"]) <= 1 and float(file["round_seconds"]) > 0
-    # the exploration sample (a uniform draw with the seed and the round) prepared the scorer: the bank is in it
-    explored = np.random.default_rng([0, 2]).choice(POOL, size=round(0.1 * POOL), replace=False)
-    assert set(callback.scorer.state.bank.ids.tolist()) <= set(data.pool.base.ids[explored].tolist())
+    # the anchor (a uniform draw with the seed, the same every round) prepared the scorer: the bank is in it
+    anchor = np.random.default_rng([0, 2**32 - 1]).choice(POOL, size=round(0.05 * POOL), replace=False)
+    assert set(callback.scorer.state.bank.ids.tolist()) <= set(data.pool.base.ids[anchor].tolist())
     assert callback.history[0]["encoded"] == POOL
     # the report counts the pool's pairs, not the candidates, and says which rounds scored a part of the pool
     from lightning_chips.report import build_report
@@ -179,11 +184,12 @@ def test_candidate_rounds_encode_at_most_the_bound_and_keep_the_budget(tmp_path)
 
 
 def test_candidates_that_cover_the_pool_give_the_full_rounds(tmp_path):
-    """widen x fraction + explore = 3 x 0.3 + 0.1 = 1: every pair is a candidate, so the rounds are full rounds."""
+    """widen x fraction + anchor + explore = 3 x 0.3 + 0.05 + 0.05 = 1: every pair is a candidate, so the rounds are
+    full rounds."""
     full = CountingData(TwoDomainPairs(POOL, noise_fraction=0.2, target_fraction=0.3))
     _fit(tmp_path / "full", full, None)
     covering = CountingData(TwoDomainPairs(POOL, noise_fraction=0.2, target_fraction=0.3))
-    _fit(tmp_path / "covering", covering, CandidateRescore(widen=3.0, explore=0.1))
+    _fit(tmp_path / "covering", covering, CandidateRescore(widen=3.0, explore=0.05, anchor=0.05))
     assert [kind for kind, _ in covering.reads] == ["all"] * 3
     for r in range(3):
         a, b = _round(tmp_path / "full", r), _round(tmp_path / "covering", r)
@@ -203,7 +209,7 @@ class Record(pl.Callback):
 
 
 def test_resume_after_a_crash_in_candidate_rounds_reproduces_the_uninterrupted_run(tmp_path):
-    policy = CandidateRescore(widen=1.5, explore=0.1)
+    policy = CandidateRescore(widen=1.5, explore=0.05, anchor=0.05)
 
     def run(directory: Path, record: Record, ckpt_path=None):
         checkpoint = ModelCheckpoint(dirpath=directory, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
@@ -231,12 +237,12 @@ def test_yaml_sets_candidate_rounds(tmp_path):
     quickstart = Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml"
     config = yaml.safe_load(quickstart.read_text())
     (callback,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("DataSelectionCallback")]
-    callback["init_args"]["rescore"] = {"widen": 2.5, "explore": 0.1}
+    callback["init_args"]["rescore"] = {"widen": 2.5, "explore": 0.1, "anchor": 0.05}
     path = tmp_path / "candidates.yaml"
     path.write_text(yaml.safe_dump(config))
     cli = build_cli(["--config", str(path)], run=False)
     (built,) = [c for c in cli.trainer.callbacks if isinstance(c, DataSelectionCallback)]
-    assert built.rescore == CandidateRescore(widen=2.5, explore=0.1)
+    assert built.rescore == CandidateRescore(widen=2.5, explore=0.1, anchor=0.05)
 
 
 def test_a_shard_pool_refuses_candidate_rounds_before_training(tmp_path):

@@ -1,8 +1,8 @@
 """A 3-round selection fit on N CPU processes (gloo); every rank writes what it selected and drew as JSON.
 
-Usage: python ddp_select.py OUT_DIR DEVICES BATCH_SIZE SCORER [GATHER_WITH_GRAD] [WIDEN,EXPLORE]
+Usage: python ddp_select.py OUT_DIR DEVICES BATCH_SIZE SCORER [GATHER_WITH_GRAD] [WIDEN,EXPLORE,ANCHOR]
 
-With WIDEN,EXPLORE, rounds 1 and 2 are candidate rounds (``rescore=CandidateRescore(WIDEN, EXPLORE)``).
+With WIDEN,EXPLORE,ANCHOR, rounds 1 and 2 are candidate rounds (``rescore=CandidateRescore(WIDEN, EXPLORE, ANCHOR)``).
 """
 
 import json
@@ -37,8 +37,8 @@ def main() -> None:
     gather_with_grad = len(sys.argv) < 6 or sys.argv[5] == "1"
     rescore = None
     if len(sys.argv) > 6:
-        widen, explore = (float(x) for x in sys.argv[6].split(","))
-        rescore = CandidateRescore(widen, explore)
+        widen, explore, anchor = (float(x) for x in sys.argv[6].split(","))
+        rescore = CandidateRescore(widen, explore, anchor)
     module = OpenCLIPModule(model_config=TINY, lr=1e-3, gather_with_grad=gather_with_grad)
     data = ScoredSubsetDataModule(
         TwoDomainPairs(300, noise_fraction=0.2),
