@@ -54,11 +54,13 @@ from lightning_chips.selection import select  # noqa: E402
 
 SETTINGS: dict[str, CandidateRescore | None] = {
     "full": None,
-    "w1.5 e0.025 a0.025": CandidateRescore(widen=1.5, explore=0.025, anchor=0.025),
-    "w1.5 e0.05 a0.05": CandidateRescore(widen=1.5, explore=0.05, anchor=0.05),
+    "default": CandidateRescore(),
+    "w1.25": CandidateRescore(widen=1.25),
+    "w1.5 e0.025 a0.025 no floor": CandidateRescore(widen=1.5, explore=0.025, anchor=0.025, min_anchor=2),
 }
-"""Full re-scoring and the candidate settings compared with it (encoded share <= widen x budget + anchor + explore).
-The default ``CandidateRescore()`` is the first."""
+"""Full re-scoring and the candidate settings compared with it: ``CandidateRescore()`` (widen 1.5, explore and anchor
+2.5 %, at least 1,024 anchor pairs), a narrower top, and the anchor without its floor (2.5 % of these small pools:
+75-158 pairs)."""
 
 BUDGETS = (0.1, 0.2, 0.3)
 SEEDS = (0, 1, 2)
@@ -205,7 +207,7 @@ def quality_run(cfg: sq.Config, sets: dict, state: dict, setting: str, budget: f
 
 
 def quality(scenarios: list[str], budgets: list[float], seeds: list[int], settings: list[str], work: Path,
-            shadow_seeds: list[int], log=print) -> dict:  # fmt: skip
+            shadow_seeds: list[int], log=print, saved=lambda results: None) -> dict:  # fmt: skip
     cfg = sq.Config()
     results: dict = {}
     for scenario in scenarios:
@@ -221,6 +223,7 @@ def quality(scenarios: list[str], budgets: list[float], seeds: list[int], settin
                                       shadow=seed in shadow_seeds)  # fmt: skip
                     results.setdefault(scenario, {}).setdefault(f"{round(100 * budget)}%", {}).setdefault(
                         setting, []).append(run)  # fmt: skip
+                saved(results)  # a cell at a time: an interrupted run keeps what it measured
                 log(f"[{scenario} {round(100 * budget)}%] {setting}: " + _cell(results[scenario]
                     [f"{round(100 * budget)}%"][setting]) + f" ({time.perf_counter() - t0:.0f}s)")  # fmt: skip
     return results
@@ -372,10 +375,16 @@ def main(argv: list[str] | None = None) -> dict:
                      "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
                                 f"{args.threads} thread(s)"}  # fmt: skip
     if args.part in ("quality", "both"):
+
+        def saved(results: dict) -> None:
+            if args.out is not None:
+                args.out.mkdir(parents=True, exist_ok=True)
+                (args.out / "partial.json").write_text(json.dumps({**payload, "quality": results}, default=float))
+
         payload["quality"] = quality(args.scenario, args.budgets, args.seeds, args.settings, args.work,
-                                     args.shadow_seeds)  # fmt: skip
+                                     args.shadow_seeds, saved=saved)  # fmt: skip
     if args.part in ("time", "both"):
-        settings = [s for s in args.settings if s in ("full", "w1.5 e0.025 a0.025")] or args.settings
+        settings = [s for s in args.settings if s in ("full", "default")] or args.settings
         payload["time"] = wall_time(settings, args.repeats, args.work, pool=args.time_pool, epochs=args.time_epochs)
     write(payload, args.out)
     return payload

@@ -6,12 +6,12 @@ the first encodes and scores only its **candidates** (docs/selection.md "Candida
 
 * the previous round's top ``round(widen * budget)`` pairs (its ranking, :func:`~lightning_chips.ranking.score_order`),
   where ``budget = round(fraction * P)`` and ``P`` is the number of usable pool pairs;
-* the **anchor**: ``round(anchor * N)`` pairs drawn uniformly from the whole pool of ``N`` pairs once, with
-  ``numpy.random.default_rng([seed, ANCHOR_STREAM])``, the same in every round. They are the pairs ``Scorer.prepare``
-  sees (a ``pool_sample`` smaller than the anchor takes a fixed part of it): a uniform sample, so the bank, the
-  curvature sample and the reference statistics see the pool as a full round would, and the same one every round,
-  as a full round over an unchanged pool does (a sample redrawn each round moves the scores from round to round:
-  docs/benchmarks.md, "Candidate rounds");
+* the **anchor**: ``max(round(anchor * N), min_anchor)`` pairs drawn uniformly from the whole pool of ``N`` pairs
+  once, with ``numpy.random.default_rng([seed, ANCHOR_STREAM])``, the same in every round. They are the pairs
+  ``Scorer.prepare`` sees (a ``pool_sample`` smaller than the anchor takes a fixed part of it): a uniform sample, so
+  the bank, the curvature sample and the reference statistics see the pool as a full round would, and the same
+  pairs every round, as a full round over an unchanged pool does (docs/benchmarks.md, "Candidate rounds", measures
+  a sample redrawn each round and one without the floor);
 * an **exploration sample** of ``round(explore * N)`` pairs drawn uniformly each round with
   ``numpy.random.default_rng([seed, round])`` (the draw of a ``pool_sample`` of that size): the way back in for the
   other pairs;
@@ -20,12 +20,13 @@ the first encodes and scores only its **candidates** (docs/selection.md "Candida
 The other pairs **sit out** the round: they are not scored and cannot be selected. Their last score is not reused: a
 score belongs to the model and the prepared scorer of its round, and mixing rounds would rank pairs by when they
 were scored. The budget stays ``round(fraction * P)`` pairs of the pool (at most the candidates that could be
-scored). At most ``(widen * fraction + anchor + explore) * N`` pool pairs are encoded (plus the retried ones); when
-that bound reaches ``N`` the round is an ordinary full round (the same scores, the same selection).
+scored). At most ``(widen * fraction + explore) * N + max(anchor * N, min_anchor)`` pool pairs are encoded (plus the
+retried ones); when that bound reaches ``N`` the round is an ordinary full round (the same scores, the same
+selection).
 
 Example::
 
-    >>> policy = CandidateRescore(widen=2.0, explore=0.05, anchor=0.05)
+    >>> policy = CandidateRescore(widen=2.0, explore=0.05, anchor=0.05, min_anchor=2)
     >>> plan = plan_candidates(policy, pool_size=1000, ranked=np.arange(600), unusable=np.array([7]),
     ...                        budget=300, round=1, seed=0)
     >>> plan.top, plan.anchored, plan.explored, 7 in plan.encode
@@ -69,13 +70,18 @@ class CandidateRescore:
         explore: share of the pool, in [0, 1], drawn uniformly each round: the pairs that re-enter the competition.
         anchor: share of the pool, in (0, 1], drawn uniformly once and encoded every round: the sample
             ``Scorer.prepare`` sees.
+        min_anchor: the fewest pairs the anchor holds (>= 2; all of a smaller pool): what ``prepare`` needs to
+            draw the bank a full round draws (``CHIPS()``'s ``bank_size``, 1,024). On a pool under ``min_anchor /
+            anchor`` pairs (40,960 at the defaults) it costs more than the ``anchor`` share.
 
-    In YAML: ``rescore: {widen: 1.5, explore: 0.025, anchor: 0.025}`` under the callback's ``init_args``.
+    In YAML: ``rescore: {widen: 1.5, explore: 0.025, anchor: 0.025, min_anchor: 1024}`` under the callback's
+    ``init_args``.
     """
 
     widen: float = 1.5
     explore: float = 0.025
     anchor: float = 0.025
+    min_anchor: int = 1024
 
     def __post_init__(self) -> None:
         for name, value in (("widen", self.widen), ("explore", self.explore), ("anchor", self.anchor)):
@@ -91,15 +97,18 @@ class CandidateRescore:
                 f"`rescore.explore` must be a share of the pool in [0, 1] (0.025: 2.5 % of the pool drawn each round "
                 f"to re-enter the competition), got {self.explore}."
             )
+        if isinstance(self.min_anchor, bool) or not isinstance(self.min_anchor, int) or self.min_anchor < 2:
+            raise ValueError(f"`rescore.min_anchor` must be an int >= 2 (pairs), got {self.min_anchor!r}.")
         if not 0 < self.anchor <= 1:
             raise ValueError(
                 f"`rescore.anchor` must be a share of the pool in (0, 1] (0.025: 2.5 % of the pool drawn once, the "
                 f"sample the scorer prepares on every round), got {self.anchor}."
             )
 
-    def bound(self, fraction: float) -> float:
-        """The share of the pool a candidate round encodes at most: ``widen * fraction + anchor + explore``."""
-        return self.widen * fraction + self.anchor + self.explore
+    def bound(self, fraction: float, pool_size: int) -> float:
+        """The share of a pool of ``pool_size`` pairs a candidate round encodes at most: ``widen * fraction +
+        explore + max(anchor, min_anchor / pool_size)``."""
+        return self.widen * fraction + self.explore + max(self.anchor, self.min_anchor / pool_size)
 
 
 def check_rescore(rescore: CandidateRescore | Mapping[str, Any] | str | None) -> CandidateRescore | None:
@@ -110,9 +119,9 @@ def check_rescore(rescore: CandidateRescore | Mapping[str, Any] | str | None) ->
     if isinstance(rescore, CandidateRescore):
         return rescore
     if isinstance(rescore, Mapping):
-        unknown = sorted(set(rescore) - {"widen", "explore", "anchor"})
+        unknown = sorted(set(rescore) - {"widen", "explore", "anchor", "min_anchor"})
         if unknown:
-            raise ValueError(f"`rescore` takes `widen`, `explore` and `anchor`, got {unknown}.")
+            raise ValueError(f"`rescore` takes `widen`, `explore`, `anchor` and `min_anchor`, got {unknown}.")
         return CandidateRescore(**rescore)
     raise ValueError(
         f"`rescore` must be None or 'all' (every pool pair every round) or CandidateRescore(widen=..., explore=..., "
@@ -157,8 +166,8 @@ def plan_candidates(
     pool_sample: int | None = None,
 ) -> CandidatePlan | None:
     """The candidates of round ``round`` (module docstring), or None when the round must score every pair (its
-    bound ``round(widen * budget) + round(anchor * N) + round(explore * N)`` reaches ``N``, or the previous round's
-    ranking is shorter than the widened budget, e.g. after a resume with a larger ``widen``).
+    bound ``round(widen * budget) + max(round(anchor * N), min_anchor) + round(explore * N)`` reaches ``N``, or the
+    previous round's ranking is shorter than the widened budget, e.g. after a resume with a larger ``widen``).
 
     Args:
         ranked: the previous round's dataset indices, best first (at least its top ``round(widen * budget)``).
@@ -167,7 +176,7 @@ def plan_candidates(
         pool_sample: the callback's ``pool_sample`` (None: the whole anchor prepares the scorer).
     """
     top = min(pool_size, round_half(policy.widen * budget))
-    anchored = max(2, round_half(policy.anchor * pool_size))
+    anchored = min(pool_size, max(policy.min_anchor, round_half(policy.anchor * pool_size)))
     explored = round_half(policy.explore * pool_size)
     if top + anchored + explored >= pool_size or len(ranked) < top:
         return None

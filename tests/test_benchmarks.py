@@ -106,7 +106,7 @@ def test_reselect_cost_shadow_rounds_leave_the_fit_unchanged(tmp_path):
             data = ScoredSubsetDataModule(TwoDomainPairs(160, noise_fraction=0.2), TwoDomainPairs(16, split="val"),
                                           batch_size=8, steps_per_round=3, eval_batch_size=64)  # fmt: skip
             scorer = CHIPS(sketch_dim=64, bank_size=32, curvature_samples=64)
-            policy = CandidateRescore(1.5, 0.05, 0.1)
+            policy = CandidateRescore(1.5, 0.05, 0.1, min_anchor=2)
             runs[shadow] = bench.reselect_fit(model, data, scorer, fraction=0.3, epochs=3, seed=0, shadow=shadow,
                                               rescore=policy, root=tmp_path / str(shadow))  # fmt: skip
             runs[shadow]["params"] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])

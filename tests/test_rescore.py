@@ -91,7 +91,8 @@ def _round(directory: Path, r: int) -> dict[str, np.ndarray]:
         ({"anchor": 0.0}, r"anchor` must be a share of the pool in \(0, 1\]"),
         ({"explore": 1.5}, r"explore` must be a share"),
         ({"widen": True}, "must be a number"),
-        ({"widen": 2, "explor": 0.1}, r"takes `widen`, `explore` and `anchor`, got \['explor'\]"),
+        ({"widen": 2, "explor": 0.1}, r"takes `widen`, `explore`, `anchor` and `min_anchor`, got \['explor'\]"),
+        ({"min_anchor": 1.5}, r"min_anchor` must be an int >= 2"),
         ("some", "must be None or 'all'"),
         ({"mode": "stratified", "widen": 2}, "mode='stratified' sets label quotas from the whole pool"),
     ],
@@ -104,12 +105,13 @@ def test_a_bad_rescore_says_what_to_pass(rescore, match):
 
 def test_rescore_forms():
     assert check_rescore(None) is None and check_rescore("all") is None
-    assert check_rescore({"widen": 3}) == CandidateRescore(widen=3.0, explore=0.025, anchor=0.025)
-    assert CandidateRescore(2.0, 0.05, 0.1).bound(0.3) == pytest.approx(0.75)
+    assert check_rescore({"widen": 3}) == CandidateRescore(widen=3.0, explore=0.025, anchor=0.025, min_anchor=1024)
+    assert CandidateRescore(2.0, 0.05, 0.1).bound(0.3, 100_000) == pytest.approx(0.75)
+    assert CandidateRescore(2.0, 0.05, 0.1).bound(0.3, 5_000) == pytest.approx(0.65 + 1024 / 5_000)  # the floor
 
 
 def test_the_plan_holds_the_top_the_anchor_the_exploration_sample_and_the_retried_pairs():
-    n, budget, policy = 1000, 300, CandidateRescore(2.0, 0.05, 0.04)
+    n, budget, policy = 1000, 300, CandidateRescore(2.0, 0.05, 0.04, min_anchor=2)
     ranked = np.random.default_rng(1).permutation(n)[:600]
     plans = [plan_candidates(policy, pool_size=n, ranked=ranked, unusable=np.array([7, 999]), budget=budget, round=r,
                              seed=11) for r in (3, 4)]  # fmt: skip
@@ -119,7 +121,7 @@ def test_the_plan_holds_the_top_the_anchor_the_exploration_sample_and_the_retrie
     np.testing.assert_array_equal(plans[0].sample, plans[1].sample)  # the anchor prepares, the same every round
     assert len(plan.sample) == 40 and not np.array_equal(plan.sample, explored[:40])
     np.testing.assert_array_equal(plan.encode, np.unique(np.concatenate([ranked, plan.sample, explored, [7, 999]])))
-    assert len(plan.encode) <= policy.bound(0.3) * n + 2
+    assert len(plan.encode) <= policy.bound(0.3, n) * n + 2
     assert not np.isin(explored, plans[1].encode).all()  # the exploration sample is drawn again each round
     # a smaller pool_sample takes a fixed part of the anchor, so nothing more is encoded
     small = [plan_candidates(policy, pool_size=n, ranked=ranked, unusable=np.array([], int), budget=budget,
@@ -127,10 +129,16 @@ def test_the_plan_holds_the_top_the_anchor_the_exploration_sample_and_the_retrie
     assert len(small[0].sample) == 20 and np.isin(small[0].sample, plan.sample).all()
     np.testing.assert_array_equal(small[0].sample, small[1].sample)
     # candidates that would cover the pool, or a ranking shorter than the widened budget: a full round
-    assert plan_candidates(CandidateRescore(3.0, 0.05, 0.05), pool_size=n, ranked=np.arange(n),
+    assert plan_candidates(CandidateRescore(3.0, 0.05, 0.05, min_anchor=2), pool_size=n, ranked=np.arange(n),
                            unusable=np.array([], int), budget=budget, round=1, seed=0) is None  # fmt: skip
     assert plan_candidates(policy, pool_size=n, ranked=ranked[:599], unusable=np.array([], int), budget=budget,
                            round=1, seed=0) is None  # fmt: skip
+    # the anchor's floor: at least min_anchor pairs (CHIPS()'s bank), all of a smaller pool (then: a full round)
+    floored = plan_candidates(CandidateRescore(1.0, 0.0, 0.01, min_anchor=100), pool_size=n, ranked=ranked,
+                              unusable=np.array([], int), budget=budget, round=1, seed=0)  # fmt: skip
+    assert floored.anchored == len(floored.sample) == 100
+    assert plan_candidates(CandidateRescore(), pool_size=n, ranked=ranked, unusable=np.array([], int),
+                           budget=budget, round=1, seed=0) is None  # fmt: skip
 
 
 def test_the_state_keeps_unusable_pairs_until_they_are_scored():
@@ -149,7 +157,7 @@ def test_the_state_keeps_unusable_pairs_until_they_are_scored():
 
 # -- fits ----------------------------------------------------------------------------------------------------------
 def test_candidate_rounds_encode_at_most_the_bound_and_keep_the_budget(tmp_path):
-    policy = CandidateRescore(widen=1.5, explore=0.05, anchor=0.05)
+    policy = CandidateRescore(widen=1.5, explore=0.05, anchor=0.05, min_anchor=2)
     data = CountingData(BrokenPairs(POOL, BROKEN))
     callback = _fit(tmp_path, data, policy, group_by=["domain"])
     assert [kind for kind, _ in data.reads] == ["all", "indexed", "indexed"]  # round 0 reads the whole pool
@@ -157,7 +165,7 @@ def test_candidate_rounds_encode_at_most_the_bound_and_keep_the_budget(tmp_path)
     budget = round(FRACTION * usable)
     for r in (1, 2):
         read = data.reads[r][1]
-        assert len(np.unique(read)) == len(read) <= policy.bound(FRACTION) * POOL + len(BROKEN)
+        assert len(np.unique(read)) == len(read) <= policy.bound(FRACTION, POOL) * POOL + len(BROKEN)
         assert set(BROKEN) <= set(read.tolist())  # the pairs that failed are tried again
         previous = _round(tmp_path, r - 1)
         ranking = score_order(previous["ids"], previous["scores"])
@@ -189,7 +197,7 @@ def test_candidates_that_cover_the_pool_give_the_full_rounds(tmp_path):
     full = CountingData(TwoDomainPairs(POOL, noise_fraction=0.2, target_fraction=0.3))
     _fit(tmp_path / "full", full, None)
     covering = CountingData(TwoDomainPairs(POOL, noise_fraction=0.2, target_fraction=0.3))
-    _fit(tmp_path / "covering", covering, CandidateRescore(widen=3.0, explore=0.05, anchor=0.05))
+    _fit(tmp_path / "covering", covering, CandidateRescore(widen=3.0, explore=0.05, anchor=0.05, min_anchor=2))
     assert [kind for kind, _ in covering.reads] == ["all"] * 3
     for r in range(3):
         a, b = _round(tmp_path / "full", r), _round(tmp_path / "covering", r)
@@ -209,7 +217,7 @@ class Record(pl.Callback):
 
 
 def test_resume_after_a_crash_in_candidate_rounds_reproduces_the_uninterrupted_run(tmp_path):
-    policy = CandidateRescore(widen=1.5, explore=0.05, anchor=0.05)
+    policy = CandidateRescore(widen=1.5, explore=0.05, anchor=0.05, min_anchor=2)
 
     def run(directory: Path, record: Record, ckpt_path=None):
         checkpoint = ModelCheckpoint(dirpath=directory, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
@@ -242,7 +250,7 @@ def test_yaml_sets_candidate_rounds(tmp_path):
     path.write_text(yaml.safe_dump(config))
     cli = build_cli(["--config", str(path)], run=False)
     (built,) = [c for c in cli.trainer.callbacks if isinstance(c, DataSelectionCallback)]
-    assert built.rescore == CandidateRescore(widen=2.5, explore=0.1, anchor=0.05)
+    assert built.rescore == CandidateRescore(widen=2.5, explore=0.1, anchor=0.05, min_anchor=1024)
 
 
 def test_a_shard_pool_refuses_candidate_rounds_before_training(tmp_path):

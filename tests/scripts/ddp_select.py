@@ -2,7 +2,7 @@
 
 Usage: python ddp_select.py OUT_DIR DEVICES BATCH_SIZE SCORER [GATHER_WITH_GRAD] [WIDEN,EXPLORE,ANCHOR]
 
-With WIDEN,EXPLORE,ANCHOR, rounds 1 and 2 are candidate rounds (``rescore=CandidateRescore(WIDEN, EXPLORE, ANCHOR)``).
+With WIDEN,EXPLORE,ANCHOR, rounds 1 and 2 are candidate rounds (``CandidateRescore(W, E, A, min_anchor=2)``).
 """
 
 import json
@@ -38,7 +38,7 @@ def main() -> None:
     rescore = None
     if len(sys.argv) > 6:
         widen, explore, anchor = (float(x) for x in sys.argv[6].split(","))
-        rescore = CandidateRescore(widen, explore, anchor)
+        rescore = CandidateRescore(widen, explore, anchor, min_anchor=2)
     module = OpenCLIPModule(model_config=TINY, lr=1e-3, gather_with_grad=gather_with_grad)
     data = ScoredSubsetDataModule(
         TwoDomainPairs(300, noise_fraction=0.2),
