@@ -55,12 +55,12 @@ from lightning_chips.selection import select  # noqa: E402
 SETTINGS: dict[str, CandidateRescore | None] = {
     "full": None,
     "default": CandidateRescore(),
-    "w1.25": CandidateRescore(widen=1.25),
+    "w1.0": CandidateRescore(widen=1.0),
     "w1.5 e0.025 a0.025 no floor": CandidateRescore(widen=1.5, explore=0.025, anchor=0.025, min_anchor=2),
 }
 """Full re-scoring and the candidate settings compared with it: ``CandidateRescore()`` (widen 1.5, explore and anchor
-2.5 %, at least 1,024 anchor pairs), a narrower top, and the anchor without its floor (2.5 % of these small pools:
-75-158 pairs)."""
+2.5 %, at least 1,024 anchor pairs), no widening (the last selection itself, the anchor and the exploration), and the
+anchor without its floor (2.5 % of these small pools: 75-158 pairs)."""
 
 BUDGETS = (0.1, 0.2, 0.3)
 SEEDS = (0, 1, 2)
