@@ -257,8 +257,8 @@ def quality_table(results: dict) -> str:
     for scenario, by_budget in results.items():
         lines += [f"### {scenario}", "",
                   "| budget | rescore | target acc1 | general acc1 | Δ target vs full | Δ general vs full | "
-                  "encoded per round (% of pool) | overlap with a full round | target share | mismatched | "
-                  "uninformative |",
+                  "encoded per round (% of pool) | overlap with a full round (shadowed seeds) | target share | "
+                  "mismatched | uninformative |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
         for budget, by_setting in by_budget.items():
             full = by_setting.get("full")
