@@ -265,3 +265,23 @@ def test_a_shard_pool_refuses_candidate_rounds_before_training(tmp_path):
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     with pytest.raises(ValueError, match="read by dataset index, which WebDatasetDataModule cannot do"):
         trainer.fit(_module(), datamodule=data)
+
+
+def test_a_pool_sample_prepares_on_a_fixed_part_of_the_anchor_and_streams_the_candidates(tmp_path):
+    """With ``pool_sample`` (streaming rounds), a candidate round prepares on that many pairs of the anchor, the
+    same pairs every round, and streams only the candidates through the towers."""
+    policy = CandidateRescore(widen=1.5, explore=0.05, anchor=0.1, min_anchor=2)
+    data = CountingData(TwoDomainPairs(POOL, noise_fraction=0.2, target_fraction=0.3))
+    callback = DataSelectionCallback(_chips(), fraction=FRACTION, every_n_epochs=1, rescore=policy, pool_sample=12,
+                                     save_dir=str(tmp_path / "rounds"), progress=False)  # fmt: skip
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=3, callbacks=[callback], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(_module(), datamodule=data)
+    anchor = np.sort(np.random.default_rng([0, 2**32 - 1]).choice(POOL, size=round(0.1 * POOL), replace=False))
+    part = np.sort(anchor[np.random.default_rng([0, 2**32 - 2]).choice(len(anchor), size=12, replace=False)])
+    kinds = [kind for kind, _ in data.reads]
+    assert kinds[0] == "all" and kinds[1:] == ["indexed", "indexed"] * 2  # per round: the sample, then the candidates
+    for sample, candidates in (data.reads[1:3], data.reads[3:5]):
+        np.testing.assert_array_equal(sample[1], part)
+        assert np.isin(part, candidates[1]).all() and len(candidates[1]) <= policy.bound(FRACTION, POOL) * POOL
+    assert set(callback.scorer.state.bank.ids.tolist()) <= set(data.pool.ids[part].tolist())
