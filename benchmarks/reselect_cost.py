@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import platform
@@ -55,12 +56,14 @@ from lightning_chips.selection import select  # noqa: E402
 SETTINGS: dict[str, CandidateRescore | None] = {
     "full": None,
     "default": CandidateRescore(),
-    "w1.0": CandidateRescore(widen=1.0),
+    "w1.5 floor 1024": CandidateRescore(widen=1.5, min_anchor=1024),
+    "w1.0 floor 1024": CandidateRescore(widen=1.0, min_anchor=1024),
     "w1.5 e0.025 a0.025 no floor": CandidateRescore(widen=1.5, explore=0.025, anchor=0.025, min_anchor=2),
 }
-"""Full re-scoring and the candidate settings compared with it: ``CandidateRescore()`` (widen 1.5, explore and anchor
-2.5 %, at least 1,024 anchor pairs), no widening (the last selection itself, the anchor and the exploration), and the
-anchor without its floor (2.5 % of these small pools: 75-158 pairs)."""
+"""Full re-scoring and the candidate settings compared with it: ``CandidateRescore()`` (widen 1.2, explore and anchor
+2.5 %, at least 512 anchor pairs), the first default (widen 1.5, at least 1,024 anchor pairs: CHIPS()'s whole
+bank), that floor without widening (the last selection itself, the anchor and the exploration), and the anchor
+without a floor (2.5 % of these small pools: 75-158 pairs)."""
 
 BUDGETS = (0.1, 0.2, 0.3)
 SEEDS = (0, 1, 2)
@@ -208,11 +211,12 @@ def quality_run(cfg: sq.Config, sets: dict, state: dict, setting: str, budget: f
 
 def quality(scenarios: list[str], budgets: list[float], seeds: list[int], settings: list[str], work: Path,
             shadow_seeds: list[int], log=print, saved=lambda results: None) -> dict:  # fmt: skip
-    cfg = sq.Config()
     results: dict = {}
     for scenario in scenarios:
         t0 = time.perf_counter()
-        sets = sq.build_sets(cfg, None, ROOT / "benchmarks" / ".cache", scenario)
+        base, changes = sq.VARIANTS.get(scenario, (scenario, {}))  # a noise variant: its base pool, other captions
+        cfg = dataclasses.replace(sq.Config(), **changes)
+        sets = sq.build_sets(cfg, None, ROOT / "benchmarks" / ".cache", base)
         pretrained = sq.train(cfg, sets["general"], epochs=cfg.pretrain_epochs, lr=cfg.pretrain_lr, seed=0,
                               state=None)  # fmt: skip
         state = {k: v.detach().clone() for k, v in pretrained.state_dict().items()}
@@ -352,7 +356,8 @@ def reuse_table(rows: dict[str, list[dict]]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["quality", "time", "both"], default="both")
-    parser.add_argument("--scenario", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
+    parser.add_argument("--scenario", nargs="+", choices=sq.SCENARIOS, default=list(SCENARIOS),
+                        help="the selection-quality benchmark's scenarios (default: standard and indomain)")  # fmt: skip
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))

@@ -133,10 +133,11 @@ class DataSelectionCallback(Callback):
             load or the checks (default 0.05); above it the round fails (1 = no limit, 0 = none may fail).
         rescore: which pairs a round after the first encodes: None / ``"all"`` (default: every pool pair), or
             :class:`~lightning_chips.rescore.CandidateRescore` ``(widen, explore, anchor, min_anchor)`` (YAML:
-            ``{widen: 1.5, explore: 0.025, anchor: 0.025}``): the last round's top ``widen x budget``, a fixed
-            uniform ``anchor`` share of the pool, at least ``min_anchor`` pairs (the scorer's prepare sample), a
-            uniform ``explore`` share drawn each round and the pairs it could not use; the others sit out the round
-            (:mod:`lightning_chips.rescore`, docs/selection.md "Candidate rounds"). Needs a map-style pool.
+            ``{widen: 1.2, explore: 0.025, anchor: 0.025, min_anchor: 512}``): the last round's top ``widen x
+            budget``, a fixed uniform ``anchor`` share of the pool, at least ``min_anchor`` pairs (the scorer's
+            prepare sample), a uniform ``explore`` share drawn each round and the pairs it could not use; the others
+            sit out the round (:mod:`lightning_chips.rescore`, docs/selection.md "Candidate rounds"). Needs a
+            map-style pool.
 
     Raises:
         ValueError: on a fraction outside (0, 1], both or negative schedules, an unknown scorer or mode, a

@@ -65,23 +65,25 @@ class CandidateRescore:
     """How a candidate round picks the pairs it encodes (module docstring).
 
     Args:
-        widen: the previous round's top ``widen x budget`` pairs are encoded again (>= 1; 1.5 keeps half the budget
-            again in play, so a selected pair that drops a little is still compared with the ones that rise).
+        widen: the previous round's top ``widen x budget`` pairs are encoded again (>= 1; 1.2 keeps a fifth of the
+            budget again in play, so a selected pair that drops a little is still compared with the ones that rise).
         explore: share of the pool, in [0, 1], drawn uniformly each round: the pairs that re-enter the competition.
         anchor: share of the pool, in (0, 1], drawn uniformly once and encoded every round: the sample
             ``Scorer.prepare`` sees.
-        min_anchor: the fewest pairs the anchor holds (>= 2; all of a smaller pool): what ``prepare`` needs to
-            draw the bank a full round draws (``CHIPS()``'s ``bank_size``, 1,024). On a pool under ``min_anchor /
-            anchor`` pairs (40,960 at the defaults) it costs more than the ``anchor`` share.
+        min_anchor: the fewest pairs the anchor holds (>= 2; all of a smaller pool): enough pairs for stable
+            ``prepare`` statistics (the bank, the noise and target shares). ``CHIPS()`` draws a bank of up to 1,024
+            pairs; with 512 its selection stays within a point of full re-scoring, with 75-158 it churns
+            (docs/benchmarks.md, "Candidate rounds"). On a pool under ``min_anchor / anchor`` pairs (20,480 at the
+            defaults) it costs more than the ``anchor`` share.
 
-    In YAML: ``rescore: {widen: 1.5, explore: 0.025, anchor: 0.025, min_anchor: 1024}`` under the callback's
+    In YAML: ``rescore: {widen: 1.2, explore: 0.025, anchor: 0.025, min_anchor: 512}`` under the callback's
     ``init_args``.
     """
 
-    widen: float = 1.5
+    widen: float = 1.2
     explore: float = 0.025
     anchor: float = 0.025
-    min_anchor: int = 1024
+    min_anchor: int = 512
 
     def __post_init__(self) -> None:
         for name, value in (("widen", self.widen), ("explore", self.explore), ("anchor", self.anchor)):

@@ -105,9 +105,9 @@ def test_a_bad_rescore_says_what_to_pass(rescore, match):
 
 def test_rescore_forms():
     assert check_rescore(None) is None and check_rescore("all") is None
-    assert check_rescore({"widen": 3}) == CandidateRescore(widen=3.0, explore=0.025, anchor=0.025, min_anchor=1024)
+    assert check_rescore({"widen": 3}) == CandidateRescore(widen=3.0, explore=0.025, anchor=0.025, min_anchor=512)
     assert CandidateRescore(2.0, 0.05, 0.1).bound(0.3, 100_000) == pytest.approx(0.75)
-    assert CandidateRescore(2.0, 0.05, 0.1).bound(0.3, 5_000) == pytest.approx(0.65 + 1024 / 5_000)  # the floor
+    assert CandidateRescore(2.0, 0.05, 0.1).bound(0.3, 4_000) == pytest.approx(0.65 + 512 / 4_000)  # the floor
 
 
 def test_the_plan_holds_the_top_the_anchor_the_exploration_sample_and_the_retried_pairs():
@@ -133,11 +133,11 @@ def test_the_plan_holds_the_top_the_anchor_the_exploration_sample_and_the_retrie
                            unusable=np.array([], int), budget=budget, round=1, seed=0) is None  # fmt: skip
     assert plan_candidates(policy, pool_size=n, ranked=ranked[:599], unusable=np.array([], int), budget=budget,
                            round=1, seed=0) is None  # fmt: skip
-    # the anchor's floor: at least min_anchor pairs (CHIPS()'s bank), all of a smaller pool (then: a full round)
+    # the anchor's floor: at least min_anchor pairs, all of a smaller pool (then: a full round)
     floored = plan_candidates(CandidateRescore(1.0, 0.0, 0.01, min_anchor=100), pool_size=n, ranked=ranked,
                               unusable=np.array([], int), budget=budget, round=1, seed=0)  # fmt: skip
     assert floored.anchored == len(floored.sample) == 100
-    assert plan_candidates(CandidateRescore(), pool_size=n, ranked=ranked, unusable=np.array([], int),
+    assert plan_candidates(CandidateRescore(min_anchor=2 * n), pool_size=n, ranked=ranked, unusable=np.array([], int),
                            budget=budget, round=1, seed=0) is None  # fmt: skip
 
 
@@ -250,7 +250,7 @@ def test_yaml_sets_candidate_rounds(tmp_path):
     path.write_text(yaml.safe_dump(config))
     cli = build_cli(["--config", str(path)], run=False)
     (built,) = [c for c in cli.trainer.callbacks if isinstance(c, DataSelectionCallback)]
-    assert built.rescore == CandidateRescore(widen=2.5, explore=0.1, anchor=0.05, min_anchor=1024)
+    assert built.rescore == CandidateRescore(widen=2.5, explore=0.1, anchor=0.05, min_anchor=512)
 
 
 def test_a_shard_pool_refuses_candidate_rounds_before_training(tmp_path):
