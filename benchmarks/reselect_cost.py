@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["quality", "time", "both"], default="both")
     parser.add_argument("--scenario", nargs="+", choices=sq.SCENARIOS, default=list(SCENARIOS),
-                        help="the selection-quality benchmark's scenarios (default: standard and indomain)")  # fmt: skip
+                        help="selection_quality.py scenarios (default: standard, indomain)")  # fmt: skip
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))

@@ -24,8 +24,9 @@ Protocol (docs/benchmarks/quality.md has the details and the measured tables):
      plausibility weight's settings) and end-point fidelity (Spearman between end-point and full-parameter
      alignment with the last tower blocks trainable).
 
-The towers are frozen, so their features are computed once and cached (benchmarks/.cache); CPT trains the heads
-on the cached features, which is exactly the frozen-tower model.
+The towers are frozen, so their features are computed once and cached (benchmarks/.cache; the sets every scenario
+shares, the pretraining pool, the test sets and the prompts, in one file for all of them); CPT trains the heads on
+the cached features, which is exactly the frozen-tower model.
 
     bash benchmarks/setup_data.sh                                  # data and weights (once)
     python benchmarks/selection_quality.py --quick                 # both scenarios, one seed, one budget (minutes)
@@ -344,13 +345,60 @@ def indomain_pool(cfg: Config) -> tuple[Dataset, dict]:
     return target_part, description
 
 
+SHARED_SETS = ("general", "test_animal", "test_fashion", "test_clipart", "prompts")
+"""The feature sets every scenario shares (the pretraining pool, the test sets, the class prompts): cached once."""
+SHARED_FIELDS = ("image_size", "general_clipart", "general_fashion", "test_animal", "test_fashion", "test_clipart")
+"""The :class:`Config` fields the shared sets depend on."""
+
+
 def _cache_file(cfg: Config, cache: Path, scenario: str) -> Path:
-    """The cache file of a scenario's features: keyed by the config, the data code and the code that builds them."""
+    """The cache file of a scenario's features (``scenario="shared"``: :data:`SHARED_SETS`): keyed by the config
+    (its :data:`SHARED_FIELDS` for the shared sets), the data code and the code that builds them."""
     code = b"".join((ROOT / "lightning_chips" / f).read_bytes() for f in ("datasets/real.py", "models/two_tower.py"))
-    builders = (build_sets, indomain_pool, class_counts, Recaptioned, Towers, _collate_raw)
+    builders = (build_sets, _shared_sets, indomain_pool, class_counts, Recaptioned, Towers, _collate_raw)
     code += "".join(inspect.getsource(f) for f in builders).encode() + repr((GENERIC_CAPTIONS, INDOMAIN_SEED)).encode()
-    key = hashlib.sha1(json.dumps([asdict(cfg), scenario], sort_keys=True, default=str).encode() + code)
+    config = {k: getattr(cfg, k) for k in SHARED_FIELDS} if scenario == "shared" else asdict(cfg)
+    key = hashlib.sha1(json.dumps([config, scenario], sort_keys=True, default=str).encode() + code)
     return cache / f"features-{scenario}-{key.hexdigest()[:10]}.pt"
+
+
+def _save(sets: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(sets, tmp)
+    os.replace(tmp, path)
+
+
+def _shared_sets(cfg: Config, encoder: Towers, cache: Path) -> dict:
+    """:data:`SHARED_SETS`, from their cache file when it exists."""
+    from lightning_chips.datasets.real import AnimalMNISTPairs, FashionMNISTPairs, OpenClipartPairs
+
+    path = _cache_file(cfg, cache, "shared")
+    if path.exists():
+        return torch.load(path, weights_only=False)
+    size = cfg.image_size
+    clipart, fashion = OpenClipartPairs("train", image_size=size), FashionMNISTPairs("train", image_size=size)
+    sets: dict = {"general": Features.cat([
+        encoder.encode(_take(clipart, cfg.general_clipart), "general openclipart"),
+        encoder.encode(_take(fashion, cfg.general_fashion), "general fashion"),
+    ])}  # fmt: skip
+    animal_test, fashion_test = AnimalMNISTPairs("test", image_size=size), FashionMNISTPairs("test", image_size=size)
+    clipart_test = OpenClipartPairs("test", image_size=size)
+    sets["test_animal"] = encoder.encode(_take(animal_test, min(cfg.test_animal, len(animal_test))), "test animal")
+    sets["test_fashion"] = encoder.encode(_take(fashion_test, min(cfg.test_fashion, len(fashion_test))),
+                                          "test fashion")  # fmt: skip
+    sets["test_clipart"] = encoder.encode(_take(clipart_test, min(cfg.test_clipart, len(clipart_test))),
+                                          "test openclipart")  # fmt: skip
+    prompts = {}
+    for name, data in (("animal", animal_test), ("fashion", fashion_test)):
+        classnames, templates = list(data.classnames), list(data.templates)
+        texts = [t.format(c) for c in classnames for t in templates]
+        prompts[name] = encoder.texts(texts).reshape(len(classnames), len(templates), -1)
+    prompts["all_classnames"] = sorted({*animal_test.classnames, *fashion_test.classnames, *clipart.classnames})
+    prompts["all_classnames_features"] = encoder.texts([f"a photo of a {c}." for c in prompts["all_classnames"]])
+    sets["prompts"] = prompts
+    _save(sets, path)
+    return sets
 
 
 def build_sets(cfg: Config, towers: Towers | None, cache: Path, scenario: str = "standard") -> dict:
@@ -367,16 +415,10 @@ def build_sets(cfg: Config, towers: Towers | None, cache: Path, scenario: str = 
     if path.exists():
         return torch.load(path, weights_only=False)
     towers = towers or Towers(cfg.image_size)
+    sets: dict = {"info": {}, **_shared_sets(cfg, towers, cache)}
     size = cfg.image_size
-    clipart = OpenClipartPairs("train", image_size=size)
     clipart_noisy = OpenClipartPairs("train", image_size=size, noise_fraction=cfg.noise_fraction, seed=1)
-    fashion = FashionMNISTPairs("train", image_size=size)
     fashion_noisy = FashionMNISTPairs("train", image_size=size, noise_fraction=cfg.noise_fraction, seed=1)
-    sets: dict = {"info": {}}
-    sets["general"] = Features.cat([
-        towers.encode(_take(clipart, cfg.general_clipart), "general openclipart"),
-        towers.encode(_take(fashion, cfg.general_fashion), "general fashion"),
-    ])  # fmt: skip
     animal_val = AnimalMNISTPairs("val", image_size=size)
     if scenario in ("standard", "clean"):
         noise = cfg.noise_fraction if scenario == "standard" else 0.0
@@ -400,28 +442,10 @@ def build_sets(cfg: Config, towers: Towers | None, cache: Path, scenario: str = 
         uniform = np.sort(np.concatenate([np.flatnonzero(animal_val.labels == c)[:per_class]
                                           for c in range(len(animal_val.classnames))]))  # fmt: skip
         sets["target"] = towers.encode(animal_val.subset(uniform), "target")
-    animal_test, fashion_test = AnimalMNISTPairs("test", image_size=size), FashionMNISTPairs("test", image_size=size)
-    clipart_test = OpenClipartPairs("test", image_size=size)
-    sets["test_animal"] = towers.encode(_take(animal_test, min(cfg.test_animal, len(animal_test))), "test animal")
-    sets["test_fashion"] = towers.encode(_take(fashion_test, min(cfg.test_fashion, len(fashion_test))),
-                                         "test fashion")  # fmt: skip
-    sets["test_clipart"] = towers.encode(_take(clipart_test, min(cfg.test_clipart, len(clipart_test))),
-                                         "test openclipart")  # fmt: skip
-    prompts = {}
-    for name, data in (("animal", animal_test), ("fashion", fashion_test)):
-        classnames, templates = list(data.classnames), list(data.templates)
-        texts = [t.format(c) for c in classnames for t in templates]
-        prompts[name] = towers.texts(texts).reshape(len(classnames), len(templates), -1)
-    prompts["all_classnames"] = sorted({*animal_test.classnames, *fashion_test.classnames, *clipart.classnames})
-    prompts["all_classnames_features"] = towers.texts([f"a photo of a {c}." for c in prompts["all_classnames"]])
-    sets["prompts"] = prompts
     if "head_classes" not in sets["info"]:  # the most frequent target-domain classes of the pool
         target_labels = sets["pool"].labels[sets["pool"].domain == TARGET_DOMAIN]
         sets["info"]["head_classes"] = torch.bincount(target_labels, minlength=10).argsort(descending=True)[:3].tolist()
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(sets, tmp)
-    os.replace(tmp, path)
+    _save(sets, path)
     return sets
 
 

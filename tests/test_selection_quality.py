@@ -47,6 +47,8 @@ def test_quick_run_covers_both_pool_designs_and_every_method_with_their_composit
     results = bench.main(["--quick", "--scenario", *scenarios, "--out", str(tmp_path), "--cache",
                           str(tmp_path / "cache")])  # fmt: skip
     assert list(results) == scenarios
+    cached = sorted(p.name.split("-")[1] for p in (tmp_path / "cache").glob("features-*.pt"))
+    assert cached == ["indomain", "shared", "standard"]  # the sets both scenarios share are encoded once
     payload = json.loads((tmp_path / "results.json").read_text())
     assert payload["command"].endswith("--quick --scenario standard indomain-noisy")
     assert list(payload["scenarios"]) == scenarios
