@@ -36,7 +36,8 @@ def pytest_configure(config) -> None:
     workers on two cores with torch's default of one thread per core ran up to 4x slower than one worker alone."""
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:
-        threads = str(max(1, (os.cpu_count() or 1) // int(workers)))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = str(max(1, cores // int(workers)))
         os.environ.setdefault("OMP_NUM_THREADS", threads)
         os.environ.setdefault("MKL_NUM_THREADS", threads)
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
